@@ -1,0 +1,1 @@
+def complexity(*a, **k): raise NotImplementedError

@@ -1,0 +1,286 @@
+"""The BHViT model, its configuration and the registry of named configurations."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from .blocks import (MSGDC, MSMHA, BHViTBlock, BinaryDownsample, FPDownsample, QuantSpec,
+                     Stem)
+from .layers import make_norm
+
+__all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_models", "get_config"]
+
+MIXERS = ("msgdc", "conv", "msmha", "attn")
+HYBRID = ("hybrid", "msgdc", "msmha")
+
+
+@dataclass
+class BHViTConfig:
+    """Everything that defines a BHViT. Named models are instances of this; overrides
+    passed to :func:`create_model` replace fields.
+
+    Ablation switches (SPEC / paper ablation): ``msgdc=False`` (single plain binary
+    3x3 conv mixer instead of MSGDC), ``msmha=False`` (plain global attention without
+    windows or pooled tokens), ``qd=False`` (single-plane 1-bit attention instead of
+    three QD planes), ``shift=False`` (no shift branches), ``hybrid='msgdc'`` or
+    ``'msmha'`` (one mixer in all four stages).
+    """
+
+    img_size: int = 224
+    in_chans: int = 3
+    num_classes: int = 1000
+    stem_stride: int = 4
+    stem_pad: int = 0
+    dims: Tuple[int, int, int, int] = (64, 128, 256, 512)
+    depths: Tuple[int, int, int, int] = (2, 2, 6, 2)
+    mlp_ratios: Tuple[int, int, int, int] = (8, 8, 4, 4)
+    heads: Tuple[int, int, int, int] = (1, 2, 4, 8)
+    windows: Tuple[int, int, int, int] = (7, 7, 7, 7)
+    msgdc_dilations: Tuple[int, ...] = (1, 3, 5)
+    msgdc_groups: int = 4
+    shift_sizes: Tuple[int, ...] = (1, 2)
+    qd_levels: int = 3
+    norm: str = "bn"
+    binary: bool = True
+    binary_weights: Optional[bool] = None  # None: follow ``binary``
+    binary_acts: Optional[bool] = None  # None: follow ``binary``
+    fp_downsample: bool = False
+    # ablation switches
+    hybrid: str = "hybrid"
+    msgdc: bool = True
+    msmha: bool = True
+    qd: bool = True
+    shift: bool = True
+
+    # --- derived ---------------------------------------------------------------
+    @property
+    def quant(self) -> QuantSpec:
+        bw = self.binary if self.binary_weights is None else self.binary_weights
+        ba = self.binary if self.binary_acts is None else self.binary_acts
+        return QuantSpec(weights=bool(bw), acts=bool(ba), norm=self.norm)
+
+    @property
+    def grid(self) -> int:
+        """Side of the stage-1 token map."""
+        return (self.img_size + 2 * self.stem_pad) // self.stem_stride
+
+    def map_sizes(self) -> List[int]:
+        return [self.grid >> i for i in range(4)]
+
+    def stage_mixers(self) -> List[str]:
+        base = {"hybrid": ["msgdc", "msgdc", "msmha", "msmha"],
+                "msgdc": ["msgdc"] * 4, "msmha": ["msmha"] * 4}[self.hybrid]
+        swap = {"msgdc": "msgdc" if self.msgdc else "conv",
+                "msmha": "msmha" if self.msmha else "attn"}
+        return [swap[m] for m in base]
+
+    def validate(self) -> None:
+        def bad(msg):
+            raise ValueError(msg)
+
+        for name in ("dims", "depths", "mlp_ratios", "heads", "windows"):
+            v = getattr(self, name)
+            if len(v) != 4 or any((not isinstance(x, int)) or x < 1 for x in v):
+                bad(f"{name} must be 4 positive integers (one per stage), got {v!r}.")
+        if self.hybrid not in HYBRID:
+            bad(f"hybrid must be one of {HYBRID}, got {self.hybrid!r}.")
+        if self.norm not in ("bn", "ln"):
+            bad(f"norm must be 'bn' or 'ln', got {self.norm!r}.")
+        if self.in_chans < 1:
+            bad(f"in_chans must be >= 1, got {self.in_chans}.")
+        if self.num_classes < 1:
+            bad(f"num_classes must be >= 1, got {self.num_classes}.")
+        if self.qd_levels < 1:
+            bad(f"qd_levels must be >= 1, got {self.qd_levels}.")
+        if self.stem_stride < 1 or self.stem_pad < 0:
+            bad(f"stem_stride must be >= 1 and stem_pad >= 0, got {self.stem_stride}, {self.stem_pad}.")
+        side = self.img_size + 2 * self.stem_pad
+        if self.img_size < 1 or side % (self.stem_stride * 8):
+            bad(f"img_size {self.img_size} is not supported: img_size + 2*stem_pad "
+                f"({side}) must be a multiple of 8*stem_stride = {8 * self.stem_stride} "
+                "so that all four stages have integer map sizes.")
+        for i in range(3):
+            if self.dims[i + 1] % self.dims[i]:
+                bad(f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
+                    f"{self.dims[i]} (the downsampling shortcut repeats channels).")
+        for i, (dim, mixer, size) in enumerate(zip(self.dims, self.stage_mixers(), self.map_sizes())):
+            if self.shift and self.shift_sizes and dim % 4:
+                bad(f"dims[{i}]={dim} must be divisible by 4 for the shift channel mix.")
+            if mixer == "msgdc" and dim % self.msgdc_groups:
+                bad(f"dims[{i}]={dim} must be divisible by msgdc_groups={self.msgdc_groups}.")
+            if mixer in ("msmha", "attn") and dim % self.heads[i]:
+                bad(f"dims[{i}]={dim} must be divisible by heads[{i}]={self.heads[i]}.")
+            if mixer == "msmha" and size % self.windows[i]:
+                bad(f"windows[{i}]={self.windows[i]} must divide the stage-{i + 1} map size "
+                    f"{size}x{size} (img_size={self.img_size}); allowed: divisors of {size}.")
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict) -> "BHViTConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown BHViT config keys {unknown}; allowed: {sorted(names)}.")
+        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
+        return cls(**d)
+
+
+class BHViTStage(nn.Module):
+    def __init__(self, downsample: Optional[nn.Module], blocks: List[nn.Module]):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x):
+        if self.downsample is not None:
+            x = self.downsample(x)
+        return self.blocks(x)
+
+
+class BHViT(nn.Module):
+    """Binarized Hybrid Vision Transformer.
+
+    ``forward_features`` returns the final ``(B, H, W, C)`` map (normed);
+    ``forward_head`` pools tokens and classifies.
+    """
+
+    def __init__(self, cfg: BHViTConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        q = cfg.quant
+        sizes = cfg.map_sizes()
+        self.stem = Stem(cfg.in_chans, cfg.dims[0], cfg.stem_stride, cfg.stem_pad, sizes[0], cfg.norm)
+        shifts = tuple(cfg.shift_sizes) if cfg.shift else ()
+        stages = []
+        for i, mixer_name in enumerate(cfg.stage_mixers()):
+            dim = cfg.dims[i]
+            down = None
+            if i > 0:
+                cls = FPDownsample if cfg.fp_downsample else BinaryDownsample
+                down = cls(cfg.dims[i - 1], dim, sizes[i], q)
+            blocks = [BHViTBlock(dim, self._mixer(mixer_name, i, q), cfg.mlp_ratios[i], q, shifts)
+                      for _ in range(cfg.depths[i])]
+            stages.append(BHViTStage(down, blocks))
+        self.stages = nn.ModuleList(stages)
+        self.norm = make_norm(cfg.norm, cfg.dims[-1])
+        self.head = nn.Linear(cfg.dims[-1], cfg.num_classes)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def _mixer(self, name: str, i: int, q: QuantSpec) -> nn.Module:
+        cfg, dim = self.cfg, self.cfg.dims[i]
+        qd_levels = cfg.qd_levels if cfg.qd else 1
+        if name == "msgdc":
+            return MSGDC(dim, q, cfg.msgdc_dilations, cfg.msgdc_groups)
+        if name == "conv":
+            return MSGDC(dim, q, dilations=(1,), groups=1)
+        if name == "msmha":
+            return MSMHA(dim, cfg.heads[i], q, window=cfg.windows[i], qd_levels=qd_levels)
+        return MSMHA(dim, cfg.heads[i], q, window=None, qd_levels=qd_levels)
+
+    def check_input(self, x: torch.Tensor) -> None:
+        cfg = self.cfg
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"BHViT expects a float tensor of shape (B, {cfg.in_chans}, "
+                             f"{cfg.img_size}, {cfg.img_size}), got {getattr(x, 'dtype', type(x))}.")
+        if x.dim() != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(f"BHViT expects input of shape (B, {cfg.in_chans}, {cfg.img_size}, "
+                             f"{cfg.img_size}), got {tuple(x.shape)}.")
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self.check_input(x)
+        x = self.stem(x)
+        for stage in self.stages:
+            x = stage(x)
+        return self.norm(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.mean(dim=(1, 2)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+# --- registry -------------------------------------------------------------------
+_REGISTRY: Dict[str, Callable[[], BHViTConfig]] = {}
+
+
+def register_model(fn: Callable[[], BHViTConfig]) -> Callable[[], BHViTConfig]:
+    _REGISTRY[fn.__name__] = fn
+    return fn
+
+
+def list_models() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str, **overrides) -> BHViTConfig:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
+    cfg = _REGISTRY[name]()
+    names = {f.name for f in dataclasses.fields(cfg)}
+    unknown = sorted(set(overrides) - names)
+    if unknown:
+        raise ValueError(f"unknown override(s) {unknown} for {name}; allowed: {sorted(names)}.")
+    cfg = dataclasses.replace(cfg, **overrides)
+    cfg.validate()
+    return cfg
+
+
+def create_model(name: str, num_classes: int = 1000, **overrides) -> BHViT:
+    """Build a named BHViT, e.g. ``create_model("bhvit_tiny", binary=False)``."""
+    return BHViT(get_config(name, num_classes=num_classes, **overrides))
+
+
+# ImageNet-size models (SPEC section 2, 224x224, 4x4 stem, windows 7).
+@register_model
+def bhvit_tiny() -> BHViTConfig:
+    return BHViTConfig(depths=(2, 2, 6, 2))
+
+
+@register_model
+def bhvit_small() -> BHViTConfig:
+    return BHViTConfig(depths=(3, 4, 8, 4))
+
+
+# 32x32 (CIFAR) models: 2x2 stem -> maps 16, 8, 4, 2. Windows sized to the maps:
+# stage 3 (4x4) and 4 (2x2) attend within one window plus one pooled token.
+def _c32(depths, dims=(64, 128, 256, 512), heads=(1, 2, 4, 8), **kw) -> BHViTConfig:
+    kw.setdefault("img_size", 32)
+    return BHViTConfig(stem_stride=2, dims=dims, depths=depths, heads=heads,
+                       windows=(8, 8, 4, 2), **kw)
+
+
+@register_model
+def bhvit_tiny_c32() -> BHViTConfig:
+    return _c32((2, 2, 6, 2))
+
+
+@register_model
+def bhvit_small_c32() -> BHViTConfig:
+    return _c32((3, 4, 8, 4))
+
+
+@register_model
+def bhvit_micro_c32() -> BHViTConfig:
+    """A quarter-width, shallow BHViT for quick CPU experiments on 32x32 images."""
+    return _c32((1, 1, 2, 1), dims=(32, 64, 128, 256), heads=(1, 1, 2, 4))
+
+
+# 28x28 greyscale (Fashion-MNIST): zero-padded by 2 in the stem to 32x32.
+@register_model
+def bhvit_tiny_c28() -> BHViTConfig:
+    return _c32((2, 2, 6, 2), img_size=28, in_chans=1, stem_pad=2)
+
+
+@register_model
+def bhvit_micro_c28() -> BHViTConfig:
+    return _c32((1, 1, 2, 1), dims=(32, 64, 128, 256), heads=(1, 1, 2, 4), img_size=28,
+                in_chans=1, stem_pad=2)

@@ -1,0 +1,108 @@
+"""Quantizers: the functions that turn latent floats into 1-bit values.
+
+A quantizer is a small ``nn.Module`` whose forward is the binarization and whose
+backward is an explicit surrogate gradient, so binary layers can take them as
+arguments (``input_quantizer``, ``kernel_quantizer``) and a full-precision twin is
+the same layer with ``None`` in their place.
+
+Convention used everywhere in bhvit, training model and runtime alike:
+``sign(0) = +1``. ``torch.sign`` maps 0 to 0, which would make the float simulation
+ternary and unreproducible by XNOR/popcount kernels, so it is never used directly.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = [
+    "binary_sign",
+    "ApproxSign",
+    "SignActivation",
+    "WeightBinarizer",
+    "regularization_loss",
+]
+
+
+def binary_sign(x: torch.Tensor) -> torch.Tensor:
+    """Sign with ``sign(0) = +1``: the output holds exactly two values, -1 and +1."""
+    return torch.where(x >= 0, 1.0, -1.0).to(x.dtype)
+
+
+class _ApproxSignFn(torch.autograd.Function):
+    """Forward ``sign(x)``; backward the Bi-Real ApproxSign gradient.
+
+    The surrogate is the derivative of the piecewise quadratic
+    ``2x + x^2`` (x in [-1, 0]) / ``2x - x^2`` (x in (0, 1]): ``2 + 2x`` on [-1, 0],
+    ``2 - 2x`` on (0, 1], 0 elsewhere. It is closer to the true sign than a clipped
+    identity, which the Bi-Real paper found to train binary nets better.
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return binary_sign(x)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        # 2 - 2|x| equals 2 + 2x on [-1, 0] and 2 - 2x on (0, 1]; negative outside.
+        return grad_out * (2.0 - 2.0 * x.abs()).clamp_min_(0.0)
+
+
+class ApproxSign:
+    """Functional access: ``ApproxSign.apply(x)``."""
+
+    apply = staticmethod(_ApproxSignFn.apply)
+
+
+class SignActivation(nn.Module):
+    """Activation quantizer: ``sign(x)`` with the ApproxSign surrogate gradient."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _ApproxSignFn.apply(x)
+
+
+class WeightBinarizer(nn.Module):
+    """Kernel quantizer: ``alpha * sign(W - mean(W))`` per output channel.
+
+    ``alpha = mean(|W|)`` over each output channel's fan-in, detached, as in the BHViT
+    release (the mean of the *uncentred* latent weight). The centring lets every output
+    channel use both signs evenly; the scale keeps the output magnitude of the float
+    layer so BatchNorm statistics stay meaningful. The gradient is the straight-through
+    estimator through ``clamp(W - mean(W), -1, 1)``: latent weights outside [-1, 1]
+    receive no gradient from the task loss.
+    """
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        flat = w.reshape(w.shape[0], -1)
+        shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+        alpha = flat.abs().mean(dim=1).reshape(shape).detach()
+        centred = w - flat.mean(dim=1).reshape(shape)
+        clipped = centred.clamp(-1.0, 1.0)
+        binary = alpha * binary_sign(centred)
+        return (binary - clipped).detach() + clipped
+
+    @torch.no_grad()
+    def scale_and_sign(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-output-channel ``alpha`` (shape ``[out]``) and the +-1 sign tensor."""
+        flat = w.reshape(w.shape[0], -1)
+        shape = (w.shape[0],) + (1,) * (w.dim() - 1)
+        alpha = flat.abs().mean(dim=1)
+        sign = binary_sign(w - flat.mean(dim=1).reshape(shape))
+        return alpha, sign
+
+
+def regularization_loss(model: nn.Module) -> torch.Tensor:
+    """BHViT's ``L_re``: mean over binary layers of ``mean(| |w| - 1 |)``.
+
+    Under Adam, a latent weight that oscillates around 0 sees gradients of alternating
+    sign: the first moment cancels while the second keeps growing, so its step shrinks
+    and it stays stuck flipping. Pulling latent weights towards +-1 moves them out of
+    that zone. Only layers whose kernel is binarized count.
+    """
+    from .layers import binary_layers  # local import: layers imports this module
+
+    terms = [(layer.weight.abs() - 1.0).abs().mean() for layer in binary_layers(model)]
+    if not terms:
+        raise ValueError("regularization_loss: the model has no layer with binarized weights.")
+    return torch.stack(terms).mean()
