@@ -134,8 +134,10 @@ class RPReLU(nn.Module):
         self.move2 = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x - self.move1
-        return torch.where(y >= 0, y, y * self.slope) + self.move2
+        shape = x.shape
+        # F.prelu treats dim 1 as channels: a 2-D (tokens, C) view puts C there for free.
+        y = F.prelu((x - self.move1).reshape(-1, shape[-1]), self.slope)
+        return (y + self.move2).view(shape)
 
 
 class LayerScale(nn.Module):

@@ -1,0 +1,27 @@
+import json
+
+from bhvit.cli import main
+
+
+def test_info_prints_counts(capsys):
+    assert main(["info", "bhvit_tiny", "--num-classes", "10"]) == 0
+    out = capsys.readouterr().out
+    assert "13,275,226" in out and "12,630,016" in out
+
+
+def test_info_json_and_overrides(capsys):
+    assert main(["info", "bhvit_micro_c28", "--json", "--set", "binary=false"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert c["bops"] == 0 and c["input_size"] == [1, 1, 28, 28]
+
+
+def test_info_bad_values_exit_2(capsys):
+    assert main(["info", "bhvit_nope"]) == 2
+    assert "unknown model 'bhvit_nope'" in capsys.readouterr().err
+    assert main(["info", "bhvit_tiny", "--img-size", "100"]) == 2
+    assert "img_size 100 is not supported" in capsys.readouterr().err
+
+
+def test_list(capsys):
+    assert main(["list"]) == 0
+    assert "bhvit_tiny_c32" in capsys.readouterr().out.split()
