@@ -1,0 +1,67 @@
+"""Training-step cost of BHViT models on the CPU: forward + backward per image.
+
+Prints, per model, the median over several runs of (forward + backward) time for a
+batch, divided by the batch size, and images/s. Models run side by side in one
+process, interleaved run by run, so machine noise hits them alike.
+
+    python benchmarks/train_speed.py --models bhvit_tiny bhvit_tiny_c32 --batch 32 --threads 2 --runs 5
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+import bhvit
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["bhvit_tiny", "bhvit_tiny_c32"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="config override for every model, e.g. binary=false")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    from bhvit.cli import _overrides
+    over = _overrides(args.set)
+
+    setups = []
+    for name in args.models:
+        m = bhvit.create_model(name, num_classes=args.num_classes, **over).train()
+        c = m.cfg
+        x = torch.randn(args.batch, c.in_chans, c.img_size, c.img_size)
+        y = torch.randint(0, args.num_classes, (args.batch,))
+        setups.append((name, m, x, y))
+
+    def step(m, x, y):
+        m.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+
+    for _, m, x, y in setups:  # warm-up
+        step(m, x, y)
+    times = {name: [] for name, *_ in setups}
+    for _ in range(args.runs):
+        for name, m, x, y in setups:
+            t = time.perf_counter()
+            step(m, x, y)
+            times[name].append(time.perf_counter() - t)
+
+    print(f"forward+backward, batch {args.batch}, {args.threads} threads, median of {args.runs} "
+          f"(torch {torch.__version__})")
+    print(f"{'model':<20} {'ms/image':>10} {'images/s':>10} {'min..max ms/image':>20}")
+    for name, ts in times.items():
+        med = statistics.median(ts) / args.batch
+        print(f"{name:<20} {med * 1e3:>10.2f} {1 / med:>10.1f} "
+              f"{min(ts) / args.batch * 1e3:>9.2f}..{max(ts) / args.batch * 1e3:.2f}")
+
+
+if __name__ == "__main__":
+    main()
