@@ -1,8 +1,9 @@
-"""Command line: ``bhvit info NAME``, ``bhvit list``."""
+"""Command line: ``bhvit info | list | train | eval | recipe``."""
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional
 
@@ -44,6 +45,127 @@ def cmd_list(args) -> int:
     return 0
 
 
+def _train_config(args, **changes):
+    from .train import TrainConfig
+
+    cfg = TrainConfig(
+        model=args.model, data=args.data, data_dir=args.data_dir, out=args.out, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, kd_lambda=args.kd_lambda,
+        re_beta=args.re_beta, re_last_frac=args.re_last_frac,
+        teacher=getattr(args, "teacher", None), resume=args.resume, subset=args.subset,
+        test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
+        threads=args.threads, overrides=_overrides(args.set), skip_bad=args.skip_bad,
+        cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
+        progress=not args.no_progress)
+    for k, v in changes.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def cmd_train(args) -> int:
+    from .train import train
+
+    result = train(_train_config(args))
+    if result.get("world_size", 1) == 1 or int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps({k: v for k, v in result.items() if k != "rank_checksums"}))
+    return 0
+
+
+def cmd_recipe(args) -> int:
+    """Stage 1: full-precision teacher; stage 2: binary student distilled from it."""
+    from pathlib import Path
+
+    from .train import train
+
+    out = Path(args.out)
+    t_over = dict(_overrides(args.set), binary=False)
+    t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
+                          re_beta=0.0, epochs=args.teacher_epochs or args.epochs)
+    if args.resume and (out / "teacher" / "final.json").exists():
+        print(f"stage 1: teacher already trained in {out / 'teacher'}", flush=True)
+    else:
+        print(f"stage 1/2: full-precision teacher -> {out / 'teacher'}", flush=True)
+        train(t_cfg)
+    print(f"stage 2/2: binary student distilled from the teacher -> {out / 'student'}", flush=True)
+    s_cfg = _train_config(args, out=str(out / "student"), teacher=str(out / "teacher" / "best.json"))
+    result = train(s_cfg)
+    teacher_final = json.loads((out / "teacher" / "final.json").read_text())
+    print(json.dumps({"teacher_top1": teacher_final["test_top1"], "teacher_best_top1": teacher_final["best_top1"],
+                      "student_top1": result["test_top1"], "student_best_top1": result["best_top1"],
+                      "run_dir": str(out)}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .checkpoint import load_model
+    from .data import load_dataset
+    from .train import evaluate
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    model, doc = load_model(args.checkpoint, map_location=args.device)
+    data = doc.get("data", {})
+    name = args.data or data.get("name")
+    if name is None:
+        raise ValueError("--data is required: the checkpoint does not name its dataset.")
+    cfg = model.cfg
+    ds = load_dataset(name, args.split, args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
+                      skip_bad=args.skip_bad, cache_dir=args.cache_dir, classes=data.get("classes"))
+    if args.subset:
+        ds = ds.subset(args.subset)
+    if ds.num_classes != cfg.num_classes:
+        raise ValueError(f"dataset has {ds.num_classes} classes but the model has {cfg.num_classes}.")
+    if "mean" in data:
+        mean, std = data["mean"], data["std"]
+    else:
+        mean, std = load_dataset(name, "train", args.data_dir, channels=cfg.in_chans,
+                                 size=cfg.img_size, cache_dir=args.cache_dir).channel_stats()
+    res = evaluate(model, ds, mean, std, args.batch_size, args.device, progress=not args.no_progress)
+    res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, epoch=doc.get("epoch"))
+    print(json.dumps(res))
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
+    p.add_argument("--model", default="bhvit_micro_c28", help="model name (default bhvit_micro_c28)")
+    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"])
+    p.add_argument("--data-dir", default=None,
+                   help="dataset directory (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
+    p.add_argument("--epochs", type=int, default=10)
+    if recipe:
+        p.add_argument("--teacher-epochs", type=int, default=None,
+                       help="epochs of the full-precision teacher (default: --epochs)")
+    else:
+        p.add_argument("--teacher", default=None, help="teacher checkpoint (run dir or .json) for KD")
+    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--lr", type=float, default=None, help="default 5e-4 * global batch / 512")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--warmup-epochs", type=float, default=0.0)
+    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--kd-lambda", type=float, default=0.8, help="KD weight lambda (with a teacher)")
+    p.add_argument("--re-beta", type=float, default=0.1, help="weight beta of the regularization loss")
+    p.add_argument("--re-last-frac", type=float, default=0.1,
+                   help="L_re is on in this last fraction of the epochs")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--subset", type=int, default=None, help="train on a fixed random subset of N images")
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override, e.g. --set qd=false (repeatable)")
+    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/bhvit)")
+    p.add_argument("--crop-pad", type=int, default=None, help="random-crop padding (default img_size//8)")
+    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bhvit", description="BHViT: binarized hybrid vision transformer.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -59,16 +181,44 @@ def build_parser() -> argparse.ArgumentParser:
 
     lst = sub.add_parser("list", help="list the named models")
     lst.set_defaults(func=cmd_list)
+
+    tr = sub.add_parser("train", help="train one model (FP with --set binary=false, or binary)")
+    _add_train_args(tr)
+    tr.set_defaults(func=cmd_train)
+
+    rc = sub.add_parser("recipe", help="FP teacher, then binary student distilled from it")
+    _add_train_args(rc, recipe=True)
+    rc.set_defaults(func=cmd_recipe)
+
+    ev = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint")
+    ev.add_argument("checkpoint", help="run directory (best.json), a checkpoint .json or .safetensors")
+    ev.add_argument("--data", default=None, choices=["fashion-mnist", "cifar10", "imagefolder"],
+                    help="default: the dataset the checkpoint was trained on")
+    ev.add_argument("--data-dir", default=None)
+    ev.add_argument("--split", default="test", choices=["train", "test"])
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--subset", type=int, default=None)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--skip-bad", action="store_true")
+    ev.add_argument("--cache-dir", default=None)
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=cmd_eval)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    from .train import TrainingDiverged
+
     try:
         return args.func(args)
-    except ValueError as e:
+    except ValueError as e:  # includes DataError and CheckpointError
         print(f"bhvit: error: {e}", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:
+        print(f"bhvit: error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -57,6 +57,15 @@ class QuantizationDecomposition(nn.Module):
         self.step.copy_(2 * x.abs().mean(dim=(-1, -2)).mean(dim=0) / math.sqrt(self.levels))
         head_min = x.amin(dim=(-1, -2)).amin(dim=0)
         self.zero_point.copy_(0.9 * self.zero_point + 0.1 * head_min)
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            # Data-parallel ranks see different first batches: agree on their mean so
+            # every replica starts from the same step and zero point.
+            both = torch.cat([self.step.data, self.zero_point.data])
+            dist.all_reduce(both)
+            both /= dist.get_world_size()
+            self.step.copy_(both[: self.num_heads])
+            self.zero_point.copy_(both[self.num_heads:])
         self.initialized.fill_(1)
 
     def _check(self, attn: torch.Tensor) -> None:

@@ -1,0 +1,210 @@
+"""Checkpoints: safetensors for tensors, JSON for everything else; never pickle.
+
+A checkpoint is three files sharing a stem in the run directory::
+
+    epoch0005.safetensors        model state dict
+    epoch0005.optim.safetensors  optimizer state tensors (training checkpoints only)
+    epoch0005.json               config, epoch, metrics, scheduler state, RNG state,
+                                 optimizer hyper-parameters, names of the two files above
+
+``last.json`` and ``best.json`` are copies of the JSON of the latest and the best
+epoch. Every file is written to a temporary name and renamed into place, and the
+pointer JSONs are written last, so a run killed at any moment leaves the previous
+complete checkpoint loadable.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple, Union
+
+import torch
+
+FORMAT = "bhvit-checkpoint"
+FORMAT_VERSION = 1
+
+__all__ = ["atomic_save_safetensors", "atomic_write_json", "save_checkpoint", "read_checkpoint_json",
+           "load_model", "load_training_state", "resolve_checkpoint", "CheckpointError"]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is missing, truncated or inconsistent."""
+
+
+def _atomic(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Union[str, Path],
+                            metadata: Optional[Dict[str, str]] = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def atomic_write_json(obj: Any, path: Union[str, Path]) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=1)
+
+    _atomic(Path(path), write)
+
+
+def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing checkpoint file.")
+    try:
+        return load_file(str(path))
+    except Exception as e:
+        raise CheckpointError(f"{path}: cannot read safetensors ({e.__class__.__name__}: {e}); "
+                              "the file is truncated or corrupt.") from None
+
+
+# --- optimizer state <-> flat tensors ----------------------------------------------
+def optimizer_to_tensors(opt: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Tensor], Dict]:
+    sd = opt.state_dict()
+    tensors, scalars = {}, {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            if torch.is_tensor(v):
+                tensors[f"{idx}.{k}"] = v
+            else:
+                scalars[f"{idx}.{k}"] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: Dict) -> Dict:
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    for key, v in meta.get("scalars", {}).items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def rng_state() -> Dict[str, str]:
+    return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+
+
+def set_rng_state(d: Dict[str, str]) -> None:
+    import numpy as np
+
+    if "torch" in d:
+        arr = np.frombuffer(base64.b64decode(d["torch"]), dtype=np.uint8).copy()
+        torch.set_rng_state(torch.from_numpy(arr))
+
+
+# --- save / load -----------------------------------------------------------------
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def save_checkpoint(run_dir: Union[str, Path], epoch: int, model: torch.nn.Module, meta: Dict,
+                    optimizer: Optional[torch.optim.Optimizer] = None, is_best: bool = False,
+                    keep: Tuple[str, ...] = ()) -> Path:
+    """Write ``epochNNNN.*`` and update ``last.json`` (and ``best.json``)."""
+    run_dir = Path(run_dir)
+    stem = f"epoch{epoch:04d}"
+    model = _unwrap(model)
+    doc = dict(meta)
+    doc.update(format=FORMAT, version=FORMAT_VERSION, epoch=epoch, weights=f"{stem}.safetensors")
+    if getattr(model, "cfg", None) is not None:
+        doc["model_config"] = model.cfg.to_dict()
+    atomic_save_safetensors(model.state_dict(), run_dir / doc["weights"])
+    if optimizer is not None:
+        tensors, opt_meta = optimizer_to_tensors(optimizer)
+        doc["optimizer"] = dict(opt_meta, file=f"{stem}.optim.safetensors")
+        atomic_save_safetensors(tensors, run_dir / doc["optimizer"]["file"])
+    atomic_write_json(doc, run_dir / f"{stem}.json")
+    if is_best:
+        atomic_write_json(doc, run_dir / "best.json")
+    atomic_write_json(doc, run_dir / "last.json")
+    _prune(run_dir, keep)
+    return run_dir / f"{stem}.json"
+
+
+def _prune(run_dir: Path, keep: Tuple[str, ...]) -> None:
+    """Delete epoch files referenced by neither last.json nor best.json."""
+    wanted = set(keep)
+    for ptr in ("last.json", "best.json"):
+        p = run_dir / ptr
+        if p.is_file():
+            d = json.loads(p.read_text())
+            wanted.add(d["weights"].split(".")[0])
+    for f in run_dir.glob("epoch*"):
+        if f.name.split(".")[0] not in wanted:
+            f.unlink()
+
+
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A run directory (its best.json, else last.json), a .json, or a weights file."""
+    p = Path(path)
+    if p.is_dir():
+        for name in ("best.json", "last.json"):
+            if (p / name).is_file():
+                return p / name
+        raise CheckpointError(f"{p}: no best.json or last.json in this run directory.")
+    if p.suffix == ".safetensors":
+        p = p.with_name(p.name.split(".")[0] + ".json")
+    if not p.is_file():
+        raise CheckpointError(f"{path}: checkpoint not found.")
+    return p
+
+
+def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
+    p = resolve_checkpoint(path)
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+    if doc.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: not a bhvit checkpoint (format {doc.get('format')!r}).")
+    if doc.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{p}: checkpoint version {doc.get('version')} is not supported "
+                              f"(this bhvit reads version {FORMAT_VERSION}).")
+    return doc, p
+
+
+def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.nn.Module, Dict]:
+    """Build the BHViT described by a checkpoint and load its weights (no pickle)."""
+    from .model import BHViT, BHViTConfig
+
+    doc, p = read_checkpoint_json(path)
+    if "model_config" not in doc:
+        raise CheckpointError(f"{p}: no model_config; cannot rebuild the model.")
+    model = BHViT(BHViTConfig.from_dict(doc["model_config"]))
+    state = _load_safetensors(p.parent / doc["weights"])
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{p.parent / doc['weights']}: weights do not match the model config: {e}") from None
+    return model.to(map_location), doc
+
+
+def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
+                        optimizer: torch.optim.Optimizer) -> None:
+    state = _load_safetensors(run_dir / doc["weights"])
+    _unwrap(model).load_state_dict(state)
+    if "optimizer" in doc:
+        tensors = _load_safetensors(run_dir / doc["optimizer"]["file"])
+        optimizer.load_state_dict(optimizer_from_tensors(tensors, doc["optimizer"]))

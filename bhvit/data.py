@@ -1,0 +1,352 @@
+"""Datasets: Fashion-MNIST (IDX), CIFAR-10 (python pickle or JPEG ImageFolder), ImageFolder.
+
+Every dataset is decoded once into a uint8 tensor ``(N, C, H, W)`` plus int64 labels
+(and cached on disk for ImageFolders), so epochs after the first do no image decoding.
+Augmentations (random crop with zero padding, horizontal flip) are batched tensor ops.
+
+Bad data raises :class:`DataError` naming the file, unless ``skip_bad=True``, in
+which case unreadable images are skipped and counted in ``Dataset.skipped``.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+__all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize",
+           "FASHION_MNIST_DIR"]
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
+FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "ankle boot"]
+
+
+class DataError(ValueError):
+    """A data file or directory is missing, malformed or inconsistent."""
+
+
+@dataclass
+class Dataset:
+    images: torch.Tensor  # uint8 (N, C, H, W)
+    labels: torch.Tensor  # int64 (N,)
+    classes: List[str]
+    skipped: int = 0
+    source: str = ""
+
+    def __post_init__(self):
+        if self.images.dtype != torch.uint8 or self.images.dim() != 4:
+            raise DataError(f"{self.source}: images must be uint8 (N, C, H, W), got "
+                            f"{self.images.dtype} {tuple(self.images.shape)}.")
+        if len(self.images) != len(self.labels):
+            raise DataError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels.")
+        if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
+            bad = int(self.labels.max()) if int(self.labels.max()) >= len(self.classes) else int(self.labels.min())
+            raise DataError(f"{self.source}: label {bad} out of range 0..{len(self.classes) - 1}.")
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def image_shape(self) -> Tuple[int, int, int]:
+        return tuple(self.images.shape[1:])
+
+    def subset(self, n: int, seed: int = 0) -> "Dataset":
+        """A fixed random subset of ``n`` images (all if ``n >= len``)."""
+        if n <= 0:
+            raise DataError(f"subset size must be positive, got {n}.")
+        if n >= len(self):
+            return self
+        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
+        idx, _ = idx.sort()
+        return Dataset(self.images[idx], self.labels[idx], self.classes, self.skipped, self.source)
+
+    def channel_stats(self) -> Tuple[List[float], List[float]]:
+        """Per-channel mean and std of the pixels scaled to [0, 1]."""
+        x = self.images.float().div_(255)
+        mean = x.mean(dim=(0, 2, 3))
+        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
+        return mean.tolist(), std.tolist()
+
+
+# --- IDX (Fashion-MNIST) ---------------------------------------------------------
+def _read_maybe_gz(path: Path) -> bytes:
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                return f.read()
+        return path.read_bytes()
+    except (OSError, EOFError, gzip.BadGzipFile) as e:
+        raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e}); the file is "
+                        "truncated or corrupt.") from None
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Parse an IDX file (``.gz`` or raw) of unsigned bytes into an array."""
+    data = _read_maybe_gz(path)
+    if len(data) < 4:
+        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes).")
+    zero, dtype, ndim = data[0] << 8 | data[1], data[2], data[3]
+    if zero != 0 or dtype != 0x08 or ndim < 1:
+        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}).")
+    header = 4 + 4 * ndim
+    if len(data) < header:
+        raise DataError(f"{path}: truncated IDX header.")
+    dims = struct.unpack(">" + "I" * ndim, data[4:header])
+    expected = int(np.prod(dims))
+    if len(data) - header != expected:
+        raise DataError(f"{path}: IDX payload is {len(data) - header} bytes, expected "
+                        f"{expected} for shape {dims}; the file is truncated or corrupt.")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def _find(root: Path, stem: str) -> Path:
+    for name in (stem + ".gz", stem):
+        if (root / name).is_file():
+            return root / name
+    raise DataError(f"{root}: missing {stem}.gz (Fashion-MNIST IDX files; on Debian/Ubuntu "
+                    "`apt-get install dataset-fashion-mnist` puts them in "
+                    f"{FASHION_MNIST_DIR}).")
+
+
+def load_fashion_mnist(root: Path, split: str) -> Dataset:
+    prefix = "train" if split == "train" else "t10k"
+    img_path = _find(root, f"{prefix}-images-idx3-ubyte")
+    lbl_path = _find(root, f"{prefix}-labels-idx1-ubyte")
+    images, labels = read_idx(img_path), read_idx(lbl_path)
+    if images.ndim != 3:
+        raise DataError(f"{img_path}: expected 3-D image array, got shape {images.shape}.")
+    if labels.ndim != 1:
+        raise DataError(f"{lbl_path}: expected 1-D label array, got shape {labels.shape}.")
+    if len(images) != len(labels):
+        raise DataError(f"{img_path}: {len(images)} images but {lbl_path} has {len(labels)} labels.")
+    if len(labels) and labels.max() >= 10:
+        i = int(np.argmax(labels >= 10))
+        raise DataError(f"{lbl_path}: label {int(labels[i])} at index {i} out of range 0..9.")
+    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
+                   list(FASHION_CLASSES), source=str(img_path))
+
+
+# --- CIFAR-10 python pickle ------------------------------------------------------
+class _SafeUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds plain containers and numpy arrays (no code)."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
+
+    def find_class(self, module, name):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
+
+
+def _load_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
+    try:
+        with open(path, "rb") as f:
+            d = _SafeUnpickler(f, encoding="bytes").load()
+    except FileNotFoundError:
+        raise DataError(f"{path}: missing CIFAR-10 batch file.") from None
+    except Exception as e:  # truncated or not a pickle at all
+        raise DataError(f"{path}: cannot unpickle CIFAR-10 batch ({e.__class__.__name__}: {e}); "
+                        "the file is truncated or corrupt.") from None
+    if not isinstance(d, dict):
+        raise DataError(f"{path}: expected a dict, got {type(d).__name__}.")
+    d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
+    if "data" not in d or "labels" not in d:
+        raise DataError(f"{path}: missing 'data' or 'labels' in CIFAR-10 batch.")
+    data = np.asarray(d["data"], dtype=np.uint8)
+    labels = np.asarray(d["labels"], dtype=np.int64)
+    if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
+        raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; expected "
+                        "(N, 3072) and N labels.")
+    if len(labels) and (labels.min() < 0 or labels.max() >= 10):
+        raise DataError(f"{path}: label {int(labels.max())} out of range 0..9.")
+    return data.reshape(-1, 3, 32, 32), labels
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def load_cifar_pickle(root: Path, split: str) -> Dataset:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    parts = [_load_cifar_batch(root / n) for n in names]
+    data = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return Dataset(torch.from_numpy(data), torch.from_numpy(labels), list(CIFAR_CLASSES), source=str(root))
+
+
+# --- ImageFolder -----------------------------------------------------------------
+def _split_dir(root: Path, split: str) -> Path:
+    cands = ["train"] if split == "train" else ["val", "test"]
+    for c in cands:
+        if (root / c).is_dir():
+            return root / c
+    raise DataError(f"{root}: no {' or '.join(cands)}/ directory (ImageFolder layout: "
+                    f"{root}/train/<class>/*, {root}/val|test/<class>/*).")
+
+
+def _list_images(split_dir: Path, classes: Optional[List[str]]) -> Tuple[List[str], List[Tuple[Path, int]]]:
+    found = sorted(d.name for d in split_dir.iterdir() if d.is_dir())
+    if not found:
+        raise DataError(f"{split_dir}: no class folders.")
+    if classes is not None and found != classes:
+        raise DataError(f"{split_dir}: class folders {found} differ from the training classes {classes}.")
+    items = []
+    for i, c in enumerate(found):
+        files = sorted(p for p in (split_dir / c).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        if not files:
+            raise DataError(f"{split_dir / c}: empty class folder (no image files).")
+        items += [(p, i) for p in files]
+    return found, items
+
+
+def _decode(path: Path, channels: int, size: Optional[int]) -> np.ndarray:
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        im = im.convert("L" if channels == 1 else "RGB")
+        if size is not None and im.size != (size, size):
+            # shorter side to `size`, then centre crop
+            w, h = im.size
+            s = size / min(w, h)
+            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
+            w, h = im.size
+            left, top = (w - size) // 2, (h - size) // 2
+            im = im.crop((left, top, left + size, top + size))
+        arr = np.asarray(im, dtype=np.uint8)
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[int] = None,
+                     skip_bad: bool = False, cache_dir: Optional[Path] = None,
+                     classes: Optional[List[str]] = None, progress: bool = False) -> Dataset:
+    split_dir = _split_dir(root, split)
+    found, items = _list_images(split_dir, classes)
+    key_src = f"{split_dir.resolve()}|{channels}|{size}|{skip_bad}|{len(items)}|" + "|".join(
+        f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p, _ in items[:: max(1, len(items) // 512)])
+    key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
+    cache = Path(cache_dir) / f"imagefolder-{key}.safetensors" if cache_dir else None
+    if cache is not None and cache.is_file():
+        from safetensors.torch import load_file
+
+        try:
+            t = load_file(str(cache))
+            return Dataset(t["images"], t["labels"], found, int(t["skipped"].item()), str(split_dir))
+        except Exception:
+            pass  # unreadable cache: decode again and rewrite it
+    arrays, labels, skipped, shape = [], [], 0, None
+    for n, (p, y) in enumerate(items):
+        try:
+            a = _decode(p, channels, size)
+        except Exception as e:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise DataError(f"{p}: cannot decode image ({e.__class__.__name__}: {e}); pass "
+                            "skip_bad / --skip-bad to skip and count such files.") from None
+        if shape is None:
+            shape = a.shape
+        elif a.shape != shape:
+            if skip_bad:
+                skipped += 1
+                continue
+            raise DataError(f"{p}: image size {a.shape[2]}x{a.shape[1]} differs from "
+                            f"{shape[2]}x{shape[1]} of the first image; set an image size to resize.")
+        arrays.append(a)
+        labels.append(y)
+        if progress and (n + 1) % 5000 == 0:
+            print(f"decoded {n + 1}/{len(items)} images from {split_dir}", flush=True)
+    if not arrays:
+        raise DataError(f"{split_dir}: no readable images.")
+    ds = Dataset(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), found,
+                 skipped, str(split_dir))
+    if cache is not None:
+        from .checkpoint import atomic_save_safetensors
+
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save_safetensors({"images": ds.images, "labels": ds.labels,
+                                 "skipped": torch.tensor([skipped])}, cache)
+    return ds
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("BHVIT_CACHE", Path.home() / ".cache" / "bhvit"))
+
+
+def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, channels: int = 3,
+                 size: Optional[int] = None, skip_bad: bool = False, cache_dir: Optional[str] = None,
+                 classes: Optional[List[str]] = None, progress: bool = False) -> Dataset:
+    """Load ``split`` ('train' or 'test') of a dataset as uint8 tensors.
+
+    ``fashion-mnist``: IDX files in ``data_dir`` (default /usr/share/datasets/fashion-mnist).
+    ``cifar10``: ``cifar-10-batches-py/`` (python pickles, read without running code) or a
+    JPEG ImageFolder (``train/``, ``test/``). ``imagefolder``: ``train/<class>/*`` and
+    ``val/`` or ``test/``; ``size`` resizes (shorter side) and centre-crops.
+    """
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}.")
+    if name == "fashion-mnist":
+        root = Path(data_dir or FASHION_MNIST_DIR)
+    elif data_dir is None:
+        raise DataError(f"dataset {name!r} needs a data directory (--data-dir).")
+    else:
+        root = Path(data_dir)
+    if not root.is_dir():
+        raise DataError(f"data directory {root} does not exist.")
+    cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    if name == "fashion-mnist":
+        return load_fashion_mnist(root, split)
+    if name == "cifar10":
+        for cand in (root, root / "cifar-10-batches-py"):
+            if (cand / "batches.meta").exists() or (cand / "test_batch").exists():
+                return load_cifar_pickle(cand, split)
+        for cand in (root, root / "cifar10"):
+            if (cand / "train").is_dir():
+                return load_imagefolder(cand, split, 3, size, skip_bad, cache, classes, progress)
+        raise DataError(f"{root}: neither cifar-10-batches-py/ (python release) nor an "
+                        "ImageFolder with train/ and test/.")
+    return load_imagefolder(root, split, channels, size, skip_bad, cache, classes, progress)
+
+
+# --- batch transforms ------------------------------------------------------------
+def normalize(x: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """uint8 ``(B, C, H, W)`` -> float normalised with per-channel mean/std of [0, 1] pixels."""
+    m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1) * 255
+    return (x.float() - m) / s
+
+
+def augment_batch(x: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
+    """Random crop with zero padding ``pad`` and random horizontal flip, per image."""
+    B, C, H, W = x.shape
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+        dx = torch.randint(0, 2 * pad + 1, (B,), generator=gen)
+        rows = (dy.view(B, 1) + torch.arange(H)).view(B, 1, H, 1).expand(B, C, H, W + 2 * pad)
+        xp = xp.gather(2, rows)
+        cols = (dx.view(B, 1) + torch.arange(W)).view(B, 1, 1, W).expand(B, C, H, W)
+        x = xp.gather(3, cols)
+    if flip:
+        m = torch.rand(B, generator=gen) < 0.5
+        x = torch.where(m.view(B, 1, 1, 1), x.flip(3), x)
+    return x

@@ -1,0 +1,403 @@
+"""Training and evaluation: the BHViT recipe in one plain loop.
+
+Stage 1 trains the full-precision twin (``binary=False``) with cross-entropy; it is
+the teacher. Stage 2 trains the binary student with
+
+    L = (1 - lambda - beta) * CE + lambda * KD + beta * L_re
+
+where KD is the soft cross-entropy to the teacher's softmax (no temperature) and
+``L_re`` (:func:`bhvit.regularization_loss`) is switched on in the last
+``re_last_frac`` of the epochs. AdamW, lr ``5e-4 * global_batch / 512``, weight
+decay 0, cosine schedule with optional linear warm-up, all per step.
+
+Runs single-process or under ``torchrun`` (DistributedDataParallel, gloo on CPU,
+nccl on GPU). Each epoch's data order and augmentation come from generators seeded
+by ``(seed, epoch, rank)``, so a run resumed from its last checkpoint replays the
+interrupted epoch exactly and ends with the same metrics as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import (atomic_write_json, load_model, load_training_state, read_checkpoint_json,
+                         rng_state, save_checkpoint, set_rng_state)
+from .data import Dataset, augment_batch, load_dataset, normalize
+from .layers import binary_layers
+from .model import BHViT, get_config
+from .quantizers import regularization_loss
+
+__all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "kd_loss", "sign_snapshot"]
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    model: str = "bhvit_micro_c28"
+    data: str = "fashion-mnist"
+    data_dir: Optional[str] = None
+    out: str = "runs/bhvit"
+    epochs: int = 10
+    batch_size: int = 128  # per process
+    lr: Optional[float] = None  # default 5e-4 * global batch / 512
+    weight_decay: float = 0.0
+    warmup_epochs: float = 0.0
+    min_lr: float = 0.0
+    kd_lambda: float = 0.8
+    re_beta: float = 0.1
+    re_last_frac: float = 0.1
+    teacher: Optional[str] = None
+    resume: bool = False
+    subset: Optional[int] = None
+    test_subset: Optional[int] = None
+    seed: int = 0
+    device: str = "auto"
+    amp: bool = False
+    threads: Optional[int] = None
+    overrides: Dict = field(default_factory=dict)
+    skip_bad: bool = False
+    cache_dir: Optional[str] = None
+    crop_pad: Optional[int] = None  # default: img_size // 8
+    flip: bool = True
+    eval_batch_size: int = 256
+    progress: bool = True
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Soft cross-entropy between the teacher's softmax and the student's log-softmax."""
+    return -(teacher_logits.softmax(-1) * student_logits.log_softmax(-1)).sum(-1).mean()
+
+
+@torch.no_grad()
+def sign_snapshot(model: nn.Module) -> List[torch.Tensor]:
+    """The binarized sign of every binary layer's latent weights (as bool tensors)."""
+    out = []
+    for layer in binary_layers(model):
+        w = layer.weight
+        flat = w.reshape(w.shape[0], -1)
+        out.append((flat - flat.mean(1, keepdim=True)) >= 0)
+    return out
+
+
+def _dist_info():
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _unwrap(m: nn.Module) -> nn.Module:
+    return m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m
+
+
+class Progress:
+    """A one-line progress bar on stderr (a line per ~10% when not a terminal)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.desc, self.enabled = total, desc, enabled
+        self.start = time.perf_counter()
+        self.tty = sys.stderr.isatty()
+        self.last_pct = -1
+
+    def update(self, n: int, images: int, **stats) -> None:
+        if not self.enabled:
+            return
+        el = time.perf_counter() - self.start
+        ips = images / max(el, 1e-9)
+        eta = el / max(n, 1) * (self.total - n)
+        s = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        line = f"{self.desc} {n}/{self.total} {s} {ips:.1f} img/s ETA {eta:.0f}s"
+        pct = 10 * n // max(self.total, 1)
+        if self.tty:
+            sys.stderr.write("\r" + line + " " * 4)
+            if n == self.total:
+                sys.stderr.write("\n")
+        elif pct != self.last_pct or n == self.total:
+            sys.stderr.write(line + "\n")
+        self.last_pct = pct
+        sys.stderr.flush()
+
+
+def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
+             shuffle: bool) -> List[torch.Tensor]:
+    """Index batches of this rank's shard, via DistributedSampler (also single-process)."""
+    from torch.utils.data import DistributedSampler
+
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
+                                 drop_last=False)
+    sampler.set_epoch(epoch)
+    idx = torch.tensor(list(iter(sampler)), dtype=torch.long)
+    return list(idx.split(batch_size))
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
+             device: str = "cpu", progress: bool = False) -> Dict[str, float]:
+    """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` on ``ds``.
+
+    Under torch.distributed each rank evaluates a strided shard and the sums are reduced.
+    """
+    rank, world = _dist_info()
+    was = model.training
+    model.eval()
+    idx = torch.arange(rank, len(ds), world)
+    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    bar = Progress(math.ceil(len(idx) / batch_size), "eval", progress and rank == 0)
+    for i, b in enumerate(idx.split(batch_size)):
+        x = normalize(ds.images[b], mean, std).to(device)
+        y = ds.labels[b].to(device)
+        logits = model(x).float()
+        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        top = logits.topk(min(5, logits.shape[1]), dim=1).indices
+        sums[1] += (top[:, 0] == y).sum().item()
+        sums[2] += (top == y[:, None]).any(1).sum().item()
+        sums[3] += len(b)
+        bar.update(i + 1, int(sums[3]))
+    if world > 1:
+        dist.all_reduce(sums)
+    model.train(was)
+    n = max(sums[3].item(), 1)
+    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n,
+            "top5": 100 * sums[2].item() / n, "count": int(sums[3].item())}
+
+
+def _lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = (step - warmup) / max(total - warmup, 1)
+    return min_lr + 0.5 * (base - min_lr) * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def _average_buffers(model: nn.Module, world: int) -> None:
+    """Average BatchNorm running statistics across ranks (each rank saw its own batches)."""
+    for name, buf in _unwrap(model).named_buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf.div_(world)
+
+
+def _checksum(model: nn.Module) -> float:
+    m = _unwrap(model)
+    total = 0.0
+    for i, t in enumerate(list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]):
+        total += float((t.detach().double().flatten() * (1 + (torch.arange(t.numel()) % 7))).sum()) * (i + 1)
+    return total
+
+
+def _log(msg: str, rank: int) -> None:
+    if rank == 0:
+        print(msg, flush=True)
+
+
+def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
+          model: Optional[nn.Module] = None) -> Dict:
+    """Train a BHViT as ``cfg`` says and return the final metrics.
+
+    ``teacher``: any module mapping a normalised image batch to logits (used instead of
+    ``cfg.teacher``); it is put in eval mode and never updated. ``model``: train this
+    module instead of building ``cfg.model`` (it must accept the dataset's images).
+    """
+    world_env = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_env > 1 and not dist.is_initialized():
+        backend = "nccl" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "gloo"
+        dist.init_process_group(backend=backend)
+    rank, world = _dist_info()
+    if cfg.device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    else:
+        device = cfg.device
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine.")
+        if world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(device)
+    elif device != "cpu":
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+    out = Path(cfg.out)
+    if rank == 0 and (out / "last.json").exists() and not cfg.resume:
+        raise ValueError(f"{out} already holds a run (last.json); pass --resume to continue it "
+                         "or choose another --out.")
+
+    # --- data --------------------------------------------------------------------
+    model_cfg = get_config(cfg.model, **cfg.overrides)
+    load_kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, skip_bad=cfg.skip_bad,
+                   cache_dir=cfg.cache_dir, progress=rank == 0)
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, **load_kw)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, **load_kw)
+    if train_ds.skipped or test_ds.skipped:
+        _log(f"skipped unreadable images: train {train_ds.skipped}, test {test_ds.skipped}", rank)
+    if cfg.subset:
+        train_ds = train_ds.subset(cfg.subset, cfg.seed)
+    if cfg.test_subset:
+        test_ds = test_ds.subset(cfg.test_subset, cfg.seed)
+    want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
+    if train_ds.image_shape != want:
+        c, h, w = train_ds.image_shape
+        raise ValueError(f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
+                         f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
+                         "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size.")
+    mean, std = train_ds.channel_stats()
+
+    # --- model, teacher, optimizer ------------------------------------------------
+    torch.manual_seed(cfg.seed)
+    if model is None:
+        model = BHViT(dataclasses.replace(model_cfg, num_classes=train_ds.num_classes))
+    model = model.to(device)
+    if teacher is None and cfg.teacher:
+        teacher, tdoc = load_model(cfg.teacher, map_location=device)
+        tdata = tdoc.get("data", {})
+        if tdata.get("mean") and [round(v, 6) for v in tdata["mean"]] != [round(v, 6) for v in mean]:
+            _log("warning: the teacher was trained with other normalisation statistics", rank)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    is_binary = any(True for _ in binary_layers(model))
+    global_batch = cfg.batch_size * world
+    base_lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
+    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
+    re_start = cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0 else cfg.epochs
+    crop_pad = cfg.crop_pad if cfg.crop_pad is not None else model_cfg.img_size // 8
+
+    start_epoch, history, best = 0, [], -1.0
+    if cfg.resume and (out / "last.json").exists():
+        doc, _ = read_checkpoint_json(out / "last.json")
+        load_training_state(doc, out, model, optimizer)
+        if "rng" in doc:
+            set_rng_state(doc["rng"])
+        start_epoch = doc["epoch"] + 1
+        history = doc.get("history", [])
+        best = doc.get("best_top1", -1.0)
+        _log(f"resumed {out} at epoch {start_epoch} (best top-1 {best:.2f})", rank)
+    elif cfg.resume:
+        _log(f"--resume: no checkpoint in {out}, starting fresh", rank)
+
+    if world > 1:
+        ddp_kw = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
+        model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
+    use_amp = cfg.amp
+    amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if (use_amp and device.startswith("cuda")) else None
+
+    meta_base = {
+        "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "data": {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std,
+                 "train_size": len(train_ds), "test_size": len(test_ds)},
+    }
+    _log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "
+         f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
+         f"lr {base_lr:.2e}, {steps_per_epoch} steps/epoch", rank)
+
+    last = history[-1] if history else {}
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        beta = cfg.re_beta if (is_binary and epoch >= re_start) else 0.0
+        lam = cfg.kd_lambda if teacher is not None else 0.0
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
+        batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
+        signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
+        model.train()
+        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
+        bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
+        for i, idx in enumerate(batches):
+            step = epoch * steps_per_epoch + i
+            lr = _lr_at(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x = augment_batch(train_ds.images[idx], crop_pad, cfg.flip, gen)
+            x = normalize(x, mean, std).to(device, non_blocking=True)
+            y = train_ds.labels[idx].to(device, non_blocking=True)
+            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
+                logits = model(x)
+                ce = F.cross_entropy(logits.float(), y)
+                loss = (1.0 - lam - beta) * ce
+                if lam:
+                    with torch.no_grad():
+                        t_logits = teacher(x).float()
+                    loss = loss + lam * kd_loss(logits.float(), t_logits)
+                if beta:
+                    loss = loss + beta * regularization_loss(_unwrap(model))
+            if not torch.isfinite(loss):
+                where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
+                raise TrainingDiverged(
+                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopping. "
+                    f"Last good checkpoint: {where}. Try a lower --lr.")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            sums[0] += loss.item() * len(idx)
+            sums[1] += (logits.argmax(1) == y).sum().item()
+            sums[2] += len(idx)
+            bar.update(i + 1, int(sums[2]), loss=sums[0].item() / sums[2].item(),
+                       acc=100 * sums[1].item() / sums[2].item())
+        train_time = time.perf_counter() - t0
+        if world > 1:
+            dist.all_reduce(sums)
+            _average_buffers(model, world)
+        flips = None
+        if is_binary:
+            after = sign_snapshot(_unwrap(model))
+            changed = sum(int((a != b).sum()) for a, b in zip(signs_before, after))
+            flips = changed / max(sum(a.numel() for a in after), 1)
+        ev = evaluate(model, test_ds, mean, std, cfg.eval_batch_size, device)
+        last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
+                "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
+                "test_top1": ev["top1"], "test_top5": ev["top5"], "lr": lr, "beta": beta,
+                "kd_lambda": lam, "flip_frac": flips, "epoch_time_s": time.perf_counter() - t0,
+                "train_images_per_s": sums[2].item() / train_time}
+        history.append(last)
+        is_best = ev["top1"] > best
+        best = max(best, ev["top1"])
+        if rank == 0:
+            meta = dict(meta_base, metrics=last, history=history, best_top1=best, rng=rng_state())
+            save_checkpoint(out, epoch, model, meta, optimizer, is_best=is_best)
+            with open(out / ".metrics.jsonl.tmp", "w") as f:
+                f.writelines(json.dumps(h) + "\n" for h in history)
+            os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
+        _log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f} top-1 "
+             f"{last['train_top1']:.2f} | test loss {ev['loss']:.4f} top-1 {ev['top1']:.2f} top-5 "
+             f"{ev['top5']:.2f} | beta {beta} flips {flips if flips is None else round(flips, 5)} | "
+             f"{last['epoch_time_s']:.0f}s", rank)
+
+    result = dict(last, best_top1=best, run_dir=str(out), world_size=world)
+    if world > 1:
+        sums = [None] * world
+        dist.all_gather_object(sums, _checksum(model))
+        result["rank_checksums"] = sums
+        result["ranks_identical"] = all(s == sums[0] for s in sums)
+    if rank == 0:
+        atomic_write_json(result, out / "final.json")
+        try:
+            from .plot import plot_history
+
+            plot_history(history, out / "curves.png", title=f"{cfg.model} on {cfg.data}")
+        except Exception as e:  # a plot must never fail a finished run
+            print(f"warning: could not draw curves.png: {e}", file=sys.stderr)
+    return result
