@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# bhvit set-up: the CPU build of torch, the package with its test tools, and (where apt
+# is available) Debian's Fashion-MNIST package for the default training job.
+set -euo pipefail
+cd "$(dirname "$0")"
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && command -v sudo >/dev/null 2>&1 && SUDO="sudo"
+  if { $SUDO apt-get update -qq && $SUDO apt-get install -y -qq dataset-fashion-mnist; } >/dev/null 2>&1; then
+    echo "installed dataset-fashion-mnist"
+  else
+    echo "note: could not install dataset-fashion-mnist with apt; pass --data-dir to bhvit train" >&2
+  fi
+fi
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
+python -c "import bhvit, torch; print('bhvit', bhvit.__version__, 'torch', torch.__version__)"

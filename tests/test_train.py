@@ -1,0 +1,158 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bhvit.checkpoint import CheckpointError, load_model
+from bhvit.cli import main
+from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, train
+from synth import make_fashion_mnist
+
+COMMON = ["train", "--model", "bhvit_micro_c28", "--data", "fashion-mnist", "--batch-size", "32",
+          "--threads", "1", "--no-progress", "--lr", "2e-3"]
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=320, n_test=64)
+
+
+def _run(args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "bhvit.cli"] + args, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_kd_loss_formula():
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    ref = -(torch.softmax(t, -1) * torch.log_softmax(s, -1)).sum(-1).mean()
+    assert torch.allclose(kd_loss(s, t), ref)
+    assert kd_loss(t, t) > 0  # soft CE is the teacher's entropy at the optimum, not 0
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(fmnist, tmp_path):
+    args = COMMON + ["--data-dir", str(fmnist), "--epochs", "3"]
+    ref = _run(args + ["--out", str(tmp_path / "ref")])
+    out_ref = ref.communicate(timeout=300)[0]
+    assert ref.returncode == 0, out_ref
+
+    run = tmp_path / "killed"
+    p = _run(args + ["--out", str(run)])
+    deadline = time.time() + 300
+    while not (run / "last.json").exists():  # first epoch checkpoint written
+        assert p.poll() is None and time.time() < deadline
+        time.sleep(0.02)
+    time.sleep(0.3)  # now inside the second epoch
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    killed_at = json.loads((run / "last.json").read_text())["epoch"]
+    assert killed_at < 2, "the kill should land before the last epoch finished"
+    assert not (run / "final.json").exists()
+
+    r = _run(args + ["--out", str(run), "--resume"])
+    out = r.communicate(timeout=300)[0]
+    assert r.returncode == 0, out
+    assert f"resumed {run} at epoch {killed_at + 1}" in out
+
+    a = json.loads((tmp_path / "ref" / "final.json").read_text())
+    b = json.loads((run / "final.json").read_text())
+    for k in ("train_loss", "train_top1", "test_loss", "test_top1", "test_top5", "best_top1"):
+        assert a[k] == b[k], k
+    wa = load_file(str(tmp_path / "ref" / "epoch0002.safetensors"))
+    wb = load_file(str(run / "epoch0002.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    hist = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in hist] == [1, 2, 3]
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # L_re is on only in the last epoch (10% of 3 epochs, at least one)
+    assert [h["beta"] for h in hist] == [0.0, 0.0, 0.1]
+
+
+def test_existing_run_needs_resume(fmnist, tmp_path):
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    train(cfg)
+    with pytest.raises(ValueError, match="already holds a run"):
+        train(cfg)
+
+
+class NaNAfter(torch.nn.Module):
+    """A teacher that returns NaN logits from its n-th call on (tests the NaN stop)."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.calls = n, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        self.calls += 1
+        out = torch.zeros(x.shape[0], 10)
+        return out + float("nan") if self.calls >= self.n else out
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path):
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=3,
+                      batch_size=64, subset=128, test_subset=32, progress=False, threads=1)
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*epoch 1\)"):
+        train(cfg, teacher=NaNAfter(3))  # 2 steps per epoch: the 3rd call is epoch 2, step 1
+    doc = json.loads((tmp_path / "r" / "last.json").read_text())
+    assert doc["epoch"] == 0
+    model, _ = load_model(tmp_path / "r")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
+                      batch_size=64, subset=128, progress=False, threads=1)
+    res = train(cfg)
+    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress"]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert ev["top1"] == pytest.approx(res["test_top1"]) and ev["count"] == 64
+    assert ev["loss"] == pytest.approx(res["test_loss"], rel=1e-5)
+    assert 0 <= ev["top1"] <= ev["top5"] <= 100
+
+
+def test_checkpoint_errors(fmnist, tmp_path, capsys):
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    train(cfg)
+    w = tmp_path / "r" / "epoch0000.safetensors"
+    w.write_bytes(w.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="epoch0000.safetensors: cannot read safetensors"):
+        load_model(tmp_path / "r")
+    assert main(["eval", str(tmp_path / "nothing")]) == 2
+    assert "checkpoint not found" in capsys.readouterr().err
+    (tmp_path / "r" / "best.json").write_text("{")
+    with pytest.raises(CheckpointError, match="not valid JSON"):
+        load_model(tmp_path / "r")
+
+
+def test_train_cli_rejects_mismatched_model(fmnist, tmp_path, capsys):
+    rc = main(["train", "--model", "bhvit_micro_c32", "--data-dir", str(fmnist), "--out", str(tmp_path / "r"),
+               "--epochs", "1", "--no-progress"])
+    assert rc == 2
+    assert "dataset images are 1x28x28 but bhvit_micro_c32 expects 3x32x32" in capsys.readouterr().err
+
+
+def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+           "-m", "bhvit.cli"] + COMMON + ["--data-dir", str(fmnist), "--epochs", "2",
+                                                    "--subset", "128", "--out", str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    final = json.loads((out / "final.json").read_text())
+    assert final["world_size"] == 2
+    assert final["ranks_identical"] is True and len(final["rank_checksums"]) == 2
+    hist = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(hist) == 2 and hist[-1]["epoch"] == 2
+    # metrics are reduced over both ranks: the test accuracy is over all 64 test images
+    assert (hist[-1]["test_top1"] * 64 / 100) == pytest.approx(round(hist[-1]["test_top1"] * 64 / 100))
