@@ -76,6 +76,7 @@ class TrainConfig:
     flip: bool = True
     eval_batch_size: int = 256
     progress: bool = True
+    step_flips: bool = True  # count binary-weight sign flips after every optimizer step
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -318,6 +319,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
+        signs_prev, step_flip_count = signs_before, 0
         model.train()
         sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
         bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
@@ -352,6 +354,12 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             else:
                 loss.backward()
                 optimizer.step()
+            if is_binary and cfg.step_flips:
+                # Oscillating weights flip back and forth within an epoch; only a per-step
+                # count sees that (the epoch-level count sees net changes).
+                now = sign_snapshot(_unwrap(model))
+                step_flip_count += sum(int((a != b).sum()) for a, b in zip(signs_prev, now))
+                signs_prev = now
             sums[0] += loss.item() * len(idx)
             sums[1] += (logits.argmax(1) == y).sum().item()
             sums[2] += len(idx)
@@ -361,16 +369,17 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         if world > 1:
             dist.all_reduce(sums)
             _average_buffers(model, world)
-        flips = None
+        flips = step_flips = None
         if is_binary:
             after = sign_snapshot(_unwrap(model))
-            changed = sum(int((a != b).sum()) for a, b in zip(signs_before, after))
-            flips = changed / max(sum(a.numel() for a in after), 1)
+            n_w = max(sum(a.numel() for a in after), 1)
+            flips = sum(int((a != b).sum()) for a, b in zip(signs_before, after)) / n_w
+            step_flips = step_flip_count / n_w if cfg.step_flips else None
         ev = evaluate(model, test_ds, mean, std, cfg.eval_batch_size, device)
         last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
                 "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
                 "test_top1": ev["top1"], "test_top5": ev["top5"], "lr": lr, "beta": beta,
-                "kd_lambda": lam, "flip_frac": flips, "epoch_time_s": time.perf_counter() - t0,
+                "kd_lambda": lam, "flip_frac": flips, "step_flip_frac": step_flips, "epoch_time_s": time.perf_counter() - t0,
                 "train_images_per_s": sums[2].item() / train_time}
         history.append(last)
         is_best = ev["top1"] > best

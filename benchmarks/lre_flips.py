@@ -1,0 +1,71 @@
+"""Does the regularization loss L_re reduce weight oscillation? Two identical binary
+runs, with and without L_re, compared on sign flips of the latent binary weights.
+
+For every epoch the training loop records the fraction of binary weights whose sign
+changed over the epoch (net, ``flip_frac``) and the number of sign changes summed over
+all optimizer steps divided by the number of binary weights (``step_flip_frac``: a
+weight that oscillates across zero counts at every step it flips). This script prints
+both for the epochs in the last ``--re-last-frac`` of training (where L_re is on in the
+first run) and the final test top-1 of both runs.
+
+    python benchmarks/lre_flips.py --model bhvit_micro_c28 --data fashion-mnist --epochs 10 \\
+        --subset 20000 --teacher runs/fmnist/teacher --out runs/lre
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+from bhvit.train import TrainConfig, train
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="bhvit_micro_c28")
+    p.add_argument("--data", default="fashion-mnist")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--teacher", default=None)
+    p.add_argument("--re-beta", type=float, default=0.1)
+    p.add_argument("--re-last-frac", type=float, default=0.1)
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    p.add_argument("--resume", action="store_true")
+    a = p.parse_args()
+
+    rows = {}
+    for label, beta in (("with L_re", a.re_beta), ("without L_re", 0.0)):
+        out = Path(a.out) / ("with_lre" if beta else "without_lre")
+        cfg = TrainConfig(model=a.model, data=a.data, data_dir=a.data_dir, out=str(out), epochs=a.epochs,
+                          batch_size=a.batch_size, lr=a.lr, subset=a.subset, teacher=a.teacher,
+                          re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=a.seed,
+                          resume=a.resume or (out / "last.json").exists(), progress=False)
+        if not (out / "final.json").exists():
+            train(cfg)
+        hist = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+        first_late = a.epochs - max(1, math.ceil(a.re_last_frac * a.epochs))
+        late = [h for h in hist if h["epoch"] > first_late]
+        rows[label] = {
+            "late_epochs": [h["epoch"] for h in late],
+            "net_flip_frac": [round(h["flip_frac"], 6) for h in late],
+            "step_flip_frac": [round(h["step_flip_frac"], 6) for h in late],
+            "final_test_top1": hist[-1]["test_top1"],
+            "best_test_top1": max(h["test_top1"] for h in hist),
+        }
+    print(json.dumps(rows, indent=1))
+    print(f"{'run':<14} {'epochs':>10} {'net flips/epoch':>16} {'step flips/epoch':>17} {'final top-1':>12}")
+    for label, r in rows.items():
+        net = sum(r["net_flip_frac"]) / len(r["net_flip_frac"])
+        stp = sum(r["step_flip_frac"]) / len(r["step_flip_frac"])
+        eps = f"{r['late_epochs'][0]}-{r['late_epochs'][-1]}"
+        print(f"{label:<14} {eps:>10} {net:>16.5f} {stp:>17.5f} {r['final_test_top1']:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
