@@ -7,7 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .complexity import complexity, format_complexity
+from .complexity import complexity, format_complexity, format_summary, summary
 from .model import create_model, list_models
 
 
@@ -33,9 +33,12 @@ def cmd_info(args) -> int:
     model = create_model(args.name, num_classes=args.num_classes, **overrides)
     c = complexity(model)
     if args.json:
-        print(json.dumps(c))
+        print(json.dumps({k: v for k, v in c.items() if k != "per_module"}))
     else:
         print(format_complexity(args.name, c))
+    if args.layers:
+        print()
+        print(format_summary(summary(model)))
     return 0
 
 
@@ -177,6 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set binary=false --set qd=false (repeatable)")
     info.add_argument("--json", action="store_true", help="print a JSON object")
+    info.add_argument("--layers", action="store_true",
+                      help="also print a per-block summary (binary/float params, memory, BOPs, FLOPs)")
     info.set_defaults(func=cmd_info)
 
     lst = sub.add_parser("list", help="list the named models")

@@ -18,7 +18,7 @@ Convention (the one used by Bi-Real, ReActNet and BHViT):
 """
 from __future__ import annotations
 
-from typing import Dict, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -26,7 +26,7 @@ from torch import nn
 from .blocks import AttentionCore
 from .layers import binary_layers
 
-__all__ = ["complexity", "format_complexity"]
+__all__ = ["complexity", "format_complexity", "summary", "format_summary"]
 
 
 def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]] = None) -> Dict[str, float]:
@@ -51,37 +51,48 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
         raise ValueError(f"complexity: input_size must be an int, (C, H, W) or (B, C, H, W), got {input_size}.")
 
     counts = {"bops": 0, "flops": 0, "binary_macs": 0, "attn_macs": 0}
+    per_module: Dict[str, Dict[str, int]] = {}
 
-    def layer_hook(m, inputs, output):
-        per_out = m.weight[0].numel()  # in_features, or in/groups * kh * kw
-        macs = output.numel() * per_out
-        if getattr(m, "is_binary", False):
-            counts["bops"] += macs
-            counts["binary_macs"] += macs
-        else:
-            counts["flops"] += macs
+    def add(name, key, n):
+        counts[key] += n
+        per_module.setdefault(name, {"bops": 0, "flops": 0})
+        if key in ("bops", "flops"):
+            per_module[name][key] += n
 
-    def attn_hook(m, inputs, output):
-        q, k, _ = inputs
-        B, N, C = q.shape
-        macs = B * N * k.shape[1] * C  # per matmul: QK^T and AV have the same count
-        counts["attn_macs"] += 2 * macs
-        if m.acts_binary:
-            levels = m.qd.levels if m.qd is not None else None
-            counts["bops"] += macs  # sign(Q) sign(K)^T
-            if levels is None:  # context matmul with a float attention matrix
-                counts["flops"] += macs
+    def layer_hook(name):
+        def hook(m, inputs, output):
+            per_out = m.weight[0].numel()  # in_features, or in/groups * kh * kw
+            macs = output.numel() * per_out
+            if getattr(m, "is_binary", False):
+                add(name, "bops", macs)
+                counts["binary_macs"] += macs
             else:
-                counts["bops"] += levels * macs
-        else:
-            counts["flops"] += 2 * macs
+                add(name, "flops", macs)
+        return hook
+
+    def attn_hook(name):
+        def hook(m, inputs, output):
+            q, k, _ = inputs
+            B, N, C = q.shape
+            macs = B * N * k.shape[1] * C  # per matmul: QK^T and AV have the same count
+            counts["attn_macs"] += 2 * macs
+            if m.acts_binary:
+                levels = m.qd.levels if m.qd is not None else None
+                add(name, "bops", macs)  # sign(Q) sign(K)^T
+                if levels is None:  # context matmul with a float attention matrix
+                    add(name, "flops", macs)
+                else:
+                    add(name, "bops", levels * macs)
+            else:
+                add(name, "flops", 2 * macs)
+        return hook
 
     handles = []
-    for m in model.modules():
+    for name, m in model.named_modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):
-            handles.append(m.register_forward_hook(layer_hook))
+            handles.append(m.register_forward_hook(layer_hook(name)))
         elif isinstance(m, AttentionCore):
-            handles.append(m.register_forward_hook(attn_hook))
+            handles.append(m.register_forward_hook(attn_hook(name)))
     was_training = model.training
     try:
         model.eval()
@@ -108,12 +119,62 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
         "size_bytes": binary_params / 8 + fp_params * 4,
         "fp32_size_bytes": params * 4,
         "input_size": input_size,
+        "per_module": per_module,
     }
+
+
+def _group(name: str) -> str:
+    """Top-level part of the model a parameter or layer belongs to."""
+    parts = name.split(".")
+    if parts[0] == "stages" and len(parts) >= 3:
+        if parts[2] == "blocks" and len(parts) >= 4:
+            return ".".join(parts[:4])
+        return ".".join(parts[:3])
+    return parts[0]
+
+
+def summary(model: nn.Module, input_size=None) -> List[Dict]:
+    """Larq-style per-part summary: binary and float parameters, memory in bits, BOPs, FLOPs.
+
+    One row per stem, downsampling, block, final norm and head, plus a total row.
+    """
+    c = complexity(model, input_size)
+    binary_names = set()
+    for name, m in model.named_modules():
+        if getattr(m, "weights_binary", False):
+            binary_names.add(name + ".weight")
+    rows: Dict[str, Dict] = {}
+    for name, p in model.named_parameters():
+        r = rows.setdefault(_group(name), {"part": _group(name), "binary_params": 0, "fp_params": 0,
+                                           "bops": 0, "flops": 0})
+        r["binary_params" if name in binary_names else "fp_params"] += p.numel()
+    for name, mac in c["per_module"].items():
+        r = rows.setdefault(_group(name), {"part": _group(name), "binary_params": 0, "fp_params": 0,
+                                           "bops": 0, "flops": 0})
+        r["bops"] += mac["bops"]
+        r["flops"] += mac["flops"]
+    out = list(rows.values())
+    for r in out:
+        r["memory_bits"] = r["binary_params"] + 32 * r["fp_params"]
+    total = {"part": "total", **{k: sum(r[k] for r in out) for k in
+                                 ("binary_params", "fp_params", "bops", "flops", "memory_bits")}}
+    return out + [total]
+
+
+def format_summary(rows: List[Dict]) -> str:
+    head = f"{'part':<22} {'binary params':>14} {'float params':>13} {'memory (KiB)':>13} {'BOPs (M)':>10} {'FLOPs (M)':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        if r["part"] == "total":
+            lines.append("-" * len(head))
+        lines.append(f"{r['part']:<22} {r['binary_params']:>14,} {r['fp_params']:>13,} "
+                     f"{r['memory_bits'] / 8 / 1024:>13.1f} {r['bops'] / 1e6:>10.2f} {r['flops'] / 1e6:>10.2f}")
+    return "\n".join(lines)
 
 
 def format_complexity(name: str, c: Dict[str, float]) -> str:
     def g(x):
-        return f"{x / 1e9:.3f} G"
+        return f"{x / 1e9:.3f} G" if x >= 1e8 or x == 0 else f"{x / 1e6:.2f} M"
 
     def mb(x):
         return f"{x / 1e6:.2f} MB"

@@ -64,3 +64,19 @@ def test_small_c32_and_input_size_argument():
     assert complexity(m, (2, 3, 32, 32))["bops"] == 2 * a["bops"]
     with pytest.raises(ValueError, match="input_size must be"):
         complexity(m, (32, 32))
+
+
+def test_summary_rows_add_up_to_complexity():
+    from bhvit.complexity import summary
+
+    m = create_model("bhvit_micro_c32", num_classes=10)
+    c = complexity(m)
+    rows = summary(m)
+    total = rows[-1]
+    assert total["part"] == "total"
+    assert total["binary_params"] == c["binary_params"] and total["fp_params"] == c["fp_params"]
+    assert total["bops"] == c["bops"] and total["flops"] == c["flops"]
+    assert total["memory_bits"] == c["binary_params"] + 32 * c["fp_params"]
+    parts = [r["part"] for r in rows]
+    assert parts[0] == "stem" and "stages.1.downsample" in parts and parts[-2] == "head"
+    assert len(parts) == 1 + 5 + 3 + 2 + 1  # stem, 5 blocks, 3 downsamplings, norm, head, total
