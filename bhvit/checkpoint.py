@@ -204,7 +204,10 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
 def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer) -> None:
     state = _load_safetensors(run_dir / doc["weights"])
-    _unwrap(model).load_state_dict(state)
+    try:
+        _unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{run_dir / doc['weights']}: weights do not match the model: {e}") from None
     if "optimizer" in doc:
         tensors = _load_safetensors(run_dir / doc["optimizer"]["file"])
         optimizer.load_state_dict(optimizer_from_tensors(tensors, doc["optimizer"]))

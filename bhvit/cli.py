@@ -17,6 +17,13 @@ def _overrides(items: List[str]) -> dict:
         if "=" not in item:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
         k, v = item.split("=", 1)
+        if k == "num_classes":
+            raise ValueError("--set num_classes is not allowed: use --num-classes with `info`; "
+                             "training takes the class count from the dataset.")
+        words = {"true": True, "false": False, "none": None, "null": None}
+        if v.strip().lower() in words:
+            out[k] = words[v.strip().lower()]
+            continue
         try:
             out[k] = json.loads(v)
         except json.JSONDecodeError:
@@ -105,12 +112,19 @@ def cmd_eval(args) -> int:
     from .data import load_dataset
     from .train import evaluate
 
-    if args.threads:
-        import torch
+    import torch
 
+    if args.threads:
         torch.set_num_threads(args.threads)
-    model, doc = load_model(args.checkpoint, map_location=args.device)
+    device = args.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
+        raise ValueError(f"--device must be auto, cpu or an available cuda device, got {args.device!r}.")
+    model, doc = load_model(args.checkpoint, map_location=device)
     data = doc.get("data", {})
+    if args.data_dir is None and (args.data is None or args.data == data.get("name")):
+        args.data_dir = doc.get("train_config", {}).get("data_dir")
     name = args.data or data.get("name")
     if name is None:
         raise ValueError("--data is required: the checkpoint does not name its dataset.")
@@ -124,9 +138,9 @@ def cmd_eval(args) -> int:
     if "mean" in data:
         mean, std = data["mean"], data["std"]
     else:
-        mean, std = load_dataset(name, "train", args.data_dir, channels=cfg.in_chans,
-                                 size=cfg.img_size, cache_dir=args.cache_dir).channel_stats()
-    res = evaluate(model, ds, mean, std, args.batch_size, args.device, progress=not args.no_progress)
+        mean, std = load_dataset(name, "train", args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
+                                 skip_bad=args.skip_bad, cache_dir=args.cache_dir).channel_stats()
+    res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress)
     res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, epoch=doc.get("epoch"))
     print(json.dumps(res))
     return 0
@@ -203,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", default="test", choices=["train", "test"])
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--subset", type=int, default=None)
-    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument("--cache-dir", default=None)

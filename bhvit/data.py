@@ -176,7 +176,8 @@ def _load_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
         raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; expected "
                         "(N, 3072) and N labels.")
     if len(labels) and (labels.min() < 0 or labels.max() >= 10):
-        raise DataError(f"{path}: label {int(labels.max())} out of range 0..9.")
+        i = int(np.argmax((labels < 0) | (labels >= 10)))
+        raise DataError(f"{path}: label {int(labels[i])} at index {i} out of range 0..9.")
     return data.reshape(-1, 3, 32, 32), labels
 
 

@@ -82,6 +82,14 @@ class BHViTConfig:
         def bad(msg):
             raise ValueError(msg)
 
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.type in ("bool",) and not isinstance(v, bool):
+                bad(f"{f.name} must be true or false, got {v!r}.")
+            if f.type in ("Optional[bool]",) and v is not None and not isinstance(v, bool):
+                bad(f"{f.name} must be true, false or None, got {v!r}.")
+            if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int)):
+                bad(f"{f.name} must be an integer, got {v!r}.")
         for name in ("dims", "depths", "mlp_ratios", "heads", "windows"):
             v = getattr(self, name)
             if len(v) != 4 or any((not isinstance(x, int)) or x < 1 for x in v):

@@ -156,7 +156,7 @@ def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
     was = model.training
     model.eval()
     idx = torch.arange(rank, len(ds), world)
-    sums = torch.zeros(4, dtype=torch.float64)  # loss, top1, top5, count
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     bar = Progress(math.ceil(len(idx) / batch_size), "eval", progress and rank == 0)
     for i, b in enumerate(idx.split(batch_size)):
         x = normalize(ds.images[b], mean, std).to(device)
@@ -195,8 +195,38 @@ def _checksum(model: nn.Module) -> float:
     m = _unwrap(model)
     total = 0.0
     for i, t in enumerate(list(m.parameters()) + [b for b in m.buffers() if b.is_floating_point()]):
-        total += float((t.detach().double().flatten() * (1 + (torch.arange(t.numel()) % 7))).sum()) * (i + 1)
+        w = 1 + (torch.arange(t.numel(), device=t.device) % 7)
+        total += float((t.detach().double().flatten() * w).sum()) * (i + 1)
     return total
+
+
+# Training settings that must not change when a run is resumed (they change the result).
+RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
+               "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
+               "crop_pad", "flip", "amp")
+
+
+def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) -> None:
+    from .checkpoint import CheckpointError
+
+    saved_model = doc.get("model_config", {})
+    now_model = getattr(model, "cfg", None)
+    if now_model is not None:
+        now = json.loads(json.dumps(now_model.to_dict()))
+        diff = sorted(k for k in set(now) | set(saved_model) if now.get(k) != saved_model.get(k))
+        if diff:
+            raise CheckpointError(f"--resume: the model config differs from the run in {out} in "
+                                  f"{diff}; resume with the same --model/--set or use another --out.")
+    saved = doc.get("train_config", {})
+    now_t = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    diff = sorted(k for k in RESUME_KEYS if k in saved and saved[k] != now_t.get(k))
+    if diff:
+        detail = ", ".join(f"{k}: {saved[k]!r} -> {now_t.get(k)!r}" for k in diff)
+        raise CheckpointError(f"--resume: training settings differ from the run in {out} ({detail}); "
+                              "resume with the same settings or use another --out.")
+    if saved.get("epochs") not in (None, cfg.epochs):
+        print(f"warning: --epochs changed from {saved['epochs']} to {cfg.epochs}; the cosine "
+              "schedule is recomputed for the new length", file=sys.stderr)
 
 
 def _log(msg: str, rank: int) -> None:
@@ -234,14 +264,14 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
     out = Path(cfg.out)
-    if rank == 0 and (out / "last.json").exists() and not cfg.resume:
+    if (out / "last.json").exists() and not cfg.resume:
         raise ValueError(f"{out} already holds a run (last.json); pass --resume to continue it "
                          "or choose another --out.")
 
     # --- data --------------------------------------------------------------------
     model_cfg = get_config(cfg.model, **cfg.overrides)
     load_kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, skip_bad=cfg.skip_bad,
-                   cache_dir=cfg.cache_dir, progress=rank == 0)
+                   cache_dir=cfg.cache_dir, progress=cfg.progress and rank == 0)
     train_ds = load_dataset(cfg.data, "train", cfg.data_dir, **load_kw)
     test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, **load_kw)
     if train_ds.skipped or test_ds.skipped:
@@ -282,10 +312,16 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     re_start = cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0 else cfg.epochs
     crop_pad = cfg.crop_pad if cfg.crop_pad is not None else model_cfg.img_size // 8
 
+    use_amp = cfg.amp
+    amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
+    scaler = torch.amp.GradScaler("cuda") if (use_amp and device.startswith("cuda")) else None
     start_epoch, history, best = 0, [], -1.0
     if cfg.resume and (out / "last.json").exists():
         doc, _ = read_checkpoint_json(out / "last.json")
+        _check_resume(doc, _unwrap(model), cfg, out)
         load_training_state(doc, out, model, optimizer)
+        if scaler is not None and doc.get("scaler"):
+            scaler.load_state_dict(doc["scaler"])
         if "rng" in doc:
             set_rng_state(doc["rng"])
         start_epoch = doc["epoch"] + 1
@@ -298,10 +334,6 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     if world > 1:
         ddp_kw = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
         model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
-    use_amp = cfg.amp
-    amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if (use_amp and device.startswith("cuda")) else None
-
     meta_base = {
         "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "data": {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std,
@@ -321,7 +353,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
         signs_prev, step_flip_count = signs_before, 0
         model.train()
-        sums = torch.zeros(3, dtype=torch.float64)  # loss, correct, count
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
         for i, idx in enumerate(batches):
             step = epoch * steps_per_epoch + i
@@ -375,7 +407,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             n_w = max(sum(a.numel() for a in after), 1)
             flips = sum(int((a != b).sum()) for a, b in zip(signs_before, after)) / n_w
             step_flips = step_flip_count / n_w if cfg.step_flips else None
-        ev = evaluate(model, test_ds, mean, std, cfg.eval_batch_size, device)
+        ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device)
         last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
                 "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
                 "test_top1": ev["top1"], "test_top5": ev["top5"], "lr": lr, "beta": beta,
@@ -385,7 +417,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         is_best = ev["top1"] > best
         best = max(best, ev["top1"])
         if rank == 0:
-            meta = dict(meta_base, metrics=last, history=history, best_top1=best, rng=rng_state())
+            meta = dict(meta_base, metrics=last, history=history, best_top1=best, rng=rng_state(),
+                        scaler=scaler.state_dict() if scaler is not None else None)
             save_checkpoint(out, epoch, model, meta, optimizer, is_best=is_best)
             with open(out / ".metrics.jsonl.tmp", "w") as f:
                 f.writelines(json.dumps(h) + "\n" for h in history)

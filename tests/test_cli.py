@@ -25,3 +25,14 @@ def test_info_bad_values_exit_2(capsys):
 def test_list(capsys):
     assert main(["list"]) == 0
     assert "bhvit_tiny_c32" in capsys.readouterr().out.split()
+
+
+def test_set_parses_booleans_and_rejects_num_classes(capsys):
+    from bhvit.cli import _overrides
+
+    assert _overrides(["binary=False", "qd=false", "shift=TRUE", "windows=[8,8,4,2]"]) == \
+        {"binary": False, "qd": False, "shift": True, "windows": (8, 8, 4, 2)}
+    assert main(["info", "bhvit_tiny", "--set", "num_classes=5"]) == 2
+    assert "--set num_classes is not allowed" in capsys.readouterr().err
+    assert main(["info", "bhvit_tiny", "--set", "binary=maybe"]) == 2
+    assert "binary must be true or false, got 'maybe'" in capsys.readouterr().err

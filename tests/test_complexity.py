@@ -1,6 +1,14 @@
+import functools
+
 import pytest
 
 from bhvit import complexity, create_model
+
+
+@functools.lru_cache(maxsize=None)
+def _cx(name, binary=True):
+    """Complexity of a named 224 model, computed once per test session."""
+    return complexity(create_model(name, binary=binary))
 
 
 def _tiny_binary_macs():
@@ -23,7 +31,7 @@ def _tiny_binary_macs():
 
 
 def test_tiny_counts_exact():
-    c = complexity(create_model("bhvit_tiny"))
+    c = _cx("bhvit_tiny")
     assert c["params"] == 13_783_096
     assert c["binary_params"] == 12_630_016
     assert c["binary_macs"] == _tiny_binary_macs() == 2_499_543_040
@@ -43,15 +51,15 @@ def test_tiny_counts_exact():
 def test_binary_macs_vs_release_count(name, layers3, spec):
     """The release's 2.312 G / 3.751 G count Q, K, V of stage 3 over one window's 53
     tokens instead of all four windows (212): exactly 3 * 159 * 256^2 MACs per layer."""
-    c = complexity(create_model(name))
+    c = _cx(name)
     undercount = layers3 * 3 * (4 * 53 - 53) * 256 * 256
     assert abs((c["binary_macs"] - undercount) - spec) / spec < 1e-3
 
 
 def test_full_precision_model_has_no_bops():
-    c = complexity(create_model("bhvit_tiny", binary=False))
+    c = _cx("bhvit_tiny", binary=False)
     assert c["bops"] == 0 and c["binary_params"] == 0
-    b = complexity(create_model("bhvit_tiny"))
+    b = _cx("bhvit_tiny")
     assert c["flops"] == b["flops"] + b["binary_macs"] + b["attn_macs"]
     assert c["ops"] / b["ops"] > 40
 

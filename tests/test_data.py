@@ -85,7 +85,7 @@ def test_cifar_pickle_label_out_of_range(tmp_path):
     d = make_cifar_pickle(tmp_path, per_batch=4)
     with open(d / "test_batch", "wb") as f:
         pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [0, 1, 10, 2]}, f)
-    with pytest.raises(DataError, match="test_batch: label 10 out of range"):
+    with pytest.raises(DataError, match="test_batch: label 10 at index 2 out of range"):
         load_dataset("cifar10", "test", str(tmp_path))
 
 

@@ -156,3 +156,16 @@ def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
     assert len(hist) == 2 and hist[-1]["epoch"] == 2
     # metrics are reduced over both ranks: the test accuracy is over all 64 test images
     assert (hist[-1]["test_top1"] * 64 / 100) == pytest.approx(round(hist[-1]["test_top1"] * 64 / 100))
+
+
+def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
+    from dataclasses import replace
+
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=2,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    with pytest.raises(TrainingDiverged):
+        train(cfg, teacher=NaNAfter(2))  # stop after epoch 1 so that a resume has work to do
+    with pytest.raises(CheckpointError, match=r"training settings differ .*lr: None -> 0.01"):
+        train(replace(cfg, resume=True, lr=0.01))
+    with pytest.raises(CheckpointError, match=r"model config differs .*\['qd'\]"):
+        train(replace(cfg, resume=True, overrides={"qd": False}))
