@@ -1,0 +1,915 @@
+/*
+ * _bitops.c -- bit-packed binary kernels of the BHViT inference runtime.
+ *
+ * Plain C (no Python headers); loaded with ctypes by bhvit/runtime/kernels.py.
+ *
+ * Conventions (see kernels.py):
+ *   sign(x) = +1 if x >= 0 (-0.0 included) else -1; bit = 1 for +1.
+ *   Bits are packed little-endian into uint64 words along the last axis:
+ *   element k -> word k / 64, bit k % 64; padding bits of the last word are 0.
+ *   Binary dot of two packed +-1 vectors of true length K: K - 2 * popcount(a ^ b).
+ *
+ * Implementations (picked at run time, see bhv_select):
+ *   c-portable          __builtin_popcountll, no ISA extension assumed
+ *   c-popcnt            the same code compiled for the POPCNT instruction   (x86-64)
+ *   c-avx2              AVX2 nibble-lookup popcount (vpshufb + vpsadbw)     (x86-64)
+ *   c-avx512-vpopcntdq  AVX-512F + VPOPCNTDQ                                (x86-64)
+ *
+ * GEMM layout: B (N rows of W words) is re-packed into panels of NR rows,
+ * word-interleaved (panel[w][c] = B[p*NR + c][w]), so one vector load gives
+ * word w of NR columns; each A word is broadcast against it.  An MR x NR tile
+ * of accumulators stays in registers for the whole K loop.  Work is blocked
+ * over row chunks x column blocks (a column block's panels are sized to stay
+ * in L2) and the blocks are spread over OpenMP threads.
+ */
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if defined(__x86_64__)
+#define BHV_X86 1
+#include <immintrin.h>
+#else
+#define BHV_X86 0
+#endif
+
+#define BHV_ABI_VERSION 1
+#define EXPORT __attribute__((visibility("default")))
+#define INLINE static inline __attribute__((always_inline))
+
+/* Bytes of packed B panels per column block (kept in L2 while A rows stream). */
+#define BHV_COLBLOCK_BYTES (128 * 1024)
+/* Below this many word-ops (M * N * W) a GEMM runs on one thread. */
+#define BHV_PAR_MIN_WORK (1 << 15)
+
+typedef void (*block_fn)(const uint64_t *A, int64_t lda, int64_t mrows,
+                         const uint64_t *Bp, int64_t p0, int64_t p1, int64_t N,
+                         int64_t W, int is_and, int64_t kconst, int32_t *out,
+                         int64_t ldo);
+typedef int (*pack_f32_fn)(const float *x, int64_t k, uint64_t *out);
+typedef void (*pack_u8_fn)(const uint8_t *x, int64_t k, uint64_t *out);
+
+typedef struct {
+    const char *name;
+    int nr; /* panel width (columns per micro-tile) */
+    int mr; /* rows per micro-tile */
+    block_fn block;
+    pack_f32_fn pack_f32;
+    pack_u8_fn pack_u8;
+    int (*supported)(void);
+} variant_t;
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+static inline int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+static inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+static int resolve_threads(int threads)
+{
+#ifdef _OPENMP
+    return threads > 0 ? threads : omp_get_max_threads();
+#else
+    (void)threads;
+    return 1;
+#endif
+}
+
+/* ------------------------------------------------------------------------ */
+/* Packing of signs / bits (scalar, auto-vectorisable)                       */
+/* ------------------------------------------------------------------------ */
+
+INLINE int pack_f32_scalar(const float *x, int64_t k, uint64_t *out)
+{
+    int bad = 0;
+    const int64_t W = cdiv(k, 64);
+    for (int64_t wi = 0; wi < W; ++wi) {
+        const int64_t j0 = wi * 64;
+        const int n = (int)min64(64, k - j0);
+        uint64_t word = 0;
+        for (int j = 0; j < n; ++j) {
+            const float v = x[j0 + j];
+            word |= (uint64_t)(v >= 0.0f) << j;
+            bad |= (v != v);
+        }
+        out[wi] = word;
+    }
+    return bad;
+}
+
+INLINE void pack_u8_scalar(const uint8_t *x, int64_t k, uint64_t *out)
+{
+    const int64_t W = cdiv(k, 64);
+    for (int64_t wi = 0; wi < W; ++wi) {
+        const int64_t j0 = wi * 64;
+        const int n = (int)min64(64, k - j0);
+        uint64_t word = 0;
+        for (int j = 0; j < n; ++j)
+            word |= (uint64_t)(x[j0 + j] != 0) << j;
+        out[wi] = word;
+    }
+}
+
+static int pack_f32_portable(const float *x, int64_t k, uint64_t *out)
+{
+    return pack_f32_scalar(x, k, out);
+}
+
+static void pack_u8_portable(const uint8_t *x, int64_t k, uint64_t *out)
+{
+    pack_u8_scalar(x, k, out);
+}
+
+static int pack_f64_row(const double *x, int64_t k, uint64_t *out)
+{
+    int bad = 0;
+    const int64_t W = cdiv(k, 64);
+    for (int64_t wi = 0; wi < W; ++wi) {
+        const int64_t j0 = wi * 64;
+        const int n = (int)min64(64, k - j0);
+        uint64_t word = 0;
+        for (int j = 0; j < n; ++j) {
+            const double v = x[j0 + j];
+            word |= (uint64_t)(v >= 0.0) << j;
+            bad |= (v != v);
+        }
+        out[wi] = word;
+    }
+    return bad;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Panel packing of B                                                         */
+/* ------------------------------------------------------------------------ */
+
+/* Bp[(p * W + w) * nr + c] = B[(p * nr + c) * ldb + w], 0 for rows >= N. */
+static void pack_panels(const uint64_t *B, int64_t ldb, int64_t N, int64_t W,
+                        int nr, uint64_t *Bp)
+{
+    const int64_t np = cdiv(N, nr);
+    for (int64_t p = 0; p < np; ++p) {
+        uint64_t *dst = Bp + p * W * nr;
+        for (int c = 0; c < nr; ++c) {
+            const int64_t r = p * nr + c;
+            if (r < N) {
+                const uint64_t *src = B + r * ldb;
+                for (int64_t w = 0; w < W; ++w)
+                    dst[w * nr + c] = src[w];
+            } else {
+                for (int64_t w = 0; w < W; ++w)
+                    dst[w * nr + c] = 0;
+            }
+        }
+    }
+}
+
+/* Write one finished tile: out = kconst - 2 * P (xnor) or P (and). */
+INLINE void store_tile_u64(const uint64_t *acc, int acc_ld, int mr, int nv,
+                           int is_and, int64_t kconst, int32_t *out,
+                           int64_t ldo)
+{
+    for (int r = 0; r < mr; ++r)
+        for (int c = 0; c < nv; ++c) {
+            const int64_t P = (int64_t)acc[r * acc_ld + c];
+            out[r * ldo + c] = (int32_t)(is_and ? P : kconst - 2 * P);
+        }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Scalar kernels (portable / POPCNT): MR = 4 rows x NR = 4 columns           */
+/* ------------------------------------------------------------------------ */
+
+#define S_MR 4
+#define S_NR 4
+
+INLINE uint64_t bop(uint64_t a, uint64_t b, const int is_and)
+{
+    return is_and ? (a & b) : (a ^ b);
+}
+
+INLINE void scalar_tile4(const uint64_t *A, int64_t lda, const uint64_t *bp,
+                         int64_t W, const int is_and, uint64_t acc[S_MR * S_NR])
+{
+    uint64_t c00 = 0, c01 = 0, c02 = 0, c03 = 0, c10 = 0, c11 = 0, c12 = 0, c13 = 0;
+    uint64_t c20 = 0, c21 = 0, c22 = 0, c23 = 0, c30 = 0, c31 = 0, c32 = 0, c33 = 0;
+    const uint64_t *a0 = A, *a1 = A + lda, *a2 = A + 2 * lda, *a3 = A + 3 * lda;
+    for (int64_t w = 0; w < W; ++w) {
+        const uint64_t b0 = bp[w * S_NR + 0], b1 = bp[w * S_NR + 1];
+        const uint64_t b2 = bp[w * S_NR + 2], b3 = bp[w * S_NR + 3];
+        uint64_t a;
+        a = a0[w];
+        c00 += __builtin_popcountll(bop(a, b0, is_and));
+        c01 += __builtin_popcountll(bop(a, b1, is_and));
+        c02 += __builtin_popcountll(bop(a, b2, is_and));
+        c03 += __builtin_popcountll(bop(a, b3, is_and));
+        a = a1[w];
+        c10 += __builtin_popcountll(bop(a, b0, is_and));
+        c11 += __builtin_popcountll(bop(a, b1, is_and));
+        c12 += __builtin_popcountll(bop(a, b2, is_and));
+        c13 += __builtin_popcountll(bop(a, b3, is_and));
+        a = a2[w];
+        c20 += __builtin_popcountll(bop(a, b0, is_and));
+        c21 += __builtin_popcountll(bop(a, b1, is_and));
+        c22 += __builtin_popcountll(bop(a, b2, is_and));
+        c23 += __builtin_popcountll(bop(a, b3, is_and));
+        a = a3[w];
+        c30 += __builtin_popcountll(bop(a, b0, is_and));
+        c31 += __builtin_popcountll(bop(a, b1, is_and));
+        c32 += __builtin_popcountll(bop(a, b2, is_and));
+        c33 += __builtin_popcountll(bop(a, b3, is_and));
+    }
+    acc[0] = c00;  acc[1] = c01;  acc[2] = c02;  acc[3] = c03;
+    acc[4] = c10;  acc[5] = c11;  acc[6] = c12;  acc[7] = c13;
+    acc[8] = c20;  acc[9] = c21;  acc[10] = c22; acc[11] = c23;
+    acc[12] = c30; acc[13] = c31; acc[14] = c32; acc[15] = c33;
+}
+
+INLINE void scalar_tile1(const uint64_t *a0, const uint64_t *bp, int64_t W,
+                         const int is_and, uint64_t acc[S_NR])
+{
+    uint64_t c0 = 0, c1 = 0, c2 = 0, c3 = 0;
+    for (int64_t w = 0; w < W; ++w) {
+        const uint64_t a = a0[w];
+        c0 += __builtin_popcountll(bop(a, bp[w * S_NR + 0], is_and));
+        c1 += __builtin_popcountll(bop(a, bp[w * S_NR + 1], is_and));
+        c2 += __builtin_popcountll(bop(a, bp[w * S_NR + 2], is_and));
+        c3 += __builtin_popcountll(bop(a, bp[w * S_NR + 3], is_and));
+    }
+    acc[0] = c0; acc[1] = c1; acc[2] = c2; acc[3] = c3;
+}
+
+INLINE void scalar_block(const uint64_t *A, int64_t lda, int64_t mrows,
+                         const uint64_t *Bp, int64_t p0, int64_t p1, int64_t N,
+                         int64_t W, const int is_and, int64_t kconst,
+                         int32_t *out, int64_t ldo)
+{
+    uint64_t acc[S_MR * S_NR];
+    for (int64_t i = 0; i < mrows; i += S_MR) {
+        const int mr = (int)min64(S_MR, mrows - i);
+        for (int64_t p = p0; p < p1; ++p) {
+            const uint64_t *bp = Bp + p * W * S_NR;
+            const int64_t c0 = p * S_NR;
+            const int nv = (int)min64(S_NR, N - c0);
+            if (mr == S_MR)
+                scalar_tile4(A + i * lda, lda, bp, W, is_and, acc);
+            else
+                for (int r = 0; r < mr; ++r)
+                    scalar_tile1(A + (i + r) * lda, bp, W, is_and, acc + r * S_NR);
+            store_tile_u64(acc, S_NR, mr, nv, is_and, kconst, out + i * ldo + c0, ldo);
+        }
+    }
+}
+
+static void block_portable(const uint64_t *A, int64_t lda, int64_t mrows,
+                           const uint64_t *Bp, int64_t p0, int64_t p1, int64_t N,
+                           int64_t W, int is_and, int64_t kconst, int32_t *out,
+                           int64_t ldo)
+{
+    if (is_and)
+        scalar_block(A, lda, mrows, Bp, p0, p1, N, W, 1, kconst, out, ldo);
+    else
+        scalar_block(A, lda, mrows, Bp, p0, p1, N, W, 0, kconst, out, ldo);
+}
+
+static int supported_always(void) { return 1; }
+
+#if BHV_X86
+
+/* ------------------------------------------------------------------------ */
+/* POPCNT: the scalar kernels compiled for the popcnt instruction             */
+/* ------------------------------------------------------------------------ */
+
+#define POPCNT_ATTR __attribute__((target("popcnt")))
+
+POPCNT_ATTR static void block_popcnt(const uint64_t *A, int64_t lda, int64_t mrows,
+                                     const uint64_t *Bp, int64_t p0, int64_t p1,
+                                     int64_t N, int64_t W, int is_and,
+                                     int64_t kconst, int32_t *out, int64_t ldo)
+{
+    if (is_and)
+        scalar_block(A, lda, mrows, Bp, p0, p1, N, W, 1, kconst, out, ldo);
+    else
+        scalar_block(A, lda, mrows, Bp, p0, p1, N, W, 0, kconst, out, ldo);
+}
+
+static int supported_popcnt(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("popcnt");
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX2: nibble-lookup popcount, MR = 4 rows x NR = 4 columns                 */
+/* ------------------------------------------------------------------------ */
+
+#define AVX2_ATTR __attribute__((target("avx2,popcnt")))
+#define A2_MR 4
+#define A2_NR 4
+/* Byte counters hold at most 8 per word; flush them every 31 words. */
+#define A2_FLUSH 31
+
+AVX2_ATTR INLINE __m256i a2_popcnt_bytes(__m256i x, __m256i lut, __m256i m4)
+{
+    const __m256i lo = _mm256_and_si256(x, m4);
+    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(x, 4), m4);
+    return _mm256_add_epi8(_mm256_shuffle_epi8(lut, lo), _mm256_shuffle_epi8(lut, hi));
+}
+
+AVX2_ATTR INLINE __m256i a2_op(__m256i a, __m256i b, const int is_and)
+{
+    return is_and ? _mm256_and_si256(a, b) : _mm256_xor_si256(a, b);
+}
+
+/* acc[r] lanes c = popcount sum of row r against panel column c. */
+AVX2_ATTR INLINE void a2_tile(const uint64_t *A, int64_t lda, const int R,
+                              const uint64_t *bp, int64_t W, const int is_and,
+                              __m256i acc[A2_MR])
+{
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4,
+                                         0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+    const __m256i m4 = _mm256_set1_epi8(0x0f);
+    const __m256i zero = _mm256_setzero_si256();
+    for (int r = 0; r < R; ++r)
+        acc[r] = zero;
+    for (int64_t w0 = 0; w0 < W; w0 += A2_FLUSH) {
+        const int64_t w1 = min64(W, w0 + A2_FLUSH);
+        __m256i s[A2_MR];
+        for (int r = 0; r < R; ++r)
+            s[r] = zero;
+        for (int64_t w = w0; w < w1; ++w) {
+            const __m256i vb = _mm256_loadu_si256((const __m256i *)(bp + w * A2_NR));
+            for (int r = 0; r < R; ++r) {
+                const __m256i va = _mm256_set1_epi64x((long long)A[r * lda + w]);
+                s[r] = _mm256_add_epi8(s[r], a2_popcnt_bytes(a2_op(va, vb, is_and), lut, m4));
+            }
+        }
+        for (int r = 0; r < R; ++r)
+            acc[r] = _mm256_add_epi64(acc[r], _mm256_sad_epu8(s[r], zero));
+    }
+}
+
+AVX2_ATTR INLINE void a2_block(const uint64_t *A, int64_t lda, int64_t mrows,
+                               const uint64_t *Bp, int64_t p0, int64_t p1,
+                               int64_t N, int64_t W, const int is_and,
+                               int64_t kconst, int32_t *out, int64_t ldo)
+{
+    __m256i acc[A2_MR];
+    uint64_t tmp[A2_MR * A2_NR];
+    const __m256i kv = _mm256_set1_epi64x((long long)kconst);
+    const __m256i idx = _mm256_setr_epi32(0, 2, 4, 6, 0, 2, 4, 6);
+    for (int64_t i = 0; i < mrows; i += A2_MR) {
+        const int mr = (int)min64(A2_MR, mrows - i);
+        for (int64_t p = p0; p < p1; ++p) {
+            const uint64_t *bp = Bp + p * W * A2_NR;
+            const int64_t c0 = p * A2_NR;
+            const int nv = (int)min64(A2_NR, N - c0);
+            if (mr == A2_MR) {
+                a2_tile(A + i * lda, lda, A2_MR, bp, W, is_and, acc);
+            } else {
+                for (int r = 0; r < mr; ++r)
+                    a2_tile(A + (i + r) * lda, lda, 1, bp, W, is_and, acc + r);
+            }
+            int32_t *o = out + i * ldo + c0;
+            if (nv == A2_NR) {
+                for (int r = 0; r < mr; ++r) {
+                    const __m256i res = is_and ? acc[r] : _mm256_sub_epi64(kv, _mm256_slli_epi64(acc[r], 1));
+                    /* low 32 bits of the 4 lanes -> 4 int32 */
+                    const __m256i lo = _mm256_permutevar8x32_epi32(res, idx);
+                    _mm_storeu_si128((__m128i *)(o + r * ldo), _mm256_castsi256_si128(lo));
+                }
+            } else {
+                for (int r = 0; r < mr; ++r)
+                    _mm256_storeu_si256((__m256i *)(tmp + r * A2_NR), acc[r]);
+                store_tile_u64(tmp, A2_NR, mr, nv, is_and, kconst, o, ldo);
+            }
+        }
+    }
+}
+
+AVX2_ATTR static void block_avx2(const uint64_t *A, int64_t lda, int64_t mrows,
+                                 const uint64_t *Bp, int64_t p0, int64_t p1,
+                                 int64_t N, int64_t W, int is_and, int64_t kconst,
+                                 int32_t *out, int64_t ldo)
+{
+    if (is_and)
+        a2_block(A, lda, mrows, Bp, p0, p1, N, W, 1, kconst, out, ldo);
+    else
+        a2_block(A, lda, mrows, Bp, p0, p1, N, W, 0, kconst, out, ldo);
+}
+
+AVX2_ATTR static int pack_f32_avx2(const float *x, int64_t k, uint64_t *out)
+{
+    const int64_t W = cdiv(k, 64);
+    const int64_t Wfull = k / 64;
+    const __m256 zero = _mm256_setzero_ps();
+    __m256 nan = _mm256_setzero_ps();
+    for (int64_t wi = 0; wi < Wfull; ++wi) {
+        const float *xp = x + wi * 64;
+        uint64_t word = 0;
+        for (int q = 0; q < 8; ++q) {
+            const __m256 v = _mm256_loadu_ps(xp + 8 * q);
+            const unsigned m = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            word |= (uint64_t)m << (8 * q);
+        }
+        out[wi] = word;
+    }
+    int bad = _mm256_movemask_ps(nan) != 0;
+    if (W > Wfull)
+        bad |= pack_f32_scalar(x + Wfull * 64, k - Wfull * 64, out + Wfull);
+    return bad;
+}
+
+AVX2_ATTR static void pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out)
+{
+    const int64_t W = cdiv(k, 64);
+    const int64_t Wfull = k / 64;
+    const __m256i zero = _mm256_setzero_si256();
+    for (int64_t wi = 0; wi < Wfull; ++wi) {
+        const uint8_t *xp = x + wi * 64;
+        const __m256i v0 = _mm256_loadu_si256((const __m256i *)xp);
+        const __m256i v1 = _mm256_loadu_si256((const __m256i *)(xp + 32));
+        const uint32_t z0 = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v0, zero));
+        const uint32_t z1 = (uint32_t)_mm256_movemask_epi8(_mm256_cmpeq_epi8(v1, zero));
+        out[wi] = ~((uint64_t)z0 | ((uint64_t)z1 << 32));
+    }
+    if (W > Wfull)
+        pack_u8_scalar(x + Wfull * 64, k - Wfull * 64, out + Wfull);
+}
+
+static int supported_avx2(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
+
+/* ------------------------------------------------------------------------ */
+/* AVX-512 VPOPCNTDQ: MR = 8 rows x NR = 8 columns                            */
+/* ------------------------------------------------------------------------ */
+
+#define AVX512_ATTR __attribute__((target("avx512f,avx512vpopcntdq,avx2,popcnt")))
+#define A5_MR 8
+#define A5_NR 8
+
+AVX512_ATTR INLINE __m512i a5_op(__m512i a, __m512i b, const int is_and)
+{
+    return is_and ? _mm512_and_si512(a, b) : _mm512_xor_si512(a, b);
+}
+
+AVX512_ATTR INLINE void a5_tile(const uint64_t *A, int64_t lda, const int R,
+                                const uint64_t *bp, int64_t W, const int is_and,
+                                __m512i acc[A5_MR])
+{
+    for (int r = 0; r < R; ++r)
+        acc[r] = _mm512_setzero_si512();
+    for (int64_t w = 0; w < W; ++w) {
+        const __m512i vb = _mm512_loadu_si512((const void *)(bp + w * A5_NR));
+        for (int r = 0; r < R; ++r) {
+            const __m512i va = _mm512_set1_epi64((long long)A[r * lda + w]);
+            acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(a5_op(va, vb, is_and)));
+        }
+    }
+}
+
+AVX512_ATTR INLINE void a5_block(const uint64_t *A, int64_t lda, int64_t mrows,
+                                 const uint64_t *Bp, int64_t p0, int64_t p1,
+                                 int64_t N, int64_t W, const int is_and,
+                                 int64_t kconst, int32_t *out, int64_t ldo)
+{
+    __m512i acc[A5_MR];
+    uint64_t tmp[A5_MR * A5_NR];
+    const __m512i kv = _mm512_set1_epi64((long long)kconst);
+    for (int64_t i = 0; i < mrows; i += A5_MR) {
+        const int mr = (int)min64(A5_MR, mrows - i);
+        for (int64_t p = p0; p < p1; ++p) {
+            const uint64_t *bp = Bp + p * W * A5_NR;
+            const int64_t c0 = p * A5_NR;
+            const int nv = (int)min64(A5_NR, N - c0);
+            if (mr == A5_MR) {
+                a5_tile(A + i * lda, lda, A5_MR, bp, W, is_and, acc);
+            } else {
+                for (int r = 0; r < mr; ++r)
+                    a5_tile(A + (i + r) * lda, lda, 1, bp, W, is_and, acc + r);
+            }
+            int32_t *o = out + i * ldo + c0;
+            if (nv == A5_NR) {
+                for (int r = 0; r < mr; ++r) {
+                    const __m512i res = is_and ? acc[r]
+                                               : _mm512_sub_epi64(kv, _mm512_slli_epi64(acc[r], 1));
+                    _mm256_storeu_si256((__m256i *)(o + r * ldo), _mm512_cvtepi64_epi32(res));
+                }
+            } else {
+                for (int r = 0; r < mr; ++r)
+                    _mm512_storeu_si512((void *)(tmp + r * A5_NR), acc[r]);
+                store_tile_u64(tmp, A5_NR, mr, nv, is_and, kconst, o, ldo);
+            }
+        }
+    }
+}
+
+AVX512_ATTR static void block_avx512(const uint64_t *A, int64_t lda, int64_t mrows,
+                                     const uint64_t *Bp, int64_t p0, int64_t p1,
+                                     int64_t N, int64_t W, int is_and,
+                                     int64_t kconst, int32_t *out, int64_t ldo)
+{
+    if (is_and)
+        a5_block(A, lda, mrows, Bp, p0, p1, N, W, 1, kconst, out, ldo);
+    else
+        a5_block(A, lda, mrows, Bp, p0, p1, N, W, 0, kconst, out, ldo);
+}
+
+static int supported_avx512(void)
+{
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+}
+
+#endif /* BHV_X86 */
+
+/* ------------------------------------------------------------------------ */
+/* Dispatch                                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Ordered from least to most preferred. */
+static const variant_t VARIANTS[] = {
+    {"c-portable", S_NR, S_MR, block_portable, pack_f32_portable, pack_u8_portable, supported_always},
+#if BHV_X86
+    {"c-popcnt", S_NR, S_MR, block_popcnt, pack_f32_portable, pack_u8_portable, supported_popcnt},
+    {"c-avx2", A2_NR, A2_MR, block_avx2, pack_f32_avx2, pack_u8_avx2, supported_avx2},
+    {"c-avx512-vpopcntdq", A5_NR, A5_MR, block_avx512, pack_f32_avx2, pack_u8_avx2, supported_avx512},
+#endif
+};
+#define N_VARIANTS ((int)(sizeof(VARIANTS) / sizeof(VARIANTS[0])))
+
+static const variant_t *g_variant = &VARIANTS[0];
+
+static const variant_t *best_variant(void)
+{
+    for (int i = N_VARIANTS - 1; i > 0; --i)
+        if (VARIANTS[i].supported())
+            return &VARIANTS[i];
+    return &VARIANTS[0];
+}
+
+__attribute__((constructor)) static void bhv_init(void) { g_variant = best_variant(); }
+
+EXPORT int bhv_abi_version(void) { return BHV_ABI_VERSION; }
+EXPORT int bhv_num_variants(void) { return N_VARIANTS; }
+
+EXPORT const char *bhv_variant_name(int i)
+{
+    return (i >= 0 && i < N_VARIANTS) ? VARIANTS[i].name : NULL;
+}
+
+EXPORT int bhv_variant_supported(int i)
+{
+    return (i >= 0 && i < N_VARIANTS) ? VARIANTS[i].supported() : 0;
+}
+
+EXPORT const char *bhv_backend(void) { return g_variant->name; }
+
+/* name: a variant name or "auto". 0 = ok, -1 = unknown name, -2 = not supported here. */
+EXPORT int bhv_select(const char *name)
+{
+    if (name == NULL || strcmp(name, "auto") == 0) {
+        g_variant = best_variant();
+        return 0;
+    }
+    for (int i = 0; i < N_VARIANTS; ++i)
+        if (strcmp(name, VARIANTS[i].name) == 0) {
+            if (!VARIANTS[i].supported())
+                return -2;
+            g_variant = &VARIANTS[i];
+            return 0;
+        }
+    return -1;
+}
+
+EXPORT int bhv_openmp(void)
+{
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+EXPORT int bhv_max_threads(void) { return resolve_threads(0); }
+
+/* ------------------------------------------------------------------------ */
+/* Packing                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* x: rows x k floats -> out: rows x ceil(k/64) words. Returns 1 if any NaN. */
+EXPORT int bhv_pack_signs_f32(const float *x, int64_t rows, int64_t k, uint64_t *out, int threads)
+{
+    const variant_t *v = g_variant;
+    const int64_t W = cdiv(k, 64);
+    int bad = 0;
+    const int nt = resolve_threads(threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18))
+    for (int64_t r = 0; r < rows; ++r)
+        bad |= v->pack_f32(x + r * k, k, out + r * W);
+    return bad;
+}
+
+EXPORT int bhv_pack_signs_f64(const double *x, int64_t rows, int64_t k, uint64_t *out, int threads)
+{
+    const int64_t W = cdiv(k, 64);
+    int bad = 0;
+    const int nt = resolve_threads(threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18))
+    for (int64_t r = 0; r < rows; ++r)
+        bad |= pack_f64_row(x + r * k, k, out + r * W);
+    return bad;
+}
+
+/* b: rows x k bytes (nonzero = 1) -> out: rows x ceil(k/64) words. */
+EXPORT void bhv_pack_bits_u8(const uint8_t *b, int64_t rows, int64_t k, uint64_t *out, int threads)
+{
+    const variant_t *v = g_variant;
+    const int64_t W = cdiv(k, 64);
+    const int nt = resolve_threads(threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 19))
+    for (int64_t r = 0; r < rows; ++r)
+        v->pack_u8(b + r * k, k, out + r * W);
+}
+
+/* ------------------------------------------------------------------------ */
+/* GEMM                                                                       */
+/* ------------------------------------------------------------------------ */
+
+static int64_t colblock_panels(const variant_t *v, int64_t W)
+{
+    return max64(1, BHV_COLBLOCK_BYTES / (int64_t)(v->nr * max64(W, 1) * 8));
+}
+
+/* Single-threaded: rows [0, M) of A against all panels of Bp (N columns). */
+static void gemm_serial(const variant_t *v, const uint64_t *A, int64_t lda, int64_t M,
+                        const uint64_t *Bp, int64_t N, int64_t W, int is_and,
+                        int64_t kconst, int32_t *out, int64_t ldo)
+{
+    const int64_t np = cdiv(N, v->nr);
+    const int64_t cbp = colblock_panels(v, W);
+    for (int64_t p0 = 0; p0 < np; p0 += cbp)
+        v->block(A, lda, M, Bp, p0, min64(np, p0 + cbp), N, W, is_and, kconst, out, ldo);
+}
+
+/* out[m, n] = kconst - 2 * popcount(a[m] ^ b[n])  (is_and = 0)
+ *           = popcount(a[m] & b[n])                (is_and = 1)
+ * a: M x W, b: N x W (row-major, contiguous), out: M x N. 0 = ok, -1 = out of memory. */
+static int gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W,
+                int is_and, int64_t kconst, int32_t *out, int threads)
+{
+    const variant_t *v = g_variant;
+    if (M <= 0 || N <= 0)
+        return 0;
+    const int64_t nr = v->nr, mr = v->mr;
+    const int64_t np = cdiv(N, nr);
+    uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, np * W * nr) * sizeof(uint64_t));
+    if (!Bp)
+        return -1;
+    pack_panels(b, W, N, W, (int)nr, Bp);
+
+    int nt = resolve_threads(threads);
+    if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
+        nt = 1;
+    const int64_t cbp = colblock_panels(v, W);
+    const int64_t ncb = cdiv(np, cbp);
+    /* Row chunks: up to 64 rows, small enough to give every thread a few tasks. */
+    int64_t mc = 64;
+    if (nt > 1) {
+        const int64_t want = cdiv(M * ncb, 4 * (int64_t)nt); /* rows x colblocks per task */
+        mc = min64(mc, max64(mr, cdiv(want, mr) * mr));
+    }
+    mc = max64(mr, (mc / mr) * mr);
+    const int64_t nrb = cdiv(M, mc);
+    const int64_t ntask = nrb * ncb;
+    (void)ntask;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nt) if (nt > 1 && ntask > 1)
+    for (int64_t t = 0; t < ntask; ++t) {
+        const int64_t rb = t / ncb, cb = t % ncb;
+        const int64_t r0 = rb * mc, r1 = min64(M, r0 + mc);
+        const int64_t p0 = cb * cbp, p1 = min64(np, p0 + cbp);
+        v->block(a + r0 * W, W, r1 - r0, Bp, p0, p1, N, W, is_and, kconst, out + r0 * N, N);
+    }
+    free(Bp);
+    return 0;
+}
+
+EXPORT int bhv_xnor_gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W,
+                         int64_t k, int32_t *out, int threads)
+{
+    return gemm(a, b, M, N, W, 0, k, out, threads);
+}
+
+EXPORT int bhv_and_gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W,
+                        int32_t *out, int threads)
+{
+    return gemm(a, b, M, N, W, 1, 0, out, threads);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Grouped / dilated / strided 2-D convolution of +-1 maps (zero padding)    */
+/* ------------------------------------------------------------------------ */
+
+/* OR the first nbits bits of src into dst (row of dst_words words) at bit
+ * offset bitpos.  Bits of src beyond nbits are ignored. */
+static inline void bits_append(uint64_t *dst, int64_t dst_words, int64_t bitpos,
+                               const uint64_t *src, int64_t nbits)
+{
+    const int64_t wi = bitpos >> 6;
+    const int sh = (int)(bitpos & 63);
+    const int64_t nw = cdiv(nbits, 64);
+    const int tail = (int)(nbits & 63);
+    for (int64_t j = 0; j < nw; ++j) {
+        uint64_t v = src[j];
+        if (j == nw - 1 && tail)
+            v &= (~(uint64_t)0) >> (64 - tail);
+        dst[wi + j] |= v << sh;
+        if (sh && wi + j + 1 < dst_words)
+            dst[wi + j + 1] |= v >> (64 - sh);
+    }
+}
+
+/*
+ * x:   B x H x Wd x G x Wg words (channels of group g packed in Wg words)
+ * w:   Cout x KH x KW x Wg words  (output channel o reads group o / (Cout / G))
+ * out: B x Ho x Wo x Cout int32
+ *
+ * Implicit GEMM per chunk of output positions and group: the chunk's taps are
+ * gathered (im2col) into bit-dense rows -- tap t's cpg bits at bit offset
+ * t * cpg, so KH*KW*cpg bits in ceil(KH*KW*cpg / 64) words (cpg = 16 needs 3
+ * words for a 3x3 kernel, not 9) -- with zeros for taps in the padding, and
+ * multiplied with the group's weights packed the same way, giving
+ * KH*KW*cpg - 2 * popcount over all taps.  A tap in the padding must add 0
+ * rather than cpg - 2 * popcount(w_tap), so rows with such taps are corrected
+ * afterwards by - cpg + 2 * popcount(w_tap) per padded tap.  Padding bits of
+ * x and w beyond cpg are ignored.
+ */
+EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int64_t H,
+                           int64_t Wd, int64_t G, int64_t Wg, int64_t Cout, int64_t KH,
+                           int64_t KW, int64_t cpg, int64_t stride, int64_t pad,
+                           int64_t dil, int64_t Ho, int64_t Wo, int32_t *out, int threads)
+{
+    const variant_t *v = g_variant;
+    if (B <= 0 || Ho <= 0 || Wo <= 0 || Cout <= 0)
+        return 0;
+    if (G <= 0 || Cout % G != 0 || stride <= 0 || dil <= 0)
+        return -2;
+    const int64_t cpo = Cout / G;
+    const int64_t KK = KH * KW;
+    const int64_t Kw = cdiv(KK * cpg, 64); /* words per bit-dense im2col row */
+    const int64_t nr = v->nr;
+    const int64_t npg = cdiv(cpo, nr); /* panels per group */
+    const int64_t P = B * Ho * Wo;
+
+    uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, G * npg * Kw * nr) * sizeof(uint64_t));
+    uint64_t *wd = (uint64_t *)calloc((size_t)max64(1, Cout * Kw), sizeof(uint64_t));
+    int32_t *pw = (int32_t *)malloc((size_t)max64(1, Cout * KK) * sizeof(int32_t));
+    if (!Bp || !wd || !pw) {
+        free(Bp);
+        free(wd);
+        free(pw);
+        return -1;
+    }
+    for (int64_t o = 0; o < Cout; ++o)
+        for (int64_t t = 0; t < KK; ++t) {
+            const uint64_t *wt = w + (o * KK + t) * Wg;
+            bits_append(wd + o * Kw, Kw, t * cpg, wt, cpg);
+            int32_t s = 0;
+            for (int64_t j = 0; j < Wg; ++j) {
+                uint64_t wv = wt[j];
+                if (j == Wg - 1 && (cpg & 63))
+                    wv &= (~(uint64_t)0) >> (64 - (cpg & 63));
+                s += __builtin_popcountll(wv);
+            }
+            pw[o * KK + t] = s;
+        }
+    for (int64_t g = 0; g < G; ++g)
+        pack_panels(wd + g * cpo * Kw, Kw, cpo, Kw, (int)nr, Bp + g * npg * Kw * nr);
+    free(wd);
+
+    int nt = resolve_threads(threads);
+    if (P * Cout * max64(Kw, 1) < BHV_PAR_MIN_WORK)
+        nt = 1;
+    /* chunks of output positions (all groups at once): up to 64, a few per thread */
+    int64_t mc = 64;
+    if (nt > 1)
+        mc = min64(mc, max64(8, cdiv(P, 4 * (int64_t)nt)));
+    const int64_t nchunk = cdiv(P, mc);
+    const int64_t kconst = KK * cpg;
+    const uint64_t lastmask = (cpg & 63) ? (~(uint64_t)0) >> (64 - (cpg & 63)) : ~(uint64_t)0;
+    const int64_t gstride = mc * Kw; /* words between the groups' im2col blocks */
+    int failed = 0;
+
+#pragma omp parallel num_threads(nt) if (nt > 1 && nchunk > 1) reduction(| : failed)
+    {
+        uint64_t *buf = (uint64_t *)malloc((size_t)max64(1, G * gstride) * sizeof(uint64_t));
+        unsigned char *padmask = (unsigned char *)malloc((size_t)max64(1, mc * KK));
+        int64_t *npadded = (int64_t *)malloc((size_t)mc * sizeof(int64_t));
+        const uint64_t **tapsrc = (const uint64_t **)malloc((size_t)max64(1, KK) * sizeof(uint64_t *));
+        if (!buf || !padmask || !npadded || !tapsrc)
+            failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nchunk; ++c) {
+            if (failed)
+                continue;
+            const int64_t q0 = c * mc, q1 = min64(P, q0 + mc);
+            if (Wg != 1)
+                for (int64_t g = 0; g < G; ++g)
+                    memset(buf + g * gstride, 0, (size_t)((q1 - q0) * Kw) * sizeof(uint64_t));
+            /* gather: tap t of group g at bit offset t * cpg of the group's row */
+            for (int64_t q = q0; q < q1; ++q) {
+                const int64_t bi = q / (Ho * Wo), rem = q % (Ho * Wo);
+                const int64_t oh = rem / Wo, ow = rem % Wo;
+                uint64_t *row = buf + (q - q0) * Kw;
+                unsigned char *pm = padmask + (q - q0) * KK;
+                int64_t npd = 0;
+                for (int64_t kh = 0; kh < KH; ++kh) {
+                    const int64_t ih = oh * stride - pad + kh * dil;
+                    for (int64_t kw = 0; kw < KW; ++kw) {
+                        const int64_t iw = ow * stride - pad + kw * dil;
+                        const int64_t tap = kh * KW + kw;
+                        if (ih < 0 || ih >= H || iw < 0 || iw >= Wd) {
+                            pm[tap] = 1;
+                            tapsrc[tap] = NULL;
+                            ++npd;
+                        } else {
+                            pm[tap] = 0;
+                            tapsrc[tap] = x + ((bi * H + ih) * Wd + iw) * G * Wg;
+                        }
+                    }
+                }
+                npadded[q - q0] = npd;
+                if (Wg == 1) {
+                    /* cpg <= 64: stream the taps' bits through one register word */
+                    for (int64_t g = 0; g < G; ++g) {
+                        uint64_t *dst = row + g * gstride;
+                        uint64_t cur = 0;
+                        int64_t fill = 0;
+                        for (int64_t tap = 0; tap < KK; ++tap) {
+                            const uint64_t vv = tapsrc[tap] ? tapsrc[tap][g] & lastmask : 0;
+                            cur |= vv << fill;
+                            fill += cpg;
+                            if (fill >= 64) {
+                                *dst++ = cur;
+                                fill -= 64;
+                                cur = fill ? vv >> (cpg - fill) : 0;
+                            }
+                        }
+                        if (fill)
+                            *dst = cur;
+                    }
+                } else {
+                    for (int64_t tap = 0; tap < KK; ++tap) {
+                        if (!tapsrc[tap])
+                            continue;
+                        const int64_t bitpos = tap * cpg;
+                        if ((cpg & 63) == 0) {
+                            for (int64_t g = 0; g < G; ++g)
+                                memcpy(row + g * gstride + (bitpos >> 6), tapsrc[tap] + g * Wg,
+                                       (size_t)Wg * sizeof(uint64_t));
+                        } else {
+                            for (int64_t g = 0; g < G; ++g)
+                                bits_append(row + g * gstride, Kw, bitpos, tapsrc[tap] + g * Wg, cpg);
+                        }
+                    }
+                }
+            }
+            /* multiply, per group */
+            for (int64_t g = 0; g < G; ++g)
+                gemm_serial(v, buf + g * gstride, Kw, q1 - q0, Bp + g * npg * Kw * nr, cpo, Kw, 0,
+                            kconst, out + q0 * Cout + g * cpo, Cout);
+            /* correct rows that have taps in the padding */
+            for (int64_t q = q0; q < q1; ++q) {
+                const int64_t npd = npadded[q - q0];
+                if (npd == 0)
+                    continue;
+                const unsigned char *pm = padmask + (q - q0) * KK;
+                int32_t *orow = out + q * Cout;
+                for (int64_t o = 0; o < Cout; ++o) {
+                    const int32_t *pwo = pw + o * KK;
+                    int64_t corr = -npd * cpg;
+                    for (int64_t tap = 0; tap < KK; ++tap)
+                        if (pm[tap])
+                            corr += 2 * (int64_t)pwo[tap];
+                    orow[o] = (int32_t)(orow[o] + corr);
+                }
+            }
+        }
+        free(buf);
+        free(padmask);
+        free(npadded);
+        free(tapsrc);
+    }
+    free(Bp);
+    free(pw);
+    return failed ? -1 : 0;
+}
