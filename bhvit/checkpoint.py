@@ -186,7 +186,10 @@ def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
 
 
 def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.nn.Module, Dict]:
-    """Build the BHViT described by a checkpoint and load its weights (no pickle)."""
+    """Build the BHViT described by a checkpoint and load its weights (no pickle).
+
+    The model is returned in eval mode (BatchNorm uses its running statistics).
+    """
     from .model import BHViT, BHViTConfig
 
     doc, p = read_checkpoint_json(path)
@@ -198,7 +201,7 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
         model.load_state_dict(state)
     except RuntimeError as e:
         raise CheckpointError(f"{p.parent / doc['weights']}: weights do not match the model config: {e}") from None
-    return model.to(map_location), doc
+    return model.to(map_location).eval(), doc
 
 
 def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,

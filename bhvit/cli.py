@@ -1,4 +1,4 @@
-"""Command line: ``bhvit info | list | train | eval | recipe``."""
+"""Command line: ``bhvit info | list | train | eval | recipe | export | predict``."""
 from __future__ import annotations
 
 import argparse
@@ -146,6 +146,63 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from pathlib import Path
+
+    from .checkpoint import load_model, resolve_checkpoint
+    from .export import export_model
+
+    model, doc = load_model(args.checkpoint)
+    manifest = export_model(model, args.out, data=doc.get("data"), float16=args.float16)
+    sz = manifest["size"]
+    ckpt_file = resolve_checkpoint(args.checkpoint).parent / doc["weights"]
+    ckpt_bytes = ckpt_file.stat().st_size
+    report = {
+        "out": str(Path(args.out)), "packed_file_bytes": sz["file_bytes"],
+        "float32_checkpoint_bytes": ckpt_bytes,
+        "ratio": round(ckpt_bytes / sz["file_bytes"], 2),
+        "binary_weights": sz["binary_weights"], "binary_bytes": sz["packed_bytes"],
+        "float_values": sz["float_values"], "float_bytes": sz["float_bytes"],
+    }
+    print(json.dumps(report))
+    return 0
+
+
+def _load_image(path, cfg, mean, std):
+    import numpy as np
+
+    from .data import _decode, normalize
+    import torch
+
+    arr = _decode(__import__("pathlib").Path(path), cfg["in_chans"], cfg["img_size"])
+    return normalize(torch.from_numpy(np.ascontiguousarray(arr))[None], mean, std).numpy()
+
+
+def cmd_predict(args) -> int:
+    import numpy as np
+
+    from . import runtime
+
+    rt = runtime.load(args.export, threads=args.threads or 0)
+    data = rt.data
+    mean = data.get("mean") or [0.5] * rt.cfg["in_chans"]
+    std = data.get("std") or [0.5] * rt.cfg["in_chans"]
+    classes = rt.classes or [str(i) for i in range(rt.cfg["num_classes"])]
+    for path in args.images:
+        try:
+            x = _load_image(path, rt.cfg, mean, std)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: cannot read image ({e}).") from None
+        logits = rt(x)[0].astype(np.float64)
+        prob = np.exp(logits - logits.max())
+        prob /= prob.sum()
+        top = np.argsort(-prob)[: min(5, len(prob))]
+        print(path)
+        for i in top:
+            print(f"  {prob[i]:7.4f}  {classes[i]}")
+    return 0
+
+
 def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--model", default="bhvit_micro_c28", help="model name (default bhvit_micro_c28)")
     p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"])
@@ -223,6 +280,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export a checkpoint to the bit-packed runtime format")
+    ex.add_argument("checkpoint", help="run directory (best.json), a checkpoint .json or .safetensors")
+    ex.add_argument("out", help="output directory (model.safetensors + manifest.json)")
+    ex.add_argument("--float16", action="store_true", help="store the float parts as float16")
+    ex.set_defaults(func=cmd_export)
+
+    pr = sub.add_parser("predict", help="top-5 classes of images with an exported model")
+    pr.add_argument("export", help="directory written by `bhvit export`")
+    pr.add_argument("images", nargs="+")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.set_defaults(func=cmd_predict)
     return p
 
 

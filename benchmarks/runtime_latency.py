@@ -1,0 +1,172 @@
+"""Latency of the bit-packed runtime vs PyTorch, binary GEMM throughput, peak memory.
+
+For each model, batch size and thread count, times (interleaved, median of --runs):
+  runtime  - bhvit.runtime on the exported binary model (XNOR/popcount kernels)
+  fp32     - the same architecture in PyTorch float32 (binary=False), eval, no_grad
+  binsim   - the PyTorch binary model (float tensors holding +-1), eval, no_grad
+and prints fp32/runtime and binsim/runtime. Then the binary GEMM kernel against
+torch.matmul float32 on the model's own binary-linear shapes, and the peak resident
+memory of a fresh process that loads and runs each variant once.
+
+    python benchmarks/runtime_latency.py --models bhvit_tiny bhvit_tiny_c32 --batches 1 16 --threads 1 2
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+import bhvit
+from bhvit import runtime
+from bhvit.export import export_model
+from bhvit.runtime import kernels
+
+
+def _cpu_name() -> str:
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _binary_model(name: str) -> torch.nn.Module:
+    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name else 10).train()
+    c = m.cfg
+    with torch.no_grad():
+        m(torch.randn(2, c.in_chans, c.img_size, c.img_size))  # initialise QD steps, BN stats
+    return m.eval()
+
+
+def _time(fn, runs):
+    fn()
+    ts = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return ts
+
+
+def latency(args, rows):
+    for name in args.models:
+        binm = _binary_model(name)
+        fpm = bhvit.create_model(name, num_classes=binm.cfg.num_classes, binary=False).eval()
+        d = tempfile.mkdtemp()
+        export_model(binm, d)
+        rt = runtime.load(d)
+        c = binm.cfg
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            rt.threads = threads
+            for batch in args.batches:
+                x = torch.randn(batch, c.in_chans, c.img_size, c.img_size)
+                xn = x.numpy()
+                res = {"runtime": [], "fp32": [], "binsim": []}
+                fns = {"runtime": lambda: rt(xn), "fp32": lambda: fpm(x), "binsim": lambda: binm(x)}
+                with torch.no_grad():
+                    for f in fns.values():
+                        f()  # warm-up
+                    for _ in range(args.runs):
+                        for k, f in fns.items():
+                            t = time.perf_counter()
+                            f()
+                            res[k].append(time.perf_counter() - t)
+                med = {k: statistics.median(v) * 1e3 for k, v in res.items()}
+                rows.append((name, threads, batch, med["runtime"], med["fp32"], med["binsim"]))
+                print(f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:9.1f} ms | "
+                      f"fp32 {med['fp32']:9.1f} ms ({med['fp32'] / med['runtime']:.2f}x) | binsim "
+                      f"{med['binsim']:9.1f} ms ({med['binsim'] / med['runtime']:.2f}x)", flush=True)
+
+
+def gemm(args):
+    """xnor_gemm vs torch.matmul float32 on bhvit_tiny's binary linear shapes at 224."""
+    m = _binary_model("bhvit_tiny")
+    shapes = []
+
+    def hook(mod, inp, out):
+        x = inp[0]
+        shapes.append((x.numel() // x.shape[-1], mod.in_features, mod.out_features))
+
+    hs = [l.register_forward_hook(hook) for l in bhvit.binary_layers(m) if isinstance(l, torch.nn.Linear)]
+    with torch.no_grad():
+        m(torch.randn(1, 3, 224, 224))
+    for h in hs:
+        h.remove()
+    print(f"\nbinary GEMM ({kernels.backend()}) vs torch.matmul float32, bhvit_tiny linear shapes, batch 1")
+    print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'+pack ms':>9} {'fp32 ms':>9} {'speedup':>8} {'w/ pack':>8}")
+    for M, K, N in sorted(set(shapes)):
+        a = torch.randn(M, K)
+        w = torch.randn(K, N)
+        ap = kernels.pack_signs(a.numpy())
+        wp = kernels.pack_signs(w.t().contiguous().numpy())
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            tx = statistics.median(_time(lambda: kernels.xnor_gemm(ap, wp, K, threads), args.runs * 3))
+            tp = statistics.median(_time(lambda: kernels.xnor_gemm(kernels.pack_signs(a.numpy()), wp, K, threads),
+                                         args.runs * 3))
+            tf = statistics.median(_time(lambda: torch.matmul(a, w), args.runs * 3))
+            print(f"{f'{M}x{K}x{N}':>20} {threads:>7} {tx * 1e3:>9.3f} {tp * 1e3:>9.3f} {tf * 1e3:>9.3f} "
+                  f"{tf / tx:>7.2f}x {tf / tp:>7.2f}x", flush=True)
+
+
+RSS_SNIPPET = r"""
+import resource, sys, tempfile, torch, numpy as np, bhvit
+from bhvit import runtime
+from bhvit.export import export_model
+kind, name, path = sys.argv[1], sys.argv[2], sys.argv[3]
+torch.set_num_threads(1)
+if kind == "runtime":
+    rt = runtime.load(path); c = rt.cfg
+    rt(np.random.randn(1, c["in_chans"], c["img_size"], c["img_size"]).astype(np.float32))
+else:
+    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name else 10, binary=(kind == "binsim")).eval()
+    c = m.cfg
+    with torch.no_grad():
+        m(torch.randn(1, c.in_chans, c.img_size, c.img_size))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def peak_rss(args):
+    print("\npeak resident memory of a process that loads and runs one image (MiB)")
+    for name in args.models:
+        d = tempfile.mkdtemp()
+        export_model(_binary_model(name), d)
+        vals = {}
+        for kind in ("runtime", "fp32", "binsim"):
+            out = subprocess.run([sys.executable, "-c", RSS_SNIPPET, kind, name, d], capture_output=True,
+                                 text=True, check=True).stdout.strip().splitlines()[-1]
+            vals[kind] = int(out) / 1024
+        print(f"{name:<16} runtime {vals['runtime']:8.1f} | fp32 {vals['fp32']:8.1f} | binsim {vals['binsim']:8.1f}")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", nargs="+", default=["bhvit_tiny", "bhvit_tiny_c32"])
+    p.add_argument("--batches", nargs="+", type=int, default=[1, 16])
+    p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--skip", nargs="*", default=[], choices=["latency", "gemm", "rss"])
+    args = p.parse_args()
+    print(f"CPU: {_cpu_name()}; kernels: {kernels.backend()}; torch {torch.__version__}")
+    rows = []
+    if "latency" not in args.skip:
+        latency(args, rows)
+    if "gemm" not in args.skip:
+        gemm(args)
+    if "rss" not in args.skip:
+        peak_rss(args)
+
+
+if __name__ == "__main__":
+    main()

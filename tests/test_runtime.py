@@ -1,0 +1,181 @@
+"""The exported, bit-packed runtime against the PyTorch model it came from."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import bhvit
+from bhvit import runtime
+from bhvit.export import export_model, pack_sign_bits
+from bhvit.runtime import RuntimeFormatError
+
+# Logit bound: max |runtime - torch| <= 2e-3 * (logit range + 1) on every input, and
+# <= 1e-5 * (range + 1) on most inputs. Binary dot products are exact integers on both
+# sides; the float parts differ in summation order (~1e-7), which now and then moves a
+# value across a sign or QD rounding threshold and changes one binary activation: that
+# gives the rare larger differences (seen: 5e-4 on a logit range of 3).
+REL_BOUND = 2e-3
+TIGHT_BOUND = 1e-5
+
+
+def _check(out, ref):
+    assert (out.argmax(1) == ref.argmax(1)).all()
+    scale = float(ref.max() - ref.min()) + 1.0
+    per_input = np.abs(out - ref).max(1)
+    assert per_input.max() <= REL_BOUND * scale
+    assert np.mean(per_input <= TIGHT_BOUND * scale) >= 0.5
+
+
+def _trained_like(name, **over):
+    """A model whose BN statistics, QD steps and small parameters are not at their init."""
+    m = bhvit.create_model(name, num_classes=10, **over).train()
+    c = m.cfg
+    with torch.no_grad():
+        for _ in range(2):
+            m(torch.randn(16, c.in_chans, c.img_size, c.img_size))
+        for p in m.parameters():
+            if p.dim() == 1:
+                p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+VARIANTS = [
+    ("bhvit_micro_c32", {}),
+    ("bhvit_micro_c28", {}),
+    ("bhvit_micro_c32", {"qd": False}),
+    ("bhvit_micro_c32", {"msgdc": False}),
+    ("bhvit_micro_c32", {"msmha": False}),
+    ("bhvit_micro_c32", {"shift": False}),
+    ("bhvit_micro_c32", {"hybrid": "msgdc"}),
+    ("bhvit_micro_c32", {"hybrid": "msmha"}),
+    ("bhvit_micro_c32", {"fp_downsample": True}),
+    ("bhvit_micro_c32", {"norm": "ln"}),
+    ("bhvit_tiny_c32", {}),
+]
+
+
+@pytest.mark.parametrize("name,over", VARIANTS, ids=[f"{n}-{o}" for n, o in VARIANTS])
+def test_runtime_matches_pytorch(name, over, tmp_path):
+    torch.manual_seed(0)
+    m = _trained_like(name, **over)
+    export_model(m, tmp_path)
+    rt = runtime.load(tmp_path)
+    c = m.cfg
+    x = torch.randn(6, c.in_chans, c.img_size, c.img_size)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    out = rt(x)  # torch input accepted
+    assert out.shape == (6, 10) and out.dtype == np.float32
+    _check(out, ref)
+    assert np.array_equal(rt(x.numpy()), out)  # numpy input, deterministic
+
+
+def test_runtime_matches_pytorch_at_224(tmp_path):
+    torch.manual_seed(0)
+    m = _trained_like("bhvit_tiny", depths=(1, 1, 1, 1))
+    export_model(m, tmp_path)
+    rt = runtime.load(tmp_path)
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    _check(rt(x), ref)
+
+
+def test_pack_sign_bits_layout():
+    x = torch.tensor([[1.0, -1.0, 0.0, -0.0] + [-1.0] * 60 + [2.0]])
+    w = pack_sign_bits(x).numpy().view(np.uint64)
+    assert w.shape == (1, 2)
+    assert int(w[0, 0]) == 0b1101 and int(w[0, 1]) == 1
+
+
+def test_export_size_and_manifest(tmp_path):
+    m = _trained_like("bhvit_tiny_c32")
+    man = export_model(m, tmp_path)
+    n_bin = sum(l.weight.numel() for l in bhvit.binary_layers(m))
+    assert man["size"]["binary_weights"] == n_bin
+    assert man["size"]["packed_bytes"] >= n_bin // 8
+    assert man["size"]["packed_bytes"] < n_bin // 8 * 1.1  # little padding
+    f32 = 4 * sum(p.numel() for p in m.parameters())
+    assert f32 / man["size"]["file_bytes"] > 8
+    assert json.loads((tmp_path / "manifest.json").read_text())["version"] == 1
+
+
+def test_export_rejects_non_binary(tmp_path):
+    with pytest.raises(ValueError, match="only fully binary layers"):
+        export_model(bhvit.create_model("bhvit_micro_c32", binary=False), tmp_path)
+
+
+def test_tampered_and_truncated_exports(tmp_path):
+    export_model(_trained_like("bhvit_micro_c32"), tmp_path)
+    f = tmp_path / "model.safetensors"
+    blob = f.read_bytes()
+    f.write_bytes(blob[:-100])
+    with pytest.raises(RuntimeFormatError, match="truncated or was replaced"):
+        runtime.load(tmp_path)
+    f.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+    with pytest.raises(RuntimeFormatError, match="SHA-256 does not match"):
+        runtime.load(tmp_path)
+    f.write_bytes(blob)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    man["version"] = 99
+    (tmp_path / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(RuntimeFormatError, match="version 99 is not supported"):
+        runtime.load(tmp_path)
+    (tmp_path / "manifest.json").write_text("{")
+    with pytest.raises(RuntimeFormatError, match="not valid JSON"):
+        runtime.load(tmp_path)
+    with pytest.raises(RuntimeFormatError, match="no manifest.json"):
+        runtime.load(tmp_path / "nope")
+
+
+def test_runtime_bad_input(tmp_path):
+    export_model(_trained_like("bhvit_micro_c32"), tmp_path)
+    rt = runtime.load(tmp_path)
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\), got \(2, 3, 28, 28\)"):
+        rt(np.zeros((2, 3, 28, 28), np.float32))
+    with pytest.raises(ValueError, match=r"shape \(B, 3, 32, 32\), got \(2, 1, 32, 32\)"):
+        rt(np.zeros((2, 1, 32, 32), np.float32))
+    with pytest.raises(ValueError, match="expected float images"):
+        rt(np.zeros((2, 3, 32, 32), np.uint8))
+    x = np.zeros((2, 3, 32, 32), np.float32)
+    x[1, 0, 3, 3] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        rt(x)
+
+
+def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
+    from PIL import Image
+
+    from bhvit.cli import main
+    from bhvit.data import load_dataset, normalize
+    from bhvit.train import TrainConfig, evaluate, train
+    from synth import make_fashion_mnist
+
+    fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
+    run = tmp_path / "run"
+    train(TrainConfig(model="bhvit_micro_c28", data_dir=str(fm), out=str(run), epochs=2, batch_size=32,
+                      lr=2e-3, progress=False, threads=1))
+    assert main(["export", str(run), str(tmp_path / "exp")]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["ratio"] > 8 and report["packed_file_bytes"] < report["float32_checkpoint_bytes"]
+
+    model, doc = bhvit.checkpoint.load_model(run)
+    ds = load_dataset("fashion-mnist", "test", str(fm))
+    mean, std = doc["data"]["mean"], doc["data"]["std"]
+    ref = evaluate(model, ds, mean, std)
+    rt = runtime.load(tmp_path / "exp")
+    x = normalize(ds.images, mean, std).numpy()
+    pred = rt(x).argmax(1)
+    with torch.no_grad():
+        tpred = model(torch.from_numpy(x)).argmax(1).numpy()
+    assert (pred == tpred).all()
+    assert 100 * (pred == ds.labels.numpy()).mean() == pytest.approx(ref["top1"])
+
+    img = tmp_path / "img.png"
+    Image.fromarray(ds.images[0, 0].numpy()).save(img)
+    assert main(["predict", str(tmp_path / "exp"), str(img)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0] == str(img) and len(lines) == 6
+    classes = doc["data"]["classes"]
+    assert lines[1].split(None, 1)[1] == classes[int(pred[0])]
