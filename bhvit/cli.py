@@ -175,7 +175,7 @@ def _load_image(path, cfg, mean, std):
     import torch
 
     arr = _decode(__import__("pathlib").Path(path), cfg["in_chans"], cfg["img_size"])
-    return normalize(torch.from_numpy(np.ascontiguousarray(arr))[None], mean, std).numpy()
+    return normalize(torch.from_numpy(np.array(arr))[None], mean, std).numpy()
 
 
 def cmd_predict(args) -> int:

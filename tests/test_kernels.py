@@ -282,3 +282,38 @@ def test_conv_ignores_padding_bits(be):
     ref = K.xnor_conv2d(x, w, 40, 1, 1, 1)
     junk = np.uint64(((2**64 - 1) >> 40) << 40)      # set every padding bit
     np.testing.assert_array_equal(K.xnor_conv2d(x | junk, w | junk, 40, 1, 1, 1), ref)
+
+
+@pytest.mark.parametrize("n,c", [(8, 8), (16, 4), (4, 16)])
+@pytest.mark.parametrize("with_act", [False, True])
+def test_epilogue_matches_reference_on_every_backend(n, c, with_act):
+    from bhvit.runtime import kernels as K
+
+    rng = np.random.default_rng(0)
+    dot = rng.integers(-50, 50, (3, 5, n)).astype(np.int32)
+    scale, shift = rng.standard_normal(n).astype(np.float32), rng.standard_normal(n).astype(np.float32)
+    sc = rng.standard_normal((3, 5, c)).astype(np.float32)
+    act = tuple(rng.standard_normal(n).astype(np.float32) for _ in range(3)) if with_act else None
+    v = dot.astype(np.float64) * scale + shift
+    if c < n:
+        v = v + np.tile(sc, (1, 1, n // c))
+    elif c > n:
+        v = v + sc.reshape(3, 5, n, c // n).mean(-1)
+    else:
+        v = v + sc
+    if with_act:
+        y = v - act[0]
+        v = np.where(y >= 0, y, y * act[1]) + act[2]
+    before = K.backend()
+    try:
+        for b in ["numpy"] + [x for x in K.available_backends() if x.startswith("c-")][:1]:
+            K.set_backend(b)
+            out = K.epilogue(dot, scale, shift, sc, act)
+            assert np.allclose(out, v, atol=1e-4), b
+            acc = np.ones_like(out)
+            K.epilogue(dot, scale, shift, sc, act, out=acc)
+            assert np.allclose(acc, v + 1, atol=1e-4), b
+    finally:
+        K.set_backend(before)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.epilogue(dot, scale, shift, np.zeros((3, 5, 3), np.float32))

@@ -37,7 +37,7 @@
 #define BHV_X86 0
 #endif
 
-#define BHV_ABI_VERSION 1
+#define BHV_ABI_VERSION 2
 #define EXPORT __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
@@ -912,4 +912,60 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
     free(Bp);
     free(pw);
     return failed ? -1 : 0;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Fused float epilogue of a binary layer                                   */
+/* ------------------------------------------------------------------------ */
+/*
+ * out[r, j] (=|+=) act(dot[r, j] * scale[j] + shift[j] + shortcut(r, j))
+ *
+ * One pass over the layer output instead of the half-dozen numpy passes of
+ * scale, shift, channel shortcut, add and RPReLU.
+ *   shortcut: sc == NULL -> none; sc_c == n -> identity; sc_c < n -> the input
+ *             tiled (sc[r, j % sc_c]); sc_c > n -> mean of sc_c / n consecutive
+ *             channels (sc[r, j*k .. j*k+k-1]).
+ *   act:      m1 == NULL -> identity; else RPReLU: y = v - m1; y = y >= 0 ? y :
+ *             y * slope; y + m2.
+ */
+EXPORT int bhv_epilogue(const int32_t *dot, int64_t rows, int64_t n, const float *scale,
+                        const float *shift, const float *sc, int64_t sc_c, const float *m1,
+                        const float *slope, const float *m2, float *out, int accumulate,
+                        int threads)
+{
+    if (sc != NULL && !(sc_c == n || (sc_c < n && n % sc_c == 0) || (sc_c > n && sc_c % n == 0)))
+        return -2;
+    const int nt = resolve_threads(threads);
+    const int64_t k = (sc != NULL && sc_c > n) ? sc_c / n : 1;
+    const float inv_k = 1.0f / (float)k;
+#ifdef _OPENMP
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * n >= (1 << 16))
+#endif
+    for (int64_t r = 0; r < rows; ++r) {
+        const int32_t *d = dot + r * n;
+        float *o = out + r * n;
+        const float *s = sc ? sc + r * sc_c : NULL;
+        for (int64_t j = 0; j < n; ++j) {
+            float v = (float)d[j] * scale[j] + shift[j];
+            if (s != NULL) {
+                if (sc_c == n) {
+                    v += s[j];
+                } else if (sc_c < n) {
+                    v += s[j % sc_c];
+                } else {
+                    float acc = 0.0f;
+                    for (int64_t t = 0; t < k; ++t)
+                        acc += s[j * k + t];
+                    v += acc * inv_k;
+                }
+            }
+            if (m1 != NULL) {
+                float y = v - m1[j];
+                y = y >= 0.0f ? y : y * slope[j];
+                v = y + m2[j];
+            }
+            o[j] = accumulate ? o[j] + v : v;
+        }
+    }
+    return 0;
 }

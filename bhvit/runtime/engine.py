@@ -47,7 +47,8 @@ def _gelu(x: np.ndarray) -> np.ndarray:
 
 def _rprelu(x, p):
     y = x - p["move1"]
-    return np.where(y >= 0, y, y * p["slope"]) + p["move2"]
+    # max/min instead of np.where: same values, several times faster in numpy
+    return np.maximum(y, 0) + np.minimum(y, 0) * p["slope"] + p["move2"]
 
 
 def _layer_norm(x, w, b, eps):
@@ -123,35 +124,32 @@ class BHViTRuntime:
         return _rprelu(x, {n: self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2")})
 
     # -- binary ops
-    def _bin_linear(self, prefix, x):
+    def _bin_dot(self, prefix, x):
+        """XNOR/popcount dot products of ``sign(x + input_bias)`` with the packed weights."""
         wbits = self.t[prefix + ".wbits"]
         k = x.shape[-1]
         ib = self.t.get(prefix + ".input_bias")
         if ib is not None:
             x = x + ib
-        xb = K.pack_signs(x.reshape(-1, k))
-        dot = K.xnor_gemm(xb, wbits, k, self.threads)
-        s, t = self._p(prefix, "scale", "shift")
-        return (dot.astype(np.float32) * s + t).reshape(x.shape[:-1] + (wbits.shape[0],))
+        dot = K.xnor_gemm(K.pack_signs(x.reshape(-1, k)), wbits, k, self.threads)
+        return dot.reshape(x.shape[:-1] + (wbits.shape[0],))
 
-    def _bin_conv(self, prefix, xb, cin_per_group, stride, padding, dilation):
-        dot = K.xnor_conv2d(xb, self.t[prefix + ".wbits"], cin_per_group, stride, padding, dilation,
-                            self.threads)
-        s, t = self._p(prefix, "scale", "shift")
-        return dot.astype(np.float32) * s + t
+    def _bin_conv_dot(self, prefix, xb, cin_per_group, stride, padding, dilation):
+        return K.xnor_conv2d(xb, self.t[prefix + ".wbits"], cin_per_group, stride, padding, dilation,
+                             self.threads)
 
-    def _residual(self, prefix, x, op):
-        y = op(prefix + ".op", x)
-        if self.kinds[prefix + ".op"] != "binary+bn":
-            y = self._norm(prefix + ".norm", y)
-        out_dim = y.shape[-1]
-        return self._act(prefix + ".act", y + self._shortcut(x, out_dim, prefix))
+    def _rprelu_params(self, prefix):
+        return tuple(self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2"))
 
-    def _shortcut(self, x, out_dim, prefix):
-        if prefix.endswith("downsample.reduce"):
-            B, H, W, C = x.shape
-            x = x.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
-        return _channel_shortcut(x, out_dim)
+    def _residual(self, prefix, x, dot_fn, shortcut=None):
+        """Layer-wise residual ``RPReLU(norm(op(x)) + shortcut(x))`` with a fused epilogue."""
+        dot = dot_fn(prefix + ".op", x)
+        s, t = self._p(prefix + ".op", "scale", "shift")
+        sc = x if shortcut is None else shortcut
+        if self.kinds[prefix + ".op"] == "binary+bn":  # BN folded into scale/shift
+            return K.epilogue(dot, s, t, sc, self._rprelu_params(prefix + ".act"), threads=self.threads)
+        y = self._norm(prefix + ".norm", K.epilogue(dot, s, t, threads=self.threads))  # LayerNorm
+        return self._act(prefix + ".act", y + _channel_shortcut(sc, y.shape[-1]))
 
     def _layerscale(self, prefix, x):
         s, b = self._p(prefix, "scale", "bias")
@@ -177,9 +175,10 @@ class BHViTRuntime:
 
             def op(prefix, inp):
                 xb = K.pack_signs((inp + ib).reshape(B, H, W, 1, C))
-                return self._bin_conv(prefix, xb, C, 2, 0, 1)
+                return self._bin_conv_dot(prefix, xb, C, 2, 0, 1)
 
-            y = self._residual(p + ".reduce", x0, op)
+            pooled = x0.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
+            y = self._residual(p + ".reduce", x0, op, shortcut=pooled)
         else:
             B, H, W, C = x0.shape
             patches = x0.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 2, 4, 5)
@@ -196,8 +195,11 @@ class BHViTRuntime:
         xb = K.pack_signs((x + self.t[p + ".input_bias"]).reshape(B, H, W, groups, cg))
         out = None
         for i, d in enumerate(dilations):
-            y = self._act(f"{p}.acts.{i}", self._bin_conv(f"{p}.convs.{i}", xb, cg, 1, d, d))
-            out = y if out is None else out + y
+            dot = self._bin_conv_dot(f"{p}.convs.{i}", xb, cg, 1, d, d)
+            s, t = self._p(f"{p}.convs.{i}", "scale", "shift")
+            # each branch: RPReLU(alpha * dot + bias), summed in place
+            out = K.epilogue(dot, s, t, None, self._rprelu_params(f"{p}.acts.{i}"), out=out,
+                             threads=self.threads)
         return self._norm(p + ".norm", out)
 
     def _attention(self, p, q, k, v, heads):
@@ -252,9 +254,9 @@ class BHViTRuntime:
             tokens = np.concatenate([tokens, np.broadcast_to(g[:, None], (B, n_win) + g.shape[1:])], axis=2)
         t = _layer_norm(tokens.reshape(B * n_win, -1, C), self.t[p + ".token_norm.weight"],
                         self.t[p + ".token_norm.bias"], 1e-5)
-        q = self._residual(p + ".q_proj", t, self._bin_linear)
-        k = self._residual(p + ".k_proj", t, self._bin_linear)
-        v = self._residual(p + ".v_proj", t, self._bin_linear)
+        q = self._residual(p + ".q_proj", t, self._bin_dot)
+        k = self._residual(p + ".k_proj", t, self._bin_dot)
+        v = self._residual(p + ".v_proj", t, self._bin_dot)
         bias = self.t[p + ".qkv_bias"]
         ctx = self._attention(p, q + bias[0], k + bias[1], v + bias[2], heads)
         ctx = self._act(p + ".ctx_act", self._norm(p + ".ctx_norm", ctx) + q + k + v)
@@ -267,7 +269,7 @@ class BHViTRuntime:
             out = _window_reverse(local, window, H, W)
         else:
             out = local.reshape(B, H, W, C)
-        return self._layerscale(p + ".layer_scale", self._residual(p + ".out_proj", out, self._bin_linear))
+        return self._layerscale(p + ".layer_scale", self._residual(p + ".out_proj", out, self._bin_dot))
 
     def _block(self, p, x, mixer, heads, window):
         n = self._norm(p + ".norm1", x)
@@ -276,8 +278,8 @@ class BHViTRuntime:
         else:
             x = x + self._msmha(p + ".mixer", n, heads, window if mixer == "msmha" else None)
         n = self._norm(p + ".norm2", x)
-        h = self._residual(p + ".mlp.up", n, self._bin_linear)
-        h = self._residual(p + ".mlp.down", h, self._bin_linear)
+        h = self._residual(p + ".mlp.up", n, self._bin_dot)
+        h = self._residual(p + ".mlp.down", h, self._bin_dot)
         out = x + self._layerscale(p + ".mlp.layer_scale", h)
         sizes = self.cfg["shift_sizes"] if self.cfg["shift"] else []
         for i, k in enumerate(sizes):

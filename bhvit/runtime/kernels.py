@@ -38,10 +38,10 @@ import numpy as np
 
 __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
-    "backend", "set_backend", "available_backends", "library_path", "library_error",
+    "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
 ]
 
-_ABI_VERSION = 1
+_ABI_VERSION = 2
 _HERE = Path(__file__).resolve().parent
 
 _lib = None            # ctypes.CDLL or None
@@ -81,6 +81,7 @@ def _setup(lib):
         "bhv_xnor_gemm": (i32, [vp, vp, i64, i64, i64, i64, vp, i32]),
         "bhv_and_gemm": (i32, [vp, vp, i64, i64, i64, vp, i32]),
         "bhv_xnor_conv2d": (i32, [vp, vp] + [i64] * 14 + [vp, i32]),
+        "bhv_epilogue": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, i32, i32]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -390,3 +391,62 @@ def _conv_numpy(x, w, cpg, s, p, d, Ho, Wo):
 
 
 _init()
+
+
+def _f32(a, n=None):
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    if n is not None and a.shape != (n,):
+        raise ValueError(f"expected a float vector of length {n}, got shape {a.shape}.")
+    return a
+
+
+def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, threads: int = 0) -> np.ndarray:
+    """Fused float epilogue of a binary layer, one pass in C.
+
+    ``act(dot * scale + shift + shortcut)`` for int32 ``dot`` of shape ``(..., n)``.
+    ``shortcut`` ``(..., c)`` is added as is (``c == n``), tiled (``c < n``) or averaged
+    over groups of ``c // n`` consecutive channels (``c > n``). ``rprelu`` is a
+    ``(move1, slope, move2)`` triple or None. With ``out`` given, the result is added
+    to it in place (and returned).
+    """
+    dot = np.ascontiguousarray(dot, dtype=np.int32)
+    n = dot.shape[-1]
+    rows = dot.size // max(n, 1)
+    scale, shift = _f32(scale, n), _f32(shift, n)
+    sc = None
+    if shortcut is not None:
+        sc = _f32(shortcut)
+        c = sc.shape[-1]
+        if sc.size // max(c, 1) != rows or not (c == n or (c < n and n % c == 0) or (c > n and c % n == 0)):
+            raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {dot.shape}.")
+    acts = [_f32(a, n) for a in rprelu] if rprelu is not None else None
+    accumulate = out is not None
+    if out is None:
+        out = np.empty(dot.shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != dot.shape or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array of the output's shape.")
+    if _use_c:
+        null = None
+        rc = _lib.bhv_epilogue(_ptr(dot), rows, n, _ptr(scale), _ptr(shift),
+                               _ptr(sc) if sc is not None else null, sc.shape[-1] if sc is not None else 0,
+                               _ptr(acts[0]) if acts else null, _ptr(acts[1]) if acts else null,
+                               _ptr(acts[2]) if acts else null, _ptr(out), int(accumulate), _threads(threads))
+        _check_rc(rc)
+        return out
+    v = dot.astype(np.float32) * scale + shift
+    if sc is not None:
+        c = sc.shape[-1]
+        if c < n:
+            v += np.tile(sc, (1,) * (sc.ndim - 1) + (n // c,))
+        elif c > n:
+            v += sc.reshape(sc.shape[:-1] + (n, c // n)).mean(-1)
+        else:
+            v += sc
+    if acts is not None:
+        y = v - acts[0]
+        v = np.where(y >= 0, y, y * acts[1]) + acts[2]
+    if accumulate:
+        out += v
+        return out
+    out[...] = v
+    return out
