@@ -938,34 +938,64 @@ EXPORT int bhv_epilogue(const int32_t *dot, int64_t rows, int64_t n, const float
     const int nt = resolve_threads(threads);
     const int64_t k = (sc != NULL && sc_c > n) ? sc_c / n : 1;
     const float inv_k = 1.0f / (float)k;
+    int failed = 0;
+    /* Each mode is its own simple loop (no per-element branches or modulo) so the
+     * compiler vectorises them; the row stays in L1 between the passes. */
 #ifdef _OPENMP
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * n >= (1 << 16))
+#pragma omp parallel num_threads(nt) if (nt > 1 && rows * n >= (1 << 16)) reduction(| : failed)
 #endif
-    for (int64_t r = 0; r < rows; ++r) {
-        const int32_t *d = dot + r * n;
-        float *o = out + r * n;
-        const float *s = sc ? sc + r * sc_c : NULL;
-        for (int64_t j = 0; j < n; ++j) {
-            float v = (float)d[j] * scale[j] + shift[j];
-            if (s != NULL) {
+    {
+        float *buf = accumulate ? (float *)malloc((size_t)n * sizeof(float)) : NULL;
+        if (accumulate && buf == NULL)
+            failed = 1;
+#ifdef _OPENMP
+#pragma omp for schedule(static)
+#endif
+        for (int64_t r = 0; r < rows; ++r) {
+            if (failed)
+                continue;
+            const int32_t *d = dot + r * n;
+            float *o = out + r * n;
+            float *v = accumulate ? buf : o;
+            for (int64_t j = 0; j < n; ++j)
+                v[j] = (float)d[j] * scale[j] + shift[j];
+            if (sc != NULL) {
+                const float *s = sc + r * sc_c;
                 if (sc_c == n) {
-                    v += s[j];
+                    for (int64_t j = 0; j < n; ++j)
+                        v[j] += s[j];
                 } else if (sc_c < n) {
-                    v += s[j % sc_c];
+                    for (int64_t rep = 0; rep < n; rep += sc_c) {
+                        float *vv = v + rep;
+                        for (int64_t j = 0; j < sc_c; ++j)
+                            vv[j] += s[j];
+                    }
                 } else {
-                    float acc = 0.0f;
-                    for (int64_t t = 0; t < k; ++t)
-                        acc += s[j * k + t];
-                    v += acc * inv_k;
+                    for (int64_t j = 0; j < n; ++j) {
+                        const float *sj = s + j * k;
+                        float acc = 0.0f;
+                        for (int64_t t = 0; t < k; ++t)
+                            acc += sj[t];
+                        v[j] += acc * inv_k;
+                    }
                 }
             }
             if (m1 != NULL) {
-                float y = v - m1[j];
-                y = y >= 0.0f ? y : y * slope[j];
-                v = y + m2[j];
+                const float *restrict pm1 = m1, *restrict psl = slope, *restrict pm2 = m2;
+                float *restrict pv = v;
+                for (int64_t j = 0; j < n; ++j) {
+                    /* branch-free PReLU (a branch mispredicts on half the values):
+                     * y - neg = max(y, 0) exactly, neg * slope = min(y, 0) * slope */
+                    const float y = pv[j] - pm1[j];
+                    const float neg = 0.5f * (y - __builtin_fabsf(y)); /* = min(y, 0), exact */
+                    pv[j] = (y - neg) + neg * psl[j] + pm2[j];
+                }
             }
-            o[j] = accumulate ? o[j] + v : v;
+            if (accumulate)
+                for (int64_t j = 0; j < n; ++j)
+                    o[j] += v[j];
         }
+        free(buf);
     }
-    return 0;
+    return failed ? -1 : 0;
 }
