@@ -218,19 +218,23 @@ class BHViTRuntime:
         vpos = (split(v, M) >= 0).transpose(0, 1, 3, 2)         # (Bw, h, d, M): v is +1
         vb = K.pack_bits(np.ascontiguousarray(vpos))           # (Bw, h, d, Wm)
         scale = np.float32(1.0 / math.sqrt(d))
-        out = np.empty((Bw, heads, N, d), dtype=np.float32)
+        scores = np.empty((Bw, heads, N, M), dtype=np.int32)
         for b in range(Bw):
             for h in range(heads):
-                scores = K.xnor_gemm(qb[b, h], kb[b, h], d, self.threads).astype(np.float32)
-                attn = _softmax(scores * scale)
-                lv = np.clip(np.round(attn * np.float32(levels) / step[h] + zp[h]), 0, levels)
-                acc = np.zeros((N, d), dtype=np.int64)
-                for s in range(1, levels + 1):
-                    plane = lv >= s
-                    pb = K.pack_bits(plane)
-                    hits = K.and_gemm(pb, vb[b, h], self.threads).astype(np.int64)
-                    acc += 2 * hits - plane.sum(1, keepdims=True)
-                out[b, h] = acc.astype(np.float32) * step[h]
+                scores[b, h] = K.xnor_gemm(qb[b, h], kb[b, h], d, self.threads)
+        attn = _softmax(scores.astype(np.float32) * scale)
+        hs = (1, heads, 1, 1)
+        lv = np.clip(np.round(attn * np.float32(levels) / step.reshape(hs) + zp.reshape(hs)), 0, levels)
+        planes = lv[None] >= np.arange(1, levels + 1, dtype=np.float32).reshape(-1, 1, 1, 1, 1)
+        pb = K.pack_bits(planes)                                  # (L, Bw, h, N, Wm)
+        acc = -planes.sum(-1, dtype=np.int64)[..., None].sum(0)   # -popcount(A^s), summed over s
+        hits = np.zeros((Bw, heads, N, d), dtype=np.int64)
+        for s_ in range(levels):
+            for b in range(Bw):
+                for h in range(heads):
+                    hits[b, h] += K.and_gemm(pb[s_, b, h], vb[b, h], self.threads)
+        # sum_s A^s @ sign(V) = sum_s (2 * popcount(A^s & V+) - popcount(A^s))
+        out = ((2 * hits + acc).astype(np.float32) * step.reshape(hs)).astype(np.float32)
         return out.transpose(0, 2, 1, 3).reshape(Bw, N, C)
 
     def _msmha(self, p, x, heads, window):
