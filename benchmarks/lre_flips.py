@@ -30,6 +30,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--subset", type=int, default=None)
+    p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--teacher", default=None)
     p.add_argument("--re-beta", type=float, default=0.1)
     p.add_argument("--re-last-frac", type=float, default=0.1)
@@ -43,7 +44,8 @@ def main() -> None:
     for label, beta in (("with L_re", a.re_beta), ("without L_re", 0.0)):
         out = Path(a.out) / ("with_lre" if beta else "without_lre")
         cfg = TrainConfig(model=a.model, data=a.data, data_dir=a.data_dir, out=str(out), epochs=a.epochs,
-                          batch_size=a.batch_size, lr=a.lr, subset=a.subset, teacher=a.teacher,
+                          batch_size=a.batch_size, lr=a.lr, subset=a.subset, test_subset=a.test_subset,
+                          teacher=a.teacher,
                           re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=a.seed,
                           resume=a.resume or (out / "last.json").exists(), progress=False)
         if not (out / "final.json").exists():
