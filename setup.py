@@ -32,8 +32,9 @@ setup(
         Extension(
             "bhvit.runtime._bitops",
             sources=["bhvit/runtime/_bitops.c"],
-            extra_compile_args=["-O3", *OPENMP],
+            extra_compile_args=["-O3", "-ffp-contract=off", *OPENMP],
             extra_link_args=OPENMP,
+            libraries=["m"],
             optional=True,
         )
     ],

@@ -25,6 +25,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <math.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -37,7 +38,7 @@
 #define BHV_X86 0
 #endif
 
-#define BHV_ABI_VERSION 2
+#define BHV_ABI_VERSION 3
 #define EXPORT __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
@@ -915,87 +916,528 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
 }
 
 /* ------------------------------------------------------------------------ */
-/* Fused float epilogue of a binary layer                                   */
+/* Float glue of the BHViT forward pass                                      */
 /* ------------------------------------------------------------------------ */
 /*
- * out[r, j] (=|+=) act(dot[r, j] * scale[j] + shift[j] + shortcut(r, j))
- *
- * One pass over the layer output instead of the half-dozen numpy passes of
- * scale, shift, channel shortcut, add and RPReLU.
+ * Each glue kernel is an always-inline per-row worker compiled twice: for the
+ * baseline target and with AVX2 (+POPCNT).  The AVX2 copy runs whenever an AVX2
+ * or AVX-512 GEMM variant is selected (they share pack_f32_avx2).  The build uses
+ * -ffp-contract=off and no fast-math, so both copies round identically.
+ */
+#if BHV_X86
+#define GLUE_FAST_ATTR __attribute__((target("avx2,popcnt")))
+static int glue_fast(void) { return g_variant->pack_f32 == pack_f32_avx2; }
+#else
+#define GLUE_FAST_ATTR
+static int glue_fast(void) { return 0; }
+#endif
+
+#define GLUE_VARIANTS(name, params, args)                                          \
+    static void name##_base params { name##_impl args; }                           \
+    GLUE_FAST_ATTR static void name##_fast params { name##_impl args; }
+
+/* --- fused epilogue of a binary layer -------------------------------------- */
+/*
+ * y[r, j] = post(act(dot[r, j] * scale[j] + shift[j] + shortcut(r, j)))
  *   shortcut: sc == NULL -> none; sc_c == n -> identity; sc_c < n -> the input
  *             tiled (sc[r, j % sc_c]); sc_c > n -> mean of sc_c / n consecutive
  *             channels (sc[r, j*k .. j*k+k-1]).
  *   act:      m1 == NULL -> identity; else RPReLU: y = v - m1; y = y >= 0 ? y :
  *             y * slope; y + m2.
+ *   post:     ps == NULL -> none; else a LayerScale y = pb + y * ps.
+ * bhv_epilogue writes out = y, or out = res + y (res may be out itself).
+ * bhv_epilogue_pack writes no floats: the packed signs of y + nb (the next binary
+ * layer's input, its input bias folded in) and, optionally, the mean of each group
+ * of pool_k consecutive channels of y (the next layer's channel-pool shortcut).
+ * One pass over the layer output instead of the half-dozen numpy passes.
  */
-EXPORT int bhv_epilogue(const int32_t *dot, int64_t rows, int64_t n, const float *scale,
-                        const float *shift, const float *sc, int64_t sc_c, const float *m1,
-                        const float *slope, const float *m2, float *out, int accumulate,
-                        int threads)
+typedef struct {
+    const int32_t *dot;
+    int64_t n;
+    const float *scale, *shift, *sc;
+    int64_t sc_c, k;
+    float inv_k;
+    const float *m1, *slope, *m2, *ps, *pb, *res;
+    float *out;
+    const float *nb;   /* epilogue_pack: next layer's input bias (or NULL) */
+    uint64_t *bits;    /* epilogue_pack: rows x ceil(n/64) words */
+    float *pool;       /* epilogue_pack: rows x n/pool_k means (or NULL) */
+    int64_t pool_k;
+    float pool_inv;
+    pack_f32_fn pack;
+} epi_args;
+
+INLINE float group_mean(const float *x, int64_t k, float inv_k)
+{
+    float acc = 0.0f;
+    for (int64_t t = 0; t < k; ++t)
+        acc += x[t];
+    return acc * inv_k;
+}
+
+INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf)
+{
+    const int64_t n = a->n;
+    const int32_t *d = a->dot + r * n;
+    float *o = a->out != NULL ? a->out + r * n : NULL;
+    float *v = (o == NULL || a->res != NULL) ? buf : o;
+    for (int64_t j = 0; j < n; ++j)
+        v[j] = (float)d[j] * a->scale[j] + a->shift[j];
+    if (a->sc != NULL) {
+        const int64_t c = a->sc_c;
+        const float *s = a->sc + r * c;
+        if (c == n) {
+            for (int64_t j = 0; j < n; ++j)
+                v[j] += s[j];
+        } else if (c < n) {
+            for (int64_t rep = 0; rep < n; rep += c) {
+                float *vv = v + rep;
+                for (int64_t j = 0; j < c; ++j)
+                    vv[j] += s[j];
+            }
+        } else {
+            for (int64_t j = 0; j < n; ++j)
+                v[j] += group_mean(s + j * a->k, a->k, a->inv_k);
+        }
+    }
+    if (a->m1 != NULL) {
+        const float *restrict pm1 = a->m1, *restrict psl = a->slope, *restrict pm2 = a->m2;
+        float *restrict pv = v;
+        for (int64_t j = 0; j < n; ++j) {
+            /* branch-free PReLU (a branch mispredicts on half the values):
+             * y - neg = max(y, 0) exactly, neg * slope = min(y, 0) * slope */
+            const float y = pv[j] - pm1[j];
+            const float neg = 0.5f * (y - __builtin_fabsf(y)); /* = min(y, 0), exact */
+            pv[j] = (y - neg) + neg * psl[j] + pm2[j];
+        }
+    }
+    if (a->ps != NULL)
+        for (int64_t j = 0; j < n; ++j)
+            v[j] = a->pb[j] + v[j] * a->ps[j];
+    if (o != NULL) {
+        if (a->res != NULL) {
+            const float *rr = a->res + r * n; /* may alias o: same index read then written */
+            for (int64_t j = 0; j < n; ++j)
+                o[j] = rr[j] + v[j];
+        }
+        return;
+    }
+    if (a->pool != NULL) {
+        const int64_t pc = n / a->pool_k;
+        float *pr = a->pool + r * pc;
+        for (int64_t j = 0; j < pc; ++j)
+            pr[j] = group_mean(v + j * a->pool_k, a->pool_k, a->pool_inv);
+    }
+    if (a->nb != NULL)
+        for (int64_t j = 0; j < n; ++j)
+            v[j] += a->nb[j];
+    a->pack(v, n, a->bits + r * cdiv(n, 64));
+}
+GLUE_VARIANTS(epi_row, (const epi_args *a, int64_t r, float *buf), (a, r, buf))
+
+static int epi_run(const epi_args *a, int64_t rows, int threads)
+{
+    const int nt = resolve_threads(threads);
+    void (*row)(const epi_args *, int64_t, float *) = glue_fast() ? epi_row_fast : epi_row_base;
+    int failed = 0;
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= (1 << 16)) reduction(| : failed)
+    {
+        float *buf = (float *)malloc((size_t)max64(a->n, 1) * sizeof(float));
+        if (buf == NULL)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t r = 0; r < rows; ++r)
+            if (buf != NULL)
+                row(a, r, buf);
+        free(buf);
+    }
+    return failed ? -1 : 0;
+}
+
+static int epi_init(epi_args *a, const int32_t *dot, int64_t n, const float *scale, const float *shift,
+                    const float *sc, int64_t sc_c, const float *m1, const float *slope,
+                    const float *m2, const float *ps, const float *pb)
 {
     if (sc != NULL && !(sc_c == n || (sc_c < n && n % sc_c == 0) || (sc_c > n && sc_c % n == 0)))
         return -2;
+    memset(a, 0, sizeof(*a));
+    a->dot = dot;
+    a->n = n;
+    a->scale = scale;
+    a->shift = shift;
+    a->sc = sc;
+    a->sc_c = sc_c;
+    a->k = (sc != NULL && sc_c > n) ? sc_c / n : 1;
+    a->inv_k = 1.0f / (float)a->k;
+    a->m1 = m1;
+    a->slope = slope;
+    a->m2 = m2;
+    a->ps = ps;
+    a->pb = pb;
+    a->pack = g_variant->pack_f32;
+    return 0;
+}
+
+EXPORT int bhv_epilogue(const int32_t *dot, int64_t rows, int64_t n, const float *scale,
+                        const float *shift, const float *sc, int64_t sc_c, const float *m1,
+                        const float *slope, const float *m2, const float *ps, const float *pb,
+                        const float *res, float *out, int threads)
+{
+    epi_args a;
+    if (epi_init(&a, dot, n, scale, shift, sc, sc_c, m1, slope, m2, ps, pb))
+        return -2;
+    a.res = res;
+    a.out = out;
+    return epi_run(&a, rows, threads);
+}
+
+EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const float *scale,
+                             const float *shift, const float *sc, int64_t sc_c, const float *m1,
+                             const float *slope, const float *m2, const float *nb, uint64_t *bits,
+                             int64_t pool_k, float *pool, int threads)
+{
+    epi_args a;
+    if (epi_init(&a, dot, n, scale, shift, sc, sc_c, m1, slope, m2, NULL, NULL))
+        return -2;
+    if (pool != NULL && (pool_k < 1 || n % pool_k != 0))
+        return -2;
+    a.nb = nb;
+    a.bits = bits;
+    a.pool = pool;
+    a.pool_k = pool_k;
+    a.pool_inv = 1.0f / (float)max64(pool_k, 1);
+    return epi_run(&a, rows, threads);
+}
+
+/* --- input bias + sign packing -------------------------------------------- */
+/* sign bits of (x + bias) per row: the input bias of a binary layer fused into
+ * its packing.  x: rows x k; bias: bias_rows x k, row r adds bias row r % bias_rows
+ * (channel groups or heads packed separately).  Returns 1 if any NaN, -1 out of memory. */
+INLINE int packb_row_ret(const float *x, const float *b, int64_t k, float *buf, pack_f32_fn pack,
+                         uint64_t *out)
+{
+    for (int64_t j = 0; j < k; ++j)
+        buf[j] = x[j] + b[j];
+    return pack(buf, k, out);
+}
+INLINE void packb_row_impl(const float *x, const float *b, int64_t k, float *buf, pack_f32_fn pack,
+                           uint64_t *out, int *bad)
+{
+    *bad |= packb_row_ret(x, b, k, buf, pack, out);
+}
+GLUE_VARIANTS(packb_row, (const float *x, const float *b, int64_t k, float *buf, pack_f32_fn pack,
+                          uint64_t *out, int *bad), (x, b, k, buf, pack, out, bad))
+
+EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, const float *bias,
+                                   int64_t bias_rows, uint64_t *out, int threads)
+{
+    const pack_f32_fn pack = g_variant->pack_f32;
+    void (*row)(const float *, const float *, int64_t, float *, pack_f32_fn, uint64_t *, int *) =
+        glue_fast() ? packb_row_fast : packb_row_base;
+    const int64_t W = cdiv(k, 64);
     const int nt = resolve_threads(threads);
-    const int64_t k = (sc != NULL && sc_c > n) ? sc_c / n : 1;
-    const float inv_k = 1.0f / (float)k;
-    int failed = 0;
-    /* Each mode is its own simple loop (no per-element branches or modulo) so the
-     * compiler vectorises them; the row stays in L1 between the passes. */
-#ifdef _OPENMP
-#pragma omp parallel num_threads(nt) if (nt > 1 && rows * n >= (1 << 16)) reduction(| : failed)
-#endif
+    int bad = 0, failed = 0;
+    (void)nt;
+    if (bias_rows < 1 || rows % bias_rows != 0)
+        return -2;
+#pragma omp parallel num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18)) reduction(| : bad, failed)
     {
-        float *buf = accumulate ? (float *)malloc((size_t)n * sizeof(float)) : NULL;
-        if (accumulate && buf == NULL)
+        float *buf = (float *)malloc((size_t)max64(k, 1) * sizeof(float));
+        if (buf == NULL)
             failed = 1;
-#ifdef _OPENMP
 #pragma omp for schedule(static)
-#endif
-        for (int64_t r = 0; r < rows; ++r) {
-            if (failed)
-                continue;
-            const int32_t *d = dot + r * n;
-            float *o = out + r * n;
-            float *v = accumulate ? buf : o;
-            for (int64_t j = 0; j < n; ++j)
-                v[j] = (float)d[j] * scale[j] + shift[j];
-            if (sc != NULL) {
-                const float *s = sc + r * sc_c;
-                if (sc_c == n) {
-                    for (int64_t j = 0; j < n; ++j)
-                        v[j] += s[j];
-                } else if (sc_c < n) {
-                    for (int64_t rep = 0; rep < n; rep += sc_c) {
-                        float *vv = v + rep;
-                        for (int64_t j = 0; j < sc_c; ++j)
-                            vv[j] += s[j];
-                    }
-                } else {
-                    for (int64_t j = 0; j < n; ++j) {
-                        const float *sj = s + j * k;
-                        float acc = 0.0f;
-                        for (int64_t t = 0; t < k; ++t)
-                            acc += sj[t];
-                        v[j] += acc * inv_k;
-                    }
-                }
-            }
-            if (m1 != NULL) {
-                const float *restrict pm1 = m1, *restrict psl = slope, *restrict pm2 = m2;
-                float *restrict pv = v;
-                for (int64_t j = 0; j < n; ++j) {
-                    /* branch-free PReLU (a branch mispredicts on half the values):
-                     * y - neg = max(y, 0) exactly, neg * slope = min(y, 0) * slope */
-                    const float y = pv[j] - pm1[j];
-                    const float neg = 0.5f * (y - __builtin_fabsf(y)); /* = min(y, 0), exact */
-                    pv[j] = (y - neg) + neg * psl[j] + pm2[j];
-                }
-            }
-            if (accumulate)
-                for (int64_t j = 0; j < n; ++j)
-                    o[j] += v[j];
-        }
+        for (int64_t r = 0; r < rows; ++r)
+            if (buf != NULL)
+                row(x + r * k, bias + (r % bias_rows) * k, k, buf, pack, out + r * W, &bad);
         free(buf);
     }
+    return failed ? -1 : bad;
+}
+
+/* --- GELU -------------------------------------------------------------------- */
+/* out = GELU(x) = 0.5 x (1 + erf(x / sqrt 2)), n values. */
+EXPORT void bhv_gelu(const float *x, int64_t n, float *out, int threads)
+{
+    const int nt = resolve_threads(threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n >= (1 << 16))
+    for (int64_t i = 0; i < n; ++i)
+        out[i] = 0.5f * x[i] * (1.0f + erff(x[i] * 0.70710678118654752f));
+}
+
+/* --- shift branches ------------------------------------------------------- */
+/*
+ * The shift branches of a BHViT block, LayerScaled and added to out:
+ *   out += sum_i sum_j (pb[3i+j] + y_ij * ps[3i+j])
+ * for x: (B, H, W, C) and each size k_i:
+ *   y_i0 = mean of x rolled by -k..k along H (cyclic), y_i1 the same along W,
+ *   y_i2 = the four channel quarters rolled +k H, -k H, +k W, -k W
+ * (torch.roll(x, s)[h] = x[h - s]).  The rolled sums run in the training model's order.
+ */
+typedef struct {
+    const float *x;
+    int64_t H, W, C;
+    const int64_t *ks;
+    int64_t nk;
+    const float *ps, *pb;
+    float *out;
+} shift_args;
+
+INLINE const float *shift_at(const shift_args *a, const float *xb, int64_t h, int64_t w)
+{
+    h %= a->H;
+    w %= a->W;
+    h += h < 0 ? a->H : 0;
+    w += w < 0 ? a->W : 0;
+    return xb + (h * a->W + w) * a->C;
+}
+
+INLINE void shift_row_impl(const shift_args *a, int64_t bh, float *t)
+{
+    const int64_t H = a->H, Wd = a->W, C = a->C, q = C / 4;
+    const int64_t b = bh / H, h = bh % H;
+    const float *xb = a->x + b * H * Wd * C;
+    for (int64_t w = 0; w < Wd; ++w) {
+        float *o = a->out + ((b * H + h) * Wd + w) * C;
+        const float *xc = xb + (h * Wd + w) * C;
+        for (int64_t i = 0; i < a->nk; ++i) {
+            const int64_t k = a->ks[i];
+            const float div = (float)(2 * k + 1);
+            for (int axis = 0; axis < 2; ++axis) {
+                const float *s0 = a->ps + (3 * i + axis) * C, *b0 = a->pb + (3 * i + axis) * C;
+                for (int64_t c = 0; c < C; ++c)
+                    t[c] = xc[c];
+                for (int64_t s = 1; s <= k; ++s) {
+                    const float *lo = axis == 0 ? shift_at(a, xb, h - s, w) : shift_at(a, xb, h, w - s);
+                    const float *hi = axis == 0 ? shift_at(a, xb, h + s, w) : shift_at(a, xb, h, w + s);
+                    for (int64_t c = 0; c < C; ++c)
+                        t[c] = (t[c] + lo[c]) + hi[c];
+                }
+                for (int64_t c = 0; c < C; ++c)
+                    o[c] += b0[c] + (t[c] / div) * s0[c];
+            }
+            const float *s2 = a->ps + (3 * i + 2) * C, *b2 = a->pb + (3 * i + 2) * C;
+            const float *src[4] = {shift_at(a, xb, h - k, w), shift_at(a, xb, h + k, w),
+                                   shift_at(a, xb, h, w - k), shift_at(a, xb, h, w + k)};
+            for (int part = 0; part < 4; ++part) {
+                const float *sp = src[part];
+                for (int64_t c = part * q; c < (part + 1) * q; ++c)
+                    o[c] += b2[c] + sp[c] * s2[c];
+            }
+        }
+    }
+}
+GLUE_VARIANTS(shift_row, (const shift_args *a, int64_t bh, float *t), (a, bh, t))
+
+EXPORT int bhv_shift_mix(const float *x, int64_t B, int64_t H, int64_t Wd, int64_t C,
+                         const int64_t *ks, int64_t nk, const float *ps, const float *pb,
+                         float *out, int threads)
+{
+    if (C % 4 != 0 || H < 1 || Wd < 1)
+        return -2;
+    const shift_args a = {x, H, Wd, C, ks, nk, ps, pb, out};
+    void (*row)(const shift_args *, int64_t, float *) = glue_fast() ? shift_row_fast : shift_row_base;
+    const int nt = resolve_threads(threads);
+    int failed = 0;
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1 && B * H * Wd * C >= (1 << 15)) reduction(| : failed)
+    {
+        float *t = (float *)malloc((size_t)max64(C, 1) * sizeof(float));
+        if (t == NULL)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < B * H; ++bh)
+            if (t != NULL)
+                row(&a, bh, t);
+        free(t);
+    }
+    return failed ? -1 : 0;
+}
+
+/* --- attention core ------------------------------------------------------- */
+/*
+ * The binary attention core of MSMHA for Bw windows x h heads:
+ *   scores = sign(Q) sign(K)^T by XNOR/popcount (d - 2 popcount(q ^ k)),
+ *   A = softmax(scores * scale) in float,
+ *   QD: lv = clip(round(A * L / step + zp), 0, L) (round half to even), split into
+ *   L 0/1 planes A^s = [lv >= s], each multiplied with the packed sign(V) by
+ *   AND/popcount: A^s sign(V) = 2 popcount(A^s & V+) - popcount(A^s);
+ *   out = step * sum_s A^s sign(V).
+ * qb: (Bw, h, N, Wd), kb: (Bw, h, M, Wd) packed signs of Q, K (Wd = ceil(d/64));
+ * vb: (Bw, h, d, Wm) bits of V >= 0 along the keys (Wm = ceil(M/64));
+ * step, zp: per head; out: (Bw, N, h, d) float.
+ * Scores are integers d - 2 pc, so exp(score * scale - max) = etab[pc - pc_min]
+ * with etab[i] = exp(-2 i scale), computed once per call.
+ */
+typedef struct {
+    const uint64_t *qb, *kb, *vb;
+    int64_t heads, N, M, d, levels;
+    const float *step, *zp, *etab;
+    float *out;
+} attn_args;
+
+INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs, uint64_t *planes)
+{
+    const int64_t heads = a->heads, N = a->N, M = a->M, d = a->d, levels = a->levels;
+    const int64_t Wd = cdiv(d, 64), Wm = cdiv(M, 64);
+    const int64_t b = bh / heads, hd = bh % heads;
+    const uint64_t *Q = a->qb + bh * N * Wd, *Kp = a->kb + bh * M * Wd, *V = a->vb + bh * d * Wm;
+    const float st = a->step[hd], z = a->zp[hd], L = (float)levels;
+    for (int64_t n = 0; n < N; ++n) {
+        const uint64_t *qr = Q + n * Wd;
+        int32_t pmin = (int32_t)(64 * Wd);
+        for (int64_t m = 0; m < M; ++m) {
+            const uint64_t *kr = Kp + m * Wd;
+            int32_t pc = 0;
+            for (int64_t w = 0; w < Wd; ++w)
+                pc += __builtin_popcountll(qr[w] ^ kr[w]);
+            pcs[m] = pc;
+            pmin = pc < pmin ? pc : pmin;
+        }
+        float sum = 0.0f;
+        for (int64_t m = 0; m < M; ++m) {
+            e[m] = a->etab[pcs[m] - pmin];
+            sum += e[m];
+        }
+        int64_t ones = 0;
+        for (int64_t m = 0; m < M; ++m) {
+            float lv = rintf(e[m] / sum * L / st + z); /* half to even (default mode), inlined with SSE4.1 */
+            lv = lv < 0.0f ? 0.0f : (lv > L ? L : lv);
+            pcs[m] = (int32_t)lv; /* reuse: the level of key m */
+            ones += pcs[m];
+        }
+        /* plane s = [level > s], built without data-dependent branches */
+        for (int64_t s = 0; s < levels; ++s)
+            for (int64_t w = 0; w < Wm; ++w) {
+                const int64_t m0 = 64 * w, m1 = min64(M, m0 + 64);
+                uint64_t word = 0;
+                for (int64_t m = m0; m < m1; ++m)
+                    word |= (uint64_t)(pcs[m] > s) << (m - m0);
+                planes[s * Wm + w] = word;
+            }
+        float *o = a->out + ((b * N + n) * heads + hd) * d;
+        for (int64_t j = 0; j < d; ++j) {
+            const uint64_t *vr = V + j * Wm;
+            int64_t hits = 0;
+            for (int64_t s = 0; s < levels; ++s)
+                for (int64_t w = 0; w < Wm; ++w)
+                    hits += __builtin_popcountll(planes[s * Wm + w] & vr[w]);
+            o[j] = (float)(2 * hits - ones) * st;
+        }
+    }
+}
+GLUE_VARIANTS(attn_bh, (const attn_args *a, int64_t bh, float *e, int32_t *pcs, uint64_t *planes),
+              (a, bh, e, pcs, planes))
+
+EXPORT int bhv_attention(const uint64_t *qb, const uint64_t *kb, const uint64_t *vb, int64_t Bw,
+                         int64_t heads, int64_t N, int64_t M, int64_t d, const float *step,
+                         const float *zp, int64_t levels, float scale, float *out, int threads)
+{
+    if (levels < 1 || levels > 64 || d < 1 || M < 1 || heads < 1)
+        return -2;
+    const int64_t Wm = cdiv(M, 64), ntab = 64 * cdiv(d, 64) + 1;
+    float *etab = (float *)malloc((size_t)ntab * sizeof(float));
+    if (etab == NULL)
+        return -1;
+    for (int64_t i = 0; i < ntab; ++i)
+        etab[i] = expf(-2.0f * (float)i * scale);
+    const attn_args a = {qb, kb, vb, heads, N, M, d, levels, step, zp, etab, out};
+    void (*run)(const attn_args *, int64_t, float *, int32_t *, uint64_t *) =
+        glue_fast() ? attn_bh_fast : attn_bh_base;
+    const int nt = resolve_threads(threads);
+    int failed = 0;
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1 && Bw * heads > 1) reduction(| : failed)
+    {
+        float *e = (float *)malloc((size_t)M * sizeof(float));
+        int32_t *pcs = (int32_t *)malloc((size_t)M * sizeof(int32_t));
+        uint64_t *planes = (uint64_t *)malloc((size_t)(levels * Wm) * sizeof(uint64_t));
+        if (e == NULL || pcs == NULL || planes == NULL)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t bh = 0; bh < Bw * heads; ++bh)
+            if (!(e == NULL || pcs == NULL || planes == NULL))
+                run(&a, bh, e, pcs, planes);
+        free(e);
+        free(pcs);
+        free(planes);
+    }
+    free(etab);
+    return failed ? -1 : 0;
+}
+
+/* --- binary linear layer: XNOR GEMM fused with its epilogue ----------------- */
+/*
+ * out = epilogue(K - 2 popcount(a ^ b)) for a: M x W packed inputs, b: N x W packed
+ * weights, processed in chunks of rows so the int32 dot products of a chunk stay in
+ * cache for the epilogue (bhv_epilogue's arguments; with bits != NULL the
+ * bhv_epilogue_pack form: packed signs of the output + nb and optional pooled means).
+ */
+#define BHV_LINEAR_ROWS 32
+
+EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k, const uint64_t *b,
+                             int64_t N, const float *scale, const float *shift, const float *sc,
+                             int64_t sc_c, const float *m1, const float *slope, const float *m2,
+                             const float *ps, const float *pb, const float *res, float *out,
+                             const float *nb, uint64_t *bits, int64_t pool_k, float *pool,
+                             int threads)
+{
+    epi_args base;
+    if (epi_init(&base, NULL, N, scale, shift, sc, sc_c, m1, slope, m2, ps, pb))
+        return -2;
+    if ((out == NULL) == (bits == NULL))
+        return -2;
+    if (pool != NULL && (bits == NULL || pool_k < 1 || N % pool_k != 0))
+        return -2;
+    base.res = res;
+    base.out = out;
+    base.nb = nb;
+    base.bits = bits;
+    base.pool = pool;
+    base.pool_k = pool_k;
+    base.pool_inv = 1.0f / (float)max64(pool_k, 1);
+    if (M <= 0 || N <= 0)
+        return 0;
+    const variant_t *v = g_variant;
+    const int64_t np = cdiv(N, v->nr);
+    uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, np * W * v->nr) * sizeof(uint64_t));
+    if (!Bp)
+        return -1;
+    pack_panels(b, W, N, W, (int)v->nr, Bp);
+    void (*row)(const epi_args *, int64_t, float *) = glue_fast() ? epi_row_fast : epi_row_base;
+    const int64_t mc = BHV_LINEAR_ROWS, nchunks = cdiv(M, mc), Wn = cdiv(N, 64);
+    const int64_t pc = pool != NULL ? N / pool_k : 0;
+    int nt = resolve_threads(threads);
+    if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
+        nt = 1;
+    int failed = 0;
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1 && nchunks > 1) reduction(| : failed)
+    {
+        int32_t *dot = (int32_t *)malloc((size_t)(mc * N) * sizeof(int32_t));
+        float *buf = (float *)malloc((size_t)N * sizeof(float));
+        if (dot == NULL || buf == NULL)
+            failed = 1;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t ch = 0; ch < nchunks; ++ch) {
+            if (dot == NULL || buf == NULL)
+                continue;
+            const int64_t r0 = ch * mc, rows = min64(M, r0 + mc) - r0;
+            gemm_serial(v, a + r0 * W, W, rows, Bp, N, W, 0, k, dot, N);
+            epi_args c = base; /* this chunk's rows */
+            c.dot = dot;
+            c.sc = sc != NULL ? sc + r0 * sc_c : NULL;
+            c.res = res != NULL ? res + r0 * N : NULL;
+            c.out = out != NULL ? out + r0 * N : NULL;
+            c.bits = bits != NULL ? bits + r0 * Wn : NULL;
+            c.pool = pool != NULL ? pool + r0 * pc : NULL;
+            for (int64_t r = 0; r < rows; ++r)
+                row(&c, r, buf);
+        }
+        free(dot);
+        free(buf);
+    }
+    free(Bp);
     return failed ? -1 : 0;
 }

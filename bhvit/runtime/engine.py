@@ -30,21 +30,6 @@ class RuntimeFormatError(ValueError):
 
 
 # --- float ops -------------------------------------------------------------------
-def _erf(x: np.ndarray) -> np.ndarray:
-    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), evaluated in float64.
-    x = x.astype(np.float64)
-    s = np.sign(x)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
-               + 0.254829592) * t * np.exp(-a * a)
-    return s * y
-
-
-def _gelu(x: np.ndarray) -> np.ndarray:
-    return (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(np.float32)
-
-
 def _rprelu(x, p):
     y = x - p["move1"]
     # max/min instead of np.where: same values, several times faster in numpy
@@ -55,12 +40,6 @@ def _layer_norm(x, w, b, eps):
     mu = x.mean(-1, keepdims=True)
     var = ((x - mu) ** 2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * w + b
-
-
-def _softmax(x):
-    x = x - x.max(-1, keepdims=True)
-    e = np.exp(x)
-    return e / e.sum(-1, keepdims=True)
 
 
 def _window_partition(x, w):
@@ -83,18 +62,6 @@ def _channel_shortcut(x, out_dim):
     return x.reshape(x.shape[:-1] + (out_dim, c // out_dim)).mean(-1)
 
 
-def _roll_mean(x, k, axis):
-    out = x.copy()
-    for s in range(1, k + 1):
-        out += np.roll(x, s, axis=axis) + np.roll(x, -s, axis=axis)
-    return out / np.float32(2 * k + 1)
-
-
-def _channel_mix(x, k):
-    a, b, c, d = np.split(x, 4, axis=-1)
-    return np.concatenate([np.roll(a, k, 1), np.roll(b, -k, 1), np.roll(c, k, 2), np.roll(d, -k, 2)], -1)
-
-
 # --- the runtime -------------------------------------------------------------------
 class BHViTRuntime:
     """A loaded export. Call it on a ``(B, C, H, W)`` float batch to get logits ``(B, classes)``."""
@@ -107,6 +74,7 @@ class BHViTRuntime:
         self.threads = threads
         self.classes = manifest.get("data", {}).get("classes")
         self.data = manifest.get("data", {})
+        self._stacked = {}
 
     # -- parameters
     def _p(self, prefix: str, *names):
@@ -124,14 +92,16 @@ class BHViTRuntime:
         return _rprelu(x, {n: self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2")})
 
     # -- binary ops
+    def _packed(self, prefix, x):
+        """Rows of packed ``sign(x + input_bias)`` for the binary linear ``prefix``."""
+        return K.pack_signs(x.reshape(-1, x.shape[-1]), bias=self.t.get(prefix + ".input_bias"),
+                            threads=self.threads)
+
     def _bin_dot(self, prefix, x):
         """XNOR/popcount dot products of ``sign(x + input_bias)`` with the packed weights."""
         wbits = self.t[prefix + ".wbits"]
         k = x.shape[-1]
-        ib = self.t.get(prefix + ".input_bias")
-        if ib is not None:
-            x = x + ib
-        dot = K.xnor_gemm(K.pack_signs(x.reshape(-1, k)), wbits, k, self.threads)
+        dot = K.xnor_gemm(self._packed(prefix, x), wbits, k, self.threads)
         return dot.reshape(x.shape[:-1] + (wbits.shape[0],))
 
     def _bin_conv_dot(self, prefix, xb, cin_per_group, stride, padding, dilation):
@@ -141,19 +111,32 @@ class BHViTRuntime:
     def _rprelu_params(self, prefix):
         return tuple(self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2"))
 
-    def _residual(self, prefix, x, dot_fn, shortcut=None):
-        """Layer-wise residual ``RPReLU(norm(op(x)) + shortcut(x))`` with a fused epilogue."""
-        dot = dot_fn(prefix + ".op", x)
+    def _residual(self, prefix, x, dot_fn, shortcut=None, layer_scale=None, residual=None):
+        """Layer-wise residual ``RPReLU(norm(op(x)) + shortcut(x))`` with a fused epilogue.
+
+        With ``layer_scale`` (a LayerScale prefix) and ``residual``, returns
+        ``residual + LayerScale(...)``, still in one pass where the norm folds.
+        """
         s, t = self._p(prefix + ".op", "scale", "shift")
         sc = x if shortcut is None else shortcut
+        post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
         if self.kinds[prefix + ".op"] == "binary+bn":  # BN folded into scale/shift
-            return K.epilogue(dot, s, t, sc, self._rprelu_params(prefix + ".act"), threads=self.threads)
+            if dot_fn == self._bin_dot:  # a linear: GEMM and epilogue in one call
+                rows, n = x.shape[:-1], self.t[prefix + ".op.wbits"].shape[0]
+                flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
+                out = K.binary_linear(self._packed(prefix + ".op", x), self.t[prefix + ".op.wbits"], x.shape[-1],
+                                      s, t, flat(sc), self._rprelu_params(prefix + ".act"), post=post,
+                                      residual=flat(residual), threads=self.threads)
+                return out.reshape(rows + (n,))
+            dot = dot_fn(prefix + ".op", x)
+            return K.epilogue(dot, s, t, sc, self._rprelu_params(prefix + ".act"), post=post,
+                              residual=residual, threads=self.threads)
+        dot = dot_fn(prefix + ".op", x)
         y = self._norm(prefix + ".norm", K.epilogue(dot, s, t, threads=self.threads))  # LayerNorm
-        return self._act(prefix + ".act", y + _channel_shortcut(sc, y.shape[-1]))
-
-    def _layerscale(self, prefix, x):
-        s, b = self._p(prefix, "scale", "bias")
-        return x * s + b
+        y = self._act(prefix + ".act", y + _channel_shortcut(sc, y.shape[-1]))
+        if post is not None:
+            y = post[1] + y * post[0]
+        return y if residual is None else residual + y
 
     # -- blocks
     def _stem(self, x):
@@ -165,7 +148,7 @@ class BHViTRuntime:
         x = x.transpose(0, 2, 3, 1).reshape(B, H // k, k, W // k, k, C).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(B, H // k, W // k, k * k * C)
         y = x @ self.t["stem.proj.weight"].T + self.t["stem.proj.bias"]
-        return _gelu(self._norm("stem.norm", y)) + self.t["stem.pos_embed"]
+        return K.gelu(self._norm("stem.norm", y), self.threads) + self.t["stem.pos_embed"]
 
     def _downsample(self, p, x):
         x0 = self._norm(p + ".norm0", x)
@@ -174,7 +157,7 @@ class BHViTRuntime:
             ib = self.t[p + ".reduce.op.input_bias"]
 
             def op(prefix, inp):
-                xb = K.pack_signs((inp + ib).reshape(B, H, W, 1, C))
+                xb = K.pack_signs(inp.reshape(B, H, W, 1, C), bias=ib, threads=self.threads)
                 return self._bin_conv_dot(prefix, xb, C, 2, 0, 1)
 
             pooled = x0.reshape(B, H // 2, 2, W // 2, 2, C).mean(axis=(2, 4))
@@ -192,7 +175,8 @@ class BHViTRuntime:
         # the same choice as BHViT._mixer: "conv" is the single dense 3x3 ablation
         groups, dilations = (cfg["msgdc_groups"], cfg["msgdc_dilations"]) if mixer == "msgdc" else (1, [1])
         cg = C // groups
-        xb = K.pack_signs((x + self.t[p + ".input_bias"]).reshape(B, H, W, groups, cg))
+        xb = K.pack_signs(x.reshape(B, H, W, groups, cg), bias=self.t[p + ".input_bias"].reshape(groups, cg),
+                          threads=self.threads)
         out = None
         for i, d in enumerate(dilations):
             dot = self._bin_conv_dot(f"{p}.convs.{i}", xb, cg, 1, d, d)
@@ -202,42 +186,27 @@ class BHViTRuntime:
                              threads=self.threads)
         return self._norm(p + ".norm", out)
 
-    def _attention(self, p, q, k, v, heads):
-        """Binary attention core: XNOR scores, softmax, QD planes by AND/popcount."""
+    def _attention(self, p, q, k, v, heads, bias):
+        """Binary attention core: XNOR scores, softmax, QD planes by AND/popcount (one C call).
+
+        ``bias`` (3, C) is added to q, k, v before their signs are taken.
+        """
         Bw, N, C = q.shape
         M = k.shape[1]
         d = C // heads
         levels = self.cfg["qd_levels"] if self.cfg["qd"] else 1
         step, zp = self._p(p + ".core.qd", "step", "zero_point")
 
-        def split(a, n):
-            return a.reshape(Bw, n, heads, d).transpose(0, 2, 1, 3)
+        def packed(a, n, b):  # signs of a + b per head: (Bw, n, h, Wd) -> (Bw, h, n, Wd)
+            bits = K.pack_signs(a.reshape(Bw, n, heads, d), bias=b.reshape(heads, d), threads=self.threads)
+            return np.ascontiguousarray(bits.transpose(0, 2, 1, 3))
 
-        qb = K.pack_signs(np.ascontiguousarray(split(q, N)))   # (Bw, h, N, Wd)
-        kb = K.pack_signs(np.ascontiguousarray(split(k, M)))   # (Bw, h, M, Wd)
-        vpos = (split(v, M) >= 0).transpose(0, 1, 3, 2)         # (Bw, h, d, M): v is +1
-        vb = K.pack_bits(np.ascontiguousarray(vpos))           # (Bw, h, d, Wm)
-        scale = np.float32(1.0 / math.sqrt(d))
-        scores = np.empty((Bw, heads, N, M), dtype=np.int32)
-        for b in range(Bw):
-            for h in range(heads):
-                scores[b, h] = K.xnor_gemm(qb[b, h], kb[b, h], d, self.threads)
-        attn = _softmax(scores.astype(np.float32) * scale)
-        hs = (1, heads, 1, 1)
-        lv = np.clip(np.round(attn * np.float32(levels) / step.reshape(hs) + zp.reshape(hs)), 0, levels)
-        planes = lv[None] >= np.arange(1, levels + 1, dtype=np.float32).reshape(-1, 1, 1, 1, 1)
-        pb = K.pack_bits(planes)                                  # (L, Bw, h, N, Wm)
-        acc = -planes.sum(-1, dtype=np.int64)[..., None].sum(0)   # -popcount(A^s), summed over s
-        hits = np.zeros((Bw, heads, N, d), dtype=np.int64)
-        for s_ in range(levels):
-            for b in range(Bw):
-                for h in range(heads):
-                    hits[b, h] += K.and_gemm(pb[s_, b, h], vb[b, h], self.threads)
-        # sum_s A^s @ sign(V) = sum_s (2 * popcount(A^s & V+) - popcount(A^s))
-        out = ((2 * hits + acc).astype(np.float32) * step.reshape(hs)).astype(np.float32)
-        return out.transpose(0, 2, 1, 3).reshape(Bw, N, C)
+        qb, kb = packed(q, N, bias[0]), packed(k, M, bias[1])
+        vpos = ((v + bias[2]) >= 0).reshape(Bw, M, heads, d).transpose(0, 2, 3, 1)   # (Bw, h, d, M)
+        vb = K.pack_bits(np.ascontiguousarray(vpos))
+        return K.attention(qb, kb, vb, d, step, zp, levels, 1.0 / math.sqrt(d), self.threads)
 
-    def _msmha(self, p, x, heads, window):
+    def _msmha(self, p, x, heads, window, residual):
         B, H, W, C = x.shape
         if window is None:
             tokens = x.reshape(B, 1, H * W, C)
@@ -261,8 +230,7 @@ class BHViTRuntime:
         q = self._residual(p + ".q_proj", t, self._bin_dot)
         k = self._residual(p + ".k_proj", t, self._bin_dot)
         v = self._residual(p + ".v_proj", t, self._bin_dot)
-        bias = self.t[p + ".qkv_bias"]
-        ctx = self._attention(p, q + bias[0], k + bias[1], v + bias[2], heads)
+        ctx = self._attention(p, q, k, v, heads, self.t[p + ".qkv_bias"])
         ctx = self._act(p + ".ctx_act", self._norm(p + ".ctx_norm", ctx) + q + k + v)
         ctx = ctx.reshape(B, n_win, -1, C)
         local = ctx[:, :, :n_local]
@@ -273,22 +241,51 @@ class BHViTRuntime:
             out = _window_reverse(local, window, H, W)
         else:
             out = local.reshape(B, H, W, C)
-        return self._layerscale(p + ".layer_scale", self._residual(p + ".out_proj", out, self._bin_dot))
+        return self._residual(p + ".out_proj", out, self._bin_dot, layer_scale=p + ".layer_scale",
+                              residual=residual)
+
+    def _shift_params(self, p, n_branches):
+        key = p + ".shift"
+        if key not in self._stacked:
+            names = [f"{p}.shift.scales.{i}" for i in range(n_branches)]
+            self._stacked[key] = (np.stack([self.t[n + ".scale"] for n in names]),
+                                  np.stack([self.t[n + ".bias"] for n in names]))
+        return self._stacked[key]
+
+    def _mlp(self, p, n, x):
+        """``x + LayerScale(down(up(n)))`` of the binary MLP (a new array)."""
+        up, down, ls = p + ".up", p + ".down", p + ".layer_scale"
+        C = n.shape[-1]
+        hidden = self.t[up + ".op.wbits"].shape[0]
+        if (self.kinds[up + ".op"] == self.kinds[down + ".op"] == "binary+bn"
+                and hidden > C and hidden % C == 0):
+            # the hidden layer never exists in float: the up epilogue emits its packed
+            # signs (down's input bias folded in) and the channel-pool shortcut of down
+            s, t = self._p(up + ".op", "scale", "shift")
+            bits, pooled = K.binary_linear(self._packed(up + ".op", n), self.t[up + ".op.wbits"], C, s, t,
+                                           n.reshape(-1, C), self._rprelu_params(up + ".act"), pack=True,
+                                           next_bias=self.t.get(down + ".op.input_bias"), pool=C,
+                                           threads=self.threads)
+            s, t = self._p(down + ".op", "scale", "shift")
+            out = K.binary_linear(bits, self.t[down + ".op.wbits"], hidden, s, t, pooled,
+                                  self._rprelu_params(down + ".act"), post=tuple(self._p(ls, "scale", "bias")),
+                                  residual=x.reshape(-1, C), threads=self.threads)
+            return out.reshape(x.shape)
+        h = self._residual(up, n, self._bin_dot)
+        return self._residual(down, h, self._bin_dot, layer_scale=ls, residual=x)
 
     def _block(self, p, x, mixer, heads, window):
         n = self._norm(p + ".norm1", x)
         if mixer in ("msgdc", "conv"):
             x = x + self._msgdc(p + ".mixer", n, mixer)
         else:
-            x = x + self._msmha(p + ".mixer", n, heads, window if mixer == "msmha" else None)
+            x = self._msmha(p + ".mixer", n, heads, window if mixer == "msmha" else None, residual=x)
         n = self._norm(p + ".norm2", x)
-        h = self._residual(p + ".mlp.up", n, self._bin_dot)
-        h = self._residual(p + ".mlp.down", h, self._bin_dot)
-        out = x + self._layerscale(p + ".mlp.layer_scale", h)
+        out = self._mlp(p + ".mlp", n, x)
         sizes = self.cfg["shift_sizes"] if self.cfg["shift"] else []
-        for i, k in enumerate(sizes):
-            for j, y in enumerate((_roll_mean(n, k, 1), _roll_mean(n, k, 2), _channel_mix(n, k))):
-                out = out + self._layerscale(f"{p}.shift.scales.{3 * i + j}", y)
+        if sizes:
+            scales, biases = self._shift_params(p, 3 * len(sizes))
+            K.shift_mix(n, sizes, scales, biases, out, self.threads)
         return out
 
     def _mixers(self):

@@ -39,9 +39,10 @@ import numpy as np
 __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
     "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
+    "epilogue_pack", "binary_linear", "gelu", "shift_mix", "attention",
 ]
 
-_ABI_VERSION = 2
+_ABI_VERSION = 3
 _HERE = Path(__file__).resolve().parent
 
 _lib = None            # ctypes.CDLL or None
@@ -81,7 +82,14 @@ def _setup(lib):
         "bhv_xnor_gemm": (i32, [vp, vp, i64, i64, i64, i64, vp, i32]),
         "bhv_and_gemm": (i32, [vp, vp, i64, i64, i64, vp, i32]),
         "bhv_xnor_conv2d": (i32, [vp, vp] + [i64] * 14 + [vp, i32]),
-        "bhv_epilogue": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, i32, i32]),
+        "bhv_epilogue": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp, i32]),
+        "bhv_epilogue_pack": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, i64, vp, i32]),
+        "bhv_binary_linear": (i32, [vp, i64, i64, i64, vp, i64] + [vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp]
+                              + [vp, vp, i64, vp, i32]),
+        "bhv_pack_signs_bias_f32": (i32, [vp, i64, i64, vp, i64, vp, i32]),
+        "bhv_gelu": (None, [vp, i64, vp, i32]),
+        "bhv_shift_mix": (i32, [vp, i64, i64, i64, i64, vp, i64, vp, vp, vp, i32]),
+        "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float, vp, i32]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -235,8 +243,16 @@ def _fdtype(n: int):
 
 # --------------------------------------------------------------------------- packing
 
-def pack_signs(x) -> np.ndarray:
-    """float (..., K) -> uint64 (..., ceil(K/64)): bit = 1 where x >= 0 (-0.0 too). NaN: ValueError."""
+def pack_signs(x, bias=None, threads: int = 0) -> np.ndarray:
+    """float (..., K) -> uint64 (..., ceil(K/64)): bit = 1 where x >= 0 (-0.0 too). NaN: ValueError.
+
+    With ``bias`` the signs of ``x + bias`` (computed in float32) are packed without
+    materialising the sum: a binary layer's input bias. ``bias`` is ``(K,)`` or
+    ``(G, K)`` with ``x`` of shape ``(..., G, K)`` (channel groups or heads packed
+    separately, each with its own slice of the bias).
+    """
+    if bias is not None:
+        return _pack_signs_bias(x, bias, _threads(threads))
     x = np.asarray(x)
     if x.ndim == 0:
         raise ValueError("pack_signs needs at least one dimension")
@@ -259,6 +275,26 @@ def pack_signs(x) -> np.ndarray:
     if np.isnan(x).any():
         raise ValueError("pack_signs: input contains NaN")
     return _to_uint64_words(x >= 0)
+
+
+def _pack_signs_bias(x, bias, threads):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim == 0:
+        raise ValueError("pack_signs needs at least one dimension")
+    k = x.shape[-1]
+    bias = np.ascontiguousarray(bias, dtype=np.float32)
+    if bias.ndim not in (1, 2) or bias.shape[-1] != k or (bias.ndim == 2 and x.shape[-2:] != bias.shape):
+        raise ValueError(f"bias of shape {bias.shape} does not fit input of shape {x.shape}.")
+    if not _use_c:
+        return pack_signs(x + bias)
+    out = np.empty(x.shape[:-1] + (_words(k),), dtype=np.uint64)
+    rows = math.prod(x.shape[:-1])
+    if rows and k:
+        rc = _lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, _ptr(bias), bias.size // k, _ptr(out), threads)
+        if rc == 1:
+            raise ValueError("pack_signs: input contains NaN")
+        _check_rc(rc)
+    return out
 
 
 def pack_bits(b) -> np.ndarray:
@@ -400,15 +436,7 @@ def _f32(a, n=None):
     return a
 
 
-def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, threads: int = 0) -> np.ndarray:
-    """Fused float epilogue of a binary layer, one pass in C.
-
-    ``act(dot * scale + shift + shortcut)`` for int32 ``dot`` of shape ``(..., n)``.
-    ``shortcut`` ``(..., c)`` is added as is (``c == n``), tiled (``c < n``) or averaged
-    over groups of ``c // n`` consecutive channels (``c > n``). ``rprelu`` is a
-    ``(move1, slope, move2)`` triple or None. With ``out`` given, the result is added
-    to it in place (and returned).
-    """
+def _epi_args(dot, scale, shift, shortcut, rprelu):
     dot = np.ascontiguousarray(dot, dtype=np.int32)
     n = dot.shape[-1]
     rows = dot.size // max(n, 1)
@@ -420,33 +448,280 @@ def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, threads: i
         if sc.size // max(c, 1) != rows or not (c == n or (c < n and n % c == 0) or (c > n and c % n == 0)):
             raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {dot.shape}.")
     acts = [_f32(a, n) for a in rprelu] if rprelu is not None else None
-    accumulate = out is not None
-    if out is None:
-        out = np.empty(dot.shape, dtype=np.float32)
-    elif out.dtype != np.float32 or out.shape != dot.shape or not out.flags.c_contiguous:
-        raise ValueError("out must be a C-contiguous float32 array of the output's shape.")
-    if _use_c:
-        null = None
-        rc = _lib.bhv_epilogue(_ptr(dot), rows, n, _ptr(scale), _ptr(shift),
-                               _ptr(sc) if sc is not None else null, sc.shape[-1] if sc is not None else 0,
-                               _ptr(acts[0]) if acts else null, _ptr(acts[1]) if acts else null,
-                               _ptr(acts[2]) if acts else null, _ptr(out), int(accumulate), _threads(threads))
-        _check_rc(rc)
-        return out
+    return dot, n, rows, scale, shift, sc, acts
+
+
+def _epi_c_args(sc, acts):
+    null = None
+    return (_ptr(sc) if sc is not None else null, sc.shape[-1] if sc is not None else 0,
+            _ptr(acts[0]) if acts else null, _ptr(acts[1]) if acts else null, _ptr(acts[2]) if acts else null)
+
+
+def _group_mean(x, n):
+    """Mean of groups of ``c // n`` consecutive channels, summed in order like the C kernels."""
+    g = x.reshape(x.shape[:-1] + (n, x.shape[-1] // n))
+    acc = g[..., 0].copy()
+    for t in range(1, g.shape[-1]):
+        acc += g[..., t]
+    return acc * (np.float32(1.0) / np.float32(g.shape[-1]))  # 1.0f / k, as in C
+
+
+def _epi_numpy(dot, scale, shift, sc, acts):
+    n = dot.shape[-1]
     v = dot.astype(np.float32) * scale + shift
     if sc is not None:
         c = sc.shape[-1]
         if c < n:
             v += np.tile(sc, (1,) * (sc.ndim - 1) + (n // c,))
         elif c > n:
-            v += sc.reshape(sc.shape[:-1] + (n, c // n)).mean(-1)
+            v += _group_mean(sc, n)
         else:
             v += sc
     if acts is not None:
         y = v - acts[0]
-        v = np.where(y >= 0, y, y * acts[1]) + acts[2]
-    if accumulate:
-        out += v
+        v = np.maximum(y, 0) + np.minimum(y, 0) * acts[1] + acts[2]
+    return v
+
+
+def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, post=None, residual=None,
+             threads: int = 0) -> np.ndarray:
+    """Fused float epilogue of a binary layer, one pass in C.
+
+    ``y = post(act(dot * scale + shift + shortcut))`` for int32 ``dot`` of shape
+    ``(..., n)``. ``shortcut`` ``(..., c)`` is added as is (``c == n``), tiled
+    (``c < n``) or averaged over groups of ``c // n`` consecutive channels
+    (``c > n``). ``rprelu`` is a ``(move1, slope, move2)`` triple or None; ``post``
+    a LayerScale ``(scale, bias)`` pair (``bias + y * scale``) or None.
+    Returns ``residual + y`` when ``residual`` is given, else ``y``. With ``out``
+    given the result is written there; ``out`` without ``residual`` accumulates
+    (``out += y``).
+    """
+    dot, n, rows, scale, shift, sc, acts = _epi_args(dot, scale, shift, shortcut, rprelu)
+    posts = [_f32(a, n) for a in post] if post is not None else None
+    if out is None:
+        out = np.empty(dot.shape, dtype=np.float32)
+    elif out.dtype != np.float32 or out.shape != dot.shape or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array of the output's shape.")
+    elif residual is None:
+        residual = out
+    if residual is not None:
+        residual = _f32(residual)
+        if residual.shape != dot.shape:
+            raise ValueError(f"residual of shape {residual.shape} does not match the output {dot.shape}.")
+    if _use_c:
+        null = None
+        rc = _lib.bhv_epilogue(_ptr(dot), rows, n, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
+                               _ptr(posts[0]) if posts else null, _ptr(posts[1]) if posts else null,
+                               _ptr(residual) if residual is not None else null, _ptr(out), _threads(threads))
+        _check_rc(rc)
         return out
+    v = _epi_numpy(dot, scale, shift, sc, acts)
+    if posts is not None:
+        v = posts[1] + v * posts[0]
+    if residual is not None:
+        v = residual + v
     out[...] = v
     return out
+
+
+def epilogue_pack(dot, scale, shift, shortcut=None, rprelu=None, next_bias=None, pool: int = 0,
+                  threads: int = 0):
+    """The epilogue of a binary layer feeding another binary layer, without float output.
+
+    Computes ``y = act(dot * scale + shift + shortcut)`` like :func:`epilogue` and
+    returns ``(bits, pooled)``: ``bits`` the packed signs of ``y + next_bias`` (the
+    next layer's input, ``(..., ceil(n/64))`` uint64) and, with ``pool`` = p > 0,
+    ``pooled`` the means of groups of ``n // p`` consecutive channels of ``y``
+    (``(..., p)`` float32, the next layer's channel-pool shortcut), else None.
+    """
+    dot, n, rows, scale, shift, sc, acts = _epi_args(dot, scale, shift, shortcut, rprelu)
+    nb = _f32(next_bias, n) if next_bias is not None else None
+    pool = int(pool)
+    if pool < 0 or (pool and n % pool):
+        raise ValueError(f"pool={pool} does not divide the {n} output channels.")
+    bits = np.empty(dot.shape[:-1] + (_words(n),), dtype=np.uint64)
+    pooled = np.empty(dot.shape[:-1] + (pool,), dtype=np.float32) if pool else None
+    if _use_c:
+        null = None
+        if rows and n:
+            rc = _lib.bhv_epilogue_pack(_ptr(dot), rows, n, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
+                                        _ptr(nb) if nb is not None else null, _ptr(bits), n // pool if pool else 0,
+                                        _ptr(pooled) if pool else null, _threads(threads))
+            _check_rc(rc)
+        return bits, pooled
+    v = _epi_numpy(dot, scale, shift, sc, acts)
+    if pool:
+        pooled[...] = _group_mean(v, pool)
+    bits[...] = pack_signs(v if nb is None else v + nb)
+    return bits, pooled
+
+
+def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=None, residual=None,
+                  pack: bool = False, next_bias=None, pool: int = 0, threads: int = 0):
+    """A binary linear layer: ``xnor_gemm(a, b, k)`` fused with its epilogue.
+
+    a: uint64 ``(M, W)`` packed inputs, b: uint64 ``(N, W)`` packed weights. The
+    epilogue arguments are those of :func:`epilogue` (shortcut and residual as
+    ``(M, c)`` / ``(M, N)`` arrays); with ``pack=True`` those of
+    :func:`epilogue_pack` and the result is ``(bits, pooled)``. Rows are processed
+    in small chunks, so the int32 products never leave the cache.
+    """
+    a, b = _gemm_args(a, b)
+    k, threads = int(k), _threads(threads)
+    (M, W), N = a.shape, b.shape[0]
+    if not 0 <= k <= 64 * W:
+        raise ValueError(f"k={k} does not fit in {W} words")
+    if not _use_c:
+        dot = xnor_gemm(a, b, k)
+        if pack:
+            return epilogue_pack(dot, scale, shift, shortcut, rprelu, next_bias, pool)
+        return epilogue(dot, scale, shift, shortcut, rprelu, post=post, residual=residual)
+    scale, shift = _f32(scale, N), _f32(shift, N)
+    acts = [_f32(x, N) for x in rprelu] if rprelu is not None else None
+    sc = None
+    if shortcut is not None:
+        sc = _f32(shortcut)
+        c = sc.shape[-1]
+        if sc.shape != (M, c) or not (c == N or (c < N and N % c == 0) or (c > N and c % N == 0)):
+            raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {(M, N)}.")
+    null = None
+    if pack:
+        if post is not None or residual is not None:
+            raise ValueError("pack=True takes no post or residual.")
+        pool = int(pool)
+        if pool < 0 or (pool and N % pool):
+            raise ValueError(f"pool={pool} does not divide the {N} output channels.")
+        nb = _f32(next_bias, N) if next_bias is not None else None
+        bits = np.empty((M, _words(N)), dtype=np.uint64)
+        pooled = np.empty((M, pool), dtype=np.float32) if pool else None
+        rc = _lib.bhv_binary_linear(_ptr(a), M, W, k, _ptr(b), N, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
+                                    null, null, null, null, _ptr(nb) if nb is not None else null, _ptr(bits),
+                                    N // pool if pool else 0, _ptr(pooled) if pool else null, threads)
+        _check_rc(rc)
+        return bits, pooled
+    posts = [_f32(x, N) for x in post] if post is not None else None
+    if residual is not None:
+        residual = _f32(residual)
+        if residual.shape != (M, N):
+            raise ValueError(f"residual of shape {residual.shape} does not match the output {(M, N)}.")
+    out = np.empty((M, N), dtype=np.float32)
+    rc = _lib.bhv_binary_linear(_ptr(a), M, W, k, _ptr(b), N, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
+                                _ptr(posts[0]) if posts else null, _ptr(posts[1]) if posts else null,
+                                _ptr(residual) if residual is not None else null, _ptr(out), null, null, 0, null,
+                                threads)
+    _check_rc(rc)
+    return out
+
+
+# --------------------------------------------------------------------------- float glue
+
+def _erf(x: np.ndarray) -> np.ndarray:
+    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), evaluated in float64.
+    x = x.astype(np.float64)
+    a = np.abs(x)
+    t = 1.0 / (1.0 + 0.3275911 * a)
+    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
+               + 0.254829592) * t * np.exp(-a * a)
+    return np.sign(x) * y
+
+
+def gelu(x, threads: int = 0) -> np.ndarray:
+    """Exact (erf) GELU in float32: ``0.5 x (1 + erf(x / sqrt 2))``."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not _use_c:
+        return (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(np.float32)
+    out = np.empty_like(x)
+    if x.size:
+        _lib.bhv_gelu(_ptr(x), x.size, _ptr(out), _threads(threads))
+    return out
+
+
+def _roll_mean(x, k, axis):
+    # the training model's order: ((x + roll(x, 1)) + roll(x, -1)) + roll(x, 2) ...
+    out = x.copy()
+    for s in range(1, k + 1):
+        out = out + np.roll(x, s, axis=axis)
+        out = out + np.roll(x, -s, axis=axis)
+    return out / np.float32(2 * k + 1)
+
+
+def _channel_mix(x, k):
+    a, b, c, d = np.split(x, 4, axis=-1)
+    return np.concatenate([np.roll(a, k, 1), np.roll(b, -k, 1), np.roll(c, k, 2), np.roll(d, -k, 2)], -1)
+
+
+def shift_mix(x, sizes, scales, biases, out, threads: int = 0) -> np.ndarray:
+    """Add the LayerScaled shift branches of a BHViT block to ``out`` in place.
+
+    x, out: float32 ``(B, H, W, C)`` (C divisible by 4). For each size ``k`` in
+    ``sizes`` three branches, in order: the mean of the cyclic rolls ``-k..k`` along
+    H, the same along W, and the channel quarters rolled ``+k H, -k H, +k W, -k W``;
+    branch ``i`` adds ``biases[i] + y_i * scales[i]`` (``scales``, ``biases``:
+    ``(3 * len(sizes), C)``). Returns ``out``.
+    """
+    x = _f32(x)
+    if x.ndim != 4 or x.shape[-1] % 4:
+        raise ValueError(f"shift_mix needs a (B, H, W, C) map with C divisible by 4, got {x.shape}.")
+    if out.dtype != np.float32 or out.shape != x.shape or not out.flags.c_contiguous:
+        raise ValueError("out must be a C-contiguous float32 array of the input's shape.")
+    ks = np.ascontiguousarray(sizes, dtype=np.int64).reshape(-1)
+    C = x.shape[-1]
+    scales = np.ascontiguousarray(scales, dtype=np.float32).reshape(-1, C)
+    biases = np.ascontiguousarray(biases, dtype=np.float32).reshape(-1, C)
+    if scales.shape[0] != 3 * ks.size or biases.shape != scales.shape:
+        raise ValueError(f"need {3 * ks.size} scale and bias rows for sizes {list(ks)}.")
+    if (ks < 0).any():
+        raise ValueError(f"shift sizes must be >= 0, got {list(ks)}.")
+    if not _use_c:
+        for i, k in enumerate(ks):
+            for j, y in enumerate((_roll_mean(x, k, 1), _roll_mean(x, k, 2), _channel_mix(x, k))):
+                out += biases[3 * i + j] + y * scales[3 * i + j]
+        return out
+    if ks.size and x.size:
+        B, H, W, _ = x.shape
+        _check_rc(_lib.bhv_shift_mix(_ptr(x), B, H, W, C, _ptr(ks), ks.size, _ptr(scales), _ptr(biases),
+                                     _ptr(out), _threads(threads)))
+    return out
+
+
+def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float,
+              threads: int = 0) -> np.ndarray:
+    """BHViT's binary attention core over windows x heads, from packed operands.
+
+    qb: uint64 ``(Bw, h, N, ceil(d/64))`` and kb ``(Bw, h, M, ceil(d/64))``: packed
+    signs of Q and K; vb: uint64 ``(Bw, h, d, ceil(M/64))``: bits of ``V >= 0`` along
+    the keys. Scores ``sign(Q) sign(K)^T`` by XNOR/popcount, ``softmax(scores *
+    scale)`` in float32, Quantization Decomposition into ``levels`` 0/1 planes
+    (``lv = clip(round(A * levels / step + zero_point), 0, levels)``, plane s =
+    ``lv >= s``), each times ``sign(V)`` by AND/popcount, summed times ``step``.
+    step, zero_point: per head. Returns float32 ``(Bw, N, h * d)``.
+    """
+    qb, kb, vb = (_as_words(a, n, 4) for a, n in ((qb, "qb"), (kb, "kb"), (vb, "vb")))
+    Bw, h, N, Wd = qb.shape
+    M = kb.shape[2]
+    d, levels = int(d), int(levels)
+    if kb.shape != (Bw, h, M, Wd) or Wd != _words(d) or vb.shape != (Bw, h, d, _words(M)):
+        raise ValueError(f"attention operands do not fit: qb {qb.shape}, kb {kb.shape}, vb {vb.shape}, d={d}.")
+    if not 1 <= levels <= 64:
+        raise ValueError(f"levels must be in 1..64, got {levels}.")
+    step, zp = _f32(step, h), _f32(zero_point, h)
+    if _use_c:
+        out = np.empty((Bw, N, h, d), dtype=np.float32)
+        if out.size:
+            _check_rc(_lib.bhv_attention(_ptr(qb), _ptr(kb), _ptr(vb), Bw, h, N, M, d, _ptr(step), _ptr(zp),
+                                         levels, float(scale), _ptr(out), _threads(threads)))
+        return out.reshape(Bw, N, h * d)
+    dt = np.float64
+    q = _unpack_bits(qb)[..., :d].astype(dt) * 2 - 1
+    k = _unpack_bits(kb)[..., :d].astype(dt) * 2 - 1
+    scores = np.rint(q @ k.transpose(0, 1, 3, 2)).astype(np.float32)
+    a = scores * np.float32(scale)
+    e = np.exp(a - a.max(-1, keepdims=True))
+    attn = e / e.sum(-1, keepdims=True)
+    hs = (1, h, 1, 1)
+    lv = np.clip(np.round(attn * np.float32(levels) / step.reshape(hs) + zp.reshape(hs)), 0, levels)
+    planes = lv[None] >= np.arange(1, levels + 1, dtype=np.float32).reshape(-1, 1, 1, 1, 1)
+    v = _unpack_bits(vb)[..., :M].astype(dt) * 2 - 1                       # (Bw, h, d, M)
+    sv = planes.astype(dt).sum(0) @ v.transpose(0, 1, 3, 2)                 # sum_s A^s sign(V)
+    out = (np.rint(sv).astype(np.float32) * step.reshape(hs)).astype(np.float32)
+    return out.transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
