@@ -571,6 +571,8 @@ def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=N
     (M, W), N = a.shape, b.shape[0]
     if not 0 <= k <= 64 * W:
         raise ValueError(f"k={k} does not fit in {W} words")
+    if pack and (post is not None or residual is not None):
+        raise ValueError("pack=True takes no post or residual.")
     if not _use_c:
         dot = xnor_gemm(a, b, k)
         if pack:
@@ -586,8 +588,6 @@ def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=N
             raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {(M, N)}.")
     null = None
     if pack:
-        if post is not None or residual is not None:
-            raise ValueError("pack=True takes no post or residual.")
         pool = int(pool)
         if pool < 0 or (pool and N % pool):
             raise ValueError(f"pool={pool} does not divide the {N} output channels.")

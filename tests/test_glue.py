@@ -1,0 +1,237 @@
+"""Float glue kernels of the runtime: fused epilogues, binary linear, shifts, attention, GELU."""
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bhvit.blocks import ShiftBranches
+from bhvit.runtime import kernels as K
+
+# every compiled variant (portable/popcnt use the baseline glue, avx2/avx512 the AVX2 copy)
+BACKENDS = [b for b in K.available_backends() if b != "numpy"] + ["numpy"]
+
+
+@pytest.fixture(params=BACKENDS)
+def be(request):
+    prev = K.backend()
+    K.set_backend(request.param)
+    yield request.param
+    K.set_backend(prev)
+
+
+def _on(backend, fn):
+    prev = K.backend()
+    K.set_backend(backend)
+    try:
+        return fn()
+    finally:
+        K.set_backend(prev)
+
+
+def _vec(rng, n):
+    return rng.standard_normal(n).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- packing with bias
+
+def test_pack_signs_bias_equals_packing_the_sum(be):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((7, 3, 70)).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    x[0, 0, :5] = -b[:5]                       # x + b == 0 exactly -> +1
+    assert np.array_equal(K.pack_signs(x, bias=b), K.pack_signs(x + b))
+    g = rng.standard_normal((3, 70)).astype(np.float32)  # one bias row per group
+    assert np.array_equal(K.pack_signs(x, bias=g), K.pack_signs(x + g))
+    bits = K.pack_signs(np.zeros((1, 3), np.float32), bias=np.array([0.0, -1.0, 2.0], np.float32))
+    assert bits.tolist() == [[0b101]]
+
+
+def test_pack_signs_bias_errors(be):
+    x = np.zeros((4, 8), np.float32)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.pack_signs(x, bias=np.zeros(7, np.float32))
+    with pytest.raises(ValueError, match="does not fit"):
+        K.pack_signs(x, bias=np.zeros((2, 8), np.float32))
+    x[1, 2] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        K.pack_signs(x, bias=np.zeros(8, np.float32))
+
+
+# --------------------------------------------------------------------------- epilogues
+
+def _epi_ref(dot, scale, shift, sc, act):
+    n = dot.shape[-1]
+    v = dot.astype(np.float64) * scale + shift
+    if sc is not None:
+        c = sc.shape[-1]
+        v = v + (np.tile(sc, (1, n // c)) if c < n else sc.reshape(-1, n, c // n).mean(-1) if c > n else sc)
+    if act is not None:
+        y = v - act[0]
+        v = np.where(y >= 0, y, y * act[1]) + act[2]
+    return v
+
+
+@pytest.mark.parametrize("c", [16, 64, 128])
+def test_epilogue_post_and_residual(be, c):
+    rng = np.random.default_rng(2)
+    n = 64
+    dot = rng.integers(-60, 60, (9, n)).astype(np.int32)
+    s, t, ps, pb = (_vec(rng, n) for _ in range(4))
+    act = tuple(_vec(rng, n) for _ in range(3))
+    sc = rng.standard_normal((9, c)).astype(np.float32)
+    res = rng.standard_normal((9, n)).astype(np.float32)
+    want = res + pb + _epi_ref(dot, s, t, sc, act) * ps
+    got = K.epilogue(dot, s, t, sc, act, post=(ps, pb), residual=res)
+    assert np.allclose(got, want, atol=1e-4)
+    acc = res.copy()                            # out without residual accumulates in place
+    assert K.epilogue(dot, s, t, sc, act, out=acc, post=(ps, pb)) is acc
+    assert np.allclose(acc, want, atol=1e-4)
+    with pytest.raises(ValueError, match="residual"):
+        K.epilogue(dot, s, t, residual=res[:, :8])
+
+
+def test_epilogue_pack_gives_signs_and_pooled_means(be):
+    rng = np.random.default_rng(3)
+    n, c = 128, 32
+    dot = rng.integers(-40, 40, (2, 5, n)).astype(np.int32)
+    s, t, nb = (_vec(rng, n) for _ in range(3))
+    act = tuple(_vec(rng, n) for _ in range(3))
+    sc = rng.standard_normal((2, 5, c)).astype(np.float32)
+    y = K.epilogue(dot, s, t, sc, act)
+    bits, pooled = K.epilogue_pack(dot, s, t, sc, act, next_bias=nb, pool=c)
+    assert bits.shape == (2, 5, 2) and pooled.shape == (2, 5, c)
+    assert np.array_equal(bits, K.pack_signs(y + nb))
+    assert np.allclose(pooled, y.reshape(2, 5, c, n // c).mean(-1), atol=1e-5)
+    bits2, none = K.epilogue_pack(dot, s, t, sc, act)
+    assert none is None and np.array_equal(bits2, K.pack_signs(y))
+    with pytest.raises(ValueError, match="pool"):
+        K.epilogue_pack(dot, s, t, pool=3)
+
+
+# --------------------------------------------------------------------------- binary linear
+
+@pytest.mark.parametrize("M", [1, 31, 32, 33, 100])
+@pytest.mark.parametrize("k", [64, 100, 257])
+def test_binary_linear_equals_gemm_then_epilogue(be, M, k):
+    rng = np.random.default_rng(M * 1000 + k)
+    N = 96
+    a = K.pack_signs(rng.standard_normal((M, k)).astype(np.float32))
+    b = K.pack_signs(rng.standard_normal((N, k)).astype(np.float32))
+    s, t, ps, pb = (_vec(rng, N) for _ in range(4))
+    act = tuple(_vec(rng, N) for _ in range(3))
+    sc = rng.standard_normal((M, 32)).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    dot = K.xnor_gemm(a, b, k)
+    want = K.epilogue(dot, s, t, sc, act, post=(ps, pb), residual=res)
+    got = K.binary_linear(a, b, k, s, t, sc, act, post=(ps, pb), residual=res)
+    assert np.array_equal(got, want)
+    got2 = K.binary_linear(a, b, k, s, t, sc, act, post=(ps, pb), residual=res, threads=2)
+    assert np.array_equal(got2, want)
+    bits, pooled = K.binary_linear(a, b, k, s, t, sc, act, pack=True, next_bias=pb, pool=24)
+    wbits, wpooled = K.epilogue_pack(dot, s, t, sc, act, next_bias=pb, pool=24)
+    assert np.array_equal(bits, wbits) and np.array_equal(pooled, wpooled)
+
+
+def test_binary_linear_errors(be):
+    a = np.zeros((2, 1), np.uint64)
+    s = np.ones(4, np.float32)
+    with pytest.raises(ValueError, match="pack=True"):
+        K.binary_linear(a, a, 64, s[:2], s[:2], post=(s[:2], s[:2]), pack=True)
+    with pytest.raises(ValueError, match="length 2"):
+        K.binary_linear(a, a, 64, s, s)
+    with pytest.raises(ValueError, match="does not fit"):
+        K.binary_linear(a, a, 64, s[:2], s[:2], np.zeros((3, 2), np.float32))
+
+
+# --------------------------------------------------------------------------- GELU, shifts
+
+def test_gelu_matches_torch(be):
+    x = np.linspace(-8, 8, 4001, dtype=np.float32)
+    want = F.gelu(torch.from_numpy(x)).numpy()
+    assert np.abs(K.gelu(x) - want).max() < 2e-6
+
+
+@pytest.mark.parametrize("shape,sizes", [((2, 6, 5, 8), (1, 2)), ((1, 3, 3, 16), (1, 2)), ((1, 7, 7, 4), (3,))])
+def test_shift_mix_matches_training_module(be, shape, sizes):
+    torch.manual_seed(0)
+    mod = ShiftBranches(shape[-1], sizes)
+    with torch.no_grad():
+        for ls in mod.scales:
+            ls.scale.normal_()
+            ls.bias.normal_()
+        x = torch.randn(shape)
+        want = mod(x).numpy()
+    scales = np.stack([ls.scale.detach().numpy() for ls in mod.scales])
+    biases = np.stack([ls.bias.detach().numpy() for ls in mod.scales])
+    base = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+    out = base.copy()
+    assert K.shift_mix(x.numpy(), sizes, scales, biases, out) is out
+    assert np.allclose(out - base, want, atol=1e-5)
+
+
+def test_shift_mix_backends_identical_and_errors():
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((2, 9, 7, 12)).astype(np.float32)
+    sc, bi = rng.standard_normal((6, 12)).astype(np.float32), rng.standard_normal((6, 12)).astype(np.float32)
+    outs = [_on(b, lambda: K.shift_mix(x, (1, 2), sc, bi, np.zeros_like(x), threads=2)) for b in BACKENDS]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+    with pytest.raises(ValueError, match="divisible by 4"):
+        K.shift_mix(x[..., :6], (1,), sc[:3, :6], bi[:3, :6], np.zeros_like(x[..., :6]))
+    with pytest.raises(ValueError, match="scale and bias rows"):
+        K.shift_mix(x, (1, 2), sc[:3], bi[:3], np.zeros_like(x))
+
+
+# --------------------------------------------------------------------------- attention core
+
+def test_attention_hand_computed(be):
+    # one query (+1), two keys (+1, -1), d = 1, scale 1: softmax [0.8808, 0.1192];
+    # levels 3, step 0.25: lv = clip(round([10.57, 1.43]), 0, 3) = [3, 1];
+    # V signs [+1, -1]: out = 0.25 * (3 * 1 + 1 * -1) = 0.5
+    qb = K.pack_signs(np.array([1.0], np.float32)).reshape(1, 1, 1, 1)
+    kb = K.pack_signs(np.array([[1.0], [-1.0]], np.float32)).reshape(1, 1, 2, 1)
+    vb = K.pack_bits(np.array([[1, 0]], np.uint8)).reshape(1, 1, 1, 1)
+    out = K.attention(qb, kb, vb, 1, np.array([0.25], np.float32), np.zeros(1, np.float32), 3, 1.0)
+    assert out.shape == (1, 1, 1) and out[0, 0, 0] == pytest.approx(0.5)
+    # one level, zero point 0.5: every key with A >= 0 gets level 1 -> step * (1 - 1) = 0
+    out = K.attention(qb, kb, vb, 1, np.array([1.0], np.float32), np.array([0.5], np.float32), 1, 1.0)
+    assert out[0, 0, 0] == 0.0
+
+
+@pytest.mark.parametrize("d,M", [(32, 53), (64, 50), (100, 130)])
+def test_attention_matches_float_reference(d, M):
+    rng = np.random.default_rng(d + M)
+    Bw, h, N = 3, 2, 11
+    q, k, v = (rng.standard_normal((Bw, h, n, d)).astype(np.float32) for n in (N, M, M))
+    step = np.array([0.02, 0.07], np.float32)
+    zp = np.array([0.3, -0.2], np.float32)
+    qb, kb = K.pack_signs(q), K.pack_signs(k)
+    vb = K.pack_bits(np.ascontiguousarray((v >= 0).transpose(0, 1, 3, 2)))
+    # float64 reference of the same maths
+    sq, sk, sv = (np.where(a >= 0, 1.0, -1.0) for a in (q, k, v))
+    a = (sq @ sk.transpose(0, 1, 3, 2)) / math.sqrt(d)
+    e = np.exp(a - a.max(-1, keepdims=True))
+    attn = e / e.sum(-1, keepdims=True)
+    lv = np.clip(np.round(attn * 3 / step.reshape(1, h, 1, 1) + zp.reshape(1, h, 1, 1)), 0, 3)
+    want = ((lv @ sv) * step.reshape(1, h, 1, 1)).transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
+    outs = {b: _on(b, lambda: K.attention(qb, kb, vb, d, step, zp, 3, 1 / math.sqrt(d), threads=2))
+            for b in BACKENDS}
+    for b, out in outs.items():
+        assert out.shape == (Bw, N, h * d)
+        close = np.isclose(out, want, atol=1e-5)
+        # a level can round the other way where float32 and float64 softmax straddle .5
+        assert close.mean() > 0.99, b
+        assert np.abs(out - want).max() <= 2 * step.max() * 1.0001, b
+    ref = outs["numpy"]
+    for b, out in outs.items():
+        assert np.isclose(out, ref, atol=1e-5).mean() > 0.99, b
+
+
+def test_attention_errors():
+    qb = np.zeros((1, 1, 2, 1), np.uint64)
+    with pytest.raises(ValueError, match="do not fit"):
+        K.attention(qb, qb, np.zeros((1, 1, 3, 1), np.uint64), 64, [1.0], [0.0], 3, 1.0)
+    with pytest.raises(ValueError, match="levels"):
+        K.attention(qb, qb, np.zeros((1, 1, 64, 1), np.uint64), 64, [1.0], [0.0], 0, 1.0)
