@@ -7,8 +7,6 @@ import os
 import sys
 from typing import List, Optional
 
-from .complexity import complexity, format_complexity, format_summary, summary
-from .model import create_model, list_models
 
 
 def _overrides(items: List[str]) -> dict:
@@ -34,6 +32,9 @@ def _overrides(items: List[str]) -> dict:
 
 
 def cmd_info(args) -> int:
+    from .complexity import complexity, format_complexity, format_summary, summary
+    from .model import create_model
+
     overrides = _overrides(args.set)
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
@@ -50,6 +51,8 @@ def cmd_info(args) -> int:
 
 
 def cmd_list(args) -> int:
+    from .model import list_models
+
     for name in list_models():
         print(name)
     return 0
@@ -169,13 +172,11 @@ def cmd_export(args) -> int:
 
 
 def _load_image(path, cfg, mean, std):
-    import numpy as np
+    from pathlib import Path
 
-    from .data import _decode, normalize
-    import torch
+    from .runtime.image import decode_image, normalize_images
 
-    arr = _decode(__import__("pathlib").Path(path), cfg["in_chans"], cfg["img_size"])
-    return normalize(torch.from_numpy(np.array(arr))[None], mean, std).numpy()
+    return normalize_images(decode_image(Path(path), cfg["in_chans"], cfg["img_size"])[None], mean, std)
 
 
 def cmd_predict(args) -> int:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import os
 import pickle
 import struct
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from .runtime.image import decode_image
 
 __all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize",
            "FASHION_MNIST_DIR"]
@@ -217,22 +218,7 @@ def _list_images(split_dir: Path, classes: Optional[List[str]]) -> Tuple[List[st
     return found, items
 
 
-def _decode(path: Path, channels: int, size: Optional[int]) -> np.ndarray:
-    from PIL import Image
-
-    with Image.open(path) as im:
-        im.load()
-        im = im.convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size, size):
-            # shorter side to `size`, then centre crop
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+_decode = decode_image  # the runtime's decoder: training and deployment see the same pixels
 
 
 def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[int] = None,

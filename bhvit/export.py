@@ -16,7 +16,6 @@ An export is a directory with two files:
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -26,7 +25,7 @@ from torch import nn
 
 from .blocks import MSGDC, MSMHA, BinaryDownsample, FPDownsample
 from .checkpoint import atomic_save_safetensors, atomic_write_json
-from .layers import BinaryConv2d, BinaryLinear, ChannelBatchNorm, LayerwiseResidual
+from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
 EXPORT_FORMAT = "bhvit-packed"

@@ -1,5 +1,7 @@
 """The exported, bit-packed runtime against the PyTorch model it came from."""
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -179,3 +181,12 @@ def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
     assert lines[0] == str(img) and len(lines) == 6
     classes = doc["data"]["classes"]
     assert lines[1].split(None, 1)[1] == classes[int(pred[0])]
+
+
+def test_runtime_import_needs_no_torch():
+    # deployment: loading and running an export must not pull in PyTorch or the model code
+    code = ("import sys, bhvit.runtime, bhvit.runtime.image, bhvit.cli; "
+            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in "
+            "('bhvit.model', 'bhvit.train', 'bhvit.data')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
