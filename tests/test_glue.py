@@ -48,6 +48,17 @@ def test_pack_signs_bias_equals_packing_the_sum(be):
     assert bits.tolist() == [[0b101]]
 
 
+def test_pack_signs_affine_equals_float32_arithmetic(be):
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((6, 4, 16)).astype(np.float32)
+    s, t, b = (rng.standard_normal((4, 16)).astype(np.float32) for _ in range(3))
+    assert np.array_equal(K.pack_signs(x, bias=b, affine=(s, t)), K.pack_signs((x * s + t) + b))
+    with pytest.raises(ValueError, match="affine"):
+        K.pack_signs(x, bias=b, affine=(s[0], t[0]))
+    with pytest.raises(ValueError, match="needs a bias"):
+        K.pack_signs(x, affine=(s, t))
+
+
 def test_pack_signs_bias_errors(be):
     x = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="does not fit"):

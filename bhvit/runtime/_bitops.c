@@ -1023,10 +1023,17 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf)
         return;
     }
     if (a->pool != NULL) {
-        const int64_t pc = n / a->pool_k;
-        float *pr = a->pool + r * pc;
+        /* group_mean's order (t = 0, 1, ...), looped so the j loop vectorises */
+        const int64_t pc = n / a->pool_k, pk = a->pool_k;
+        float *restrict pr = a->pool + r * pc;
+        const float *restrict pv = v;
         for (int64_t j = 0; j < pc; ++j)
-            pr[j] = group_mean(v + j * a->pool_k, a->pool_k, a->pool_inv);
+            pr[j] = pv[j * pk];
+        for (int64_t t = 1; t < pk; ++t)
+            for (int64_t j = 0; j < pc; ++j)
+                pr[j] += pv[j * pk + t];
+        for (int64_t j = 0; j < pc; ++j)
+            pr[j] *= a->pool_inv;
     }
     if (a->nb != NULL)
         for (int64_t j = 0; j < n; ++j)
@@ -1111,35 +1118,43 @@ EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const 
 }
 
 /* --- input bias + sign packing -------------------------------------------- */
-/* sign bits of (x + bias) per row: the input bias of a binary layer fused into
- * its packing.  x: rows x k; bias: bias_rows x k, row r adds bias row r % bias_rows
- * (channel groups or heads packed separately).  Returns 1 if any NaN, -1 out of memory. */
-INLINE int packb_row_ret(const float *x, const float *b, int64_t k, float *buf, pack_f32_fn pack,
-                         uint64_t *out)
+/* sign bits of ((x * scale + shift) + bias) per row: a folded norm and the input bias
+ * of a binary layer fused into its packing (scale/shift may be NULL: x + bias).
+ * x: rows x k; scale, shift, bias: prow x k, row r uses row r % prow (channel groups
+ * or heads packed separately).  Returns 1 if any NaN, -1 out of memory. */
+INLINE int packb_row_ret(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                         float *buf, pack_f32_fn pack, uint64_t *out)
 {
-    for (int64_t j = 0; j < k; ++j)
-        buf[j] = x[j] + b[j];
+    if (sc != NULL) {
+        for (int64_t j = 0; j < k; ++j)
+            buf[j] = (x[j] * sc[j] + sh[j]) + b[j];
+    } else {
+        for (int64_t j = 0; j < k; ++j)
+            buf[j] = x[j] + b[j];
+    }
     return pack(buf, k, out);
 }
-INLINE void packb_row_impl(const float *x, const float *b, int64_t k, float *buf, pack_f32_fn pack,
-                           uint64_t *out, int *bad)
+INLINE void packb_row_impl(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                           float *buf, pack_f32_fn pack, uint64_t *out, int *bad)
 {
-    *bad |= packb_row_ret(x, b, k, buf, pack, out);
+    *bad |= packb_row_ret(x, sc, sh, b, k, buf, pack, out);
 }
-GLUE_VARIANTS(packb_row, (const float *x, const float *b, int64_t k, float *buf, pack_f32_fn pack,
-                          uint64_t *out, int *bad), (x, b, k, buf, pack, out, bad))
+GLUE_VARIANTS(packb_row, (const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                          float *buf, pack_f32_fn pack, uint64_t *out, int *bad),
+              (x, sc, sh, b, k, buf, pack, out, bad))
 
-EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, const float *bias,
-                                   int64_t bias_rows, uint64_t *out, int threads)
+EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, const float *scale,
+                                   const float *shift, const float *bias, int64_t prow,
+                                   uint64_t *out, int threads)
 {
     const pack_f32_fn pack = g_variant->pack_f32;
-    void (*row)(const float *, const float *, int64_t, float *, pack_f32_fn, uint64_t *, int *) =
-        glue_fast() ? packb_row_fast : packb_row_base;
+    void (*row)(const float *, const float *, const float *, const float *, int64_t, float *, pack_f32_fn,
+                uint64_t *, int *) = glue_fast() ? packb_row_fast : packb_row_base;
     const int64_t W = cdiv(k, 64);
     const int nt = resolve_threads(threads);
     int bad = 0, failed = 0;
     (void)nt;
-    if (bias_rows < 1 || rows % bias_rows != 0)
+    if (prow < 1 || rows % prow != 0 || (scale == NULL) != (shift == NULL))
         return -2;
 #pragma omp parallel num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18)) reduction(| : bad, failed)
     {
@@ -1147,9 +1162,13 @@ EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, cons
         if (buf == NULL)
             failed = 1;
 #pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r)
-            if (buf != NULL)
-                row(x + r * k, bias + (r % bias_rows) * k, k, buf, pack, out + r * W, &bad);
+        for (int64_t r = 0; r < rows; ++r) {
+            if (buf == NULL)
+                continue;
+            const int64_t o = (r % prow) * k;
+            row(x + r * k, scale != NULL ? scale + o : NULL, shift != NULL ? shift + o : NULL, bias + o, k, buf,
+                pack, out + r * W, &bad);
+        }
         free(buf);
     }
     return failed ? -1 : bad;
@@ -1317,6 +1336,16 @@ INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
                 planes[s * Wm + w] = word;
             }
         float *o = a->out + ((b * N + n) * heads + hd) * d;
+        if (Wm == 1) { /* up to 64 keys (every window): one word per plane */
+            for (int64_t j = 0; j < d; ++j) {
+                const uint64_t vr = V[j];
+                int64_t hits = 0;
+                for (int64_t s = 0; s < levels; ++s)
+                    hits += __builtin_popcountll(planes[s] & vr);
+                o[j] = (float)(2 * hits - ones) * st;
+            }
+            continue;
+        }
         for (int64_t j = 0; j < d; ++j) {
             const uint64_t *vr = V + j * Wm;
             int64_t hits = 0;

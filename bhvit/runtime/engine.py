@@ -169,14 +169,20 @@ class BHViTRuntime:
             y = self._norm(p + ".norm", y)
         return y + self.t[p + ".pos_embed"]
 
-    def _msgdc(self, p, x, mixer):
+    def _msgdc(self, p, x, mixer, norm=None):
+        """MSGDC of ``norm(x)``; a folded (affine) ``norm`` is applied inside the packing."""
         cfg = self.cfg
         B, H, W, C = x.shape
         # the same choice as BHViT._mixer: "conv" is the single dense 3x3 ablation
         groups, dilations = (cfg["msgdc_groups"], cfg["msgdc_dilations"]) if mixer == "msgdc" else (1, [1])
         cg = C // groups
+        affine = None
+        if norm is not None and self.kinds[norm] == "affine":
+            affine = [a.reshape(groups, cg) for a in self._p(norm, "scale", "shift")]
+        elif norm is not None:
+            x = self._norm(norm, x)
         xb = K.pack_signs(x.reshape(B, H, W, groups, cg), bias=self.t[p + ".input_bias"].reshape(groups, cg),
-                          threads=self.threads)
+                          affine=affine, threads=self.threads)
         out = None
         for i, d in enumerate(dilations):
             dot = self._bin_conv_dot(f"{p}.convs.{i}", xb, cg, 1, d, d)
@@ -275,10 +281,10 @@ class BHViTRuntime:
         return self._residual(down, h, self._bin_dot, layer_scale=ls, residual=x)
 
     def _block(self, p, x, mixer, heads, window):
-        n = self._norm(p + ".norm1", x)
         if mixer in ("msgdc", "conv"):
-            x = x + self._msgdc(p + ".mixer", n, mixer)
+            x = x + self._msgdc(p + ".mixer", x, mixer, norm=p + ".norm1")
         else:
+            n = self._norm(p + ".norm1", x)
             x = self._msmha(p + ".mixer", n, heads, window if mixer == "msmha" else None, residual=x)
         n = self._norm(p + ".norm2", x)
         out = self._mlp(p + ".mlp", n, x)

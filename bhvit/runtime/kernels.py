@@ -86,7 +86,7 @@ def _setup(lib):
         "bhv_epilogue_pack": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, i64, vp, i32]),
         "bhv_binary_linear": (i32, [vp, i64, i64, i64, vp, i64] + [vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp]
                               + [vp, vp, i64, vp, i32]),
-        "bhv_pack_signs_bias_f32": (i32, [vp, i64, i64, vp, i64, vp, i32]),
+        "bhv_pack_signs_bias_f32": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, i32]),
         "bhv_gelu": (None, [vp, i64, vp, i32]),
         "bhv_shift_mix": (i32, [vp, i64, i64, i64, i64, vp, i64, vp, vp, vp, i32]),
         "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float, vp, i32]),
@@ -243,16 +243,20 @@ def _fdtype(n: int):
 
 # --------------------------------------------------------------------------- packing
 
-def pack_signs(x, bias=None, threads: int = 0) -> np.ndarray:
+def pack_signs(x, bias=None, affine=None, threads: int = 0) -> np.ndarray:
     """float (..., K) -> uint64 (..., ceil(K/64)): bit = 1 where x >= 0 (-0.0 too). NaN: ValueError.
 
     With ``bias`` the signs of ``x + bias`` (computed in float32) are packed without
     materialising the sum: a binary layer's input bias. ``bias`` is ``(K,)`` or
     ``(G, K)`` with ``x`` of shape ``(..., G, K)`` (channel groups or heads packed
-    separately, each with its own slice of the bias).
+    separately, each with its own slice of the bias). ``affine`` = ``(scale, shift)``
+    of the same shape as ``bias`` packs ``(x * scale + shift) + bias``: a folded norm
+    in front of the layer.
     """
     if bias is not None:
-        return _pack_signs_bias(x, bias, _threads(threads))
+        return _pack_signs_bias(x, bias, affine, _threads(threads))
+    if affine is not None:
+        raise ValueError("pack_signs: affine needs a bias.")
     x = np.asarray(x)
     if x.ndim == 0:
         raise ValueError("pack_signs needs at least one dimension")
@@ -277,7 +281,7 @@ def pack_signs(x, bias=None, threads: int = 0) -> np.ndarray:
     return _to_uint64_words(x >= 0)
 
 
-def _pack_signs_bias(x, bias, threads):
+def _pack_signs_bias(x, bias, affine, threads):
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim == 0:
         raise ValueError("pack_signs needs at least one dimension")
@@ -285,12 +289,17 @@ def _pack_signs_bias(x, bias, threads):
     bias = np.ascontiguousarray(bias, dtype=np.float32)
     if bias.ndim not in (1, 2) or bias.shape[-1] != k or (bias.ndim == 2 and x.shape[-2:] != bias.shape):
         raise ValueError(f"bias of shape {bias.shape} does not fit input of shape {x.shape}.")
+    if affine is not None:
+        affine = [np.ascontiguousarray(a, dtype=np.float32) for a in affine]
+        if len(affine) != 2 or any(a.shape != bias.shape for a in affine):
+            raise ValueError(f"affine must be a (scale, shift) pair shaped like the bias {bias.shape}.")
     if not _use_c:
-        return pack_signs(x + bias)
+        return pack_signs((x * affine[0] + affine[1] if affine is not None else x) + bias)
     out = np.empty(x.shape[:-1] + (_words(k),), dtype=np.uint64)
     rows = math.prod(x.shape[:-1])
     if rows and k:
-        rc = _lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, _ptr(bias), bias.size // k, _ptr(out), threads)
+        sc, sh = (_ptr(affine[0]), _ptr(affine[1])) if affine is not None else (None, None)
+        rc = _lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, sc, sh, _ptr(bias), bias.size // k, _ptr(out), threads)
         if rc == 1:
             raise ValueError("pack_signs: input contains NaN")
         _check_rc(rc)
