@@ -75,6 +75,7 @@ class BHViTRuntime:
         self.classes = manifest.get("data", {}).get("classes")
         self.data = manifest.get("data", {})
         self._stacked = {}
+        K.pin(tensors.values())
 
     # -- parameters
     def _p(self, prefix: str, *names):
@@ -256,6 +257,7 @@ class BHViTRuntime:
             names = [f"{p}.shift.scales.{i}" for i in range(n_branches)]
             self._stacked[key] = (np.stack([self.t[n + ".scale"] for n in names]),
                                   np.stack([self.t[n + ".bias"] for n in names]))
+            K.pin(self._stacked[key])
         return self._stacked[key]
 
     def _mlp(self, p, n, x):

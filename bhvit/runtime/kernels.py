@@ -32,6 +32,7 @@ import ctypes
 import math
 import os
 import sysconfig
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -185,7 +186,25 @@ def _init():
 
 # --------------------------------------------------------------------------- helpers
 
+_pinned = {}  # id(array) -> (weakref to it, data pointer): see pin()
+
+
+def pin(arrays) -> None:
+    """Remember the data pointers of long-lived arrays (a model's weights).
+
+    Reading ``ndarray.ctypes.data`` costs microseconds, and a forward pass passes
+    weights to the kernels about a thousand times; pinned arrays skip it. Entries
+    hold weak references, so a pinned array can still be freed.
+    """
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            _pinned[id(a)] = (weakref.ref(a), a.ctypes.data)
+
+
 def _ptr(a: np.ndarray):
+    hit = _pinned.get(id(a))
+    if hit is not None and hit[0]() is a:
+        return hit[1]
     return a.ctypes.data
 
 
