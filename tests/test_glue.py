@@ -246,3 +246,30 @@ def test_attention_errors():
         K.attention(qb, qb, np.zeros((1, 1, 3, 1), np.uint64), 64, [1.0], [0.0], 3, 1.0)
     with pytest.raises(ValueError, match="levels"):
         K.attention(qb, qb, np.zeros((1, 1, 64, 1), np.uint64), 64, [1.0], [0.0], 0, 1.0)
+
+
+def test_attention_combine_equals_separate_steps(be):
+    rng = np.random.default_rng(7)
+    Bw, h, N, d = 2, 3, 20, 16
+    C = h * d
+    q, k, v = (rng.standard_normal((Bw, N, C)).astype(np.float32) for _ in range(3))
+    split = lambda a: np.ascontiguousarray(a.reshape(Bw, N, h, d).transpose(0, 2, 1, 3))  # noqa: E731
+    qb, kb = K.pack_signs(split(q)), K.pack_signs(split(k))
+    vb = K.pack_bits(np.ascontiguousarray(split(v).transpose(0, 1, 3, 2) >= 0))
+    step, zp = np.array([0.05, 0.1, 0.2], np.float32), np.zeros(3, np.float32)
+    ns, nt, m1, slope, m2 = (rng.standard_normal(C).astype(np.float32) for _ in range(5))
+    ctx = K.attention(qb, kb, vb, d, step, zp, 3, 0.25)
+    y = (((ctx * ns + nt) + q) + k) + v - m1
+    want = np.maximum(y, 0) + np.minimum(y, 0) * slope + m2
+    got = K.attention(qb, kb, vb, d, step, zp, 3, 0.25, combine=(ns, nt, q, k, v, (m1, slope, m2)))
+    assert np.allclose(got, want, atol=1e-5)
+    with pytest.raises(ValueError, match="shape"):
+        K.attention(qb, kb, vb, d, step, zp, 3, 0.25, combine=(ns, nt, q[:1], k, v, (m1, slope, m2)))
+
+
+def test_layer_norm_matches_torch(be):
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((5, 7, 96)) * 3 + 1).astype(np.float32)
+    w, b = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96).astype(np.float32)
+    want = F.layer_norm(torch.from_numpy(x), (96,), torch.from_numpy(w), torch.from_numpy(b), 1e-5).numpy()
+    assert np.abs(K.layer_norm(x, w, b, 1e-5) - want).max() < 1e-5

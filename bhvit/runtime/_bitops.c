@@ -1294,6 +1294,8 @@ typedef struct {
     int64_t heads, N, M, d, levels;
     const float *step, *zp, *etab;
     float *out;
+    /* optional combine: out = RPReLU(((ctx * ns + nt) + q) + k) + v) */
+    const float *ns, *nt, *q, *k, *v, *m1, *slope, *m2;
 } attn_args;
 
 INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs, uint64_t *planes)
@@ -1335,7 +1337,8 @@ INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
                     word |= (uint64_t)(pcs[m] > s) << (m - m0);
                 planes[s * Wm + w] = word;
             }
-        float *o = a->out + ((b * N + n) * heads + hd) * d;
+        const int64_t off = ((b * N + n) * heads + hd) * d; /* (Bw, N, C) with C = h * d */
+        float *o = a->out + off;
         if (Wm == 1) { /* up to 64 keys (every window): one word per plane */
             for (int64_t j = 0; j < d; ++j) {
                 const uint64_t vr = V[j];
@@ -1344,15 +1347,25 @@ INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
                     hits += __builtin_popcountll(planes[s] & vr);
                 o[j] = (float)(2 * hits - ones) * st;
             }
-            continue;
+        } else {
+            for (int64_t j = 0; j < d; ++j) {
+                const uint64_t *vr = V + j * Wm;
+                int64_t hits = 0;
+                for (int64_t s = 0; s < levels; ++s)
+                    for (int64_t w = 0; w < Wm; ++w)
+                        hits += __builtin_popcountll(planes[s * Wm + w] & vr[w]);
+                o[j] = (float)(2 * hits - ones) * st;
+            }
         }
-        for (int64_t j = 0; j < d; ++j) {
-            const uint64_t *vr = V + j * Wm;
-            int64_t hits = 0;
-            for (int64_t s = 0; s < levels; ++s)
-                for (int64_t w = 0; w < Wm; ++w)
-                    hits += __builtin_popcountll(planes[s * Wm + w] & vr[w]);
-            o[j] = (float)(2 * hits - ones) * st;
+        if (a->ns != NULL) {
+            const int64_t c0 = hd * d;
+            const float *qq = a->q + off, *kk = a->k + off, *vv = a->v + off;
+            for (int64_t j = 0; j < d; ++j) {
+                const float x = (((o[j] * a->ns[c0 + j] + a->nt[c0 + j]) + qq[j]) + kk[j]) + vv[j];
+                const float y = x - a->m1[c0 + j];
+                const float neg = 0.5f * (y - __builtin_fabsf(y));
+                o[j] = (y - neg) + neg * a->slope[c0 + j] + a->m2[c0 + j];
+            }
         }
     }
 }
@@ -1361,9 +1374,14 @@ GLUE_VARIANTS(attn_bh, (const attn_args *a, int64_t bh, float *e, int32_t *pcs, 
 
 EXPORT int bhv_attention(const uint64_t *qb, const uint64_t *kb, const uint64_t *vb, int64_t Bw,
                          int64_t heads, int64_t N, int64_t M, int64_t d, const float *step,
-                         const float *zp, int64_t levels, float scale, float *out, int threads)
+                         const float *zp, int64_t levels, float scale, const float *cs,
+                         const float *ct, const float *q, const float *k, const float *v,
+                         const float *m1, const float *slope, const float *m2, float *out,
+                         int threads)
 {
     if (levels < 1 || levels > 64 || d < 1 || M < 1 || heads < 1)
+        return -2;
+    if (cs != NULL && (N != M || !ct || !q || !k || !v || !m1 || !slope || !m2))
         return -2;
     const int64_t Wm = cdiv(M, 64), ntab = 64 * cdiv(d, 64) + 1;
     float *etab = (float *)malloc((size_t)ntab * sizeof(float));
@@ -1371,7 +1389,8 @@ EXPORT int bhv_attention(const uint64_t *qb, const uint64_t *kb, const uint64_t 
         return -1;
     for (int64_t i = 0; i < ntab; ++i)
         etab[i] = expf(-2.0f * (float)i * scale);
-    const attn_args a = {qb, kb, vb, heads, N, M, d, levels, step, zp, etab, out};
+    const attn_args a = {qb, kb, vb, heads, N, M, d, levels, step, zp, etab, out,
+                         cs, ct, q, k, v, m1, slope, m2};
     void (*run)(const attn_args *, int64_t, float *, int32_t *, uint64_t *) =
         glue_fast() ? attn_bh_fast : attn_bh_base;
     const int nt = resolve_threads(threads);
@@ -1469,4 +1488,36 @@ EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k,
     }
     free(Bp);
     return failed ? -1 : 0;
+}
+
+/* --- LayerNorm over the last dim -------------------------------------------- */
+/* out[r] = (x[r] - mean) / sqrt(var + eps) * w + b, statistics accumulated in double. */
+INLINE void ln_row_impl(const float *x, int64_t C, const float *w, const float *b, float eps, float *o)
+{
+    double s = 0.0;
+    for (int64_t j = 0; j < C; ++j)
+        s += x[j];
+    const float mu = (float)(s / (double)C);
+    double q = 0.0;
+    for (int64_t j = 0; j < C; ++j) {
+        const double dlt = (double)(x[j] - mu);
+        q += dlt * dlt;
+    }
+    const float inv = (float)(1.0 / sqrt(q / (double)C + (double)eps));
+    for (int64_t j = 0; j < C; ++j)
+        o[j] = (x[j] - mu) * inv * w[j] + b[j];
+}
+GLUE_VARIANTS(ln_row, (const float *x, int64_t C, const float *w, const float *b, float eps, float *o),
+              (x, C, w, b, eps, o))
+
+EXPORT void bhv_layer_norm(const float *x, int64_t rows, int64_t C, const float *w, const float *b,
+                           float eps, float *out, int threads)
+{
+    void (*row)(const float *, int64_t, const float *, const float *, float, float *) =
+        glue_fast() ? ln_row_fast : ln_row_base;
+    const int nt = resolve_threads(threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * C >= (1 << 16))
+    for (int64_t r = 0; r < rows; ++r)
+        row(x + r * C, C, w, b, eps, out + r * C);
 }

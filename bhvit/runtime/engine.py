@@ -36,12 +36,6 @@ def _rprelu(x, p):
     return np.maximum(y, 0) + np.minimum(y, 0) * p["slope"] + p["move2"]
 
 
-def _layer_norm(x, w, b, eps):
-    mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
-    return (x - mu) / np.sqrt(var + eps) * w + b
-
-
 def _window_partition(x, w):
     B, H, W, C = x.shape
     x = x.reshape(B, H // w, w, W // w, w, C).transpose(0, 1, 3, 2, 4, 5)
@@ -87,7 +81,7 @@ class BHViTRuntime:
             s, t = self._p(prefix, "scale", "shift")
             return x * s + t
         w, b = self._p(prefix, "weight", "bias")
-        return _layer_norm(x, w, b, float(kind.split(":", 1)[1]))
+        return K.layer_norm(x, w, b, float(kind.split(":", 1)[1]), self.threads)
 
     def _act(self, prefix, x):
         return _rprelu(x, {n: self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2")})
@@ -211,7 +205,13 @@ class BHViTRuntime:
         qb, kb = packed(q, N, bias[0]), packed(k, M, bias[1])
         vpos = ((v + bias[2]) >= 0).reshape(Bw, M, heads, d).transpose(0, 2, 3, 1)   # (Bw, h, d, M)
         vb = K.pack_bits(np.ascontiguousarray(vpos))
-        return K.attention(qb, kb, vb, d, step, zp, levels, 1.0 / math.sqrt(d), self.threads)
+        combine = None
+        if self.kinds[p + ".ctx_norm"] == "affine":  # ctx_act(ctx_norm(ctx) + q + k + v) inside the kernel
+            combine = tuple(self._p(p + ".ctx_norm", "scale", "shift")) + (q, k, v, self._rprelu_params(p + ".ctx_act"))
+        out = K.attention(qb, kb, vb, d, step, zp, levels, 1.0 / math.sqrt(d), combine, self.threads)
+        if combine is None:
+            out = self._act(p + ".ctx_act", self._norm(p + ".ctx_norm", out) + q + k + v)
+        return out
 
     def _msmha(self, p, x, heads, window, residual):
         B, H, W, C = x.shape
@@ -232,13 +232,12 @@ class BHViTRuntime:
             a = self.t[p + ".pool_mix"]
             g = (av + a * (mx - av)).reshape(B, -1, C)
             tokens = np.concatenate([tokens, np.broadcast_to(g[:, None], (B, n_win) + g.shape[1:])], axis=2)
-        t = _layer_norm(tokens.reshape(B * n_win, -1, C), self.t[p + ".token_norm.weight"],
-                        self.t[p + ".token_norm.bias"], 1e-5)
+        t = K.layer_norm(tokens.reshape(B * n_win, -1, C), self.t[p + ".token_norm.weight"],
+                         self.t[p + ".token_norm.bias"], 1e-5, self.threads)
         q = self._residual(p + ".q_proj", t, self._bin_dot)
         k = self._residual(p + ".k_proj", t, self._bin_dot)
         v = self._residual(p + ".v_proj", t, self._bin_dot)
-        ctx = self._attention(p, q, k, v, heads, self.t[p + ".qkv_bias"])
-        ctx = self._act(p + ".ctx_act", self._norm(p + ".ctx_norm", ctx) + q + k + v)
+        ctx = self._attention(p, q, k, v, heads, self.t[p + ".qkv_bias"])  # includes ctx_norm, + q + k + v, ctx_act
         ctx = ctx.reshape(B, n_win, -1, C)
         local = ctx[:, :, :n_local]
         if window is not None:

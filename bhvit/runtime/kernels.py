@@ -40,7 +40,7 @@ import numpy as np
 __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
     "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
-    "epilogue_pack", "binary_linear", "gelu", "shift_mix", "attention",
+    "epilogue_pack", "binary_linear", "gelu", "shift_mix", "attention", "layer_norm",
 ]
 
 _ABI_VERSION = 3
@@ -90,7 +90,9 @@ def _setup(lib):
         "bhv_pack_signs_bias_f32": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, i32]),
         "bhv_gelu": (None, [vp, i64, vp, i32]),
         "bhv_shift_mix": (i32, [vp, i64, i64, i64, i64, vp, i64, vp, vp, vp, i32]),
-        "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float, vp, i32]),
+        "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float]
+                          + [vp] * 9 + [i32]),
+        "bhv_layer_norm": (None, [vp, i64, i64, vp, vp, ctypes.c_float, vp, i32]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -712,7 +714,24 @@ def shift_mix(x, sizes, scales, biases, out, threads: int = 0) -> np.ndarray:
     return out
 
 
-def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float,
+def layer_norm(x, weight, bias, eps: float, threads: int = 0) -> np.ndarray:
+    """LayerNorm over the last dim (float32 in and out, statistics in float64)."""
+    x = _f32(x)
+    C = x.shape[-1]
+    w, b = _f32(weight, C), _f32(bias, C)
+    if not _use_c:
+        x64 = x.astype(np.float64)
+        mu = x64.mean(-1, keepdims=True).astype(np.float32)
+        var = ((x64 - mu) ** 2).mean(-1, keepdims=True)
+        inv = (1.0 / np.sqrt(var + eps)).astype(np.float32)
+        return (x - mu) * inv * w + b
+    out = np.empty_like(x)
+    if x.size:
+        _lib.bhv_layer_norm(_ptr(x), x.size // C, C, _ptr(w), _ptr(b), float(eps), _ptr(out), _threads(threads))
+    return out
+
+
+def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, combine=None,
               threads: int = 0) -> np.ndarray:
     """BHViT's binary attention core over windows x heads, from packed operands.
 
@@ -723,6 +742,10 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float,
     (``lv = clip(round(A * levels / step + zero_point), 0, levels)``, plane s =
     ``lv >= s``), each times ``sign(V)`` by AND/popcount, summed times ``step``.
     step, zero_point: per head. Returns float32 ``(Bw, N, h * d)``.
+
+    ``combine`` = ``(norm_scale, norm_shift, q, k, v, (move1, slope, move2))`` (q, k, v
+    float32 ``(Bw, N, h * d)``, N == M) returns MSMHA's context output instead:
+    ``RPReLU(((ctx * norm_scale + norm_shift) + q) + k) + v)``, in the same pass.
     """
     qb, kb, vb = (_as_words(a, n, 4) for a, n in ((qb, "qb"), (kb, "kb"), (vb, "vb")))
     Bw, h, N, Wd = qb.shape
@@ -733,11 +756,20 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float,
     if not 1 <= levels <= 64:
         raise ValueError(f"levels must be in 1..64, got {levels}.")
     step, zp = _f32(step, h), _f32(zero_point, h)
+    comb = None
+    if combine is not None:
+        ns, nt, q, k, v, act = combine
+        if N != M:
+            raise ValueError(f"combine needs as many queries as keys, got {N} and {M}.")
+        comb = [_f32(ns, h * d), _f32(nt, h * d)] + [_f32(a) for a in (q, k, v)] + [_f32(a, h * d) for a in act]
+        if any(a.shape != (Bw, N, h * d) for a in comb[2:5]):
+            raise ValueError(f"combine's q, k, v must have shape {(Bw, N, h * d)}.")
     if _use_c:
         out = np.empty((Bw, N, h, d), dtype=np.float32)
         if out.size:
+            cptr = [_ptr(a) for a in comb] if comb is not None else [None] * 8
             _check_rc(_lib.bhv_attention(_ptr(qb), _ptr(kb), _ptr(vb), Bw, h, N, M, d, _ptr(step), _ptr(zp),
-                                         levels, float(scale), _ptr(out), _threads(threads)))
+                                         levels, float(scale), *cptr, _ptr(out), _threads(threads)))
         return out.reshape(Bw, N, h * d)
     dt = np.float64
     q = _unpack_bits(qb)[..., :d].astype(dt) * 2 - 1
@@ -752,4 +784,9 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float,
     v = _unpack_bits(vb)[..., :M].astype(dt) * 2 - 1                       # (Bw, h, d, M)
     sv = planes.astype(dt).sum(0) @ v.transpose(0, 1, 3, 2)                 # sum_s A^s sign(V)
     out = (np.rint(sv).astype(np.float32) * step.reshape(hs)).astype(np.float32)
-    return out.transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
+    out = out.transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
+    if comb is not None:
+        ns, nt, q, k, v, m1, slope, m2 = comb
+        y = (((out * ns + nt) + q) + k) + v - m1
+        out = np.maximum(y, 0) + np.minimum(y, 0) * slope + m2
+    return out
