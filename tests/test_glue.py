@@ -273,3 +273,17 @@ def test_layer_norm_matches_torch(be):
     w, b = rng.standard_normal(96).astype(np.float32), rng.standard_normal(96).astype(np.float32)
     want = F.layer_norm(torch.from_numpy(x), (96,), torch.from_numpy(w), torch.from_numpy(b), 1e-5).numpy()
     assert np.abs(K.layer_norm(x, w, b, 1e-5) - want).max() < 1e-5
+
+
+@pytest.mark.parametrize("n,pool", [(512, 64), (256, 32), (96, 12)])
+def test_pooled_means_identical_on_every_backend(n, pool):
+    # k = n / pool consecutive channels summed in order, times 1/k (AVX2 transposes 8x8 blocks)
+    rng = np.random.default_rng(n)
+    dot = rng.integers(-90, 90, (13, n)).astype(np.int32)
+    s, t = _vec(rng, n), _vec(rng, n)
+    act = tuple(_vec(rng, n) for _ in range(3))
+    outs = [_on(b, lambda: K.epilogue_pack(dot, s, t, None, act, pool=pool)) for b in BACKENDS]
+    for bits, pooled in outs[1:]:
+        assert np.array_equal(bits, outs[0][0]) and np.array_equal(pooled, outs[0][1])
+    y = K.epilogue(dot, s, t, None, act)
+    assert np.allclose(outs[0][1], y.reshape(13, pool, n // pool).mean(-1), atol=1e-5)

@@ -440,6 +440,40 @@ AVX2_ATTR static void pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out)
         pack_u8_scalar(x + Wfull * 64, k - Wfull * 64, out + Wfull);
 }
 
+/* Means of 8 consecutive floats, n8 groups of 64 (8 means each): an 8x8 transpose,
+ * then the rows summed in order t = 0..7 -- the same additions as the scalar loop. */
+AVX2_ATTR static void pool8_avx2(const float *v, int64_t n8, float inv, float *out)
+{
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (int64_t g = 0; g < n8; ++g) {
+        const float *p = v + g * 64;
+        __m256 r[8], t[8];
+        for (int i = 0; i < 8; ++i)
+            r[i] = _mm256_loadu_ps(p + 8 * i); /* r[i] = group i's 8 values */
+        for (int i = 0; i < 8; i += 2) {
+            t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+            t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+        }
+        for (int i = 0; i < 8; i += 4) {
+            r[i] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+            r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+            r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+            r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+        }
+        /* r[0..3]: elements 0,1,2,3 (low lanes: groups 0-3 | high: 4-7) of groups 0-3,
+         * r[4..7] the same for groups 4-7 */
+        __m256 e[8];
+        for (int i = 0; i < 4; ++i) {
+            e[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);     /* element i of groups 0-7 */
+            e[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31); /* element i + 4 */
+        }
+        __m256 acc = e[0];
+        for (int i = 1; i < 8; ++i)
+            acc = _mm256_add_ps(acc, e[i]);
+        _mm256_storeu_ps(out + 8 * g, _mm256_mul_ps(acc, vinv));
+    }
+}
+
 static int supported_avx2(void)
 {
     __builtin_cpu_init();
@@ -930,6 +964,10 @@ static int glue_fast(void) { return g_variant->pack_f32 == pack_f32_avx2; }
 #else
 #define GLUE_FAST_ATTR
 static int glue_fast(void) { return 0; }
+static void pool8_avx2(const float *v, int64_t n8, float inv, float *out)
+{
+    (void)v, (void)n8, (void)inv, (void)out; /* never called: glue_fast() is 0 */
+}
 #endif
 
 #define GLUE_VARIANTS(name, params, args)                                          \
@@ -965,6 +1003,7 @@ typedef struct {
     int64_t pool_k;
     float pool_inv;
     pack_f32_fn pack;
+    int fast;          /* AVX2 helpers allowed (glue_fast()) */
 } epi_args;
 
 INLINE float group_mean(const float *x, int64_t k, float inv_k)
@@ -1022,7 +1061,9 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf)
         }
         return;
     }
-    if (a->pool != NULL) {
+    if (a->pool != NULL && a->fast && a->pool_k == 8 && (n / 8) % 8 == 0) {
+        pool8_avx2(v, n / 64, a->pool_inv, a->pool + r * (n / 8));
+    } else if (a->pool != NULL) {
         /* group_mean's order (t = 0, 1, ...), looped so the j loop vectorises */
         const int64_t pc = n / a->pool_k, pk = a->pool_k;
         float *restrict pr = a->pool + r * pc;
@@ -1083,6 +1124,7 @@ static int epi_init(epi_args *a, const int32_t *dot, int64_t n, const float *sca
     a->ps = ps;
     a->pb = pb;
     a->pack = g_variant->pack_f32;
+    a->fast = glue_fast();
     return 0;
 }
 
