@@ -830,6 +830,16 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
     for (int64_t g = 0; g < G; ++g)
         pack_panels(wd + g * cpo * Kw, Kw, cpo, Kw, (int)nr, Bp + g * npg * Kw * nr);
     free(wd);
+    /* 2 * popcount of each tap's weights, tap-major, for the padding correction */
+    int32_t *pwt = (int32_t *)malloc((size_t)max64(1, Cout * KK) * sizeof(int32_t));
+    if (!pwt) {
+        free(Bp);
+        free(pw);
+        return -1;
+    }
+    for (int64_t o = 0; o < Cout; ++o)
+        for (int64_t t = 0; t < KK; ++t)
+            pwt[t * Cout + o] = 2 * pw[o * KK + t];
 
     int nt = resolve_threads(threads);
     if (P * Cout * max64(Kw, 1) < BHV_PAR_MIN_WORK)
@@ -922,20 +932,23 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
             for (int64_t g = 0; g < G; ++g)
                 gemm_serial(v, buf + g * gstride, Kw, q1 - q0, Bp + g * npg * Kw * nr, cpo, Kw, 0,
                             kconst, out + q0 * Cout + g * cpo, Cout);
-            /* correct rows that have taps in the padding */
+            /* correct rows that have taps in the padding: a padded tap counted
+             * cpg - 2 popcount(0 ^ w) = cpg - 2 pw; it must add 0 */
             for (int64_t q = q0; q < q1; ++q) {
                 const int64_t npd = npadded[q - q0];
                 if (npd == 0)
                     continue;
                 const unsigned char *pm = padmask + (q - q0) * KK;
-                int32_t *orow = out + q * Cout;
-                for (int64_t o = 0; o < Cout; ++o) {
-                    const int32_t *pwo = pw + o * KK;
-                    int64_t corr = -npd * cpg;
-                    for (int64_t tap = 0; tap < KK; ++tap)
-                        if (pm[tap])
-                            corr += 2 * (int64_t)pwo[tap];
-                    orow[o] = (int32_t)(orow[o] + corr);
+                int32_t *restrict orow = out + q * Cout;
+                const int32_t base = (int32_t)(npd * cpg);
+                for (int64_t o = 0; o < Cout; ++o)
+                    orow[o] -= base;
+                for (int64_t tap = 0; tap < KK; ++tap) {
+                    if (!pm[tap])
+                        continue;
+                    const int32_t *restrict pt = pwt + tap * Cout; /* 2 pw, tap-major */
+                    for (int64_t o = 0; o < Cout; ++o)
+                        orow[o] += pt[o];
                 }
             }
         }
@@ -946,6 +959,7 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
     }
     free(Bp);
     free(pw);
+    free(pwt);
     return failed ? -1 : 0;
 }
 
