@@ -287,3 +287,15 @@ def test_pooled_means_identical_on_every_backend(n, pool):
         assert np.array_equal(bits, outs[0][0]) and np.array_equal(pooled, outs[0][1])
     y = K.epilogue(dot, s, t, None, act)
     assert np.allclose(outs[0][1], y.reshape(13, pool, n // pool).mean(-1), atol=1e-5)
+
+
+def test_dense_matches_matmul(be):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 5, 48)).astype(np.float32)
+    w = rng.standard_normal((48, 70)).astype(np.float32)
+    b = rng.standard_normal(70).astype(np.float32)
+    want = x.astype(np.float64) @ w + b
+    assert np.abs(K.dense(x, w, b) - want).max() < 1e-4
+    assert np.abs(K.dense(x, w, None, threads=2) - (want - b)).max() < 1e-4
+    with pytest.raises(ValueError, match="does not fit"):
+        K.dense(x, w.T)

@@ -1028,53 +1028,79 @@ INLINE float group_mean(const float *x, int64_t k, float inv_k)
     return acc * inv_k;
 }
 
+/* One fused pass over segments of the row (the whole row, or the repeats of a tiled
+ * shortcut).  HAS is a compile-time mask (1 shortcut, 2 RPReLU, 4 LayerScale,
+ * 8 residual): epi_fused dispatches to one specialised, vectorised loop per mask. */
+INLINE void epi_loop(const int HAS, const int32_t *restrict d, const float *restrict scale,
+                     const float *restrict shift, const float *restrict s, int64_t seg, int64_t n,
+                     const float *restrict m1, const float *restrict slope, const float *restrict m2,
+                     const float *restrict ps, const float *restrict pb, const float *rr, float *v)
+{
+    for (int64_t rep = 0; rep < n; rep += seg) {
+        const int32_t *restrict dd = d + rep;
+        const float *restrict sc = scale + rep, *restrict sh = shift + rep;
+        const float *restrict a1 = m1 + ((HAS & 2) ? rep : 0), *restrict a2 = slope + ((HAS & 2) ? rep : 0);
+        const float *restrict a3 = m2 + ((HAS & 2) ? rep : 0);
+        const float *restrict p1 = ps + ((HAS & 4) ? rep : 0), *restrict p2 = pb + ((HAS & 4) ? rep : 0);
+        const float *r0 = rr + ((HAS & 8) ? rep : 0);
+        float *vv = v + rep;
+        for (int64_t j = 0; j < seg; ++j) {
+            float x = (float)dd[j] * sc[j] + sh[j];
+            if (HAS & 1)
+                x += s[j];
+            if (HAS & 2) {
+                /* branch-free PReLU: y - neg = max(y, 0) exactly, neg * slope = min(y, 0) * slope */
+                const float y = x - a1[j];
+                const float neg = 0.5f * (y - __builtin_fabsf(y)); /* = min(y, 0), exact */
+                x = (y - neg) + neg * a2[j] + a3[j];
+            }
+            if (HAS & 4)
+                x = p2[j] + x * p1[j];
+            if (HAS & 8)
+                x = r0[j] + x; /* r0 may alias vv: same index read, then written */
+            vv[j] = x;
+        }
+    }
+}
+
+#define EPI_CASE(m)                                                                  \
+    case m:                                                                          \
+        epi_loop(m, d, scale, shift, s, seg, n, m1, slope, m2, ps, pb, rr, v);       \
+        break;
+
+INLINE void epi_fused(const int32_t *d, const float *scale, const float *shift, const float *s, int64_t seg,
+                      int64_t n, const float *m1, const float *slope, const float *m2, const float *ps,
+                      const float *pb, const float *rr, float *v)
+{
+    const int mask = (s != NULL) | (m1 != NULL) << 1 | (ps != NULL) << 2 | (rr != NULL) << 3;
+    switch (mask) {
+        EPI_CASE(0) EPI_CASE(1) EPI_CASE(2) EPI_CASE(3) EPI_CASE(4) EPI_CASE(5) EPI_CASE(6) EPI_CASE(7)
+        EPI_CASE(8) EPI_CASE(9) EPI_CASE(10) EPI_CASE(11) EPI_CASE(12) EPI_CASE(13) EPI_CASE(14) EPI_CASE(15)
+    }
+}
+#undef EPI_CASE
+
 INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf)
 {
     const int64_t n = a->n;
     const int32_t *d = a->dot + r * n;
     float *o = a->out != NULL ? a->out + r * n : NULL;
-    float *v = (o == NULL || a->res != NULL) ? buf : o;
-    for (int64_t j = 0; j < n; ++j)
-        v[j] = (float)d[j] * a->scale[j] + a->shift[j];
-    if (a->sc != NULL) {
-        const int64_t c = a->sc_c;
-        const float *s = a->sc + r * c;
-        if (c == n) {
-            for (int64_t j = 0; j < n; ++j)
-                v[j] += s[j];
-        } else if (c < n) {
-            for (int64_t rep = 0; rep < n; rep += c) {
-                float *vv = v + rep;
-                for (int64_t j = 0; j < c; ++j)
-                    vv[j] += s[j];
-            }
-        } else {
-            for (int64_t j = 0; j < n; ++j)
-                v[j] += group_mean(s + j * a->k, a->k, a->inv_k);
-        }
-    }
-    if (a->m1 != NULL) {
-        const float *restrict pm1 = a->m1, *restrict psl = a->slope, *restrict pm2 = a->m2;
-        float *restrict pv = v;
-        for (int64_t j = 0; j < n; ++j) {
-            /* branch-free PReLU (a branch mispredicts on half the values):
-             * y - neg = max(y, 0) exactly, neg * slope = min(y, 0) * slope */
-            const float y = pv[j] - pm1[j];
-            const float neg = 0.5f * (y - __builtin_fabsf(y)); /* = min(y, 0), exact */
-            pv[j] = (y - neg) + neg * psl[j] + pm2[j];
-        }
-    }
-    if (a->ps != NULL)
+    float *v = o != NULL ? o : buf;
+    const float *rr = (o != NULL && a->res != NULL) ? a->res + r * n : NULL;
+    const float *s = a->sc != NULL ? a->sc + r * a->sc_c : NULL;
+    if (s != NULL && a->sc_c > n) {
+        /* channel-pool shortcut: the group means first, into the second half of buf */
+        float *means = buf + n;
         for (int64_t j = 0; j < n; ++j)
-            v[j] = a->pb[j] + v[j] * a->ps[j];
-    if (o != NULL) {
-        if (a->res != NULL) {
-            const float *rr = a->res + r * n; /* may alias o: same index read then written */
-            for (int64_t j = 0; j < n; ++j)
-                o[j] = rr[j] + v[j];
-        }
-        return;
+            means[j] = group_mean(s + j * a->k, a->k, a->inv_k);
+        epi_fused(d, a->scale, a->shift, means, n, n, a->m1, a->slope, a->m2, a->ps, a->pb, rr, v);
+    } else if (s != NULL) {
+        epi_fused(d, a->scale, a->shift, s, a->sc_c, n, a->m1, a->slope, a->m2, a->ps, a->pb, rr, v);
+    } else {
+        epi_fused(d, a->scale, a->shift, NULL, n, n, a->m1, a->slope, a->m2, a->ps, a->pb, rr, v);
     }
+    if (o != NULL)
+        return;
     if (a->pool != NULL && a->fast && a->pool_k == 8 && (n / 8) % 8 == 0) {
         pool8_avx2(v, n / 64, a->pool_inv, a->pool + r * (n / 8));
     } else if (a->pool != NULL) {
@@ -1105,7 +1131,7 @@ static int epi_run(const epi_args *a, int64_t rows, int threads)
     (void)nt;
 #pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= (1 << 16)) reduction(| : failed)
     {
-        float *buf = (float *)malloc((size_t)max64(a->n, 1) * sizeof(float));
+        float *buf = (float *)malloc((size_t)max64(2 * a->n, 1) * sizeof(float)); /* see epi_row_impl */
         if (buf == NULL)
             failed = 1;
 #pragma omp for schedule(static)
@@ -1520,7 +1546,7 @@ EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k,
 #pragma omp parallel num_threads(nt) if (nt > 1 && nchunks > 1) reduction(| : failed)
     {
         int32_t *dot = (int32_t *)malloc((size_t)(mc * N) * sizeof(int32_t));
-        float *buf = (float *)malloc((size_t)N * sizeof(float));
+        float *buf = (float *)malloc((size_t)(2 * N) * sizeof(float)); /* see epi_row_impl */
         if (dot == NULL || buf == NULL)
             failed = 1;
 #pragma omp for schedule(dynamic, 1)
@@ -1576,4 +1602,36 @@ EXPORT void bhv_layer_norm(const float *x, int64_t rows, int64_t C, const float 
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * C >= (1 << 16))
     for (int64_t r = 0; r < rows; ++r)
         row(x + r * C, C, w, b, eps, out + r * C);
+}
+
+/* --- small float dense layer ---------------------------------------------- */
+/* out[r] = x[r] @ wt + bias for x: rows x k, wt: k x n (the weight transposed), bias: n
+ * or NULL.  The runtime's few float matmuls (stem, head, full-precision downsampling)
+ * use it instead of a BLAS, so they run on the runtime's own threads. */
+INLINE void dense_row_impl(const float *x, int64_t k, const float *wt, int64_t n, const float *bias,
+                           float *o)
+{
+    for (int64_t j = 0; j < n; ++j)
+        o[j] = bias != NULL ? bias[j] : 0.0f;
+    for (int64_t t = 0; t < k; ++t) {
+        const float xv = x[t];
+        const float *restrict w = wt + t * n;
+        float *restrict oo = o;
+        for (int64_t j = 0; j < n; ++j)
+            oo[j] += xv * w[j];
+    }
+}
+GLUE_VARIANTS(dense_row, (const float *x, int64_t k, const float *wt, int64_t n, const float *bias, float *o),
+              (x, k, wt, n, bias, o))
+
+EXPORT void bhv_dense(const float *x, int64_t rows, int64_t k, const float *wt, int64_t n,
+                      const float *bias, float *out, int threads)
+{
+    void (*row)(const float *, int64_t, const float *, int64_t, const float *, float *) =
+        glue_fast() ? dense_row_fast : dense_row_base;
+    const int nt = resolve_threads(threads);
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * k * n >= (1 << 18))
+    for (int64_t r = 0; r < rows; ++r)
+        row(x + r * k, k, wt, n, bias, out + r * n);
 }

@@ -142,7 +142,7 @@ class BHViTRuntime:
         B, C, H, W = x.shape
         x = x.transpose(0, 2, 3, 1).reshape(B, H // k, k, W // k, k, C).transpose(0, 1, 3, 2, 4, 5)
         x = x.reshape(B, H // k, W // k, k * k * C)
-        y = x @ self.t["stem.proj.weight"].T + self.t["stem.proj.bias"]
+        y = K.dense(x, self._wt("stem.proj.weight"), self.t["stem.proj.bias"], self.threads)
         return K.gelu(self._norm("stem.norm", y), self.threads) + self.t["stem.pos_embed"]
 
     def _downsample(self, p, x):
@@ -160,7 +160,7 @@ class BHViTRuntime:
         else:
             B, H, W, C = x0.shape
             patches = x0.reshape(B, H // 2, 2, W // 2, 2, C).transpose(0, 1, 3, 2, 4, 5)
-            y = patches.reshape(B, H // 2, W // 2, 4 * C) @ self.t[p + ".conv.weight"].T
+            y = K.dense(patches.reshape(B, H // 2, W // 2, 4 * C), self._wt(p + ".conv.weight"), None, self.threads)
             y = self._norm(p + ".norm", y)
         return y + self.t[p + ".pos_embed"]
 
@@ -250,6 +250,13 @@ class BHViTRuntime:
         return self._residual(p + ".out_proj", out, self._bin_dot, layer_scale=p + ".layer_scale",
                               residual=residual)
 
+    def _wt(self, name):
+        """A float weight transposed for K.dense (cached)."""
+        if name not in self._stacked:
+            self._stacked[name] = np.ascontiguousarray(self.t[name].T)
+            K.pin([self._stacked[name]])
+        return self._stacked[name]
+
     def _shift_params(self, p, n_branches):
         key = p + ".shift"
         if key not in self._stacked:
@@ -332,7 +339,7 @@ class BHViTRuntime:
 
     def __call__(self, x) -> np.ndarray:
         f = self.forward_features(x).mean(axis=(1, 2))
-        return (f @ self.t["head.weight"].T + self.t["head.bias"]).astype(np.float32)
+        return K.dense(f, self._wt("head.weight"), self.t["head.bias"], self.threads)
 
 
 def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:

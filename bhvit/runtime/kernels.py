@@ -40,7 +40,7 @@ import numpy as np
 __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
     "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
-    "epilogue_pack", "binary_linear", "gelu", "shift_mix", "attention", "layer_norm",
+    "epilogue_pack", "binary_linear", "gelu", "shift_mix", "attention", "layer_norm", "dense",
 ]
 
 _ABI_VERSION = 3
@@ -93,6 +93,7 @@ def _setup(lib):
         "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float]
                           + [vp] * 9 + [i32]),
         "bhv_layer_norm": (None, [vp, i64, i64, vp, vp, ctypes.c_float, vp, i32]),
+        "bhv_dense": (None, [vp, i64, i64, vp, i64, vp, vp, i32]),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -711,6 +712,27 @@ def shift_mix(x, sizes, scales, biases, out, threads: int = 0) -> np.ndarray:
         B, H, W, _ = x.shape
         _check_rc(_lib.bhv_shift_mix(_ptr(x), B, H, W, C, _ptr(ks), ks.size, _ptr(scales), _ptr(biases),
                                      _ptr(out), _threads(threads)))
+    return out
+
+
+def dense(x, weight_t, bias=None, threads: int = 0) -> np.ndarray:
+    """Float layer ``x @ weight_t + bias``: x ``(..., k)``, weight_t ``(k, n)`` (the weight transposed).
+
+    Runs on the kernels' own threads instead of numpy's BLAS.
+    """
+    x = _f32(x)
+    wt = _f32(weight_t)
+    if wt.ndim != 2 or x.shape[-1] != wt.shape[0]:
+        raise ValueError(f"dense: input {x.shape} does not fit weight_t {wt.shape}.")
+    k, n = wt.shape
+    b = _f32(bias, n) if bias is not None else None
+    if not _use_c:
+        y = x @ wt
+        return (y + b if b is not None else y).astype(np.float32)
+    out = np.empty(x.shape[:-1] + (n,), dtype=np.float32)
+    if out.size:
+        _lib.bhv_dense(_ptr(x), x.size // max(k, 1), k, _ptr(wt), n, _ptr(b) if b is not None else None,
+                       _ptr(out), _threads(threads))
     return out
 
 
