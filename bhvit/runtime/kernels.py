@@ -208,7 +208,13 @@ def _ptr(a: np.ndarray):
     hit = _pinned.get(id(a))
     if hit is not None and hit[0]() is a:
         return hit[1]
-    return a.ctypes.data
+    try:  # about 3x cheaper than ndarray.ctypes.data; needs a writable, non-empty buffer
+        return _addressof(_c_char.from_buffer(a))
+    except (TypeError, ValueError, BufferError):
+        return a.ctypes.data
+
+
+_addressof, _c_char = ctypes.addressof, ctypes.c_char
 
 
 def _words(k: int) -> int:
