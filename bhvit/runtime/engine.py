@@ -165,27 +165,48 @@ class BHViTRuntime:
         return y + self.t[p + ".pos_embed"]
 
     def _msgdc(self, p, x, mixer, norm=None):
-        """MSGDC of ``norm(x)``; a folded (affine) ``norm`` is applied inside the packing."""
+        """``x + MSGDC(norm(x))`` (a new array).
+
+        A folded (affine) ``norm`` is applied inside the packing; with a folded output
+        norm (scale s, shift t) the branches accumulate straight into the residual:
+        ``x + s * y_0 + s * y_1 + ... + (t + s * y_last)``.
+        """
         cfg = self.cfg
         B, H, W, C = x.shape
         # the same choice as BHViT._mixer: "conv" is the single dense 3x3 ablation
         groups, dilations = (cfg["msgdc_groups"], cfg["msgdc_dilations"]) if mixer == "msgdc" else (1, [1])
         cg = C // groups
-        affine = None
+        affine, n = None, x
         if norm is not None and self.kinds[norm] == "affine":
             affine = [a.reshape(groups, cg) for a in self._p(norm, "scale", "shift")]
         elif norm is not None:
-            x = self._norm(norm, x)
-        xb = K.pack_signs(x.reshape(B, H, W, groups, cg), bias=self.t[p + ".input_bias"].reshape(groups, cg),
+            n = self._norm(norm, x)
+        xb = K.pack_signs(n.reshape(B, H, W, groups, cg), bias=self.t[p + ".input_bias"].reshape(groups, cg),
                           affine=affine, threads=self.threads)
+        folded = self.kinds[p + ".norm"] == "affine"
+        if folded:
+            ns, nt = self._p(p + ".norm", "scale", "shift")
+            zeros = self._zeros(C)
         out = None
         for i, d in enumerate(dilations):
             dot = self._bin_conv_dot(f"{p}.convs.{i}", xb, cg, 1, d, d)
             s, t = self._p(f"{p}.convs.{i}", "scale", "shift")
+            act = self._rprelu_params(f"{p}.acts.{i}")
             # each branch: RPReLU(alpha * dot + bias), summed in place
-            out = K.epilogue(dot, s, t, None, self._rprelu_params(f"{p}.acts.{i}"), out=out,
-                             threads=self.threads)
-        return self._norm(p + ".norm", out)
+            if folded:
+                post = (ns, nt if i == len(dilations) - 1 else zeros)
+                out = K.epilogue(dot, s, t, None, act, out=out, post=post, residual=x if out is None else out,
+                                 threads=self.threads)
+            else:
+                out = K.epilogue(dot, s, t, None, act, out=out, threads=self.threads)
+        return out if folded else x + self._norm(p + ".norm", out)
+
+    def _zeros(self, n):
+        key = ("zeros", n)
+        if key not in self._stacked:
+            self._stacked[key] = np.zeros(n, dtype=np.float32)
+            K.pin([self._stacked[key]])
+        return self._stacked[key]
 
     def _attention(self, p, q, k, v, heads, bias):
         """Binary attention core: XNOR scores, softmax, QD planes by AND/popcount (one C call).
@@ -290,7 +311,7 @@ class BHViTRuntime:
 
     def _block(self, p, x, mixer, heads, window):
         if mixer in ("msgdc", "conv"):
-            x = x + self._msgdc(p + ".mixer", x, mixer, norm=p + ".norm1")
+            x = self._msgdc(p + ".mixer", x, mixer, norm=p + ".norm1")
         else:
             n = self._norm(p + ".norm1", x)
             x = self._msmha(p + ".mixer", n, heads, window if mixer == "msmha" else None, residual=x)
