@@ -20,7 +20,6 @@ import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 import bhvit
@@ -120,45 +119,51 @@ def gemm(args):
 
 
 RSS_SNIPPET = r"""
-import resource, sys, tempfile, torch, numpy as np, bhvit
-from bhvit import runtime
-from bhvit.export import export_model
+import sys
 kind, name, path = sys.argv[1], sys.argv[2], sys.argv[3]
-torch.set_num_threads(1)
-if kind == "runtime":
-    rt = runtime.load(path); c = rt.cfg
+if kind == "runtime":  # a deployment process: numpy + bhvit.runtime, no torch
+    import numpy as np
+    from bhvit import runtime
+    rt = runtime.load(path, threads=1); c = rt.cfg
     rt(np.random.randn(1, c["in_chans"], c["img_size"], c["img_size"]).astype(np.float32))
 else:
+    import torch, bhvit
+    torch.set_num_threads(1)
     m = bhvit.create_model(name, num_classes=1000 if "c32" not in name else 10, binary=(kind == "binsim")).eval()
     c = m.cfg
     with torch.no_grad():
         m(torch.randn(1, c.in_chans, c.img_size, c.img_size))
+assert kind != "runtime" or "torch" not in sys.modules
 # VmHWM: this process's peak resident set (ru_maxrss would include the forking parent's)
 print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
 
 BASE_SNIPPET = r"""
-import torch, numpy, bhvit, bhvit.runtime
+import sys
+if sys.argv[1] == "runtime":
+    import numpy, bhvit.runtime
+else:
+    import torch, numpy, bhvit, bhvit.model
 print([l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
 """
 
 
+def _vmhwm(code, *argv):
+    out = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1]) / 1024
+
+
 def peak_rss(args):
-    print("\npeak resident memory (VmHWM) of a process that loads and runs one image (MiB);"
-          " every process imports torch (bhvit imports it), which sets a floor")
+    print("\npeak resident memory (VmHWM) of a process that loads and runs one image (MiB); the runtime "
+          "process imports numpy + bhvit.runtime only, the PyTorch ones torch + bhvit")
+    floors = {k: _vmhwm(BASE_SNIPPET, k) for k in ("runtime", "torch")}
+    print(f"import-only floors: numpy + bhvit.runtime {floors['runtime']:.1f} | torch + bhvit {floors['torch']:.1f}")
     for name in args.models:
         d = tempfile.mkdtemp()
         export_model(_binary_model(name), d)
-        vals = {}
-        for kind in ("runtime", "fp32", "binsim"):
-            out = subprocess.run([sys.executable, "-c", RSS_SNIPPET, kind, name, d], capture_output=True,
-                                 text=True, check=True).stdout.strip().splitlines()[-1]
-            vals[kind] = int(out) / 1024
-        base = int(subprocess.run([sys.executable, "-c", BASE_SNIPPET], capture_output=True, text=True,
-                                  check=True).stdout.strip().splitlines()[-1]) / 1024
-        print(f"{name:<16} runtime {vals['runtime']:8.1f} | fp32 {vals['fp32']:8.1f} | binsim "
-              f"{vals['binsim']:8.1f} | import only {base:8.1f}")
+        vals = {kind: _vmhwm(RSS_SNIPPET, kind, name, d) for kind in ("runtime", "fp32", "binsim")}
+        print(f"{name:<16} runtime {vals['runtime']:8.1f} | fp32 {vals['fp32']:8.1f} | binsim {vals['binsim']:8.1f}")
 
 
 def main():
