@@ -10,7 +10,7 @@ import torch
 import bhvit
 from bhvit import runtime
 from bhvit.export import export_model, pack_sign_bits
-from bhvit.runtime import RuntimeFormatError
+from bhvit.runtime import RuntimeFormatError, kernels
 
 # Logit bound: max |runtime - torch| <= 2e-3 * (logit range + 1) on every input, and
 # <= 1e-5 * (range + 1) on most inputs. Binary dot products are exact integers on both
@@ -71,6 +71,27 @@ def test_runtime_matches_pytorch(name, over, tmp_path):
     assert out.shape == (6, 10) and out.dtype == np.float32
     _check(out, ref)
     assert np.array_equal(rt(x.numpy()), out)  # numpy input, deterministic
+
+
+@pytest.mark.parametrize("backend", [b for b in kernels.available_backends() if b in ("numpy", "c-portable")]
+                         + [kernels.backend()])
+@pytest.mark.parametrize("over", [{}, {"norm": "ln"}, {"qd": False, "fp_downsample": True}],
+                         ids=["default", "ln", "noqd-fpds"])
+def test_runtime_every_kernel_backend_matches_pytorch(backend, over, tmp_path):
+    # numpy fallback, portable C (baseline float kernels) and the best variant (AVX2 copies)
+    torch.manual_seed(1)
+    m = _trained_like("bhvit_micro_c32", **over)
+    export_model(m, tmp_path)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    prev = kernels.backend()
+    kernels.set_backend(backend)
+    try:
+        out = runtime.load(tmp_path)(x)
+    finally:
+        kernels.set_backend(prev)
+    _check(out, ref)
 
 
 def test_runtime_matches_pytorch_at_224(tmp_path):
