@@ -299,3 +299,23 @@ def test_dense_matches_matmul(be):
     assert np.abs(K.dense(x, w, None, threads=2) - (want - b)).max() < 1e-4
     with pytest.raises(ValueError, match="does not fit"):
         K.dense(x, w.T)
+
+
+def test_prepared_linear_equals_binary_linear(be):
+    rng = np.random.default_rng(10)
+    M, k, N = 37, 100, 64
+    a = K.pack_signs(rng.standard_normal((M, k)).astype(np.float32))
+    b = K.pack_signs(rng.standard_normal((N, k)).astype(np.float32))
+    s, t, ps, pb, nb = (_vec(rng, N) for _ in range(5))
+    act = tuple(_vec(rng, N) for _ in range(3))
+    sc = rng.standard_normal((M, 16)).astype(np.float32)
+    res = rng.standard_normal((M, N)).astype(np.float32)
+    lin = K.PreparedLinear(b, k, s, t, act, (ps, pb))
+    assert np.array_equal(lin(a, sc, res), K.binary_linear(a, b, k, s, t, sc, act, post=(ps, pb), residual=res))
+    bits, pooled = lin(a, sc, pack=True, next_bias=nb, pool=8)
+    wbits, wpooled = K.binary_linear(a, b, k, s, t, sc, act, pack=True, next_bias=nb, pool=8)
+    assert np.array_equal(bits, wbits) and np.array_equal(pooled, wpooled)
+    with pytest.raises(ValueError, match="does not fit"):
+        lin(a, sc[:, :3])
+    with pytest.raises(ValueError, match="does not fit"):
+        K.PreparedLinear(b, 200, s, t)

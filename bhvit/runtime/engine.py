@@ -87,6 +87,18 @@ class BHViTRuntime:
         return _rprelu(x, {n: self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2")})
 
     # -- binary ops
+    def _linear(self, prefix, k, layer_scale=None):
+        """The K.PreparedLinear of the layer-wise residual ``prefix`` with k inputs (built on first use)."""
+        key = ("linear", prefix, layer_scale)
+        lin = self._stacked.get(key)
+        if lin is None:
+            op = prefix + ".op"
+            post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
+            lin = K.PreparedLinear(self.t[op + ".wbits"], k, *self._p(op, "scale", "shift"),
+                                   self._rprelu_params(prefix + ".act"), post)
+            self._stacked[key] = lin
+        return lin
+
     def _packed(self, prefix, x):
         """Rows of packed ``sign(x + input_bias)`` for the binary linear ``prefix``."""
         return K.pack_signs(x.reshape(-1, x.shape[-1]), bias=self.t.get(prefix + ".input_bias"),
@@ -117,12 +129,10 @@ class BHViTRuntime:
         post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
         if self.kinds[prefix + ".op"] == "binary+bn":  # BN folded into scale/shift
             if dot_fn == self._bin_dot:  # a linear: GEMM and epilogue in one call
-                rows, n = x.shape[:-1], self.t[prefix + ".op.wbits"].shape[0]
+                lin = self._linear(prefix, x.shape[-1], layer_scale)
                 flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-                out = K.binary_linear(self._packed(prefix + ".op", x), self.t[prefix + ".op.wbits"], x.shape[-1],
-                                      s, t, flat(sc), self._rprelu_params(prefix + ".act"), post=post,
-                                      residual=flat(residual), threads=self.threads)
-                return out.reshape(rows + (n,))
+                out = lin(self._packed(prefix + ".op", x), flat(sc), flat(residual), threads=self.threads)
+                return out.reshape(x.shape[:-1] + (lin.N,))
             dot = dot_fn(prefix + ".op", x)
             return K.epilogue(dot, s, t, sc, self._rprelu_params(prefix + ".act"), post=post,
                               residual=residual, threads=self.threads)
@@ -296,15 +306,10 @@ class BHViTRuntime:
                 and hidden > C and hidden % C == 0):
             # the hidden layer never exists in float: the up epilogue emits its packed
             # signs (down's input bias folded in) and the channel-pool shortcut of down
-            s, t = self._p(up + ".op", "scale", "shift")
-            bits, pooled = K.binary_linear(self._packed(up + ".op", n), self.t[up + ".op.wbits"], C, s, t,
-                                           n.reshape(-1, C), self._rprelu_params(up + ".act"), pack=True,
-                                           next_bias=self.t.get(down + ".op.input_bias"), pool=C,
-                                           threads=self.threads)
-            s, t = self._p(down + ".op", "scale", "shift")
-            out = K.binary_linear(bits, self.t[down + ".op.wbits"], hidden, s, t, pooled,
-                                  self._rprelu_params(down + ".act"), post=tuple(self._p(ls, "scale", "bias")),
-                                  residual=x.reshape(-1, C), threads=self.threads)
+            bits, pooled = self._linear(up, C)(self._packed(up + ".op", n), n.reshape(-1, C), pack=True,
+                                               next_bias=self.t.get(down + ".op.input_bias"), pool=C,
+                                               threads=self.threads)
+            out = self._linear(down, hidden, ls)(bits, pooled, x.reshape(-1, C), threads=self.threads)
             return out.reshape(x.shape)
         h = self._residual(up, n, self._bin_dot)
         return self._residual(down, h, self._bin_dot, layer_scale=ls, residual=x)

@@ -40,7 +40,7 @@ import numpy as np
 __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
     "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
-    "epilogue_pack", "binary_linear", "gelu", "shift_mix", "attention", "layer_norm", "dense",
+    "epilogue_pack", "binary_linear", "PreparedLinear", "gelu", "shift_mix", "attention", "layer_norm", "dense",
 ]
 
 _ABI_VERSION = 3
@@ -648,6 +648,69 @@ def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=N
                                 threads)
     _check_rc(rc)
     return out
+
+
+class PreparedLinear:
+    """A binary linear layer and its epilogue parameters, validated once.
+
+    The runtime calls each layer once per forward pass; checking and converting the
+    same weights on every call costs more than the kernel for small inputs. Calling
+    it is :func:`binary_linear` with the stored ``b``, ``k``, ``scale``, ``shift``,
+    ``rprelu`` and ``post``.
+    """
+
+    def __init__(self, b, k: int, scale, shift, rprelu=None, post=None):
+        self.b = _as_words(b, "b", 2)
+        self.N, self.W = self.b.shape
+        self.k = int(k)
+        if not 0 <= self.k <= 64 * self.W:
+            raise ValueError(f"k={k} does not fit in {self.W} words")
+        self.scale, self.shift = _f32(scale, self.N), _f32(shift, self.N)
+        self.rprelu = [_f32(x, self.N) for x in rprelu] if rprelu is not None else None
+        self.post = [_f32(x, self.N) for x in post] if post is not None else None
+        acts = self.rprelu or [None] * 3
+        posts = self.post or [None] * 2
+        self._ptrs = [None if x is None else x.ctypes.data for x in (self.b, self.scale, self.shift, *acts, *posts)]
+
+    def __call__(self, a, shortcut=None, residual=None, pack: bool = False, next_bias=None, pool: int = 0,
+                 threads: int = 0):
+        if not (_use_c and type(a) is np.ndarray and a.dtype == np.uint64 and a.ndim == 2
+                and a.shape[1] == self.W and a.flags.c_contiguous):
+            return binary_linear(a, self.b, self.k, self.scale, self.shift, shortcut, self.rprelu,
+                                 None if pack else self.post, residual, pack, next_bias, pool, threads)
+        M = a.shape[0]
+        N = self.N
+        sc = None
+        if shortcut is not None:
+            sc = _f32(shortcut)
+            c = sc.shape[-1]
+            if sc.shape != (M, c) or not (c == N or (c < N and N % c == 0) or (c > N and c % N == 0)):
+                raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {(M, N)}.")
+        w = self._ptrs  # b, scale, shift, move1, slope, move2, post scale, post bias
+        sc_args = (_ptr(sc), sc.shape[1]) if sc is not None else (None, 0)
+        if pack:
+            pool = int(pool)
+            if pool < 0 or (pool and N % pool):
+                raise ValueError(f"pool={pool} does not divide the {N} output channels.")
+            nb = _f32(next_bias, N) if next_bias is not None else None
+            bits = np.empty((M, _words(N)), dtype=np.uint64)
+            pooled = np.empty((M, pool), dtype=np.float32) if pool else None
+            _check_rc(_lib.bhv_binary_linear(_ptr(a), M, self.W, self.k, w[0], N, w[1], w[2], *sc_args,
+                                             w[3], w[4], w[5], None, None, None, None,
+                                             _ptr(nb) if nb is not None else None, _ptr(bits),
+                                             N // pool if pool else 0, _ptr(pooled) if pool else None,
+                                             _threads(threads)))
+            return bits, pooled
+        if residual is not None:
+            residual = _f32(residual)
+            if residual.shape != (M, N):
+                raise ValueError(f"residual of shape {residual.shape} does not match the output {(M, N)}.")
+        out = np.empty((M, N), dtype=np.float32)
+        _check_rc(_lib.bhv_binary_linear(_ptr(a), M, self.W, self.k, w[0], N, w[1], w[2], *sc_args,
+                                         w[3], w[4], w[5], w[6], w[7],
+                                         _ptr(residual) if residual is not None else None, _ptr(out),
+                                         None, None, 0, None, _threads(threads)))
+        return out
 
 
 # --------------------------------------------------------------------------- float glue
