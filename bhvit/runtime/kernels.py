@@ -605,7 +605,7 @@ def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=N
     """
     a, b = _gemm_args(a, b)
     k, threads = int(k), _threads(threads)
-    (M, W), N = a.shape, b.shape[0]
+    W = a.shape[1]
     if not 0 <= k <= 64 * W:
         raise ValueError(f"k={k} does not fit in {W} words")
     if pack and (post is not None or residual is not None):
@@ -615,39 +615,7 @@ def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=N
         if pack:
             return epilogue_pack(dot, scale, shift, shortcut, rprelu, next_bias, pool)
         return epilogue(dot, scale, shift, shortcut, rprelu, post=post, residual=residual)
-    scale, shift = _f32(scale, N), _f32(shift, N)
-    acts = [_f32(x, N) for x in rprelu] if rprelu is not None else None
-    sc = None
-    if shortcut is not None:
-        sc = _f32(shortcut)
-        c = sc.shape[-1]
-        if sc.shape != (M, c) or not (c == N or (c < N and N % c == 0) or (c > N and c % N == 0)):
-            raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {(M, N)}.")
-    null = None
-    if pack:
-        pool = int(pool)
-        if pool < 0 or (pool and N % pool):
-            raise ValueError(f"pool={pool} does not divide the {N} output channels.")
-        nb = _f32(next_bias, N) if next_bias is not None else None
-        bits = np.empty((M, _words(N)), dtype=np.uint64)
-        pooled = np.empty((M, pool), dtype=np.float32) if pool else None
-        rc = _lib.bhv_binary_linear(_ptr(a), M, W, k, _ptr(b), N, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
-                                    null, null, null, null, _ptr(nb) if nb is not None else null, _ptr(bits),
-                                    N // pool if pool else 0, _ptr(pooled) if pool else null, threads)
-        _check_rc(rc)
-        return bits, pooled
-    posts = [_f32(x, N) for x in post] if post is not None else None
-    if residual is not None:
-        residual = _f32(residual)
-        if residual.shape != (M, N):
-            raise ValueError(f"residual of shape {residual.shape} does not match the output {(M, N)}.")
-    out = np.empty((M, N), dtype=np.float32)
-    rc = _lib.bhv_binary_linear(_ptr(a), M, W, k, _ptr(b), N, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
-                                _ptr(posts[0]) if posts else null, _ptr(posts[1]) if posts else null,
-                                _ptr(residual) if residual is not None else null, _ptr(out), null, null, 0, null,
-                                threads)
-    _check_rc(rc)
-    return out
+    return PreparedLinear(b, k, scale, shift, rprelu, post)(a, shortcut, residual, pack, next_bias, pool, threads)
 
 
 class PreparedLinear:
