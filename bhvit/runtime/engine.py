@@ -3,9 +3,13 @@
 Loads an export (``bhvit.export.export_model``) and runs it: binary linears and
 convolutions as XNOR + popcount on packed words, attention scores
 ``sign(Q) sign(K)^T`` by XNOR/popcount, and the Quantization Decomposition planes as
-AND/popcount products with the packed ``sign(V)``. Everything else (stem, norms folded
-to affines, RPReLU, softmax, pooling, shifts, head) is plain vectorised numpy in
-float32. Channels-last ``(B, H, W, C)`` throughout, as in the training model.
+AND/popcount products with the packed ``sign(V)``. The float work around them runs in
+fused C kernels too (``kernels.py``): each binary layer's epilogue (folded BatchNorm,
+shortcut, RPReLU, LayerScale, residual) with its GEMM, folded norms and input biases
+inside the sign packing, the shift branches, the attention core with softmax, LayerNorm,
+GELU and the float stem/head. Window partition and token pooling are numpy. Float32,
+channels-last ``(B, H, W, C)`` throughout, as in the training model. Importing this
+module does not import torch.
 """
 from __future__ import annotations
 
@@ -68,7 +72,7 @@ class BHViTRuntime:
         self.threads = threads
         self.classes = manifest.get("data", {}).get("classes")
         self.data = manifest.get("data", {})
-        self._stacked = {}
+        self._cache = {}
         K.pin(tensors.values())
 
     # -- parameters
@@ -90,13 +94,13 @@ class BHViTRuntime:
     def _linear(self, prefix, k, layer_scale=None):
         """The K.PreparedLinear of the layer-wise residual ``prefix`` with k inputs (built on first use)."""
         key = ("linear", prefix, layer_scale)
-        lin = self._stacked.get(key)
+        lin = self._cache.get(key)
         if lin is None:
             op = prefix + ".op"
             post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
             lin = K.PreparedLinear(self.t[op + ".wbits"], k, *self._p(op, "scale", "shift"),
                                    self._rprelu_params(prefix + ".act"), post)
-            self._stacked[key] = lin
+            self._cache[key] = lin
         return lin
 
     def _packed(self, prefix, x):
@@ -213,10 +217,10 @@ class BHViTRuntime:
 
     def _zeros(self, n):
         key = ("zeros", n)
-        if key not in self._stacked:
-            self._stacked[key] = np.zeros(n, dtype=np.float32)
-            K.pin([self._stacked[key]])
-        return self._stacked[key]
+        if key not in self._cache:
+            self._cache[key] = np.zeros(n, dtype=np.float32)
+            K.pin([self._cache[key]])
+        return self._cache[key]
 
     def _attention(self, p, q, k, v, heads, bias):
         """Binary attention core: XNOR scores, softmax, QD planes by AND/popcount (one C call).
@@ -283,19 +287,19 @@ class BHViTRuntime:
 
     def _wt(self, name):
         """A float weight transposed for K.dense (cached)."""
-        if name not in self._stacked:
-            self._stacked[name] = np.ascontiguousarray(self.t[name].T)
-            K.pin([self._stacked[name]])
-        return self._stacked[name]
+        if name not in self._cache:
+            self._cache[name] = np.ascontiguousarray(self.t[name].T)
+            K.pin([self._cache[name]])
+        return self._cache[name]
 
     def _shift_params(self, p, n_branches):
         key = p + ".shift"
-        if key not in self._stacked:
+        if key not in self._cache:
             names = [f"{p}.shift.scales.{i}" for i in range(n_branches)]
-            self._stacked[key] = (np.stack([self.t[n + ".scale"] for n in names]),
+            self._cache[key] = (np.stack([self.t[n + ".scale"] for n in names]),
                                   np.stack([self.t[n + ".bias"] for n in names]))
-            K.pin(self._stacked[key])
-        return self._stacked[key]
+            K.pin(self._cache[key])
+        return self._cache[key]
 
     def _mlp(self, p, n, x):
         """``x + LayerScale(down(up(n)))`` of the binary MLP (a new array)."""
