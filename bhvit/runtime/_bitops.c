@@ -1204,8 +1204,8 @@ EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const 
  * of a binary layer fused into its packing (scale/shift may be NULL: x + bias).
  * x: rows x k; scale, shift, bias: prow x k, row r uses row r % prow (channel groups
  * or heads packed separately).  Returns 1 if any NaN, -1 out of memory. */
-INLINE int packb_row_ret(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
-                         float *buf, pack_f32_fn pack, uint64_t *out)
+INLINE void packb_row_impl(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                           float *buf, pack_f32_fn pack, uint64_t *out, int *bad)
 {
     if (sc != NULL) {
         for (int64_t j = 0; j < k; ++j)
@@ -1214,12 +1214,7 @@ INLINE int packb_row_ret(const float *x, const float *sc, const float *sh, const
         for (int64_t j = 0; j < k; ++j)
             buf[j] = x[j] + b[j];
     }
-    return pack(buf, k, out);
-}
-INLINE void packb_row_impl(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
-                           float *buf, pack_f32_fn pack, uint64_t *out, int *bad)
-{
-    *bad |= packb_row_ret(x, sc, sh, b, k, buf, pack, out);
+    *bad |= pack(buf, k, out);
 }
 GLUE_VARIANTS(packb_row, (const float *x, const float *sc, const float *sh, const float *b, int64_t k,
                           float *buf, pack_f32_fn pack, uint64_t *out, int *bad),

@@ -128,19 +128,19 @@ class BHViTRuntime:
         With ``layer_scale`` (a LayerScale prefix) and ``residual``, returns
         ``residual + LayerScale(...)``, still in one pass where the norm folds.
         """
-        s, t = self._p(prefix + ".op", "scale", "shift")
         sc = x if shortcut is None else shortcut
+        binary_bn = self.kinds[prefix + ".op"] == "binary+bn"  # BN folded into scale/shift
+        if binary_bn and dot_fn == self._bin_dot:  # a linear: GEMM and epilogue in one prepared call
+            lin = self._linear(prefix, x.shape[-1], layer_scale)
+            flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
+            out = lin(self._packed(prefix + ".op", x), flat(sc), flat(residual), threads=self.threads)
+            return out.reshape(x.shape[:-1] + (lin.N,))
+        s, t = self._p(prefix + ".op", "scale", "shift")
         post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
-        if self.kinds[prefix + ".op"] == "binary+bn":  # BN folded into scale/shift
-            if dot_fn == self._bin_dot:  # a linear: GEMM and epilogue in one call
-                lin = self._linear(prefix, x.shape[-1], layer_scale)
-                flat = lambda a: None if a is None else a.reshape(-1, a.shape[-1])  # noqa: E731
-                out = lin(self._packed(prefix + ".op", x), flat(sc), flat(residual), threads=self.threads)
-                return out.reshape(x.shape[:-1] + (lin.N,))
-            dot = dot_fn(prefix + ".op", x)
+        dot = dot_fn(prefix + ".op", x)
+        if binary_bn:
             return K.epilogue(dot, s, t, sc, self._rprelu_params(prefix + ".act"), post=post,
                               residual=residual, threads=self.threads)
-        dot = dot_fn(prefix + ".op", x)
         y = self._norm(prefix + ".norm", K.epilogue(dot, s, t, threads=self.threads))  # LayerNorm
         y = self._act(prefix + ".act", y + _channel_shortcut(sc, y.shape[-1]))
         if post is not None:
