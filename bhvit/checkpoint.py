@@ -214,3 +214,26 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
     if "optimizer" in doc:
         tensors = _load_safetensors(run_dir / doc["optimizer"]["file"])
         optimizer.load_state_dict(optimizer_from_tensors(tensors, doc["optimizer"]))
+
+
+def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tuple[int, int]:
+    """Copy into ``model`` every tensor of a checkpoint (run dir, .json or .safetensors)
+    whose name and shape match; the rest keep their values. Returns (copied, total in model).
+
+    Used to start a binary student from its full-precision twin: both share names, and
+    the binary layers' latent weights start at the twin's float weights.
+    """
+    p = Path(path)
+    if p.suffix == ".safetensors" and p.is_file():
+        file = p  # a bare weights file
+    else:
+        doc, p = read_checkpoint_json(p)
+        file = p.parent / doc["weights"]
+    state = _load_safetensors(file)
+    own = _unwrap(model).state_dict()
+    hits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    if not hits:
+        raise CheckpointError(f"{file}: no tensor matches the model by name and shape; nothing to "
+                              "initialise from.")
+    _unwrap(model).load_state_dict(hits, strict=False)
+    return len(hits), len(own)

@@ -66,7 +66,8 @@ def _train_config(args, **changes):
         batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, kd_lambda=args.kd_lambda,
         re_beta=args.re_beta, re_last_frac=args.re_last_frac,
-        teacher=getattr(args, "teacher", None), resume=args.resume, subset=args.subset,
+        teacher=getattr(args, "teacher", None), init_from=getattr(args, "init_from", None),
+        resume=args.resume, subset=args.subset,
         test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
         threads=args.threads, overrides=_overrides(args.set), skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
@@ -101,7 +102,9 @@ def cmd_recipe(args) -> int:
         print(f"stage 1/2: full-precision teacher -> {out / 'teacher'}", flush=True)
         train(t_cfg)
     print(f"stage 2/2: binary student distilled from the teacher -> {out / 'student'}", flush=True)
-    s_cfg = _train_config(args, out=str(out / "student"), teacher=str(out / "teacher" / "best.json"))
+    t_best = str(out / "teacher" / "best.json")
+    s_cfg = _train_config(args, out=str(out / "student"), teacher=t_best,
+                          init_from=t_best if args.init_from_teacher else None)
     result = train(s_cfg)
     teacher_final = json.loads((out / "teacher" / "final.json").read_text())
     print(json.dumps({"teacher_top1": teacher_final["test_top1"], "teacher_best_top1": teacher_final["best_top1"],
@@ -143,7 +146,13 @@ def cmd_eval(args) -> int:
     else:
         mean, std = load_dataset(name, "train", args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
                                  skip_bad=args.skip_bad, cache_dir=args.cache_dir).channel_stats()
-    res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress)
+    res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress,
+                   return_logits=bool(args.save_logits))
+    if args.save_logits:
+        import numpy as np
+
+        np.savez(args.save_logits, logits=res.pop("logits").numpy(), labels=ds.labels.numpy())
+        res["logits_file"] = args.save_logits
     res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, epoch=doc.get("epoch"))
     print(json.dumps(res))
     return 0
@@ -214,8 +223,13 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     if recipe:
         p.add_argument("--teacher-epochs", type=int, default=None,
                        help="epochs of the full-precision teacher (default: --epochs)")
+        p.add_argument("--init-from-teacher", action="store_true",
+                       help="start the binary student from the teacher's weights instead of at random")
     else:
         p.add_argument("--teacher", default=None, help="teacher checkpoint (run dir or .json) for KD")
+        p.add_argument("--init-from", default=None, metavar="CKPT",
+                       help="start from this checkpoint's weights (every tensor whose name and shape "
+                            "match, e.g. a full-precision twin's); not with --resume of a started run")
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4 * global batch / 512")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -280,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--no-progress", action="store_true")
+    ev.add_argument("--save-logits", default=None, metavar="FILE.npz",
+                    help="also write the logits (float32, N x classes) and labels to an .npz file")
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="export a checkpoint to the bit-packed runtime format")

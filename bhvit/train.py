@@ -32,8 +32,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (atomic_write_json, load_model, load_training_state, read_checkpoint_json,
-                         rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (atomic_write_json, load_matching_weights, load_model, load_training_state,
+                         read_checkpoint_json, rng_state, save_checkpoint, set_rng_state)
 from .data import Dataset, augment_batch, load_dataset, normalize
 from .layers import binary_layers
 from .model import BHViT, get_config
@@ -62,6 +62,7 @@ class TrainConfig:
     re_beta: float = 0.1
     re_last_frac: float = 0.1
     teacher: Optional[str] = None
+    init_from: Optional[str] = None  # checkpoint whose matching tensors initialise the model
     resume: bool = False
     subset: Optional[int] = None
     test_subset: Optional[int] = None
@@ -113,11 +114,23 @@ class Progress:
         self.start = time.perf_counter()
         self.tty = sys.stderr.isatty()
         self.last_pct = -1
+        self.last_t = 0.0
+
+    def due(self, n: int) -> bool:
+        """Whether :meth:`update` at step ``n`` would print (callers skip computing stats)."""
+        if not self.enabled:
+            return False
+        if n == self.total:
+            return True
+        if self.tty:
+            return time.perf_counter() - self.last_t >= 0.2
+        return 10 * n // max(self.total, 1) != self.last_pct
 
     def update(self, n: int, images: int, **stats) -> None:
         if not self.enabled:
             return
-        el = time.perf_counter() - self.start
+        self.last_t = time.perf_counter()
+        el = self.last_t - self.start
         ips = images / max(el, 1e-9)
         eta = el / max(n, 1) * (self.total - n)
         s = " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
@@ -147,10 +160,11 @@ def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: i
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
-             device: str = "cpu", progress: bool = False) -> Dict[str, float]:
+             device: str = "cpu", progress: bool = False, return_logits: bool = False) -> Dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` on ``ds``.
 
     Under torch.distributed each rank evaluates a strided shard and the sums are reduced.
+    ``return_logits``: also return this rank's logits (float32, on the CPU) as ``"logits"``.
     """
     rank, world = _dist_info()
     was = model.training
@@ -158,10 +172,13 @@ def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
     idx = torch.arange(rank, len(ds), world)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     bar = Progress(math.ceil(len(idx) / batch_size), "eval", progress and rank == 0)
+    kept: List[torch.Tensor] = []
     for i, b in enumerate(idx.split(batch_size)):
         x = normalize(ds.images[b], mean, std).to(device)
         y = ds.labels[b].to(device)
         logits = model(x).float()
+        if return_logits:
+            kept.append(logits.cpu())
         sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
         sums[1] += (top[:, 0] == y).sum().item()
@@ -172,8 +189,11 @@ def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
         dist.all_reduce(sums)
     model.train(was)
     n = max(sums[3].item(), 1)
-    return {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n,
-            "top5": 100 * sums[2].item() / n, "count": int(sums[3].item())}
+    res = {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n,
+           "top5": 100 * sums[2].item() / n, "count": int(sums[3].item())}
+    if return_logits:
+        res["logits"] = torch.cat(kept) if kept else torch.zeros(0)
+    return res
 
 
 def _lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> float:
@@ -202,7 +222,7 @@ def _checksum(model: nn.Module) -> float:
 
 # Training settings that must not change when a run is resumed (they change the result).
 RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
-               "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
+               "kd_lambda", "re_beta", "re_last_frac", "teacher", "init_from", "subset", "seed", "overrides",
                "crop_pad", "flip", "amp")
 
 
@@ -292,6 +312,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     torch.manual_seed(cfg.seed)
     if model is None:
         model = BHViT(dataclasses.replace(model_cfg, num_classes=train_ds.num_classes))
+    if cfg.init_from and not (cfg.resume and (out / "last.json").exists()):
+        n_init, n_all = load_matching_weights(model, cfg.init_from)
+        _log(f"initialised {n_init} of {n_all} tensors from {cfg.init_from}", rank)
     model = model.to(device)
     if teacher is None and cfg.teacher:
         teacher, tdoc = load_model(cfg.teacher, map_location=device)
@@ -351,7 +374,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
-        signs_prev, step_flip_count = signs_before, 0
+        signs_prev = signs_before
+        step_flip_count = torch.zeros((), dtype=torch.int64, device=device)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
@@ -389,14 +413,17 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             if is_binary and cfg.step_flips:
                 # Oscillating weights flip back and forth within an epoch; only a per-step
                 # count sees that (the epoch-level count sees net changes).
+                # Counted on the device: no host synchronisation per layer and step.
                 now = sign_snapshot(_unwrap(model))
-                step_flip_count += sum(int((a != b).sum()) for a, b in zip(signs_prev, now))
+                for a, b in zip(signs_prev, now):
+                    step_flip_count += (a != b).sum()
                 signs_prev = now
-            sums[0] += loss.item() * len(idx)
-            sums[1] += (logits.argmax(1) == y).sum().item()
+            sums[0] += loss.detach().double() * len(idx)
+            sums[1] += (logits.detach().argmax(1) == y).sum()
             sums[2] += len(idx)
-            bar.update(i + 1, int(sums[2]), loss=sums[0].item() / sums[2].item(),
-                       acc=100 * sums[1].item() / sums[2].item())
+            if bar.due(i + 1):
+                s_loss, s_correct, s_count = sums.tolist()
+                bar.update(i + 1, int(s_count), loss=s_loss / s_count, acc=100 * s_correct / s_count)
         train_time = time.perf_counter() - t0
         if world > 1:
             dist.all_reduce(sums)
@@ -406,7 +433,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             after = sign_snapshot(_unwrap(model))
             n_w = max(sum(a.numel() for a in after), 1)
             flips = sum(int((a != b).sum()) for a, b in zip(signs_before, after)) / n_w
-            step_flips = step_flip_count / n_w if cfg.step_flips else None
+            step_flips = int(step_flip_count) / n_w if cfg.step_flips else None
         ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device)
         last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
                 "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],

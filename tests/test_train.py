@@ -119,6 +119,49 @@ def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
     assert 0 <= ev["top1"] <= ev["top5"] <= 100
 
 
+def test_eval_save_logits(fmnist, tmp_path, capsys):
+    import numpy as np
+
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
+                      batch_size=64, subset=64, progress=False, threads=1)
+    train(cfg)
+    f = tmp_path / "logits.npz"
+    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress",
+                 "--save-logits", str(f)]) == 0
+    ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    z = np.load(f)
+    assert z["logits"].shape == (64, 10) and z["logits"].dtype == np.float32
+    assert z["labels"].shape == (64,)
+    assert ev["top1"] == pytest.approx(100 * (z["logits"].argmax(1) == z["labels"]).mean())
+
+
+def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
+    from bhvit.checkpoint import load_matching_weights
+
+    base = dict(model="bhvit_micro_c28", data_dir=str(fmnist), epochs=1, batch_size=64, subset=64,
+                test_subset=32, progress=False, threads=1)
+    train(TrainConfig(out=str(tmp_path / "fp"), overrides={"binary": False}, **base))
+    fp, _ = load_model(tmp_path / "fp")
+    # a binary student built from the same names: the float twin's tensors land in it
+    student = type(fp)(fp.cfg.__class__.from_dict(dict(fp.cfg.to_dict(), binary=True)))
+    n, total = load_matching_weights(student, tmp_path / "fp")
+    fp_state, st_state = fp.state_dict(), student.state_dict()
+    assert 0 < n <= total and n >= 0.9 * total
+    keys = [k for k in fp_state if k in st_state and fp_state[k].shape == st_state[k].shape]
+    assert len(keys) == n and "stem.proj.weight" in keys
+    assert all(torch.equal(fp_state[k], st_state[k]) for k in keys)
+    # through the CLI: the first epoch starts from the twin's weights
+    assert main(COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "64", "--test-subset", "32",
+                          "--init-from", str(tmp_path / "fp"), "--out", str(tmp_path / "s")]) == 0
+    assert f"initialised {n} of {total} tensors" in capsys.readouterr().out
+    # nothing matching: a clear error
+    from safetensors.torch import save_file
+
+    save_file({"other.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(CheckpointError, match="no tensor matches"):
+        load_matching_weights(student, tmp_path / "other.safetensors")
+
+
 def test_checkpoint_errors(fmnist, tmp_path, capsys):
     cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
                       batch_size=64, subset=64, test_subset=32, progress=False, threads=1)

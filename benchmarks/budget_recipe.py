@@ -1,0 +1,249 @@
+"""Run the BHViT recipe on Fashion-MNIST and CIFAR-10 side by side on one machine, each
+run sized to a wall-clock budget from a measured training-step time.
+
+Phase 1 trains the full-precision teachers, phase 2 the binary students distilled from
+them (on Fashion-MNIST twice: with the regularization loss L_re and without, the L_re
+ablation). The jobs of a phase run as concurrent ``python -m bhvit train`` processes.
+Before phase 1, every job's step time is measured on random data (``--probe-steps``
+timed steps after warm-up) and its epoch count set so that
+``epochs * (steps * step_time + eval) * slowdown`` fits the phase's share of
+``--budget-s``; ``--slowdown`` accounts for the jobs sharing the machine. A job still
+running at its phase's end is stopped and keeps its last finished epoch's checkpoint.
+
+Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run) and prints a
+table. Meant for an accelerator; on a CPU keep the budget and data small.
+
+    python benchmarks/budget_recipe.py --out runs/budget --budget-s 420 --device cuda \\
+        --fmnist-dir /usr/share/datasets/fashion-mnist --cifar-dir data/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+import bhvit
+from bhvit.layers import binary_layers
+from bhvit.train import kd_loss, sign_snapshot
+
+SIZES = {"fashion-mnist": (60000, 10000), "cifar10": (50000, 10000)}
+
+
+@dataclass
+class Job:
+    name: str
+    data: str
+    data_dir: str
+    model: str
+    binary: bool
+    lr: float
+    teacher: Optional[str] = None  # job name
+    re_beta: float = 0.1
+    epochs: int = 0
+    step_s: float = 0.0
+    extra: List[str] = field(default_factory=list)
+
+
+def probe(job: Job, batch: int, device: str, steps: int) -> float:
+    """Median seconds of one training step of ``job`` (teacher forward included)."""
+    torch.manual_seed(0)
+    m = bhvit.create_model(job.model, num_classes=10, binary=job.binary).to(device).train()
+    teacher = None
+    if job.teacher:
+        teacher = bhvit.create_model(job.model, num_classes=10, binary=False).to(device).eval()
+    c = m.cfg
+    x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    times = []
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for i in range(steps + 3):
+        sync()
+        t = time.perf_counter()
+        logits = m(x)
+        loss = F.cross_entropy(logits, y)
+        if teacher is not None:
+            with torch.no_grad():
+                loss = loss + kd_loss(logits, teacher(x))
+        if not torch.isfinite(loss):
+            raise RuntimeError("probe loss is not finite")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if job.binary:
+            sign_snapshot(m)
+        sync()
+        if i >= 3:
+            times.append(time.perf_counter() - t)
+    del m, teacher, opt
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return sorted(times)[len(times) // 2]
+
+
+def plan_epochs(job: Job, batch: int, seconds: float, slowdown: float, reserve: float,
+                max_epochs: int, subset: Optional[int] = None, test_subset: Optional[int] = None) -> int:
+    n_train, n_test = SIZES[job.data]
+    n_train, n_test = min(n_train, subset or n_train), min(n_test, test_subset or n_test)
+    steps = math.ceil(n_train / batch)
+    eval_s = math.ceil(n_test / 256) * job.step_s * 256 / batch / 3  # forward only
+    epoch_s = slowdown * (steps * job.step_s + eval_s)
+    return max(1, min(max_epochs, int((seconds - reserve) / epoch_s)))
+
+
+def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "bhvit", "train", "--data", job.data, "--data-dir", job.data_dir,
+           "--model", job.model, "--epochs", str(job.epochs), "--batch-size", str(args.batch_size),
+           "--lr", str(job.lr), "--warmup-epochs", str(args.warmup_epochs), "--device", args.device,
+           "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress",
+           "--re-beta", str(job.re_beta), "--out", str(out / job.name), *job.extra]
+    if args.subset:
+        cmd += ["--subset", str(args.subset)]
+    if args.test_subset:
+        cmd += ["--test-subset", str(args.test_subset)]
+    if not job.binary:
+        cmd += ["--set", "binary=false"]
+    if teacher_dir is not None:
+        cmd += ["--teacher", str(teacher_dir)]
+    log = open(out / f"{job.name}.log", "w")
+    print(f"[{time.strftime('%H:%M:%S')}] start {job.name}: {job.epochs} epochs", flush=True)
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def run_phase(jobs: List[Job], args, out: Path, deadline: float) -> Dict[str, Dict]:
+    procs = {}
+    for j in jobs:
+        tdir = out / j.teacher if j.teacher else None
+        if tdir is not None and not (tdir / "best.json").is_file():
+            print(f"skip {j.name}: teacher {j.teacher} has no checkpoint", flush=True)
+            continue
+        procs[j.name] = (launch(j, args, out, tdir), time.perf_counter())
+    status = {}
+    while procs:
+        for name, (p, t0) in list(procs.items()):
+            if p.poll() is not None:
+                status[name] = {"returncode": p.returncode, "wall_s": time.perf_counter() - t0}
+                print(f"[{time.strftime('%H:%M:%S')}] {name} finished rc={p.returncode} "
+                      f"in {status[name]['wall_s']:.0f}s", flush=True)
+                del procs[name]
+        if procs and time.perf_counter() > deadline:
+            for name, (p, t0) in procs.items():
+                p.send_signal(signal.SIGTERM)
+                try:
+                    p.wait(10)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+                status[name] = {"returncode": p.returncode, "wall_s": time.perf_counter() - t0,
+                                "stopped_at_deadline": True}
+                print(f"{name} stopped at the phase deadline", flush=True)
+            procs = {}
+        time.sleep(0.2)
+    return status
+
+
+def read_history(run: Path) -> List[Dict]:
+    f = run / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--budget-s", type=float, default=420, help="seconds for both phases")
+    p.add_argument("--teacher-frac", type=float, default=0.45, help="share of the budget for phase 1")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--fmnist-dir", default=None, help="Fashion-MNIST directory (omit to skip)")
+    p.add_argument("--cifar-dir", default=None, help="CIFAR-10 directory (omit to skip)")
+    p.add_argument("--fm-model", default="bhvit_micro_c28")
+    p.add_argument("--c10-model", default="bhvit_tiny_c32")
+    p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--teacher-lr", type=float, default=2e-3)
+    p.add_argument("--student-lr", type=float, default=1e-3)
+    p.add_argument("--warmup-epochs", type=float, default=1.0)
+    p.add_argument("--threads", type=int, default=4, help="torch CPU threads per job")
+    p.add_argument("--slowdown", type=float, default=1.4, help="per-job slowdown from sharing")
+    p.add_argument("--reserve-s", type=float, default=20, help="start-up time per job")
+    p.add_argument("--max-epochs", type=int, default=300)
+    p.add_argument("--probe-steps", type=int, default=8)
+    p.add_argument("--no-lre-ablation", action="store_true", help="no second FMNIST student without L_re")
+    p.add_argument("--subset", type=int, default=None, help="train on N images per dataset")
+    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+
+    teachers, students = [], []
+    if args.fmnist_dir:
+        teachers.append(Job("fm_teacher", "fashion-mnist", args.fmnist_dir, args.fm_model, False, args.teacher_lr))
+        students.append(Job("fm_student", "fashion-mnist", args.fmnist_dir, args.fm_model, True,
+                            args.student_lr, teacher="fm_teacher"))
+        if not args.no_lre_ablation:
+            students.append(Job("fm_student_no_lre", "fashion-mnist", args.fmnist_dir, args.fm_model, True,
+                                args.student_lr, teacher="fm_teacher", re_beta=0.0))
+    if args.cifar_dir:
+        teachers.append(Job("c10_teacher", "cifar10", args.cifar_dir, args.c10_model, False, args.teacher_lr))
+        students.append(Job("c10_student", "cifar10", args.cifar_dir, args.c10_model, True,
+                            args.student_lr, teacher="c10_teacher"))
+    if not teachers:
+        sys.exit("budget_recipe: give --fmnist-dir and/or --cifar-dir.")
+
+    probes = {}
+    for j in teachers + students:
+        key = (j.model, j.binary, bool(j.teacher))
+        if key not in probes:
+            probes[key] = probe(j, args.batch_size, args.device, args.probe_steps)
+            print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)}: "
+                  f"{probes[key] * 1e3:.1f} ms/step at batch {args.batch_size}", flush=True)
+        j.step_s = probes[key]
+    left = args.budget_s - (time.perf_counter() - t_start)
+    t_phase1 = left * args.teacher_frac
+    for j in teachers:
+        j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,
+                               args.subset, args.test_subset)
+    for j in students:
+        j.epochs = plan_epochs(j, args.batch_size, left - t_phase1, args.slowdown, args.reserve_s,
+                               args.max_epochs, args.subset, args.test_subset)
+    summary = {"args": vars(args), "plan": {j.name: {"model": j.model, "epochs": j.epochs,
+                                                     "probe_step_ms": j.step_s * 1e3, "lr": j.lr,
+                                                     "re_beta": j.re_beta} for j in teachers + students}}
+    print(json.dumps(summary["plan"]), flush=True)
+
+    now = time.perf_counter()
+    summary["phase1"] = run_phase(teachers, args, out, now + t_phase1)
+    left = args.budget_s - (time.perf_counter() - t_start)
+    summary["phase2"] = run_phase(students, args, out, time.perf_counter() + max(left, 30))
+    summary["runs"] = {j.name: read_history(out / j.name) for j in teachers + students}
+    summary["wall_s"] = time.perf_counter() - t_start
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    print(f"\n{'run':<20} {'epochs':>9} {'best top-1':>10} {'last top-1':>10} {'img/s':>8} "
+          f"{'flips (last 10%)':>18}")
+    for j in teachers + students:
+        h = summary["runs"][j.name]
+        if not h:
+            print(f"{j.name:<20} {'-':>9}")
+            continue
+        k = max(1, math.ceil(0.1 * len(h)))
+        fl = [e["step_flip_frac"] for e in h[-k:] if e.get("step_flip_frac") is not None]
+        flips = f"{100 * sum(fl) / len(fl):.3f}%" if fl else "-"
+        print(f"{j.name:<20} {len(h):>4}/{j.epochs:<4} {max(e['test_top1'] for e in h):>10.2f} "
+              f"{h[-1]['test_top1']:>10.2f} {h[-1]['train_images_per_s']:>8.0f} {flips:>18}")
+    print(f"wall {summary['wall_s']:.0f}s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# One accelerator session in one command: CUDA checks of the training path, the recipe
+# on Fashion-MNIST and CIFAR-10 sized to a time budget, then the 1-bit exports and the
+# device's test-set logits of the trained students (to check the CPU runtime against).
+#
+#   benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]
+#
+# Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), DEVICE
+# (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), RECIPE_ARGS (extra flags for
+# benchmarks/budget_recipe.py), PYTHON (python3).
+set -u
+OUT=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S]}
+BUDGET=${2:-400}
+FM=${FMNIST_DIR:-data/fashion-mnist}
+C10=${CIFAR_DIR:-data/cifar10}
+DEV=${DEVICE:-cuda}
+W=${WORK:-runs/gpu_session}
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$W" "$OUT"
+T0=$(date +%s)
+stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+
+stamp "decode CIFAR-10 into the cache, in the background"
+$PY -c "from bhvit.data import load_dataset as L; [L('cifar10', s, '$C10', progress=True) for s in ('train', 'test')]" \
+    >"$W/decode.log" 2>&1 &
+stamp "checks"
+$PY benchmarks/gpu_checks.py --device "$DEV" --data-dir "$FM" --work "$W/checks" \
+    --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json"
+wait
+stamp "decode done: $(tail -1 "$W/decode.log")"
+REST=$(( BUDGET - ($(date +%s) - T0) ))
+stamp "recipe, ${REST}s"
+# shellcheck disable=SC2086
+$PY benchmarks/budget_recipe.py --out "$W/runs" --budget-s "$REST" --device "$DEV" \
+    --fmnist-dir "$FM" --cifar-dir "$C10" ${RECIPE_ARGS:-}
+cp "$W/runs/summary.json" "$OUT/" 2>/dev/null
+
+stamp "exports and logits"
+for r in fm_student fm_student_no_lre c10_student fm_teacher; do
+    d="$W/runs/$r"
+    [ -f "$d/best.json" ] || continue
+    b="$W/bundle/$r"
+    mkdir -p "$b"
+    cp "$d"/metrics.jsonl "$d"/final.json "$d"/curves.png "$b/" 2>/dev/null
+    cp "$W/runs/$r.log" "$b/train.log"
+    case $r in fm_student) cp "$d/best.json" "$b/" && cp "$d/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weights'])" "$d/best.json")" "$b/" ;; esac
+    case $r in *teacher) continue ;; esac
+    $PY -m bhvit export "$d" "$b/export" >"$b/export.json"
+    $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" >"$b/eval_$DEV.json"
+done
+(cd "$W/bundle" 2>/dev/null && tar cf "$OUT/bundle_fm.tar" fm_* ; tar cf "$OUT/bundle_c10.tar" c10_*) 2>/dev/null
+ls -la "$OUT"
+stamp "done"
