@@ -7,8 +7,9 @@ ablation). The jobs of a phase run as concurrent ``python -m bhvit train`` proce
 Before phase 1, every job's step time is measured on random data (``--probe-steps``
 timed steps after warm-up) and its epoch count set so that
 ``epochs * (steps * step_time + eval) * slowdown`` fits the phase's share of
-``--budget-s``; ``--slowdown`` accounts for the jobs sharing the machine. A job still
-running at its phase's end is stopped and keeps its last finished epoch's checkpoint.
+``--budget-s``; ``--slowdown`` accounts for the jobs sharing the machine in phase 1, and
+phase 2 uses the slowdown measured there. A job still running at its phase's end is
+stopped and keeps its last finished epoch's checkpoint.
 
 Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run) and prints a
 table. Meant for an accelerator; on a CPU keep the budget and data small.
@@ -75,7 +76,8 @@ def probe(job: Job, batch: int, device: str, steps: int) -> float:
         loss = F.cross_entropy(logits, y)
         if teacher is not None:
             with torch.no_grad():
-                loss = loss + kd_loss(logits, teacher(x))
+                t_logits = teacher(x)
+            loss = loss + kd_loss(logits, t_logits)
         if not torch.isfinite(loss):
             raise RuntimeError("probe loss is not finite")
         opt.zero_grad(set_to_none=True)
@@ -92,13 +94,19 @@ def probe(job: Job, batch: int, device: str, steps: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def plan_epochs(job: Job, batch: int, seconds: float, slowdown: float, reserve: float,
-                max_epochs: int, subset: Optional[int] = None, test_subset: Optional[int] = None) -> int:
+def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
+                 test_subset: Optional[int] = None) -> float:
+    """Predicted seconds of one epoch (training steps and the test-set evaluation) alone."""
     n_train, n_test = SIZES[job.data]
     n_train, n_test = min(n_train, subset or n_train), min(n_test, test_subset or n_test)
     steps = math.ceil(n_train / batch)
     eval_s = math.ceil(n_test / 256) * job.step_s * 256 / batch / 3  # forward only
-    epoch_s = slowdown * (steps * job.step_s + eval_s)
+    return steps * job.step_s + eval_s
+
+
+def plan_epochs(job: Job, batch: int, seconds: float, slowdown: float, reserve: float,
+                max_epochs: int, subset: Optional[int] = None, test_subset: Optional[int] = None) -> int:
+    epoch_s = slowdown * plan_epoch_s(job, batch, subset, test_subset)
     return max(1, min(max_epochs, int((seconds - reserve) / epoch_s)))
 
 
@@ -116,6 +124,8 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
         cmd += ["--set", "binary=false"]
     if teacher_dir is not None:
         cmd += ["--teacher", str(teacher_dir)]
+        if args.init_from_teacher:
+            cmd += ["--init-from", str(teacher_dir)]
     log = open(out / f"{job.name}.log", "w")
     print(f"[{time.strftime('%H:%M:%S')}] start {job.name}: {job.epochs} epochs", flush=True)
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -177,6 +187,8 @@ def main() -> None:
     p.add_argument("--reserve-s", type=float, default=20, help="start-up time per job")
     p.add_argument("--max-epochs", type=int, default=300)
     p.add_argument("--probe-steps", type=int, default=8)
+    p.add_argument("--init-from-teacher", action="store_true",
+                   help="start each student from its teacher's weights (train --init-from)")
     p.add_argument("--no-lre-ablation", action="store_true", help="no second FMNIST student without L_re")
     p.add_argument("--subset", type=int, default=None, help="train on N images per dataset")
     p.add_argument("--test-subset", type=int, default=None)
@@ -214,18 +226,31 @@ def main() -> None:
     for j in teachers:
         j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset)
-    for j in students:
-        j.epochs = plan_epochs(j, args.batch_size, left - t_phase1, args.slowdown, args.reserve_s,
-                               args.max_epochs, args.subset, args.test_subset)
-    summary = {"args": vars(args), "plan": {j.name: {"model": j.model, "epochs": j.epochs,
-                                                     "probe_step_ms": j.step_s * 1e3, "lr": j.lr,
-                                                     "re_beta": j.re_beta} for j in teachers + students}}
-    print(json.dumps(summary["plan"]), flush=True)
+    summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + students}}
+    summary["phase1"] = run_phase(teachers, args, out, time.perf_counter() + t_phase1)
 
-    now = time.perf_counter()
-    summary["phase1"] = run_phase(teachers, args, out, now + t_phase1)
+    # Phase 2 is sized with the time actually left and a slowdown measured in phase 1:
+    # the teachers' real epoch times over the ones the probes predict, times the ratio
+    # of job counts (at least 1.2), as phase 2 runs more jobs at once.
+    slowdown = args.slowdown
+    ratios = []
+    for j in teachers:
+        h = read_history(out / j.name)
+        if h:
+            pred = plan_epoch_s(j, args.batch_size, args.subset, args.test_subset)
+            ratios.append(sorted(e["epoch_time_s"] for e in h)[len(h) // 2] / pred)
+    if ratios:
+        slowdown = max(1.0, max(1.2, len(students) / len(teachers)) * max(ratios))
     left = args.budget_s - (time.perf_counter() - t_start)
+    for j in students:
+        j.epochs = plan_epochs(j, args.batch_size, left, slowdown, args.reserve_s, args.max_epochs,
+                               args.subset, args.test_subset)
+    summary["phase2_slowdown"] = {"teacher_ratios": ratios, "used": slowdown}
+    print(f"phase 2: {left:.0f}s left, slowdown {slowdown:.2f} (teachers' measured/predicted "
+          f"epoch time {[round(r, 2) for r in ratios]})", flush=True)
     summary["phase2"] = run_phase(students, args, out, time.perf_counter() + max(left, 30))
+    summary["plan"] = {j.name: {"model": j.model, "epochs": j.epochs, "probe_step_ms": j.step_s * 1e3,
+                                "lr": j.lr, "re_beta": j.re_beta} for j in teachers + students}
     summary["runs"] = {j.name: read_history(out / j.name) for j in teachers + students}
     summary["wall_s"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))

@@ -6,7 +6,8 @@
 #   benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]
 #
 # Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), DEVICE
-# (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), RECIPE_ARGS (extra flags for
+# (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), SPEED_BATCH (64), SPEED_RUNS (5),
+# SKIP_CHECKS (set: no checks, no throughput), RECIPE_ARGS (extra flags for
 # benchmarks/budget_recipe.py), PYTHON (python3).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S]}
@@ -24,9 +25,14 @@ stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 stamp "decode CIFAR-10 into the cache, in the background"
 $PY -c "from bhvit.data import load_dataset as L; [L('cifar10', s, '$C10', progress=True) for s in ('train', 'test')]" \
     >"$W/decode.log" 2>&1 &
-stamp "checks"
-$PY benchmarks/gpu_checks.py --device "$DEV" --data-dir "$FM" --work "$W/checks" \
-    --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json"
+if [ -z "${SKIP_CHECKS:-}" ]; then
+    stamp "checks"
+    $PY benchmarks/gpu_checks.py --device "$DEV" --data-dir "$FM" --work "$W/checks" \
+        --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json"
+    stamp "training throughput"
+    $PY benchmarks/train_speed.py --device "$DEV" --models bhvit_tiny bhvit_tiny_c32 bhvit_micro_c28 \
+        --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt"
+fi
 wait
 stamp "decode done: $(tail -1 "$W/decode.log")"
 REST=$(( BUDGET - ($(date +%s) - T0) ))
@@ -49,6 +55,8 @@ for r in fm_student fm_student_no_lre c10_student fm_teacher; do
     $PY -m bhvit export "$d" "$b/export" >"$b/export.json"
     $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" >"$b/eval_$DEV.json"
 done
-(cd "$W/bundle" 2>/dev/null && tar cf "$OUT/bundle_fm.tar" fm_* ; tar cf "$OUT/bundle_c10.tar" c10_*) 2>/dev/null
+for ds in fm c10; do
+    (cd "$W/bundle" 2>/dev/null && ls -d ${ds}_* >/dev/null 2>&1 && tar cf "$OUT/bundle_$ds.tar" ${ds}_*)
+done
 ls -la "$OUT"
 stamp "done"

@@ -1,10 +1,11 @@
-"""Training-step cost of BHViT models on the CPU: forward + backward per image.
+"""Training-step cost of BHViT models: forward + backward per image (CPU or CUDA).
 
 Prints, per model, the median over several runs of (forward + backward) time for a
 batch, divided by the batch size, and images/s. Models run side by side in one
 process, interleaved run by run, so machine noise hits them alike.
 
     python benchmarks/train_speed.py --models bhvit_tiny bhvit_tiny_c32 --batch 32 --threads 2 --runs 5
+    python benchmarks/train_speed.py --device cuda --batch 128 --runs 10 [--amp]
 """
 from __future__ import annotations
 
@@ -24,6 +25,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--num-classes", type=int, default=10)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. binary=false")
     args = p.parse_args()
@@ -34,18 +37,25 @@ def main() -> None:
 
     setups = []
     for name in args.models:
-        m = bhvit.create_model(name, num_classes=args.num_classes, **over).train()
+        m = bhvit.create_model(name, num_classes=args.num_classes, **over).to(args.device).train()
         c = m.cfg
-        x = torch.randn(args.batch, c.in_chans, c.img_size, c.img_size)
-        y = torch.randint(0, args.num_classes, (args.batch,))
+        x = torch.randn(args.batch, c.in_chans, c.img_size, c.img_size, device=args.device)
+        y = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
         setups.append((name, m, x, y))
+
+    cuda = args.device.startswith("cuda")
+    amp_dtype = torch.float16 if cuda else torch.bfloat16
 
     def step(m, x, y):
         m.zero_grad(set_to_none=True)
-        loss = torch.nn.functional.cross_entropy(m(x), y)
+        with torch.autocast(torch.device(args.device).type, dtype=amp_dtype, enabled=args.amp):
+            loss = torch.nn.functional.cross_entropy(m(x).float(), y)
         loss.backward()
+        if cuda:
+            torch.cuda.synchronize()
 
-    for _, m, x, y in setups:  # warm-up
+    for _, m, x, y in setups:  # warm-up (CUDA: kernel selection)
+        step(m, x, y)
         step(m, x, y)
     times = {name: [] for name, *_ in setups}
     for _ in range(args.runs):
@@ -54,8 +64,9 @@ def main() -> None:
             step(m, x, y)
             times[name].append(time.perf_counter() - t)
 
-    print(f"forward+backward, batch {args.batch}, {args.threads} threads, median of {args.runs} "
-          f"(torch {torch.__version__})")
+    where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
+    print(f"forward+backward, batch {args.batch}, {where}{', autocast' if args.amp else ''}, median of "
+          f"{args.runs} (torch {torch.__version__})")
     print(f"{'model':<20} {'ms/image':>10} {'images/s':>10} {'min..max ms/image':>20}")
     for name, ts in times.items():
         med = statistics.median(ts) / args.batch
