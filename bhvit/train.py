@@ -69,6 +69,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     amp: bool = False
+    deterministic: bool = False  # CUDA: deterministic kernels, so a resumed run repeats exactly
     threads: Optional[int] = None
     overrides: Dict = field(default_factory=dict)
     skip_bad: bool = False
@@ -94,6 +95,18 @@ def sign_snapshot(model: nn.Module) -> List[torch.Tensor]:
         flat = w.reshape(w.shape[0], -1)
         out.append((flat - flat.mean(1, keepdim=True)) >= 0)
     return out
+
+
+def set_deterministic() -> None:
+    """Make CUDA runs repeatable: deterministic cuDNN/cuBLAS and scatter kernels, no
+    autotuning, no TF32. Ops without a deterministic CUDA kernel warn (once) rather than
+    fail. CPU runs are deterministic without this."""
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
 
 
 def _dist_info():
@@ -279,6 +292,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             torch.cuda.set_device(device)
     elif device != "cpu":
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
+    if cfg.deterministic:
+        set_deterministic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.epochs < 1 or cfg.batch_size < 1:
