@@ -17,6 +17,7 @@ interrupted epoch exactly and ends with the same metrics as an uninterrupted run
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -171,6 +172,19 @@ def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: i
     return list(idx.split(batch_size))
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """No TF32 in CUDA convolutions and matmuls inside the block. Binary networks amplify
+    TF32's rounding (a flipped sign changes a whole channel), so evaluation runs in true
+    float32, as the CPU and the bit-packed runtime do."""
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
              device: str = "cpu", progress: bool = False, return_logits: bool = False) -> Dict[str, float]:
@@ -178,7 +192,13 @@ def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
 
     Under torch.distributed each rank evaluates a strided shard and the sums are reduced.
     ``return_logits``: also return this rank's logits (float32, on the CPU) as ``"logits"``.
+    On CUDA it runs without TF32 (:func:`exact_float32`).
     """
+    with exact_float32():
+        return _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits)
+
+
+def _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits):
     rank, world = _dist_info()
     was = model.training
     model.eval()
