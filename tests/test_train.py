@@ -212,3 +212,34 @@ def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
         train(replace(cfg, resume=True, lr=0.01))
     with pytest.raises(CheckpointError, match=r"model config differs .*\['qd'\]"):
         train(replace(cfg, resume=True, overrides={"qd": False}))
+
+
+def test_exact_float32_restores_tf32_flags():
+    from bhvit.train import exact_float32
+
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = True
+    try:
+        with exact_float32():
+            assert torch.backends.cudnn.allow_tf32 is False
+            assert torch.backends.cuda.matmul.allow_tf32 is False
+        assert torch.backends.cudnn.allow_tf32 is True
+        with pytest.raises(RuntimeError):
+            with exact_float32():
+                raise RuntimeError("boom")
+        assert torch.backends.cudnn.allow_tf32 is True
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_deterministic_flag_runs_and_matches_default_on_cpu(fmnist, tmp_path):
+    args = COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "64", "--test-subset", "32"]
+    finals = []
+    for extra, name in (([], "a"), (["--deterministic"], "b")):
+        p = _run(args + extra + ["--out", str(tmp_path / name)])
+        out = p.communicate(timeout=300)[0]
+        assert p.returncode == 0, out
+        assert "deterministic implementation" not in out
+        finals.append(json.loads((tmp_path / name / "final.json").read_text()))
+    keys = ("train_loss", "test_loss", "test_top1", "flip_frac")
+    assert {k: finals[0][k] for k in keys} == {k: finals[1][k] for k in keys}
