@@ -5,15 +5,15 @@
 #
 #   benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]
 #
-# Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), DEVICE
-# (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), SPEED_BATCH (64), SPEED_RUNS (5),
-# SKIP_CHECKS (set: no checks, no throughput), RECIPE_ARGS (extra flags for
-# benchmarks/budget_recipe.py), PYTHON (python3).
+# Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), an empty
+# value leaves that dataset out; DEVICE (cuda), WORK (runs/gpu_session), CHECK_SUBSET
+# (4096), SPEED_BATCH (64), SPEED_RUNS (5), SKIP_CHECKS (set: no checks, no throughput),
+# RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py), PYTHON (python3).
 set -u
 OUT=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-400}
-FM=${FMNIST_DIR:-data/fashion-mnist}
-C10=${CIFAR_DIR:-data/cifar10}
+FM=${FMNIST_DIR-data/fashion-mnist}   # set to "" to leave a dataset out
+C10=${CIFAR_DIR-data/cifar10}
 DEV=${DEVICE:-cuda}
 W=${WORK:-runs/gpu_session}
 PY=${PYTHON:-python3}
@@ -22,10 +22,12 @@ mkdir -p "$W" "$OUT"
 T0=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
 
-stamp "decode CIFAR-10 into the cache, in the background"
-$PY -c "from bhvit.data import load_dataset as L; [L('cifar10', s, '$C10', progress=True) for s in ('train', 'test')]" \
-    >"$W/decode.log" 2>&1 &
-if [ -z "${SKIP_CHECKS:-}" ]; then
+if [ -n "$C10" ]; then
+    stamp "decode CIFAR-10 into the cache, in the background"
+    $PY -c "from bhvit.data import load_dataset as L; [L('cifar10', s, '$C10', progress=True) for s in ('train', 'test')]" \
+        >"$W/decode.log" 2>&1 &
+fi
+if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
     stamp "checks"
     $PY benchmarks/gpu_checks.py --device "$DEV" --data-dir "$FM" --work "$W/checks" \
         --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json"
@@ -34,12 +36,12 @@ if [ -z "${SKIP_CHECKS:-}" ]; then
         --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt"
 fi
 wait
-stamp "decode done: $(tail -1 "$W/decode.log")"
+[ -n "$C10" ] && stamp "decode done: $(tail -1 "$W/decode.log")"
 REST=$(( BUDGET - ($(date +%s) - T0) ))
 stamp "recipe, ${REST}s"
 # shellcheck disable=SC2086
 $PY benchmarks/budget_recipe.py --out "$W/runs" --budget-s "$REST" --device "$DEV" \
-    --fmnist-dir "$FM" --cifar-dir "$C10" ${RECIPE_ARGS:-}
+    ${FM:+--fmnist-dir "$FM"} ${C10:+--cifar-dir "$C10"} ${RECIPE_ARGS:-}
 cp "$W/runs/summary.json" "$OUT/" 2>/dev/null
 
 stamp "exports and logits"
