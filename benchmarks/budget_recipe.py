@@ -126,9 +126,9 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
         cmd += ["--teacher", str(teacher_dir)]
         if args.init_from_teacher:
             cmd += ["--init-from", str(teacher_dir)]
-    log = open(out / f"{job.name}.log", "w")
     print(f"[{time.strftime('%H:%M:%S')}] start {job.name}: {job.epochs} epochs", flush=True)
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    with open(out / f"{job.name}.log", "w") as log:  # the child keeps its own handle
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
 
 
 def run_phase(jobs: List[Job], args, out: Path, deadline: float) -> Dict[str, Dict]:

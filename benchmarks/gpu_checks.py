@@ -22,7 +22,7 @@ import torch
 import bhvit
 from bhvit.checkpoint import load_model
 from bhvit.data import load_dataset
-from bhvit.train import evaluate
+from bhvit.train import _tf32_switches, evaluate
 
 RESULTS = []
 
@@ -34,8 +34,8 @@ def report(name: str, **kw) -> None:
 
 
 def cli(*args: str, log: Path, wait: bool = True) -> subprocess.Popen:
-    f = open(log, "w")
-    p = subprocess.Popen([sys.executable, "-m", "bhvit", *args], stdout=f, stderr=subprocess.STDOUT)
+    with open(log, "w") as f:  # the child keeps its own handle
+        p = subprocess.Popen([sys.executable, "-m", "bhvit", *args], stdout=f, stderr=subprocess.STDOUT)
     if wait:
         p.wait()
     return p
@@ -43,9 +43,10 @@ def cli(*args: str, log: Path, wait: bool = True) -> subprocess.Popen:
 
 def forward_agreement(device: str, tf32: bool = True) -> None:
     """Same weights, same input: logits on the CPU and on the device (train-mode batch
-    statistics and eval mode). ``tf32``: allow TF32 convolutions/matmuls on CUDA."""
-    torch.backends.cudnn.allow_tf32 = tf32
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    statistics and eval mode). ``tf32``: TF32 on for CUDA convolutions and matmuls (torch's
+    default has it on for convolutions only), else off for both."""
+    for obj, attr, exact in _tf32_switches():
+        setattr(obj, attr, ("tf32" if attr == "fp32_precision" else True) if tf32 else exact)
     for name, binary in [("bhvit_micro_c28", True), ("bhvit_tiny_c32", True), ("bhvit_tiny_c32", False)]:
         torch.manual_seed(0)
         m = bhvit.create_model(name, num_classes=10, binary=binary)

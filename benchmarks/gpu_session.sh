@@ -6,10 +6,12 @@
 #   benchmarks/gpu_session.sh OUT_DIR [BUDGET_S]
 #
 # Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), an empty
-# value leaves that dataset out; DEVICE (cuda), WORK (runs/gpu_session), CHECK_SUBSET
-# (4096), SPEED_BATCH (64), SPEED_RUNS (5), SKIP_CHECKS (set: no checks, no throughput),
-# RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py), PYTHON (python3).
-set -u
+# value leaves that dataset out (no Fashion-MNIST: no checks and no throughput runs);
+# DEVICE (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), SPEED_BATCH (64),
+# SPEED_RUNS (5), SKIP_CHECKS (set: no checks, no throughput), RECIPE_ARGS (extra flags
+# for benchmarks/budget_recipe.py), PYTHON (python3). Every step runs even if an earlier
+# one failed; the exit status is 1 if any failed.
+set -u -o pipefail
 OUT=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-400}
 FM=${FMNIST_DIR-data/fashion-mnist}   # set to "" to leave a dataset out
@@ -20,28 +22,35 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$W" "$OUT"
 T0=$(date +%s)
+RC=0
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
+failed() { RC=1; stamp "FAILED: $*"; }
 
 if [ -n "$C10" ]; then
     stamp "decode CIFAR-10 into the cache, in the background"
-    $PY -c "from bhvit.data import load_dataset as L; [L('cifar10', s, '$C10', progress=True) for s in ('train', 'test')]" \
-        >"$W/decode.log" 2>&1 &
+    $PY -c "import sys; from bhvit.data import load_dataset as L; [L('cifar10', s, sys.argv[1], progress=True) for s in ('train', 'test')]" \
+        "$C10" >"$W/decode.log" 2>&1 &
 fi
 if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
     stamp "checks"
     $PY benchmarks/gpu_checks.py --device "$DEV" --data-dir "$FM" --work "$W/checks" \
-        --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json"
+        --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json" || failed "checks"
     stamp "training throughput"
     $PY benchmarks/train_speed.py --device "$DEV" --models bhvit_tiny bhvit_tiny_c32 bhvit_micro_c28 \
-        --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt"
+        --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt" \
+        || failed "throughput"
 fi
 wait
 [ -n "$C10" ] && stamp "decode done: $(tail -1 "$W/decode.log")"
 REST=$(( BUDGET - ($(date +%s) - T0) ))
+if [ "$REST" -lt 60 ]; then
+    stamp "only ${REST}s of the ${BUDGET}s budget left: no recipe (raise BUDGET_S)"
+    exit 1
+fi
 stamp "recipe, ${REST}s"
 # shellcheck disable=SC2086
 $PY benchmarks/budget_recipe.py --out "$W/runs" --budget-s "$REST" --device "$DEV" \
-    ${FM:+--fmnist-dir "$FM"} ${C10:+--cifar-dir "$C10"} ${RECIPE_ARGS:-}
+    ${FM:+--fmnist-dir "$FM"} ${C10:+--cifar-dir "$C10"} ${RECIPE_ARGS:-} || failed "recipe"
 cp "$W/runs/summary.json" "$OUT/" 2>/dev/null
 
 stamp "exports and logits"
@@ -54,11 +63,13 @@ for r in fm_student fm_student_no_lre c10_student fm_teacher; do
     cp "$W/runs/$r.log" "$b/train.log"
     case $r in fm_student) cp "$d/best.json" "$b/" && cp "$d/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weights'])" "$d/best.json")" "$b/" ;; esac
     case $r in *teacher) continue ;; esac
-    $PY -m bhvit export "$d" "$b/export" >"$b/export.json"
-    $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" >"$b/eval_$DEV.json"
+    $PY -m bhvit export "$d" "$b/export" >"$b/export.json" || failed "export $r"
+    $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" \
+        >"$b/eval_$DEV.json" || failed "eval $r"
 done
 for ds in fm c10; do
     (cd "$W/bundle" 2>/dev/null && ls -d ${ds}_* >/dev/null 2>&1 && tar cf "$OUT/bundle_$ds.tar" ${ds}_*)
 done
 ls -la "$OUT"
 stamp "done"
+exit $RC

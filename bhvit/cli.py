@@ -115,6 +115,8 @@ def cmd_recipe(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from pathlib import Path
+
     from .checkpoint import load_model
     from .data import load_dataset
     from .train import evaluate
@@ -147,13 +149,20 @@ def cmd_eval(args) -> int:
     else:
         mean, std = load_dataset(name, "train", args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
                                  skip_bad=args.skip_bad, cache_dir=args.cache_dir).channel_stats()
-    res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress,
-                   return_logits=bool(args.save_logits))
+    logits_file = None
     if args.save_logits:
+        logits_file = Path(args.save_logits)
+        if logits_file.suffix != ".npz":
+            logits_file = logits_file.with_name(logits_file.name + ".npz")  # as numpy.savez names it
+        if not logits_file.parent.is_dir():
+            raise ValueError(f"--save-logits {args.save_logits}: directory {logits_file.parent} does not exist.")
+    res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress,
+                   return_logits=logits_file is not None)
+    if logits_file is not None:
         import numpy as np
 
-        np.savez(args.save_logits, logits=res.pop("logits").numpy(), labels=ds.labels.numpy())
-        res["logits_file"] = args.save_logits
+        np.savez(logits_file, logits=res.pop("logits").numpy(), labels=ds.labels.numpy())
+        res["logits_file"] = str(logits_file)
     res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, epoch=doc.get("epoch"))
     print(json.dumps(res))
     return 0
@@ -230,7 +239,7 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
         p.add_argument("--teacher", default=None, help="teacher checkpoint (run dir or .json) for KD")
         p.add_argument("--init-from", default=None, metavar="CKPT",
                        help="start from this checkpoint's weights (every tensor whose name and shape "
-                            "match, e.g. a full-precision twin's); not with --resume of a started run")
+                            "match, e.g. a full-precision twin's); ignored when --resume continues a run")
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4 * global batch / 512")
     p.add_argument("--weight-decay", type=float, default=0.0)

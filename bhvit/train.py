@@ -98,16 +98,27 @@ def sign_snapshot(model: nn.Module) -> List[torch.Tensor]:
     return out
 
 
+def _tf32_switches():
+    """(object, attribute, value for true float32) of each TF32 switch of this torch: the
+    ``fp32_precision`` settings where they exist (torch mixes them badly with the older
+    ``allow_tf32`` flags), else ``allow_tf32``."""
+    conv = getattr(torch.backends.cudnn, "conv", None)
+    if hasattr(conv, "fp32_precision") and hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        return [(conv, "fp32_precision", "ieee"), (torch.backends.cuda.matmul, "fp32_precision", "ieee")]
+    return [(torch.backends.cudnn, "allow_tf32", False), (torch.backends.cuda.matmul, "allow_tf32", False)]
+
+
 def set_deterministic() -> None:
     """Make CUDA runs repeatable: deterministic cuDNN/cuBLAS and scatter kernels, no
     autotuning, no TF32. Ops without a deterministic CUDA kernel warn (once) rather than
-    fail. CPU runs are deterministic without this."""
+    fail. CPU runs are deterministic without this. The settings are process-wide and stay
+    on after training."""
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts
     torch.use_deterministic_algorithms(True, warn_only=True)
     torch.backends.cudnn.deterministic = True
     torch.backends.cudnn.benchmark = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch.backends.cuda.matmul.allow_tf32 = False
+    for obj, attr, exact in _tf32_switches():
+        setattr(obj, attr, exact)
 
 
 def _dist_info():
@@ -173,16 +184,23 @@ def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: i
 
 
 @contextlib.contextmanager
-def exact_float32():
-    """No TF32 in CUDA convolutions and matmuls inside the block. Binary networks amplify
-    TF32's rounding (a flipped sign changes a whole channel), so evaluation runs in true
-    float32, as the CPU and the bit-packed runtime do."""
-    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+def exact_float32(enabled: bool = True):
+    """No TF32 in CUDA convolutions and matmuls inside the block (the previous settings
+    come back after it). Binary networks amplify TF32's rounding (a flipped sign changes a
+    whole channel), so evaluation runs in true float32, as the CPU and the bit-packed
+    runtime do."""
+    if not enabled:
+        yield
+        return
+    switches = _tf32_switches()
+    saved = [getattr(obj, attr) for obj, attr, _ in switches]
+    for obj, attr, exact in switches:
+        setattr(obj, attr, exact)
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        for (obj, attr, _), value in zip(switches, saved):
+            setattr(obj, attr, value)
 
 
 @torch.no_grad()
@@ -194,7 +212,7 @@ def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
     ``return_logits``: also return this rank's logits (float32, on the CPU) as ``"logits"``.
     On CUDA it runs without TF32 (:func:`exact_float32`).
     """
-    with exact_float32():
+    with exact_float32(str(device).startswith("cuda")):
         return _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits)
 
 
@@ -255,7 +273,7 @@ def _checksum(model: nn.Module) -> float:
 
 # Training settings that must not change when a run is resumed (they change the result).
 RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
-               "kd_lambda", "re_beta", "re_last_frac", "teacher", "init_from", "subset", "seed", "overrides",
+               "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
                "crop_pad", "flip", "amp")
 
 

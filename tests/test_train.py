@@ -133,6 +133,14 @@ def test_eval_save_logits(fmnist, tmp_path, capsys):
     assert z["logits"].shape == (64, 10) and z["logits"].dtype == np.float32
     assert z["labels"].shape == (64,)
     assert ev["top1"] == pytest.approx(100 * (z["logits"].argmax(1) == z["labels"]).mean())
+    # numpy appends .npz; the report names the file that exists
+    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress",
+                 "--save-logits", str(tmp_path / "plain")]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["logits_file"] == str(tmp_path / "plain.npz")
+    assert (tmp_path / "plain.npz").is_file()
+    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress",
+                 "--save-logits", str(tmp_path / "nodir" / "x.npz")]) == 2
+    assert "does not exist" in capsys.readouterr().err
 
 
 def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
@@ -154,6 +162,11 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     assert main(COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "64", "--test-subset", "32",
                           "--init-from", str(tmp_path / "fp"), "--out", str(tmp_path / "s")]) == 0
     assert f"initialised {n} of {total} tensors" in capsys.readouterr().out
+    # resuming that run needs (and reloads) nothing from --init-from
+    assert main(COMMON + ["--data-dir", str(fmnist), "--epochs", "2", "--subset", "64", "--test-subset", "32",
+                          "--resume", "--out", str(tmp_path / "s")]) == 0
+    assert "initialised" not in capsys.readouterr().out
+    assert json.loads((tmp_path / "s" / "final.json").read_text())["epoch"] == 2
     # nothing matching: a clear error
     from safetensors.torch import save_file
 
@@ -214,22 +227,41 @@ def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
         train(replace(cfg, resume=True, overrides={"qd": False}))
 
 
-def test_exact_float32_restores_tf32_flags():
-    from bhvit.train import exact_float32
+def test_exact_float32_restores_tf32_settings():
+    from bhvit.train import _tf32_switches, exact_float32
 
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = True
+    switches = _tf32_switches()
+    before = [getattr(o, a) for o, a, _ in switches]
     try:
+        # a user who chose TF32 (through torch's newer precision settings where they exist)
+        for o, a, exact in switches:
+            setattr(o, a, "tf32" if a == "fp32_precision" else True)
+        chosen = [getattr(o, a) for o, a, _ in switches]
         with exact_float32():
-            assert torch.backends.cudnn.allow_tf32 is False
-            assert torch.backends.cuda.matmul.allow_tf32 is False
-        assert torch.backends.cudnn.allow_tf32 is True
-        with pytest.raises(RuntimeError):
+            assert [getattr(o, a) for o, a, _ in switches] == [v for _, _, v in switches]
+        assert [getattr(o, a) for o, a, _ in switches] == chosen
+        with pytest.raises(RuntimeError, match="boom"):
             with exact_float32():
                 raise RuntimeError("boom")
-        assert torch.backends.cudnn.allow_tf32 is True
+        assert [getattr(o, a) for o, a, _ in switches] == chosen
+        with exact_float32(enabled=False):
+            assert [getattr(o, a) for o, a, _ in switches] == chosen
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+        for (o, a, _), v in zip(switches, before):
+            setattr(o, a, v)
+
+
+def test_step_flips_count_every_step(fmnist, tmp_path):
+    base = dict(model="bhvit_micro_c28", data_dir=str(fmnist), epochs=1, subset=64, test_subset=32,
+                progress=False, threads=1)
+    # one step per epoch: the per-step count is the net count
+    one = train(TrainConfig(out=str(tmp_path / "one"), batch_size=64, **base))
+    assert one["step_flip_frac"] == one["flip_frac"] > 0
+    # four steps: every net flip is also a step flip, and oscillations add more
+    four = train(TrainConfig(out=str(tmp_path / "four"), batch_size=16, **base))
+    assert four["step_flip_frac"] >= four["flip_frac"] > 0
+    off = train(TrainConfig(out=str(tmp_path / "off"), batch_size=16, step_flips=False, **base))
+    assert off["step_flip_frac"] is None and off["flip_frac"] == four["flip_frac"]
 
 
 def test_deterministic_flag_runs_and_matches_default_on_cpu(fmnist, tmp_path):
