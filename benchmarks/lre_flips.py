@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 from pathlib import Path
 
 from bhvit.train import TrainConfig, train
@@ -38,35 +39,52 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="run the pair once per seed (OUT/seedN/...) and summarise the differences")
+    p.add_argument("--init-from", default=None, help="start both students from this checkpoint")
     a = p.parse_args()
 
-    rows = {}
-    for label, beta in (("with L_re", a.re_beta), ("without L_re", 0.0)):
-        out = Path(a.out) / ("with_lre" if beta else "without_lre")
-        cfg = TrainConfig(model=a.model, data=a.data, data_dir=a.data_dir, out=str(out), epochs=a.epochs,
-                          batch_size=a.batch_size, lr=a.lr, subset=a.subset, test_subset=a.test_subset,
-                          teacher=a.teacher,
-                          re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=a.seed,
-                          resume=a.resume or (out / "last.json").exists(), progress=False)
-        if not (out / "final.json").exists():
-            train(cfg)
-        hist = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-        first_late = a.epochs - max(1, math.ceil(a.re_last_frac * a.epochs))
-        late = [h for h in hist if h["epoch"] > first_late]
-        rows[label] = {
-            "late_epochs": [h["epoch"] for h in late],
-            "net_flip_frac": [round(h["flip_frac"], 6) for h in late],
-            "step_flip_frac": [round(h["step_flip_frac"], 6) for h in late],
-            "final_test_top1": hist[-1]["test_top1"],
-            "best_test_top1": max(h["test_top1"] for h in hist),
-        }
-    print(json.dumps(rows, indent=1))
-    print(f"{'run':<14} {'epochs':>10} {'net flips/epoch':>16} {'step flips/epoch':>17} {'final top-1':>12}")
-    for label, r in rows.items():
-        net = sum(r["net_flip_frac"]) / len(r["net_flip_frac"])
-        stp = sum(r["step_flip_frac"]) / len(r["step_flip_frac"])
-        eps = f"{r['late_epochs'][0]}-{r['late_epochs'][-1]}"
-        print(f"{label:<14} {eps:>10} {net:>16.5f} {stp:>17.5f} {r['final_test_top1']:>12.2f}")
+    results = []
+    for seed in a.seeds if a.seeds is not None else [a.seed]:
+        rows = {}
+        for label, beta in (("with L_re", a.re_beta), ("without L_re", 0.0)):
+            out = Path(a.out) / (f"seed{seed}" if a.seeds is not None else "") / (
+                "with_lre" if beta else "without_lre")
+            cfg = TrainConfig(model=a.model, data=a.data, data_dir=a.data_dir, out=str(out), epochs=a.epochs,
+                              batch_size=a.batch_size, lr=a.lr, subset=a.subset, test_subset=a.test_subset,
+                              teacher=a.teacher, init_from=a.init_from,
+                              re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=seed,
+                              resume=a.resume or (out / "last.json").exists(), progress=False)
+            if not (out / "final.json").exists():
+                train(cfg)
+            hist = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+            first_late = a.epochs - max(1, math.ceil(a.re_last_frac * a.epochs))
+            late = [h for h in hist if h["epoch"] > first_late]
+            rows[label] = {
+                "seed": seed,
+                "late_epochs": [h["epoch"] for h in late],
+                "net_flip_frac": [round(h["flip_frac"], 6) for h in late],
+                "step_flip_frac": [round(h["step_flip_frac"], 6) for h in late],
+                "final_test_top1": hist[-1]["test_top1"],
+                "best_test_top1": max(h["test_top1"] for h in hist),
+            }
+        results.append(rows)
+    print(json.dumps(results, indent=1))
+    print(f"{'seed':>4} {'run':<14} {'epochs':>8} {'net flips/epoch':>16} {'step flips/epoch':>17} "
+          f"{'final top-1':>12}")
+    for rows in results:
+        for label, r in rows.items():
+            net = sum(r["net_flip_frac"]) / len(r["net_flip_frac"])
+            stp = sum(r["step_flip_frac"]) / len(r["step_flip_frac"])
+            eps = f"{r['late_epochs'][0]}-{r['late_epochs'][-1]}"
+            print(f"{r['seed']:>4} {label:<14} {eps:>8} {net:>16.5f} {stp:>17.5f} {r['final_test_top1']:>12.2f}")
+    if len(results) > 1:
+        d_top1 = [r["with L_re"]["final_test_top1"] - r["without L_re"]["final_test_top1"] for r in results]
+        d_step = [sum(r["with L_re"]["step_flip_frac"]) / max(sum(r["without L_re"]["step_flip_frac"]), 1e-12)
+                  for r in results]
+        print(f"with - without L_re, final top-1: mean {statistics.mean(d_top1):+.2f} points, "
+              f"sd {statistics.stdev(d_top1):.2f} over {len(results)} seeds; "
+              f"step flips with/without: {', '.join(f'{x:.3f}' for x in d_step)}")
 
 
 if __name__ == "__main__":
