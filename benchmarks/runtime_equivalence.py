@@ -36,18 +36,16 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=None, help="first N images only")
     args = p.parse_args()
 
-    import torch
-
-    from bhvit.data import load_dataset
+    from bhvit.data import Dataset, load_dataset
 
     rt = runtime.load(args.export, threads=args.threads)
     cfg, data = rt.cfg, rt.data
     name = args.data or data.get("name")
     ds = load_dataset(name, args.split, args.data_dir, channels=cfg["in_chans"], size=cfg["img_size"],
                       classes=data.get("classes"))
-    images, labels = ds.images.numpy(), ds.labels.numpy()
     if args.limit:
-        images, labels = images[: args.limit], labels[: args.limit]
+        ds = Dataset(ds.images[: args.limit], ds.labels[: args.limit], ds.classes, source=ds.source)
+    images, labels = ds.images.numpy(), ds.labels.numpy()
     mean, std = data["mean"], data["std"]
 
     if args.logits:
@@ -57,13 +55,10 @@ def main() -> None:
             raise SystemExit(f"{args.logits}: its labels are not this test set's (order or content differ).")
     else:
         from bhvit.checkpoint import load_model
-        from bhvit.data import normalize
+        from bhvit.train import evaluate
 
         model, _ = load_model(args.checkpoint)
-        with torch.no_grad():
-            ref_logits = np.concatenate([
-                model(normalize(torch.from_numpy(images[i:i + args.batch]), mean, std)).numpy()
-                for i in range(0, len(images), args.batch)])
+        ref_logits = evaluate(model, ds, mean, std, args.batch, return_logits=True)["logits"].numpy()
 
     t = time.perf_counter()
     got = np.concatenate([rt(normalize_images(images[i:i + args.batch], mean, std))

@@ -230,12 +230,14 @@ def _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits)
         logits = model(x).float()
         if return_logits:
             kept.append(logits.cpu())
-        sums[0] += F.cross_entropy(logits, y, reduction="sum").item()
+        # summed on the device; the host reads the sums only to print and at the end
+        sums[0] += F.cross_entropy(logits, y, reduction="sum")
         top = logits.topk(min(5, logits.shape[1]), dim=1).indices
-        sums[1] += (top[:, 0] == y).sum().item()
-        sums[2] += (top == y[:, None]).any(1).sum().item()
+        sums[1] += (top[:, 0] == y).sum()
+        sums[2] += (top == y[:, None]).any(1).sum()
         sums[3] += len(b)
-        bar.update(i + 1, int(sums[3]))
+        if bar.due(i + 1):
+            bar.update(i + 1, int(sums[3]))
     if world > 1:
         dist.all_reduce(sums)
     model.train(was)
