@@ -176,7 +176,9 @@ def main() -> None:
     p.add_argument("--device", default="cuda")
     p.add_argument("--fmnist-dir", default=None, help="Fashion-MNIST directory (omit to skip)")
     p.add_argument("--cifar-dir", default=None, help="CIFAR-10 directory (omit to skip)")
-    p.add_argument("--fm-model", default="bhvit_micro_c28")
+    p.add_argument("--fm-model", nargs="+", default=["bhvit_micro_c28"],
+                   help="Fashion-MNIST model(s); runs of the first are fm_teacher/fm_student, of "
+                        "the others fm_<name>_teacher/fm_<name>_student")
     p.add_argument("--c10-model", default="bhvit_tiny_c32")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--teacher-lr", type=float, default=2e-3)
@@ -199,12 +201,13 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     teachers, students = [], []
-    if args.fmnist_dir:
-        teachers.append(Job("fm_teacher", "fashion-mnist", args.fmnist_dir, args.fm_model, False, args.teacher_lr))
-        students.append(Job("fm_student", "fashion-mnist", args.fmnist_dir, args.fm_model, True,
-                            args.student_lr, teacher="fm_teacher"))
-        if not args.no_lre_ablation:
-            students.append(Job("fm_student_no_lre", "fashion-mnist", args.fmnist_dir, args.fm_model, True,
+    for i, model in enumerate(args.fm_model if args.fmnist_dir else []):
+        pre = "fm" if i == 0 else f"fm_{model.removeprefix('bhvit_')}"
+        teachers.append(Job(f"{pre}_teacher", "fashion-mnist", args.fmnist_dir, model, False, args.teacher_lr))
+        students.append(Job(f"{pre}_student", "fashion-mnist", args.fmnist_dir, model, True,
+                            args.student_lr, teacher=f"{pre}_teacher"))
+        if i == 0 and not args.no_lre_ablation:
+            students.append(Job("fm_student_no_lre", "fashion-mnist", args.fmnist_dir, model, True,
                                 args.student_lr, teacher="fm_teacher", re_beta=0.0))
     if args.cifar_dir:
         teachers.append(Job("c10_teacher", "cifar10", args.cifar_dir, args.c10_model, False, args.teacher_lr))

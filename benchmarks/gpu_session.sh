@@ -8,8 +8,9 @@
 # Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), an empty
 # value leaves that dataset out (no Fashion-MNIST: no checks and no throughput runs);
 # DEVICE (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), SPEED_BATCH (64),
-# SPEED_RUNS (5), SKIP_CHECKS (set: no checks, no throughput), RECIPE_ARGS (extra flags
-# for benchmarks/budget_recipe.py), PYTHON (python3). Every step runs even if an earlier
+# SPEED_RUNS (5), CKPT_MAX_MB (12: larger checkpoints stay behind), SKIP_CHECKS (set: no
+# checks, no throughput), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
+# PYTHON (python3). Every step runs even if an earlier
 # one failed; the exit status is 1 if any failed.
 set -u -o pipefail
 OUT=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S]}
@@ -54,21 +55,25 @@ $PY benchmarks/budget_recipe.py --out "$W/runs" --budget-s "$REST" --device "$DE
 cp "$W/runs/summary.json" "$OUT/" 2>/dev/null
 
 stamp "exports and logits"
-for r in fm_student fm_student_no_lre c10_student fm_teacher; do
-    d="$W/runs/$r"
+# One tar per run (each returned file must stay small): curves and logs; for students the
+# 1-bit export and the device's test logits; the best checkpoint when under CKPT_MAX_MB.
+for d in "$W"/runs/*/; do
+    r=$(basename "$d")
     [ -f "$d/best.json" ] || continue
     b="$W/bundle/$r"
     mkdir -p "$b"
     cp "$d"/metrics.jsonl "$d"/final.json "$d"/curves.png "$b/" 2>/dev/null
     cp "$W/runs/$r.log" "$b/train.log"
-    case $r in fm_student) cp "$d/best.json" "$b/" && cp "$d/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weights'])" "$d/best.json")" "$b/" ;; esac
-    case $r in *teacher) continue ;; esac
-    $PY -m bhvit export "$d" "$b/export" >"$b/export.json" || failed "export $r"
-    $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" \
-        >"$b/eval_$DEV.json" || failed "eval $r"
-done
-for ds in fm c10; do
-    (cd "$W/bundle" 2>/dev/null && ls -d ${ds}_* >/dev/null 2>&1 && tar cf "$OUT/bundle_$ds.tar" ${ds}_*)
+    wt="$d/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weights'])" "$d/best.json")"
+    if [ "$(du -m "$wt" | cut -f1)" -lt "${CKPT_MAX_MB:-12}" ]; then
+        cp "$d/best.json" "$wt" "$b/"
+    fi
+    case $r in *teacher) ;; *)
+        $PY -m bhvit export "$d" "$b/export" >"$b/export.json" || failed "export $r"
+        $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" \
+            >"$b/eval_$DEV.json" || failed "eval $r" ;;
+    esac
+    (cd "$W/bundle" && tar cf "$OUT/bundle_$r.tar" "$r")
 done
 ls -la "$OUT"
 stamp "done"
