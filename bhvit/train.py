@@ -82,6 +82,15 @@ class TrainConfig:
     step_flips: bool = True  # count binary-weight sign flips after every optimizer step
 
 
+# On an accelerator the loss is checked for NaN/inf on the host every this many steps (the
+# first bad step is recorded on the device, so the error still names it).
+NONFINITE_CHECK_STEPS = 16
+
+
+def _nonfinite_check_steps(device: str) -> int:
+    return 1 if torch.device(device).type == "cpu" else NONFINITE_CHECK_STEPS
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Soft cross-entropy between the teacher's softmax and the student's log-softmax."""
     return -(teacher_logits.softmax(-1) * student_logits.log_softmax(-1)).sum(-1).mean()
@@ -391,6 +400,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     crop_pad = cfg.crop_pad if cfg.crop_pad is not None else model_cfg.img_size // 8
 
     use_amp = cfg.amp
+    check_every = _nonfinite_check_steps(device)
     amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
     scaler = torch.amp.GradScaler("cuda") if (use_amp and device.startswith("cuda")) else None
     start_epoch, history, best = 0, [], -1.0
@@ -431,6 +441,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
         signs_prev = signs_before
         step_flip_count = torch.zeros((), dtype=torch.int64, device=device)
+        bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        bad_loss = torch.zeros((), dtype=torch.float32, device=device)
         model.train()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
         bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
@@ -452,11 +464,17 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                     loss = loss + lam * kd_loss(logits.float(), t_logits)
                 if beta:
                     loss = loss + beta * regularization_loss(_unwrap(model))
-            if not torch.isfinite(loss):
-                where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
-                raise TrainingDiverged(
-                    f"loss became {loss.item()} at epoch {epoch + 1}, step {i + 1}; stopping. "
-                    f"Last good checkpoint: {where}. Try a lower --lr.")
+            # A non-finite loss is noted on the device and read every `check_every` steps
+            # (every step on the CPU), so that the host need not wait for each step.
+            first_bad = torch.isfinite(loss.detach()).logical_not() & (bad_step < 0)
+            bad_step = torch.where(first_bad, i, bad_step)
+            bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
+            if (i + 1) % check_every == 0 or i + 1 == len(batches):
+                if int(bad_step) >= 0:
+                    where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
+                    raise TrainingDiverged(
+                        f"loss became {bad_loss.item()} at epoch {epoch + 1}, step {int(bad_step) + 1}; "
+                        f"stopping. Last good checkpoint: {where}. Try a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -108,6 +108,19 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path):
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_nan_check_deferred_still_names_the_first_bad_step(fmnist, tmp_path, monkeypatch):
+    # On an accelerator the host reads the NaN flag every few steps; the error must still
+    # name the step where the loss first went bad, and training stops at the next check.
+    monkeypatch.setattr("bhvit.train._nonfinite_check_steps", lambda device: 3)
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=3,
+                      batch_size=32, subset=256, test_subset=32, progress=False, threads=1)
+    teacher = NaNAfter(10)  # 8 steps per epoch: call 10 is epoch 2, step 2
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 2;.*epoch 1\)"):
+        train(cfg, teacher=teacher)
+    assert teacher.calls == 11  # checked after step 3, not after every step
+    assert json.loads((tmp_path / "r" / "last.json").read_text())["epoch"] == 0
+
+
 def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
     cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
                       batch_size=64, subset=128, progress=False, threads=1)
