@@ -234,6 +234,9 @@ def main() -> None:
                   f"{probes[key] * 1e3:.1f} ms/step at batch {args.batch_size}", flush=True)
         j.step_s = probes[key]
     left = args.budget_s - (time.perf_counter() - t_start)
+    if left < 2 * args.reserve_s:
+        sys.exit(f"budget_recipe: {left:.0f}s of --budget-s {args.budget_s:.0f} left after the probes; "
+                 "raise --budget-s.")
     t_phase1 = left * args.teacher_frac
     for j in teachers:
         j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,

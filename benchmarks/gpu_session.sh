@@ -8,7 +8,7 @@
 # Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), an empty
 # value leaves that dataset out (no Fashion-MNIST: no checks and no throughput runs);
 # DEVICE (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), SPEED_BATCH (64),
-# SPEED_RUNS (5), CKPT_MAX_MB (12: larger checkpoints stay behind), SKIP_CHECKS (set: no
+# SPEED_RUNS (5), CKPT_MAX_MB (12: larger checkpoints come back in float16), SKIP_CHECKS (set: no
 # checks, no throughput), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
 # PYTHON (python3). Every step runs even if an earlier
 # one failed; the exit status is 1 if any failed.
@@ -55,8 +55,10 @@ $PY benchmarks/budget_recipe.py --out "$W/runs" --budget-s "$REST" --device "$DE
 cp "$W/runs/summary.json" "$OUT/" 2>/dev/null
 
 stamp "exports and logits"
-# One tar per run (each returned file must stay small): curves and logs; for students the
-# 1-bit export and the device's test logits; the best checkpoint when under CKPT_MAX_MB.
+# One tar per run: curves and logs; for students the 1-bit export and the device's test
+# logits; the best checkpoint when under CKPT_MAX_MB, else its weights-only float16 copy
+# (`bhvit strip`). A tar over 15 MiB is split into .partNN files (each returned file must
+# stay under 16 MiB): `cat bundle_RUN.tar.part* | tar x` joins them.
 for d in "$W"/runs/*/; do
     r=$(basename "$d")
     [ -f "$d/best.json" ] || continue
@@ -67,6 +69,8 @@ for d in "$W"/runs/*/; do
     wt="$d/$($PY -c "import json,sys; print(json.load(open(sys.argv[1]))['weights'])" "$d/best.json")"
     if [ "$(du -m "$wt" | cut -f1)" -lt "${CKPT_MAX_MB:-12}" ]; then
         cp "$d/best.json" "$wt" "$b/"
+    else
+        $PY -m bhvit strip "$d" "$b/float16" --dtype float16 >/dev/null || failed "strip $r"
     fi
     case $r in *teacher) ;; *)
         $PY -m bhvit export "$d" "$b/export" >"$b/export.json" || failed "export $r"
@@ -74,6 +78,9 @@ for d in "$W"/runs/*/; do
             >"$b/eval_$DEV.json" || failed "eval $r" ;;
     esac
     (cd "$W/bundle" && tar cf "$OUT/bundle_$r.tar" "$r")
+    if [ "$(du -m "$OUT/bundle_$r.tar" | cut -f1)" -ge 15 ]; then
+        split -b 15M -d "$OUT/bundle_$r.tar" "$OUT/bundle_$r.tar.part" && rm "$OUT/bundle_$r.tar"
+    fi
 done
 ls -la "$OUT"
 stamp "done"

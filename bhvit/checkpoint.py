@@ -27,7 +27,7 @@ FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
 
 __all__ = ["atomic_save_safetensors", "atomic_write_json", "save_checkpoint", "read_checkpoint_json",
-           "load_model", "load_training_state", "resolve_checkpoint", "CheckpointError"]
+           "load_model", "load_training_state", "resolve_checkpoint", "strip_checkpoint", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -206,6 +206,10 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
 
 def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer) -> None:
+    if doc.get("weights_only"):
+        raise CheckpointError(f"{run_dir}: a weights-only copy (bhvit strip) has no optimizer or RNG "
+                              "state; a run cannot be resumed from it. Use it with --teacher or "
+                              "--init-from, or resume from the original run.")
     state = _load_safetensors(run_dir / doc["weights"])
     try:
         _unwrap(model).load_state_dict(state)
@@ -237,3 +241,48 @@ def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tup
                               "initialise from.")
     _unwrap(model).load_state_dict(hits, strict=False)
     return len(hits), len(own)
+
+
+_HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
+                     dtype: Optional[str] = None) -> Dict[str, Any]:
+    """Write a weights-only copy of a checkpoint to the directory ``dst``.
+
+    The copy holds the model weights and the JSON document (config, data statistics,
+    metrics) without optimizer state, RNG state or history, as ``dst/best.json``. With
+    ``dtype`` "float16" or "bfloat16" the floating-point tensors are stored in 16 bits
+    (half the size); a tensor whose values do not fit float16's range stays float32.
+    The copy loads like any checkpoint (``load_model``, ``--teacher``, ``--init-from``,
+    ``bhvit eval``/``export``); 16-bit weights are widened to float32 on loading.
+    It cannot be resumed. Returns a summary (sizes, tensors kept in float32).
+    """
+    if dtype is not None and dtype not in _HALF:
+        raise ValueError(f"dtype must be one of {sorted(_HALF)} or None, not {dtype!r}")
+    doc, p = read_checkpoint_json(src)
+    src_file = p.parent / doc["weights"]
+    state = _load_safetensors(src_file)
+    kept = []
+    if dtype is not None:
+        half = _HALF[dtype]
+        limit = torch.finfo(half).max
+        for k, v in state.items():
+            if not v.is_floating_point() or v.dtype == half:
+                continue
+            if dtype == "float16" and v.numel() and v.abs().max() > limit:
+                kept.append(k)
+                continue
+            state[k] = v.to(half)
+    dst = Path(dst)
+    if (dst / "best.json").exists() or (dst / "last.json").exists():
+        raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty directory.")
+    out_doc = {k: v for k, v in doc.items() if k not in ("optimizer", "rng", "history", "scaler")}
+    stem = src_file.name.split(".")[0]
+    out_doc.update(weights=f"{stem}.safetensors", weights_only=True, weights_dtype=dtype or "float32",
+                   stripped_from=str(p))
+    atomic_save_safetensors(state, dst / out_doc["weights"])
+    atomic_write_json(out_doc, dst / "best.json")
+    return {"out": str(dst), "weights": str(dst / out_doc["weights"]), "dtype": dtype or "float32",
+            "bytes": (dst / out_doc["weights"]).stat().st_size, "source_bytes": src_file.stat().st_size,
+            "kept_float32": kept}

@@ -190,6 +190,13 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_strip(args) -> int:
+    from .checkpoint import strip_checkpoint
+
+    print(json.dumps(strip_checkpoint(args.checkpoint, args.out, args.dtype)))
+    return 0
+
+
 def _load_image(path, cfg, mean, std):
     from pathlib import Path
 
@@ -316,6 +323,14 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("out", help="output directory (model.safetensors + manifest.json)")
     ex.add_argument("--float16", action="store_true", help="store the float parts as float16")
     ex.set_defaults(func=cmd_export)
+
+    st = sub.add_parser("strip", help="weights-only copy of a checkpoint (no optimizer state), "
+                                      "optionally in 16 bits, e.g. a teacher to take elsewhere")
+    st.add_argument("checkpoint", help="run directory (best.json), a checkpoint .json or .safetensors")
+    st.add_argument("out", help="output directory (best.json + weights)")
+    st.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
+                    help="store floating-point weights in 16 bits (default: keep float32)")
+    st.set_defaults(func=cmd_strip)
 
     pr = sub.add_parser("predict", help="top-5 classes of images with an exported model")
     pr.add_argument("export", help="directory written by `bhvit export`")

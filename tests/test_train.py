@@ -288,3 +288,42 @@ def test_deterministic_flag_runs_and_matches_default_on_cpu(fmnist, tmp_path):
         finals.append(json.loads((tmp_path / name / "final.json").read_text()))
     keys = ("train_loss", "test_loss", "test_top1", "flip_frac")
     assert {k: finals[0][k] for k in keys} == {k: finals[1][k] for k in keys}
+
+
+def test_strip_checkpoint_half_precision(fmnist, tmp_path, capsys):
+    from bhvit import create_model
+    from bhvit.checkpoint import load_matching_weights, load_training_state, read_checkpoint_json
+
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "t"), epochs=1,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1,
+                      overrides={"binary": False})
+    train(cfg)
+    capsys.readouterr()
+    assert main(["strip", str(tmp_path / "t"), str(tmp_path / "h"), "--dtype", "float16"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["dtype"] == "float16" and rep["kept_float32"] == []
+    assert 0.45 < rep["bytes"] / rep["source_bytes"] < 0.55  # no optimizer state, 16-bit floats
+    assert main(["strip", str(tmp_path / "t"), str(tmp_path / "f")]) == 0
+    capsys.readouterr()
+
+    x = torch.randn(8, 1, 28, 28)
+    ref, doc = load_model(tmp_path / "t")
+    half, hdoc = load_model(tmp_path / "h")
+    full, _ = load_model(tmp_path / "f")
+    assert all(p.dtype == torch.float32 for p in half.parameters())  # widened on loading
+    with torch.no_grad():
+        r, h, f = ref(x), half(x), full(x)
+    assert torch.equal(r, f)  # a float32 copy is exact
+    assert 0 < (h - r).abs().max() < 2e-2 * r.abs().max()
+    assert hdoc["model_config"] == doc["model_config"] and hdoc["data"] == doc["data"]
+    assert "optimizer" not in hdoc and hdoc["weights_only"]
+
+    student = create_model("bhvit_micro_c28", num_classes=10)
+    n, total = load_matching_weights(student, tmp_path / "h")  # --init-from accepts it
+    assert n > 0.9 * total
+    opt = torch.optim.AdamW(student.parameters())
+    hd, hp = read_checkpoint_json(tmp_path / "h")
+    with pytest.raises(CheckpointError, match="cannot be resumed"):
+        load_training_state(hd, hp.parent, student, opt)
+    assert main(["strip", str(tmp_path / "t"), str(tmp_path / "h")]) == 2  # will not overwrite
+    assert "already holds" in capsys.readouterr().err
