@@ -69,7 +69,7 @@ def _train_config(args, **changes):
         teacher=getattr(args, "teacher", None), init_from=getattr(args, "init_from", None),
         resume=args.resume, subset=args.subset,
         test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
-        deterministic=args.deterministic,
+        deterministic=args.deterministic, compile=args.compile,
         threads=args.threads, overrides=_overrides(args.set), skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
         progress=not args.no_progress)
@@ -265,6 +265,9 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--deterministic", action="store_true",
                    help="CUDA: deterministic kernels and no TF32, so that a resumed run repeats an "
                         "uninterrupted one (slower; CPU runs are deterministic anyway)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="torch.compile the training step (backend default inductor). Compiling "
+                        "takes minutes at the start; the last partial batch of each epoch is dropped")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --set qd=false (repeatable)")

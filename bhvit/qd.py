@@ -47,6 +47,13 @@ class QuantizationDecomposition(nn.Module):
         self.zero_point = nn.Parameter(torch.zeros(num_heads))
         # 0 until the step is initialised from the first training batch.
         self.register_buffer("initialized", torch.zeros(1))
+        # Host-side copy of "initialized is 1", so that a training step does not read the
+        # buffer (a device sync on a GPU, a graph break under torch.compile) once set.
+        self._ready = False
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # re-read the loaded buffer at the next training step
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}, levels={self.levels}"
@@ -90,8 +97,10 @@ class QuantizationDecomposition(nn.Module):
     def forward(self, attn: torch.Tensor) -> torch.Tensor:
         self._check(attn)
         x = attn * self.levels
-        if self.training and self.initialized.item() == 0:
-            self._initialize(x)
+        if self.training and not self._ready:
+            if self.initialized.item() == 0:
+                self._initialize(x)
+            self._ready = True
         g = self.num_heads / math.sqrt(x.numel() * self.levels)
         step = _grad_scale(self.step, g).view(1, -1, 1, 1)
         zp = _grad_scale(self.zero_point, g).view(1, -1, 1, 1)

@@ -80,6 +80,9 @@ class TrainConfig:
     eval_batch_size: int = 256
     progress: bool = True
     step_flips: bool = True  # count binary-weight sign flips after every optimizer step
+    # torch.compile backend ("inductor") for the training forward/backward and the teacher;
+    # shapes are kept fixed, so the last partial batch of an epoch is dropped.
+    compile: Optional[str] = None
 
 
 # On an accelerator the loss is checked for NaN/inf on the host every this many steps (the
@@ -285,7 +288,7 @@ def _checksum(model: nn.Module) -> float:
 # Training settings that must not change when a run is resumed (they change the result).
 RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
                "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
-               "crop_pad", "flip", "amp")
+               "crop_pad", "flip", "amp", "compile")
 
 
 def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) -> None:
@@ -393,7 +396,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     global_batch = cfg.batch_size * world
     base_lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
     optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
-    steps_per_epoch = math.ceil(math.ceil(len(train_ds) / world) / cfg.batch_size)
+    n_local = math.ceil(len(train_ds) / world)
+    drop_last = bool(cfg.compile) and n_local >= cfg.batch_size
+    steps_per_epoch = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
     re_start = cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0 else cfg.epochs
@@ -431,6 +436,15 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
          f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
          f"lr {base_lr:.2e}, {steps_per_epoch} steps/epoch", rank)
 
+    fwd, t_fwd = model, teacher
+    if cfg.compile:
+        # One fixed shape (dynamic=False, no partial batches): compiled once. Evaluation
+        # and checkpoints use the module itself.
+        fwd = torch.compile(model, dynamic=False, backend=cfg.compile)
+        if teacher is not None:
+            t_fwd = torch.compile(teacher, dynamic=False, backend=cfg.compile)
+        _log(f"torch.compile (backend {cfg.compile}): the first steps include compilation", rank)
+
     last = history[-1] if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -438,6 +452,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         lam = cfg.kd_lambda if teacher is not None else 0.0
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
+        batches = batches[:steps_per_epoch]  # drop_last: the partial batch
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
         signs_prev = signs_before
         step_flip_count = torch.zeros((), dtype=torch.int64, device=device)
@@ -455,12 +470,14 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             x = normalize(x, mean, std).to(device, non_blocking=True)
             y = train_ds.labels[idx].to(device, non_blocking=True)
             with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
-                logits = model(x)
+                # The run's first step is eager: it initialises QD from data (host-side
+                # control flow), which would otherwise compile a throw-away graph.
+                logits = (model if (epoch == start_epoch and i == 0) else fwd)(x)
                 ce = F.cross_entropy(logits.float(), y)
                 loss = (1.0 - lam - beta) * ce
                 if lam:
                     with torch.no_grad():
-                        t_logits = teacher(x).float()
+                        t_logits = t_fwd(x).float()
                     loss = loss + lam * kd_loss(logits.float(), t_logits)
                 if beta:
                     loss = loss + beta * regularization_loss(_unwrap(model))

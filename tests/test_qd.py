@@ -22,6 +22,25 @@ def test_qd_initialises_step_from_first_batch():
     assert torch.equal(qd.step.detach(), before)  # only the first batch initialises
 
 
+def test_qd_loaded_state_decides_initialisation():
+    # The module keeps a host-side flag; loading a state dict must reset it to the buffer.
+    src = QuantizationDecomposition(4).train()
+    src(_attn())
+    fresh = QuantizationDecomposition(4).train()
+    fresh.load_state_dict(src.state_dict())
+    fresh(_attn())  # initialised state loaded: the step is kept
+    assert torch.equal(fresh.step.detach(), src.step.detach())
+
+    used = QuantizationDecomposition(4).train()
+    used(_attn())
+    used.load_state_dict(QuantizationDecomposition(4).state_dict())  # uninitialised state
+    assert used.initialized.item() == 0 and torch.equal(used.step.detach(), torch.ones(4))
+    a = _attn()
+    used(a)  # initialises again from this batch
+    assert torch.allclose(used.step.detach(), 2 * (3 * a).abs().mean(dim=(-1, -2)).mean(dim=0) / math.sqrt(3))
+    assert used.initialized.item() == 1
+
+
 @pytest.mark.parametrize("levels", [1, 3])
 def test_qd_output_equals_step_times_sum_of_planes(levels):
     qd = QuantizationDecomposition(4, levels=levels).train()

@@ -327,3 +327,32 @@ def test_strip_checkpoint_half_precision(fmnist, tmp_path, capsys):
         load_training_state(hd, hp.parent, student, opt)
     assert main(["strip", str(tmp_path / "t"), str(tmp_path / "h")]) == 2  # will not overwrite
     assert "already holds" in capsys.readouterr().err
+
+
+def test_compile_eager_backend_matches_and_keeps_one_graph(fmnist, tmp_path, capsys):
+    # backend "eager" runs dynamo's captured graphs with the same kernels: a compiled run
+    # must match the plain one bit for bit, in one graph per module (no graph breaks).
+    import torch._dynamo as dynamo
+
+    from bhvit import create_model
+
+    def run(name, **kw):
+        torch.manual_seed(1)
+        teacher = create_model("bhvit_micro_c28", num_classes=10, binary=False)
+        kw = dict(dict(subset=128), **kw)
+        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / name),
+                          epochs=2, batch_size=32, test_subset=32, progress=False, threads=1, **kw)
+        return train(cfg, teacher=teacher)
+
+    plain = run("plain")
+    dynamo.reset()
+    dynamo.utils.counters.clear()
+    compiled = run("compiled", compile="eager")
+    assert dynamo.utils.counters["stats"]["unique_graphs"] == 2  # student and teacher
+    assert not dynamo.utils.counters["graph_break"]
+    for k in ("train_loss", "test_loss", "test_top1", "step_flip_frac"):
+        assert compiled[k] == plain[k], k
+
+    capsys.readouterr()
+    run("partial", compile="eager", subset=144)  # 4 full batches of 32 and one of 16
+    assert "4 steps/epoch" in capsys.readouterr().out  # the partial batch is dropped
