@@ -55,11 +55,13 @@ class Job:
     re_beta: float = 0.1
     epochs: int = 0
     step_s: float = 0.0
+    compile_s: float = 0.0  # the probe's first compiled step (--compile)
     extra: List[str] = field(default_factory=list)
 
 
-def probe(job: Job, batch: int, device: str, steps: int) -> float:
-    """Median seconds of one training step of ``job`` (teacher forward included)."""
+def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Optional[str] = None):
+    """Median seconds of one training step of ``job`` (teacher forward included), and the
+    seconds of the first compiled step (0 without ``compile_backend``)."""
     torch.manual_seed(0)
     m = bhvit.create_model(job.model, num_classes=10, binary=job.binary).to(device).train()
     teacher = None
@@ -72,18 +74,23 @@ def probe(job: Job, batch: int, device: str, steps: int) -> float:
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (batch,), device=device)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-    times = []
+    fwd, t_fwd = m, teacher
+    if compile_backend:  # as `bhvit train --compile`: the first step eager, then compiled
+        fwd = torch.compile(m, dynamic=False, backend=compile_backend)
+        if teacher is not None:
+            t_fwd = torch.compile(teacher, dynamic=False, backend=compile_backend)
+    times, compile_s = [], 0.0
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for i in range(steps + 3):
         sync()
         t = time.perf_counter()
         x = augment_batch(images, c.img_size // 8, True, gen)
         x = normalize(x, [0.5] * c.in_chans, [0.25] * c.in_chans).to(device)
-        logits = m(x)
+        logits = (m if i == 0 else fwd)(x)
         loss = F.cross_entropy(logits, y)
         if teacher is not None:
             with torch.no_grad():
-                t_logits = teacher(x)
+                t_logits = t_fwd(x)
             loss = loss + kd_loss(logits, t_logits)
         if not torch.isfinite(loss):
             raise RuntimeError("probe loss is not finite")
@@ -93,12 +100,14 @@ def probe(job: Job, batch: int, device: str, steps: int) -> float:
         if job.binary:
             sign_snapshot(m)
         sync()
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    del m, teacher, opt
+        times.append(time.perf_counter() - t)
+    del m, teacher, opt, fwd, t_fwd
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    return sorted(times)[len(times) // 2]
+    med = sorted(times[3:])[len(times[3:]) // 2]
+    if compile_backend:  # compilation happens in steps 0 (the teacher) and 1 (the student)
+        compile_s = max(0.0, times[0] + times[1] - 2 * med)
+    return med, compile_s
 
 
 def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
@@ -114,7 +123,7 @@ def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
 def plan_epochs(job: Job, batch: int, seconds: float, slowdown: float, reserve: float,
                 max_epochs: int, subset: Optional[int] = None, test_subset: Optional[int] = None) -> int:
     epoch_s = slowdown * plan_epoch_s(job, batch, subset, test_subset)
-    return max(1, min(max_epochs, int((seconds - reserve) / epoch_s)))
+    return max(1, min(max_epochs, int((seconds - reserve - job.compile_s) / epoch_s)))
 
 
 def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess.Popen:
@@ -127,6 +136,8 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
         cmd += ["--subset", str(args.subset)]
     if args.test_subset:
         cmd += ["--test-subset", str(args.test_subset)]
+    if args.compile:
+        cmd += ["--compile", args.compile]
     if not job.binary:
         cmd += ["--set", "binary=false"]
     if teacher_dir is not None:
@@ -204,6 +215,9 @@ def main() -> None:
     p.add_argument("--subset", type=int, default=None, help="train on N images per dataset")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="train with torch.compile (train --compile); the probes measure the "
+                        "compiled step, and each job's compile time is taken off its budget")
     args = p.parse_args()
     t_start = time.perf_counter()
     out = Path(args.out)
@@ -225,14 +239,26 @@ def main() -> None:
     if not teachers:
         sys.exit("budget_recipe: give --fmnist-dir and/or --cifar-dir.")
 
-    probes = {}
-    for j in teachers + students:
-        key = (j.model, j.binary, bool(j.teacher))
-        if key not in probes:
-            probes[key] = probe(j, args.batch_size, args.device, args.probe_steps)
-            print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)}: "
-                  f"{probes[key] * 1e3:.1f} ms/step at batch {args.batch_size}", flush=True)
-        j.step_s = probes[key]
+    def probe_all():
+        probes = {}
+        for j in teachers + students:
+            key = (j.model, j.binary, bool(j.teacher))
+            if key not in probes:
+                probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, args.compile)
+                print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)}: "
+                      f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}"
+                      + (f", compilation {probes[key][1]:.0f}s" if args.compile else ""), flush=True)
+            j.step_s, j.compile_s = probes[key]
+
+    try:
+        probe_all()
+    except Exception as e:  # noqa: BLE001 - a compiler failure: go on without --compile
+        if not args.compile:
+            raise
+        print(f"torch.compile failed in the probe ({type(e).__name__}: {str(e)[:300]}); "
+              "going on without --compile", flush=True)
+        args.compile = None
+        probe_all()
     left = args.budget_s - (time.perf_counter() - t_start)
     if left < 2 * args.reserve_s:
         sys.exit(f"budget_recipe: {left:.0f}s of --budget-s {args.budget_s:.0f} left after the probes; "
@@ -241,7 +267,8 @@ def main() -> None:
     for j in teachers:
         j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset)
-    summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + students}}
+    summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + students},
+               "probe_compile_s": {j.name: j.compile_s for j in teachers + students}}
     summary["phase1"] = run_phase(teachers, args, out, time.perf_counter() + t_phase1)
 
     # Phase 2 is sized with the time actually left and a slowdown measured in phase 1:

@@ -6,6 +6,7 @@ process, interleaved run by run, so machine noise hits them alike.
 
     python benchmarks/train_speed.py --models bhvit_tiny bhvit_tiny_c32 --batch 32 --threads 2 --runs 5
     python benchmarks/train_speed.py --device cuda --batch 128 --runs 10 [--amp]
+    python benchmarks/train_speed.py --models bhvit_micro_c28 --compile   # eager vs torch.compile
 """
 from __future__ import annotations
 
@@ -27,6 +28,9 @@ def main() -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
+    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                   help="also time each model under torch.compile (as `bhvit train --compile`), "
+                        "side by side with eager, and print the compile time and the speed-up")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. binary=false")
     args = p.parse_args()
@@ -54,9 +58,18 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    for _, m, x, y in setups:  # warm-up (CUDA: kernel selection)
+    for _, m, x, y in setups:  # warm-up (CUDA: kernel selection; QD initialisation)
         step(m, x, y)
         step(m, x, y)
+    compile_s = {}
+    if args.compile:
+        for name, m, x, y in list(setups):
+            cm = torch.compile(m, dynamic=False, backend=args.compile)
+            t = time.perf_counter()
+            step(cm, x, y)
+            compile_s[name] = time.perf_counter() - t
+            step(cm, x, y)
+            setups.append((f"{name}+compile", cm, x, y))
     times = {name: [] for name, *_ in setups}
     for _ in range(args.runs):
         for name, m, x, y in setups:
@@ -72,6 +85,10 @@ def main() -> None:
         med = statistics.median(ts) / args.batch
         print(f"{name:<20} {med * 1e3:>10.2f} {1 / med:>10.1f} "
               f"{min(ts) / args.batch * 1e3:>9.2f}..{max(ts) / args.batch * 1e3:.2f}")
+    for name, sec in compile_s.items():
+        ratio = statistics.median(times[name]) / statistics.median(times[f"{name}+compile"])
+        print(f"{name}: torch.compile ({args.compile}) took {sec:.0f}s; compiled step {ratio:.2f}x "
+              f"as fast as eager")
 
 
 if __name__ == "__main__":
