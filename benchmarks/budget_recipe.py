@@ -76,6 +76,7 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
     opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
     fwd, t_fwd = m, teacher
     if compile_backend:  # as `bhvit train --compile`: the first step eager, then compiled
+        torch._dynamo.reset()  # fresh caches: dynamo keeps few versions of one forward
         fwd = torch.compile(m, dynamic=False, backend=compile_backend)
         if teacher is not None:
             t_fwd = torch.compile(teacher, dynamic=False, backend=compile_backend)

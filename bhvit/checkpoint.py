@@ -253,7 +253,9 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     The copy holds the model weights and the JSON document (config, data statistics,
     metrics) without optimizer state, RNG state or history, as ``dst/best.json``. With
     ``dtype`` "float16" or "bfloat16" the floating-point tensors are stored in 16 bits
-    (half the size); a tensor whose values do not fit float16's range stays float32.
+    (half the size); a tensor that does not fit float16's range stays float32, and a binary
+    layer's latent weight too small for 16 bits is stored as the smallest 16-bit value of its
+    sign, so that the copy binarises exactly like the original.
     The copy loads like any checkpoint (``load_model``, ``--teacher``, ``--init-from``,
     ``bhvit eval``/``export``); 16-bit weights are widened to float32 on loading.
     It cannot be resumed. Returns a summary (sizes, tensors kept in float32).
@@ -263,17 +265,27 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     doc, p = read_checkpoint_json(src)
     src_file = p.parent / doc["weights"]
     state = _load_safetensors(src_file)
-    kept = []
+    kept, nudged = [], 0
     if dtype is not None:
         half = _HALF[dtype]
         limit = torch.finfo(half).max
+        tiny = torch.tensor(torch.finfo(half).smallest_normal * torch.finfo(half).eps)  # least subnormal
+        latent = _binary_weight_names(doc)
         for k, v in state.items():
             if not v.is_floating_point() or v.dtype == half:
                 continue
-            if dtype == "float16" and v.numel() and v.abs().max() > limit:
+            if v.numel() and v.abs().max() > limit:
                 kept.append(k)
                 continue
-            state[k] = v.to(half)
+            h = v.to(half)
+            if k in latent:
+                # Binary layers binarise with sign(0) = +1: a tiny negative latent weight
+                # that rounds to -0 would flip. It becomes the smallest 16-bit value of its sign.
+                flip = (v >= 0) != (h >= 0)
+                if flip.any():
+                    nudged += int(flip.sum())
+                    h = torch.where(flip, torch.copysign(tiny.to(half), v.to(half)), h)
+            state[k] = h
     dst = Path(dst)
     if (dst / "best.json").exists() or (dst / "last.json").exists():
         raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty directory.")
@@ -285,4 +297,17 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     atomic_write_json(out_doc, dst / "best.json")
     return {"out": str(dst), "weights": str(dst / out_doc["weights"]), "dtype": dtype or "float32",
             "bytes": (dst / out_doc["weights"]).stat().st_size, "source_bytes": src_file.stat().st_size,
-            "kept_float32": kept}
+            "kept_float32": kept, "sign_kept_by_nudging": nudged}
+
+
+def _binary_weight_names(doc: Dict) -> set:
+    """Names of the latent weights of the binary layers of the model a checkpoint holds."""
+    from .layers import binary_layers
+    from .model import BHViT, BHViTConfig
+
+    if "model_config" not in doc:
+        return set()
+    with torch.device("meta"):
+        model = BHViT(BHViTConfig.from_dict(doc["model_config"]))
+    layers = set(binary_layers(model))
+    return {f"{n}.weight" for n, m in model.named_modules() if m in layers}

@@ -288,7 +288,7 @@ def _checksum(model: nn.Module) -> float:
 # Training settings that must not change when a run is resumed (they change the result).
 RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
                "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
-               "crop_pad", "flip", "amp", "compile")
+               "crop_pad", "flip", "amp")
 
 
 def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) -> None:
@@ -309,6 +309,11 @@ def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) ->
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now_t.get(k)!r}" for k in diff)
         raise CheckpointError(f"--resume: training settings differ from the run in {out} ({detail}); "
                               "resume with the same settings or use another --out.")
+    if bool(saved.get("compile")) != bool(cfg.compile):  # the backend may change, dropping may not
+        raise CheckpointError(f"--resume: the run in {out} was trained "
+                              f"{'with' if saved.get('compile') else 'without'} --compile, which decides "
+                              "whether the last partial batch of an epoch is dropped; resume it "
+                              f"{'with' if saved.get('compile') else 'without'} --compile.")
     if saved.get("epochs") not in (None, cfg.epochs):
         print(f"warning: --epochs changed from {saved['epochs']} to {cfg.epochs}; the cosine "
               "schedule is recomputed for the new length", file=sys.stderr)
@@ -354,6 +359,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     if (out / "last.json").exists() and not cfg.resume:
         raise ValueError(f"{out} already holds a run (last.json); pass --resume to continue it "
                          "or choose another --out.")
+    if (out / "best.json").exists() and not (out / "last.json").exists():
+        raise ValueError(f"{out} holds a checkpoint (best.json) but no run to resume, e.g. a copy "
+                         "from `bhvit strip`; choose another --out.")
 
     # --- data --------------------------------------------------------------------
     model_cfg = get_config(cfg.model, **cfg.overrides)
@@ -487,10 +495,16 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             bad_step = torch.where(first_bad, i, bad_step)
             bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
             if (i + 1) % check_every == 0 or i + 1 == len(batches):
-                if int(bad_step) >= 0:
+                first = bad_step.clone()
+                if world > 1:  # every rank stops at the same check (none waits in a collective)
+                    first = torch.where(first >= 0, first, torch.iinfo(torch.int64).max)
+                    dist.all_reduce(first, op=dist.ReduceOp.MIN)
+                    first = torch.where(first == torch.iinfo(torch.int64).max, -1, first)
+                if int(first) >= 0:
                     where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
+                    what = bad_loss.item() if int(bad_step) >= 0 else "non-finite on another rank"
                     raise TrainingDiverged(
-                        f"loss became {bad_loss.item()} at epoch {epoch + 1}, step {int(bad_step) + 1}; "
+                        f"loss became {what} at epoch {epoch + 1}, step {int(first) + 1}; "
                         f"stopping. Last good checkpoint: {where}. Try a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:

@@ -302,6 +302,7 @@ def test_strip_checkpoint_half_precision(fmnist, tmp_path, capsys):
     assert main(["strip", str(tmp_path / "t"), str(tmp_path / "h"), "--dtype", "float16"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert rep["dtype"] == "float16" and rep["kept_float32"] == []
+    assert rep["sign_kept_by_nudging"] == 0  # a full-precision model has no binary layers
     assert 0.45 < rep["bytes"] / rep["source_bytes"] < 0.55  # no optimizer state, 16-bit floats
     assert main(["strip", str(tmp_path / "t"), str(tmp_path / "f")]) == 0
     capsys.readouterr()
@@ -356,3 +357,60 @@ def test_compile_eager_backend_matches_and_keeps_one_graph(fmnist, tmp_path, cap
     capsys.readouterr()
     run("partial", compile="eager", subset=144)  # 4 full batches of 32 and one of 16
     assert "4 steps/epoch" in capsys.readouterr().out  # the partial batch is dropped
+
+
+def test_strip_float16_keeps_binary_signs(tmp_path, capsys):
+    # A latent weight of -1e-9 rounds to -0.0 in float16, which binarises to +1: such a
+    # tensor must stay float32 so that the copy is the same binary network.
+    from bhvit import create_model
+    from bhvit.checkpoint import save_checkpoint, strip_checkpoint
+    from bhvit.layers import binary_layers
+
+    model = create_model("bhvit_micro_c28", num_classes=10)
+    layer_name, layer = next((n, m) for n, m in model.named_modules() if m in set(binary_layers(model)))
+    with torch.no_grad():
+        layer.weight.view(-1)[0] = -1e-9
+    save_checkpoint(tmp_path / "run", 0, model, {})
+    latent = {f"{n}.weight" for n, m in model.named_modules() if m in set(binary_layers(model))}
+    for dtype in ("float16", "bfloat16"):
+        rep = strip_checkpoint(tmp_path / "run", tmp_path / dtype, dtype)
+        assert rep["kept_float32"] == []
+        # float16 rounds -1e-9 to -0 (and the random init has one more such weight);
+        # bfloat16 has float32's exponent range and needs no help
+        assert rep["sign_kept_by_nudging"] == (2 if dtype == "float16" else 0)
+        half, _ = load_model(tmp_path / dtype)
+        w = dict(half.named_parameters())[f"{layer_name}.weight"]
+        assert w.view(-1)[0].item() < 0
+        for (n, a), b in zip(model.named_parameters(), half.parameters()):
+            if n in latent:
+                assert torch.equal(a >= 0, b >= 0), n
+
+
+def test_out_holding_a_stripped_copy_is_refused(fmnist, tmp_path):
+    from bhvit import create_model
+    from bhvit.checkpoint import save_checkpoint, strip_checkpoint
+
+    save_checkpoint(tmp_path / "run", 0, create_model("bhvit_micro_c28", num_classes=10), {})
+    strip_checkpoint(tmp_path / "run", tmp_path / "half", "float16")
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "half"), epochs=1,
+                      batch_size=64, subset=64, progress=False, threads=1)
+    with pytest.raises(ValueError, match="holds a checkpoint"):
+        train(cfg)
+    assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["best.json", "epoch0000.safetensors"]
+
+
+def test_resume_compile_setting_must_match(fmnist, tmp_path):
+    from bhvit.train import _check_resume
+
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    train(cfg)
+    doc = json.loads((tmp_path / "r" / "last.json").read_text())
+    model, _ = load_model(tmp_path / "r")
+    cfg.resume = True
+    _check_resume(doc, model, cfg, tmp_path / "r")  # same setting: fine
+    cfg.compile = "inductor"
+    with pytest.raises(CheckpointError, match="without --compile"):
+        _check_resume(doc, model, cfg, tmp_path / "r")
+    doc["train_config"]["compile"] = "aot_eager"  # another backend: the batches are the same
+    _check_resume(doc, model, cfg, tmp_path / "r")
