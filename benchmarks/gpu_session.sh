@@ -57,7 +57,8 @@ cp "$W/runs/summary.json" "$OUT/" 2>/dev/null
 stamp "exports and logits"
 # One tar per run: curves and logs; for students the 1-bit export and the device's test
 # logits; the best checkpoint when under CKPT_MAX_MB, else its weights-only float16 copy
-# (`bhvit strip`). A tar over 15 MiB is split into .partNN files (each returned file must
+# (`bhvit strip`; for a binary student only approximately the same network, the 1-bit
+# export is exact). A tar over 15 MiB is split into .partNN files (each returned file must
 # stay under 16 MiB): `cat bundle_RUN.tar.part* | tar x` joins them.
 for d in "$W"/runs/*/; do
     r=$(basename "$d")
