@@ -227,6 +227,19 @@ def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
     assert (hist[-1]["test_top1"] * 64 / 100) == pytest.approx(round(hist[-1]["test_top1"] * 64 / 100))
 
 
+def test_ddp_nan_on_one_rank_stops_every_rank(fmnist, tmp_path):
+    out = tmp_path / "ddp_nan"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+           str(Path(__file__).with_name("ddp_nan.py")), str(fmnist), str(out)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    msgs = [(out / f"rank{r}.txt").read_text() for r in (0, 1)]
+    assert all("at epoch 2, step 1;" in m for m in msgs), msgs
+    assert "loss became nan" in msgs[1] and "non-finite on another rank" in msgs[0]
+
+
 def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
     from dataclasses import replace
 
