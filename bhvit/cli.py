@@ -88,7 +88,8 @@ def cmd_train(args) -> int:
 
 
 def cmd_recipe(args) -> int:
-    """Stage 1: full-precision teacher; stage 2: binary student distilled from it."""
+    """Stage 1: full-precision teacher; stage 2: binary student distilled from it (with
+    ``--act-epochs``, stage 2 is split into binary activations first, then everything binary)."""
     from pathlib import Path
 
     from .train import train
@@ -97,19 +98,40 @@ def cmd_recipe(args) -> int:
     t_over = dict(_overrides(args.set), binary=False)
     t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
                           re_beta=0.0, epochs=args.teacher_epochs or args.epochs)
+    if args.act_epochs < 0:
+        raise ValueError(f"--act-epochs must be >= 0, got {args.act_epochs}.")
+    n_stages = 3 if args.act_epochs else 2
     if args.resume and (out / "teacher" / "final.json").exists():
-        print(f"stage 1: teacher already trained in {out / 'teacher'}", flush=True)
+        print(f"stage 1/{n_stages}: teacher already trained in {out / 'teacher'}", flush=True)
     else:
-        print(f"stage 1/2: full-precision teacher -> {out / 'teacher'}", flush=True)
+        print(f"stage 1/{n_stages}: full-precision teacher -> {out / 'teacher'}", flush=True)
         train(t_cfg)
-    print(f"stage 2/2: binary student distilled from the teacher -> {out / 'student'}", flush=True)
     t_best = str(out / "teacher" / "best.json")
-    s_cfg = _train_config(args, out=str(out / "student"), teacher=t_best,
-                          init_from=t_best if args.init_from_teacher else None)
+    init_from = t_best if args.init_from_teacher else None
+    summary = {}
+    if args.act_epochs:
+        # Two-step binarization: 1-bit activations with float weights first, then the
+        # fully binary student starts from that step's last weights.
+        acts = out / "student_acts"
+        a_cfg = _train_config(args, out=str(acts), teacher=t_best, init_from=init_from,
+                              epochs=args.act_epochs,
+                              overrides=dict(_overrides(args.set), binary_weights=False))
+        if args.resume and (acts / "final.json").exists():
+            print(f"stage 2/3: binary-activation step already trained in {acts}", flush=True)
+            a_result = json.loads((acts / "final.json").read_text())
+        else:
+            print(f"stage 2/3: binary activations, float weights, distilled from the teacher -> {acts}",
+                  flush=True)
+            a_result = train(a_cfg)
+        summary = {"acts_step_top1": a_result["test_top1"], "acts_step_best_top1": a_result["best_top1"]}
+        init_from = str(acts / "last.json")
+    print(f"stage {n_stages}/{n_stages}: binary student distilled from the teacher -> {out / 'student'}",
+          flush=True)
+    s_cfg = _train_config(args, out=str(out / "student"), teacher=t_best, init_from=init_from)
     result = train(s_cfg)
     teacher_final = json.loads((out / "teacher" / "final.json").read_text())
     print(json.dumps({"teacher_top1": teacher_final["test_top1"], "teacher_best_top1": teacher_final["best_top1"],
-                      "student_top1": result["test_top1"], "student_best_top1": result["best_top1"],
+                      **summary, "student_top1": result["test_top1"], "student_best_top1": result["best_top1"],
                       "run_dir": str(out)}))
     return 0
 
@@ -242,6 +264,9 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
                        help="epochs of the full-precision teacher (default: --epochs)")
         p.add_argument("--init-from-teacher", action="store_true",
                        help="start the binary student from the teacher's weights instead of at random")
+        p.add_argument("--act-epochs", type=int, default=0, metavar="N",
+                       help="two-step binarization: first train N epochs with binary activations and "
+                            "float weights (RUN/student_acts), then --epochs fully binary from there")
     else:
         p.add_argument("--teacher", default=None, help="teacher checkpoint (run dir or .json) for KD")
         p.add_argument("--init-from", default=None, metavar="CKPT",

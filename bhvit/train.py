@@ -90,6 +90,10 @@ class TrainConfig:
 NONFINITE_CHECK_STEPS = 16
 
 
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+
+
 def _nonfinite_check_steps(device: str) -> int:
     return 1 if torch.device(device).type == "cpu" else NONFINITE_CHECK_STEPS
 
@@ -394,8 +398,16 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     if teacher is None and cfg.teacher:
         teacher, tdoc = load_model(cfg.teacher, map_location=device)
         tdata = tdoc.get("data", {})
-        if tdata.get("mean") and [round(v, 6) for v in tdata["mean"]] != [round(v, 6) for v in mean]:
-            _log("warning: the teacher was trained with other normalisation statistics", rank)
+        t_mean, t_std = tdata.get("mean"), tdata.get("std")
+        if t_mean and t_std and len(t_mean) == len(mean) == len(t_std):
+            # The teacher sees the student's inputs, so they are normalised the way it was
+            # trained (its statistics differ from these when e.g. --subset changes them).
+            if [round(v, 6) for v in t_mean + t_std] != [round(v, 6) for v in mean + std]:
+                _log(f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
+                     f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)})", rank)
+            mean, std = list(t_mean), list(t_std)
+        elif t_mean:
+            _log("warning: the teacher was trained on images with another number of channels", rank)
     if teacher is not None:
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():

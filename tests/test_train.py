@@ -427,3 +427,40 @@ def test_resume_compile_setting_must_match(fmnist, tmp_path):
         _check_resume(doc, model, cfg, tmp_path / "r")
     doc["train_config"]["compile"] = "aot_eager"  # another backend: the batches are the same
     _check_resume(doc, model, cfg, tmp_path / "r")
+
+
+@pytest.mark.parametrize("act_epochs", [0, 1])
+def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
+    run = tmp_path / "rec"
+    args = ["recipe", "--model", "bhvit_micro_c28", "--data-dir", str(fmnist), "--batch-size", "64",
+            "--threads", "1", "--no-progress", "--epochs", "1", "--teacher-epochs", "1",
+            "--test-subset", "32", "--out", str(run)]
+    assert main(args + ["--act-epochs", str(act_epochs)]) == 0
+    out = capsys.readouterr().out
+    summary = json.loads(out.strip().splitlines()[-1])
+    student = json.loads((run / "student" / "final.json").read_text())
+    assert summary["student_top1"] == student["test_top1"]
+    teacher_doc = json.loads((run / "teacher" / "best.json").read_text())
+    assert teacher_doc["model_config"]["binary"] is False
+    s_doc = json.loads((run / "student" / "last.json").read_text())
+    assert s_doc["model_config"]["binary"] is True and s_doc["train_config"]["teacher"].endswith("best.json")
+    if act_epochs:
+        a_doc = json.loads((run / "student_acts" / "last.json").read_text())
+        assert a_doc["model_config"]["binary_weights"] is False
+        assert a_doc["metrics"]["flip_frac"] is None  # no binary weights in step 1
+        assert s_doc["train_config"]["init_from"] == str(run / "student_acts" / "last.json")
+        assert "stage 3/3" in out and f"from {run / 'student_acts' / 'last.json'}" in out
+        assert summary["acts_step_top1"] == a_doc["metrics"]["test_top1"]
+    else:
+        assert not (run / "student_acts").exists() and s_doc["train_config"]["init_from"] is None
+        # A student on a subset normalises its inputs the way its teacher was trained.
+        sub = COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "40", "--test-subset", "32",
+                        "--teacher", str(run / "teacher"), "--out", str(tmp_path / "sub")]
+        assert main(sub) == 0
+        assert "normalising with the teacher's statistics" in capsys.readouterr().out
+        sub_doc = json.loads((tmp_path / "sub" / "last.json").read_text())
+        assert sub_doc["data"]["mean"] == teacher_doc["data"]["mean"]
+        assert sub_doc["data"]["std"] == teacher_doc["data"]["std"]
+    assert main(args + ["--act-epochs", str(act_epochs), "--resume"]) == 0  # finished stages are kept
+    out = capsys.readouterr().out
+    assert "teacher already trained" in out
