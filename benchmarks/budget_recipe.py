@@ -3,7 +3,9 @@ run sized to a wall-clock budget from a measured training-step time.
 
 Phase 1 trains the full-precision teachers, phase 2 the binary students distilled from
 them (on Fashion-MNIST twice: with the regularization loss L_re and without, the L_re
-ablation). The jobs of a phase run as concurrent ``python -m bhvit train`` processes.
+ablation). With ``--act-frac`` phase 2 binarizes in two steps: binary activations with
+float weights first, then the binary students start from there. The jobs of a phase run
+as concurrent ``python -m bhvit train`` processes.
 Before phase 1, every job's step time is measured on random data (``--probe-steps``
 timed steps after warm-up) and its epoch count set so that
 ``epochs * (steps * step_time + eval) * slowdown`` fits the phase's share of
@@ -23,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import signal
 import subprocess
 import sys
@@ -56,6 +57,9 @@ class Job:
     epochs: int = 0
     step_s: float = 0.0
     compile_s: float = 0.0  # the probe's first compiled step (--compile)
+    drop_last: bool = False  # --compile drops each epoch's last partial batch
+    overrides: Dict[str, str] = field(default_factory=dict)  # train --set KEY=VALUE
+    init_from: Optional[str] = None  # job name: start from its last epoch's weights
     extra: List[str] = field(default_factory=list)
 
 
@@ -63,7 +67,8 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
     """Median seconds of one training step of ``job`` (teacher forward included), and the
     seconds of the first compiled step (0 without ``compile_backend``)."""
     torch.manual_seed(0)
-    m = bhvit.create_model(job.model, num_classes=10, binary=job.binary).to(device).train()
+    over = {k: {"true": True, "false": False}[v] for k, v in job.overrides.items()}
+    m = bhvit.create_model(job.model, num_classes=10, binary=job.binary, **over).to(device).train()
     teacher = None
     if job.teacher:
         teacher = bhvit.create_model(job.model, num_classes=10, binary=False).to(device).eval()
@@ -98,7 +103,7 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if job.binary:
+        if any(True for _ in binary_layers(m)):
             sign_snapshot(m)
         sync()
         times.append(time.perf_counter() - t)
@@ -116,7 +121,7 @@ def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
     """Predicted seconds of one epoch (training steps and the test-set evaluation) alone."""
     n_train, n_test = SIZES[job.data]
     n_train, n_test = min(n_train, subset or n_train), min(n_test, test_subset or n_test)
-    steps = math.ceil(n_train / batch)
+    steps = n_train // batch if job.drop_last and n_train >= batch else math.ceil(n_train / batch)
     eval_s = math.ceil(n_test / 256) * job.step_s * 256 / batch / 3  # forward only
     return steps * job.step_s + eval_s
 
@@ -141,10 +146,14 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
         cmd += ["--compile", args.compile]
     if not job.binary:
         cmd += ["--set", "binary=false"]
+    for k, v in job.overrides.items():
+        cmd += ["--set", f"{k}={v}"]
     if teacher_dir is not None:
         cmd += ["--teacher", str(teacher_dir)]
-        if args.init_from_teacher:
-            cmd += ["--init-from", str(teacher_dir)]
+    if job.init_from:
+        cmd += ["--init-from", str(out / job.init_from / "last.json")]
+    elif teacher_dir is not None and args.init_from_teacher:
+        cmd += ["--init-from", str(teacher_dir)]
     print(f"[{time.strftime('%H:%M:%S')}] start {job.name}: {job.epochs} epochs", flush=True)
     with open(out / f"{job.name}.log", "w") as log:  # the child keeps its own handle
         return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -156,6 +165,9 @@ def run_phase(jobs: List[Job], args, out: Path, deadline: float) -> Dict[str, Di
         tdir = out / j.teacher if j.teacher else None
         if tdir is not None and not (tdir / "best.json").is_file():
             print(f"skip {j.name}: teacher {j.teacher} has no checkpoint", flush=True)
+            continue
+        if j.init_from and not (out / j.init_from / "last.json").is_file():
+            print(f"skip {j.name}: {j.init_from} has no checkpoint", flush=True)
             continue
         procs[j.name] = (launch(j, args, out, tdir), time.perf_counter())
     status = {}
@@ -213,6 +225,10 @@ def main() -> None:
     p.add_argument("--init-from-teacher", action="store_true",
                    help="start each student from its teacher's weights (train --init-from)")
     p.add_argument("--no-lre-ablation", action="store_true", help="no second FMNIST student without L_re")
+    p.add_argument("--act-frac", type=float, default=0.0,
+                   help="two-step binarization: this share of phase 2 trains students with binary "
+                        "activations and float weights (runs *_student_acts); the binary students "
+                        "then start from their last weights")
     p.add_argument("--subset", type=int, default=None, help="train on N images per dataset")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -239,17 +255,28 @@ def main() -> None:
                             args.student_lr, teacher="c10_teacher"))
     if not teachers:
         sys.exit("budget_recipe: give --fmnist-dir and/or --cifar-dir.")
+    if not 0 <= args.act_frac < 1:
+        sys.exit(f"budget_recipe: --act-frac must be in [0, 1), got {args.act_frac}.")
+    acts = []
+    for t in teachers if args.act_frac else []:
+        a = Job(t.name.replace("_teacher", "_student_acts"), t.data, t.data_dir, t.model, True,
+                args.student_lr, teacher=t.name, re_beta=0.0, overrides={"binary_weights": "false"})
+        acts.append(a)
+        for s in students:
+            if s.teacher == t.name:
+                s.init_from = a.name
 
     def probe_all():
         probes = {}
-        for j in teachers + students:
-            key = (j.model, j.binary, bool(j.teacher))
+        for j in teachers + acts + students:
+            key = (j.model, j.binary, bool(j.teacher), tuple(sorted(j.overrides.items())))
             if key not in probes:
                 probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, args.compile)
-                print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)}: "
+                print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)} {j.overrides or ''}: "
                       f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}"
                       + (f", compilation {probes[key][1]:.0f}s" if args.compile else ""), flush=True)
             j.step_s, j.compile_s = probes[key]
+            j.drop_last = bool(args.compile)
 
     try:
         probe_all()
@@ -268,39 +295,51 @@ def main() -> None:
     for j in teachers:
         j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset)
-    summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + students},
-               "probe_compile_s": {j.name: j.compile_s for j in teachers + students}}
+    summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + acts + students},
+               "probe_compile_s": {j.name: j.compile_s for j in teachers + acts + students}}
     summary["phase1"] = run_phase(teachers, args, out, time.perf_counter() + t_phase1)
 
     # Phase 2 is sized with the time actually left and a slowdown measured in phase 1:
     # the teachers' real epoch times over the ones the probes predict, times the ratio
     # of job counts (at least 1.2), as phase 2 runs more jobs at once.
-    slowdown = args.slowdown
     ratios = []
     for j in teachers:
         h = read_history(out / j.name)
         if h:
             pred = plan_epoch_s(j, args.batch_size, args.subset, args.test_subset)
             ratios.append(sorted(e["epoch_time_s"] for e in h)[len(h) // 2] / pred)
-    if ratios:
-        slowdown = max(1.0, max(1.2, len(students) / len(teachers)) * max(ratios))
+
+    def slowdown(n_jobs: int) -> float:
+        if not ratios:
+            return args.slowdown
+        return max(1.0, max(1.2, n_jobs / len(teachers)) * max(ratios))
+
     left = args.budget_s - (time.perf_counter() - t_start)
+    summary["phase2_slowdown"] = {"teacher_ratios": ratios, "used": slowdown(len(students))}
+    if acts:  # two-step binarization: the binary-activation step first
+        t_acts = left * args.act_frac
+        for j in acts:
+            j.epochs = plan_epochs(j, args.batch_size, t_acts, slowdown(len(acts)), args.reserve_s,
+                                   args.max_epochs, args.subset, args.test_subset)
+        print(f"phase 2a: {t_acts:.0f}s for the binary-activation step", flush=True)
+        summary["phase2_acts"] = run_phase(acts, args, out, time.perf_counter() + t_acts)
+        left = args.budget_s - (time.perf_counter() - t_start)
     for j in students:
-        j.epochs = plan_epochs(j, args.batch_size, left, slowdown, args.reserve_s, args.max_epochs,
-                               args.subset, args.test_subset)
-    summary["phase2_slowdown"] = {"teacher_ratios": ratios, "used": slowdown}
-    print(f"phase 2: {left:.0f}s left, slowdown {slowdown:.2f} (teachers' measured/predicted "
+        j.epochs = plan_epochs(j, args.batch_size, left, slowdown(len(students)), args.reserve_s,
+                               args.max_epochs, args.subset, args.test_subset)
+    print(f"phase 2: {left:.0f}s left, slowdown {slowdown(len(students)):.2f} (teachers' measured/predicted "
           f"epoch time {[round(r, 2) for r in ratios]})", flush=True)
     summary["phase2"] = run_phase(students, args, out, time.perf_counter() + max(left, 30))
     summary["plan"] = {j.name: {"model": j.model, "epochs": j.epochs, "probe_step_ms": j.step_s * 1e3,
-                                "lr": j.lr, "re_beta": j.re_beta} for j in teachers + students}
-    summary["runs"] = {j.name: read_history(out / j.name) for j in teachers + students}
+                                "lr": j.lr, "re_beta": j.re_beta, "overrides": j.overrides,
+                                "init_from": j.init_from} for j in teachers + acts + students}
+    summary["runs"] = {j.name: read_history(out / j.name) for j in teachers + acts + students}
     summary["wall_s"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
     print(f"\n{'run':<20} {'epochs':>9} {'best top-1':>10} {'last top-1':>10} {'img/s':>8} "
           f"{'flips (last 10%)':>18}")
-    for j in teachers + students:
+    for j in teachers + acts + students:
         h = summary["runs"][j.name]
         if not h:
             print(f"{j.name:<20} {'-':>9}")
