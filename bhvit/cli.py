@@ -72,7 +72,7 @@ def _train_config(args, **changes):
         deterministic=args.deterministic, compile=args.compile,
         threads=args.threads, overrides=_overrides(args.set), skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
-        progress=not args.no_progress)
+        progress=not args.no_progress, step_flips=not args.no_step_flips)
     for k, v in changes.items():
         setattr(cfg, k, v)
     return cfg
@@ -301,6 +301,9 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--crop-pad", type=int, default=None, help="random-crop padding (default img_size//8)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-step-flips", action="store_true",
+                   help="do not count binary-weight sign flips after every optimizer step "
+                        "(step_flip_frac in metrics.jsonl; the per-epoch net flips stay)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,3 +36,21 @@ def test_set_parses_booleans_and_rejects_num_classes(capsys):
     assert "--set num_classes is not allowed" in capsys.readouterr().err
     assert main(["info", "bhvit_tiny", "--set", "binary=maybe"]) == 2
     assert "binary must be true or false, got 'maybe'" in capsys.readouterr().err
+
+
+def test_train_flags_reach_the_config():
+    from bhvit.cli import _train_config, build_parser
+
+    args = build_parser().parse_args(["train", "--out", "r", "--no-step-flips", "--no-flip", "--crop-pad", "1"])
+    cfg = _train_config(args)
+    assert (cfg.step_flips, cfg.flip, cfg.crop_pad, cfg.out) == (False, False, 1, "r")
+    cfg = _train_config(build_parser().parse_args(["train", "--out", "r"]))
+    assert (cfg.step_flips, cfg.flip, cfg.crop_pad) == (True, True, None)
+    rec = build_parser().parse_args(["recipe", "--out", "r", "--act-epochs", "3"])
+    assert rec.act_epochs == 3
+
+
+def test_recipe_rejects_negative_act_epochs(tmp_path, capsys):
+    assert main(["recipe", "--out", str(tmp_path / "r"), "--act-epochs", "-1"]) == 2
+    assert "--act-epochs must be >= 0" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()
