@@ -144,6 +144,8 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
         cmd += ["--test-subset", str(args.test_subset)]
     if args.compile:
         cmd += ["--compile", args.compile]
+    if args.no_step_flips:
+        cmd += ["--no-step-flips"]
     if not job.binary:
         cmd += ["--set", "binary=false"]
     for k, v in job.overrides.items():
@@ -229,6 +231,7 @@ def main() -> None:
                    help="two-step binarization: this share of phase 2 trains students with binary "
                         "activations and float weights (runs *_student_acts); the binary students "
                         "then start from their last weights")
+    p.add_argument("--no-step-flips", action="store_true", help="train --no-step-flips")
     p.add_argument("--subset", type=int, default=None, help="train on N images per dataset")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
