@@ -63,7 +63,8 @@ class Job:
     extra: List[str] = field(default_factory=list)
 
 
-def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Optional[str] = None):
+def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Optional[str] = None,
+          step_flips: bool = True):
     """Median seconds of one training step of ``job`` (teacher forward included), and the
     seconds of the first compiled step (0 without ``compile_backend``)."""
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if any(True for _ in binary_layers(m)):
+        if step_flips and any(True for _ in binary_layers(m)):
             sign_snapshot(m)
         sync()
         times.append(time.perf_counter() - t)
@@ -274,7 +275,8 @@ def main() -> None:
         for j in teachers + acts + students:
             key = (j.model, j.binary, bool(j.teacher), tuple(sorted(j.overrides.items())))
             if key not in probes:
-                probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, args.compile)
+                probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, args.compile,
+                                    not args.no_step_flips)
                 print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)} {j.overrides or ''}: "
                       f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}"
                       + (f", compilation {probes[key][1]:.0f}s" if args.compile else ""), flush=True)
