@@ -53,6 +53,7 @@ class Job:
     binary: bool
     lr: float
     teacher: Optional[str] = None  # job name
+    teacher_ckpt: Optional[str] = None  # an existing teacher checkpoint instead of the job's
     re_beta: float = 0.1
     epochs: int = 0
     step_s: float = 0.0
@@ -165,9 +166,9 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
 def run_phase(jobs: List[Job], args, out: Path, deadline: float) -> Dict[str, Dict]:
     procs = {}
     for j in jobs:
-        tdir = out / j.teacher if j.teacher else None
-        if tdir is not None and not (tdir / "best.json").is_file():
-            print(f"skip {j.name}: teacher {j.teacher} has no checkpoint", flush=True)
+        tdir = Path(j.teacher_ckpt) if j.teacher_ckpt else (out / j.teacher if j.teacher else None)
+        if tdir is not None and not (tdir / "best.json").is_file() and not tdir.is_file():
+            print(f"skip {j.name}: teacher {tdir} has no checkpoint", flush=True)
             continue
         if j.init_from and not (out / j.init_from / "last.json").is_file():
             print(f"skip {j.name}: {j.init_from} has no checkpoint", flush=True)
@@ -213,6 +214,9 @@ def main() -> None:
     p.add_argument("--fm-model", nargs="+", default=["bhvit_micro_c28"],
                    help="Fashion-MNIST model(s); runs of the first are fm_teacher/fm_student, of "
                         "the others fm_<name>_teacher/fm_<name>_student")
+    p.add_argument("--fm-teacher", default=None, metavar="CKPT",
+                   help="an already trained Fashion-MNIST teacher (run dir or .json, e.g. a `bhvit "
+                        "strip` copy) for the --fm-model students: no FMNIST teacher in phase 1")
     p.add_argument("--c10-model", default="bhvit_tiny_c32")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--teacher-lr", type=float, default=2e-3)
@@ -245,30 +249,34 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     teachers, students = [], []
+    if args.fm_teacher and len(args.fm_model) > 1:
+        sys.exit("budget_recipe: --fm-teacher needs a single --fm-model.")
     for i, model in enumerate(args.fm_model if args.fmnist_dir else []):
         pre = "fm" if i == 0 else f"fm_{model.removeprefix('bhvit_')}"
-        teachers.append(Job(f"{pre}_teacher", "fashion-mnist", args.fmnist_dir, model, False, args.teacher_lr))
+        if not args.fm_teacher:
+            teachers.append(Job(f"{pre}_teacher", "fashion-mnist", args.fmnist_dir, model, False,
+                                args.teacher_lr))
         students.append(Job(f"{pre}_student", "fashion-mnist", args.fmnist_dir, model, True,
-                            args.student_lr, teacher=f"{pre}_teacher"))
+                            args.student_lr, teacher=f"{pre}_teacher", teacher_ckpt=args.fm_teacher))
         if i == 0 and not args.no_lre_ablation:
             students.append(Job("fm_student_no_lre", "fashion-mnist", args.fmnist_dir, model, True,
-                                args.student_lr, teacher="fm_teacher", re_beta=0.0))
+                                args.student_lr, teacher="fm_teacher", teacher_ckpt=args.fm_teacher,
+                                re_beta=0.0))
     if args.cifar_dir:
         teachers.append(Job("c10_teacher", "cifar10", args.cifar_dir, args.c10_model, False, args.teacher_lr))
         students.append(Job("c10_student", "cifar10", args.cifar_dir, args.c10_model, True,
                             args.student_lr, teacher="c10_teacher"))
-    if not teachers:
+    if not students:
         sys.exit("budget_recipe: give --fmnist-dir and/or --cifar-dir.")
     if not 0 <= args.act_frac < 1:
         sys.exit(f"budget_recipe: --act-frac must be in [0, 1), got {args.act_frac}.")
     acts = []
-    for t in teachers if args.act_frac else []:
-        a = Job(t.name.replace("_teacher", "_student_acts"), t.data, t.data_dir, t.model, True,
-                args.student_lr, teacher=t.name, re_beta=0.0, overrides={"binary_weights": "false"})
-        acts.append(a)
-        for s in students:
-            if s.teacher == t.name:
-                s.init_from = a.name
+    for s in students if args.act_frac else []:  # one step-1 job per teacher
+        name = s.teacher.replace("_teacher", "_student_acts")
+        if name not in [a.name for a in acts]:
+            acts.append(Job(name, s.data, s.data_dir, s.model, True, args.student_lr, teacher=s.teacher,
+                            teacher_ckpt=s.teacher_ckpt, re_beta=0.0, overrides={"binary_weights": "false"}))
+        s.init_from = name
 
     def probe_all():
         probes = {}
@@ -296,7 +304,7 @@ def main() -> None:
     if left < 2 * args.reserve_s:
         sys.exit(f"budget_recipe: {left:.0f}s of --budget-s {args.budget_s:.0f} left after the probes; "
                  "raise --budget-s.")
-    t_phase1 = left * args.teacher_frac
+    t_phase1 = left * args.teacher_frac if teachers else 0.0
     for j in teachers:
         j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset)
