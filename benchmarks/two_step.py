@@ -75,10 +75,13 @@ def main() -> None:
     print(json.dumps(results, indent=1))
     if a.arm != "both":
         return
-    print(f"{'seed':>4} {'arm':<10} {'final top-1':>12} {'best top-1':>11}   per epoch")
+    print(f"{'seed':>4} {'arm':<10} {'final top-1':>12} {'best top-1':>11}   per epoch "
+          "(two steps: binary activations only | fully binary)")
     for r in results:
         for arm, c in r["test_top1_per_epoch"].items():
-            print(f"{r['seed']:>4} {arm:<10} {c[-1]:>12.2f} {max(c):>11.2f}   {' '.join(f'{v:.2f}' for v in c)}")
+            k = act_epochs if arm == "two steps" else 0  # best of the fully binary epochs only
+            curve = " | ".join(" ".join(f"{v:.2f}" for v in part) for part in (c[:k], c[k:]) if part)
+            print(f"{r['seed']:>4} {arm:<10} {c[-1]:>12.2f} {max(c[k:]):>11.2f}   {curve}")
     diffs = [r["test_top1_per_epoch"]["two steps"][-1] - r["test_top1_per_epoch"]["one step"][-1]
              for r in results]
     spread = f", sd {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
