@@ -39,7 +39,7 @@ import torch.nn.functional as F
 import bhvit
 from bhvit.data import augment_batch, normalize
 from bhvit.layers import binary_layers
-from bhvit.train import kd_loss, sign_snapshot
+from bhvit.train import kd_loss, read_metrics, sign_snapshot
 
 SIZES = {"fashion-mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
@@ -198,11 +198,6 @@ def run_phase(jobs: List[Job], args, out: Path, deadline: float) -> Dict[str, Di
     return status
 
 
-def read_history(run: Path) -> List[Dict]:
-    f = run / "metrics.jsonl"
-    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", required=True)
@@ -317,7 +312,7 @@ def main() -> None:
     # of job counts (at least 1.2), as phase 2 runs more jobs at once.
     ratios = []
     for j in teachers:
-        h = read_history(out / j.name)
+        h = read_metrics(out / j.name)
         if h:
             pred = plan_epoch_s(j, args.batch_size, args.subset, args.test_subset)
             ratios.append(sorted(e["epoch_time_s"] for e in h)[len(h) // 2] / pred)
@@ -346,7 +341,7 @@ def main() -> None:
     summary["plan"] = {j.name: {"model": j.model, "epochs": j.epochs, "probe_step_ms": j.step_s * 1e3,
                                 "lr": j.lr, "re_beta": j.re_beta, "overrides": j.overrides,
                                 "init_from": j.init_from} for j in teachers + acts + students}
-    summary["runs"] = {j.name: read_history(out / j.name) for j in teachers + acts + students}
+    summary["runs"] = {j.name: read_metrics(out / j.name) for j in teachers + acts + students}
     summary["wall_s"] = time.perf_counter() - t_start
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
 

@@ -19,7 +19,7 @@ import math
 import statistics
 from pathlib import Path
 
-from bhvit.train import TrainConfig, train
+from bhvit.train import TrainConfig, read_metrics, train
 
 
 def main() -> None:
@@ -57,7 +57,7 @@ def main() -> None:
                               resume=a.resume or (out / "last.json").exists(), progress=False)
             if not (out / "final.json").exists():
                 train(cfg)
-            hist = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+            hist = read_metrics(out)
             first_late = a.epochs - max(1, math.ceil(a.re_last_frac * a.epochs))
             late = [h for h in hist if h["epoch"] > first_late]
             rows[label] = {

@@ -21,11 +21,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bhvit.train import TrainConfig, train
-
-
-def _history(run: Path):
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+from bhvit.train import TrainConfig, read_metrics, train
 
 
 def main() -> None:
@@ -64,13 +60,13 @@ def main() -> None:
         root = Path(a.out) / f"seed{seed}"
         curves = {}
         if a.arm in ("both", "one-step"):
-            curves["one step"] = [h["test_top1"] for h in _history(
+            curves["one step"] = [h["test_top1"] for h in read_metrics(
                 run(root / "one_step", a.epochs, a.init_from, seed))]
         if a.arm in ("both", "two-step"):
             acts = run(root / "two_step_acts", act_epochs, a.init_from, seed, binary_weights=False)
             full = run(root / "two_step", a.epochs - act_epochs, str(acts / "last.json"), seed)
-            curves["two steps"] = [h["test_top1"] for h in _history(acts)] + [
-                h["test_top1"] for h in _history(full)]
+            curves["two steps"] = [h["test_top1"] for h in read_metrics(acts)] + [
+                h["test_top1"] for h in read_metrics(full)]
         results.append({"seed": seed, "act_epochs": act_epochs, "test_top1_per_epoch": curves})
     print(json.dumps(results, indent=1))
     if a.arm != "both":

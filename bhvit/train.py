@@ -98,6 +98,12 @@ def _nonfinite_check_steps(device: str) -> int:
     return 1 if torch.device(device).type == "cpu" else NONFINITE_CHECK_STEPS
 
 
+def read_metrics(run) -> List[Dict]:
+    """The per-epoch metrics of a run directory (``metrics.jsonl``); [] before its first epoch."""
+    f = Path(run) / "metrics.jsonl"
+    return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Soft cross-entropy between the teacher's softmax and the student's log-softmax."""
     return -(teacher_logits.softmax(-1) * student_logits.log_softmax(-1)).sum(-1).mean()

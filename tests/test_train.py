@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from bhvit.checkpoint import CheckpointError, load_model
 from bhvit.cli import main
-from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, train
+from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, read_metrics, train
 from synth import make_fashion_mnist
 
 COMMON = ["train", "--model", "bhvit_micro_c28", "--data", "fashion-mnist", "--batch-size", "32",
@@ -440,6 +440,9 @@ def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
     summary = json.loads(out.strip().splitlines()[-1])
     student = json.loads((run / "student" / "final.json").read_text())
     assert summary["student_top1"] == student["test_top1"]
+    assert [h["epoch"] for h in read_metrics(run / "student")] == [1]
+    assert read_metrics(run / "student")[-1]["test_top1"] == student["test_top1"]
+    assert read_metrics(tmp_path / "no_run") == []
     teacher_doc = json.loads((run / "teacher" / "best.json").read_text())
     assert teacher_doc["model_config"]["binary"] is False
     s_doc = json.loads((run / "student" / "last.json").read_text())
