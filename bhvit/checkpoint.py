@@ -220,12 +220,28 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
         optimizer.load_state_dict(optimizer_from_tensors(tensors, doc["optimizer"]))
 
 
+# The two kinds of downsampling layer (binary conv with a real-valued shortcut, or the
+# dagger models' float conv) hold a 2x2 conv and a norm of the same shapes under different
+# names; a model with either kind can start from a checkpoint with the other.
+_DOWNSAMPLE_ALIASES = ((".downsample.conv.conv.weight", ".downsample.reduce.op.conv.weight"),
+                       (".downsample.norm.", ".downsample.reduce.norm."))
+
+
+def _aliases(key: str):
+    for a, b in _DOWNSAMPLE_ALIASES:
+        for x, y in ((a, b), (b, a)):
+            if x in key:
+                yield key.replace(x, y)
+
+
 def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tuple[int, int]:
     """Copy into ``model`` every tensor of a checkpoint (run dir, .json or .safetensors)
     whose name and shape match; the rest keep their values. Returns (copied, total in model).
 
     Used to start a binary student from its full-precision twin: both share names, and
-    the binary layers' latent weights start at the twin's float weights.
+    the binary layers' latent weights start at the twin's float weights. The downsampling
+    conv and norm also match across ``fp_downsample`` settings (a dagger student can start
+    from a twin trained with binary-style downsampling, and the reverse).
     """
     p = Path(path)
     if p.suffix == ".safetensors" and p.is_file():
@@ -235,7 +251,12 @@ def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tup
         file = p.parent / doc["weights"]
     state = _load_safetensors(file)
     own = _unwrap(model).state_dict()
-    hits = {k: v for k, v in state.items() if k in own and tuple(own[k].shape) == tuple(v.shape)}
+    hits = {}
+    for k, mine in own.items():
+        for name in (k, *_aliases(k)):
+            if name in state and tuple(state[name].shape) == tuple(mine.shape) and (name == k or name not in own):
+                hits[k] = state[name]
+                break
     if not hits:
         raise CheckpointError(f"{file}: no tensor matches the model by name and shape; nothing to "
                               "initialise from.")

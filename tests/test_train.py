@@ -171,6 +171,24 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     keys = [k for k in fp_state if k in st_state and fp_state[k].shape == st_state[k].shape]
     assert len(keys) == n and "stem.proj.weight" in keys
     assert all(torch.equal(fp_state[k], st_state[k]) for k in keys)
+    # a dagger student (float downsampling) takes the twin's downsampling conv and norm too,
+    # and a twin with float downsampling initialises a binary-downsampling model
+    dagger = type(fp)(fp.cfg.__class__.from_dict(dict(fp.cfg.to_dict(), binary=True, fp_downsample=True)))
+    n_dagger, total_dagger = load_matching_weights(dagger, tmp_path / "fp")
+    d_state = dagger.state_dict()
+    conv = "stages.1.downsample.conv.conv.weight"
+    assert torch.equal(d_state[conv], fp_state["stages.1.downsample.reduce.op.conv.weight"])
+    assert torch.equal(d_state["stages.3.downsample.norm.running_var"],
+                       fp_state["stages.3.downsample.reduce.norm.running_var"])
+    # the dagger model lacks only what the binary student lacks (binary-only tensors)
+    assert total_dagger - n_dagger == total - n
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in d_state.items()}, str(tmp_path / "dagger.safetensors"))
+    back = type(fp)(fp.cfg)
+    n_back, _ = load_matching_weights(back, tmp_path / "dagger.safetensors")
+    assert torch.equal(back.state_dict()["stages.1.downsample.reduce.op.conv.weight"], d_state[conv])
+    assert n_back == n_dagger
     # through the CLI: the first epoch starts from the twin's weights
     assert main(COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "64", "--test-subset", "32",
                           "--init-from", str(tmp_path / "fp"), "--out", str(tmp_path / "s")]) == 0
@@ -181,8 +199,6 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     assert "initialised" not in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "final.json").read_text())["epoch"] == 2
     # nothing matching: a clear error
-    from safetensors.torch import save_file
-
     save_file({"other.weight": torch.zeros(3, 3)}, str(tmp_path / "other.safetensors"))
     with pytest.raises(CheckpointError, match="no tensor matches"):
         load_matching_weights(student, tmp_path / "other.safetensors")
