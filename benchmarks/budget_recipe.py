@@ -31,12 +31,13 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
 
 import bhvit
+from bhvit.cli import _overrides
 from bhvit.data import augment_batch, normalize
 from bhvit.layers import binary_layers
 from bhvit.train import kd_loss, read_metrics, sign_snapshot
@@ -59,7 +60,7 @@ class Job:
     step_s: float = 0.0
     compile_s: float = 0.0  # the probe's first compiled step (--compile)
     drop_last: bool = False  # --compile drops each epoch's last partial batch
-    overrides: Dict[str, str] = field(default_factory=dict)  # train --set KEY=VALUE
+    overrides: Dict[str, Any] = field(default_factory=dict)  # train --set KEY=VALUE
     init_from: Optional[str] = None  # job name: start from its last epoch's weights
     extra: List[str] = field(default_factory=list)
 
@@ -69,8 +70,7 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
     """Median seconds of one training step of ``job`` (teacher forward included), and the
     seconds of the first compiled step (0 without ``compile_backend``)."""
     torch.manual_seed(0)
-    over = {k: {"true": True, "false": False}[v] for k, v in job.overrides.items()}
-    m = bhvit.create_model(job.model, num_classes=10, binary=job.binary, **over).to(device).train()
+    m = bhvit.create_model(job.model, num_classes=10, binary=job.binary, **job.overrides).to(device).train()
     teacher = None
     if job.teacher:
         teacher = bhvit.create_model(job.model, num_classes=10, binary=False).to(device).eval()
@@ -151,7 +151,7 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
     if not job.binary:
         cmd += ["--set", "binary=false"]
     for k, v in job.overrides.items():
-        cmd += ["--set", f"{k}={v}"]
+        cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
     if teacher_dir is not None:
         cmd += ["--teacher", str(teacher_dir)]
     if job.init_from:
@@ -232,6 +232,8 @@ def main() -> None:
                         "activations and float weights (runs *_student_acts); the binary students "
                         "then start from their last weights")
     p.add_argument("--no-step-flips", action="store_true", help="train --no-step-flips")
+    p.add_argument("--student-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model setting of every binary student (repeatable), e.g. fp_downsample=true")
     p.add_argument("--subset", type=int, default=None, help="train on N images per dataset")
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
@@ -239,6 +241,10 @@ def main() -> None:
                    help="train with torch.compile (train --compile); the probes measure the "
                         "compiled step, and each job's compile time is taken off its budget")
     args = p.parse_args()
+    try:
+        student_set = _overrides(args.student_set)
+    except ValueError as e:
+        p.error(str(e))
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -263,6 +269,8 @@ def main() -> None:
                             args.student_lr, teacher="c10_teacher"))
     if not students:
         sys.exit("budget_recipe: give --fmnist-dir and/or --cifar-dir.")
+    for s in students:
+        s.overrides.update(student_set)
     if not 0 <= args.act_frac < 1:
         sys.exit(f"budget_recipe: --act-frac must be in [0, 1), got {args.act_frac}.")
     acts = []
@@ -270,7 +278,8 @@ def main() -> None:
         name = s.teacher.replace("_teacher", "_student_acts")
         if name not in [a.name for a in acts]:
             acts.append(Job(name, s.data, s.data_dir, s.model, True, args.student_lr, teacher=s.teacher,
-                            teacher_ckpt=s.teacher_ckpt, re_beta=0.0, overrides={"binary_weights": "false"}))
+                            teacher_ckpt=s.teacher_ckpt, re_beta=0.0,
+                            overrides={**student_set, "binary_weights": False}))
         s.init_from = name
 
     def probe_all():
