@@ -301,6 +301,18 @@ RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epoc
                "crop_pad", "flip", "amp")
 
 
+def _same_checkpoint(a: Optional[str], b: Optional[str]) -> bool:
+    """Whether two spellings name one checkpoint (a run directory and its best.json)."""
+    from .checkpoint import CheckpointError, resolve_checkpoint
+
+    if not a or not b:
+        return a == b
+    try:
+        return resolve_checkpoint(a).resolve() == resolve_checkpoint(b).resolve()
+    except CheckpointError:
+        return False
+
+
 def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) -> None:
     from .checkpoint import CheckpointError
 
@@ -314,7 +326,8 @@ def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) ->
                                   f"{diff}; resume with the same --model/--set or use another --out.")
     saved = doc.get("train_config", {})
     now_t = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = sorted(k for k in RESUME_KEYS if k in saved and saved[k] != now_t.get(k))
+    diff = sorted(k for k in RESUME_KEYS if k in saved and saved[k] != now_t.get(k)
+                  and not (k == "teacher" and _same_checkpoint(saved[k], now_t.get(k))))
     if diff:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now_t.get(k)!r}" for k in diff)
         raise CheckpointError(f"--resume: training settings differ from the run in {out} ({detail}); "

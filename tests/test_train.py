@@ -269,6 +269,25 @@ def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
         train(replace(cfg, resume=True, overrides={"qd": False}))
 
 
+def test_resume_check_compares_teacher_checkpoints_not_spellings(tmp_path):
+    from dataclasses import asdict
+
+    from bhvit.train import _check_resume
+
+    for run in ("t", "u"):
+        (tmp_path / run).mkdir()
+        (tmp_path / run / "best.json").write_text("{}")
+    cfg = TrainConfig(model="bhvit_micro_c28", out=str(tmp_path / "s"), teacher=str(tmp_path / "t"))
+    doc = {"train_config": dict(asdict(cfg), teacher=str(tmp_path / "t" / "best.json"))}
+    _check_resume(doc, torch.nn.Identity(), cfg, tmp_path / "s")  # the run dir and its best.json: one teacher
+    doc["train_config"]["teacher"] = str(tmp_path / "u")
+    with pytest.raises(CheckpointError, match=r"settings differ .*\(teacher: .*/u' -> .*/t'\)"):
+        _check_resume(doc, torch.nn.Identity(), cfg, tmp_path / "s")
+    doc["train_config"]["teacher"] = None
+    with pytest.raises(CheckpointError, match=r"teacher: None -> "):
+        _check_resume(doc, torch.nn.Identity(), cfg, tmp_path / "s")
+
+
 def test_exact_float32_restores_tf32_settings():
     from bhvit.train import _tf32_switches, exact_float32
 
