@@ -9,6 +9,9 @@ torch.matmul float32 on the model's own binary-linear shapes, and the peak resid
 memory of a fresh process that loads and runs each variant once.
 
     python benchmarks/runtime_latency.py --models bhvit_tiny bhvit_tiny_c32 --batches 1 16 --threads 1 2
+
+``--set KEY=VALUE`` changes the binary model of the latency table (e.g. ``fp_downsample=true``);
+models named ``*_c28``/``*_c32`` get 10 classes, the others 1000.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import torch
 
 import bhvit
 from bhvit import runtime
+from bhvit.cli import _overrides
 from bhvit.export import export_model
 from bhvit.runtime import kernels
 
@@ -38,8 +42,9 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def _binary_model(name: str) -> torch.nn.Module:
-    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name else 10).train()
+def _binary_model(name: str, **overrides) -> torch.nn.Module:
+    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name and "c28" not in name else 10,
+                           **overrides).train()
     c = m.cfg
     with torch.no_grad():
         m(torch.randn(2, c.in_chans, c.img_size, c.img_size))  # initialise QD steps, BN stats
@@ -58,7 +63,7 @@ def _time(fn, runs):
 
 def latency(args, rows):
     for name in args.models:
-        binm = _binary_model(name)
+        binm = _binary_model(name, **args.overrides)
         fpm = bhvit.create_model(name, num_classes=binm.cfg.num_classes, binary=False).eval()
         d = tempfile.mkdtemp()
         export_model(binm, d)
@@ -129,7 +134,8 @@ if kind == "runtime":  # a deployment process: numpy + bhvit.runtime, no torch
 else:
     import torch, bhvit
     torch.set_num_threads(1)
-    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name else 10, binary=(kind == "binsim")).eval()
+    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name and "c28" not in name else 10,
+                           binary=(kind == "binsim")).eval()
     c = m.cfg
     with torch.no_grad():
         m(torch.randn(1, c.in_chans, c.img_size, c.img_size))
@@ -173,7 +179,14 @@ def main():
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--skip", nargs="*", default=[], choices=["latency", "gemm", "rss"])
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model setting of the binary model in the latency table (repeatable), "
+                        "e.g. fp_downsample=true")
     args = p.parse_args()
+    try:
+        args.overrides = _overrides(args.set)
+    except ValueError as e:
+        p.error(str(e))
     print(f"CPU: {_cpu_name()}; kernels: {kernels.backend()}; torch {torch.__version__}")
     rows = []
     if "latency" not in args.skip:
