@@ -151,7 +151,7 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
     if not job.binary:
         cmd += ["--set", "binary=false"]
     for k, v in job.overrides.items():
-        cmd += ["--set", f"{k}={v if isinstance(v, str) else json.dumps(v)}"]
+        cmd += ["--set", f"{k}={json.dumps(v)}"]
     if teacher_dir is not None:
         cmd += ["--teacher", str(teacher_dir)]
     if job.init_from:
@@ -245,6 +245,8 @@ def main() -> None:
         student_set = _overrides(args.student_set)
     except ValueError as e:
         p.error(str(e))
+    if "binary" in student_set or any(isinstance(v, dict) for v in student_set.values()):
+        p.error("--student-set takes model settings other than binary, with scalar or list values.")
     t_start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

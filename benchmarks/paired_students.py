@@ -79,7 +79,7 @@ def main() -> None:
         if a.arm in ("both", "variant"):
             init, first = a.init_from, []
             if k:
-                first = run(root / "variant_acts", k, a.init_from, seed, binary_weights=False, **variant_set)
+                first = run(root / "variant_acts", k, a.init_from, seed, **{**variant_set, "binary_weights": False})
                 init = str(root / "variant_acts" / "last.json")
             curves["variant"] = first + run(root / "variant", a.epochs - k, init, seed, **variant_set)
         results.append({"seed": seed, "variant": label, "act_epochs": k, "test_top1_per_epoch": curves})
