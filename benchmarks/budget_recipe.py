@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import bhvit
-from bhvit.cli import _overrides
+from bhvit.cli import parse_overrides
 from bhvit.data import augment_batch, normalize
 from bhvit.layers import binary_layers
 from bhvit.train import kd_loss, read_metrics, sign_snapshot
@@ -242,7 +242,7 @@ def main() -> None:
                         "compiled step, and each job's compile time is taken off its budget")
     args = p.parse_args()
     try:
-        student_set = _overrides(args.student_set)
+        student_set = parse_overrides(args.student_set)
     except ValueError as e:
         p.error(str(e))
     if "binary" in student_set or any(isinstance(v, dict) for v in student_set.values()):

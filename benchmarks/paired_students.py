@@ -27,7 +27,7 @@ import json
 import statistics
 from pathlib import Path
 
-from bhvit.cli import _overrides
+from bhvit.cli import parse_overrides
 from bhvit.train import TrainConfig, read_metrics, train
 
 
@@ -53,7 +53,7 @@ def main() -> None:
     p.add_argument("--out", required=True)
     a = p.parse_args()
     try:
-        variant_set = _overrides(a.set)
+        variant_set = parse_overrides(a.set)
     except ValueError as e:
         p.error(str(e))
     k = a.act_epochs or 0

@@ -27,7 +27,7 @@ import torch
 
 import bhvit
 from bhvit import runtime
-from bhvit.cli import _overrides
+from bhvit.cli import parse_overrides
 from bhvit.export import export_model
 from bhvit.runtime import kernels
 
@@ -42,9 +42,13 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def _classes(name: str) -> int:
+    """10 classes for the small-image models (CIFAR-10, Fashion-MNIST), else ImageNet's 1000."""
+    return 10 if "_c32" in name or "_c28" in name else 1000
+
+
 def _binary_model(name: str, **overrides) -> torch.nn.Module:
-    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name and "c28" not in name else 10,
-                           **overrides).train()
+    m = bhvit.create_model(name, num_classes=_classes(name), **overrides).train()
     c = m.cfg
     with torch.no_grad():
         m(torch.randn(2, c.in_chans, c.img_size, c.img_size))  # initialise QD steps, BN stats
@@ -125,7 +129,7 @@ def gemm(args):
 
 RSS_SNIPPET = r"""
 import sys
-kind, name, path = sys.argv[1], sys.argv[2], sys.argv[3]
+kind, name, path, classes = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
 if kind == "runtime":  # a deployment process: numpy + bhvit.runtime, no torch
     import numpy as np
     from bhvit import runtime
@@ -134,8 +138,7 @@ if kind == "runtime":  # a deployment process: numpy + bhvit.runtime, no torch
 else:
     import torch, bhvit
     torch.set_num_threads(1)
-    m = bhvit.create_model(name, num_classes=1000 if "c32" not in name and "c28" not in name else 10,
-                           binary=(kind == "binsim")).eval()
+    m = bhvit.create_model(name, num_classes=classes, binary=(kind == "binsim")).eval()
     c = m.cfg
     with torch.no_grad():
         m(torch.randn(1, c.in_chans, c.img_size, c.img_size))
@@ -168,7 +171,8 @@ def peak_rss(args):
     for name in args.models:
         d = tempfile.mkdtemp()
         export_model(_binary_model(name), d)
-        vals = {kind: _vmhwm(RSS_SNIPPET, kind, name, d) for kind in ("runtime", "fp32", "binsim")}
+        vals = {kind: _vmhwm(RSS_SNIPPET, kind, name, d, str(_classes(name)))
+                for kind in ("runtime", "fp32", "binsim")}
         print(f"{name:<16} runtime {vals['runtime']:8.1f} | fp32 {vals['fp32']:8.1f} | binsim {vals['binsim']:8.1f}")
 
 
@@ -184,7 +188,7 @@ def main():
                         "e.g. fp_downsample=true")
     args = p.parse_args()
     try:
-        args.overrides = _overrides(args.set)
+        args.overrides = parse_overrides(args.set)
     except ValueError as e:
         p.error(str(e))
     print(f"CPU: {_cpu_name()}; kernels: {kernels.backend()}; torch {torch.__version__}")

@@ -36,8 +36,8 @@ def main() -> None:
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    from bhvit.cli import _overrides
-    over = _overrides(args.set)
+    from bhvit.cli import parse_overrides
+    over = parse_overrides(args.set)
 
     setups = []
     for name in args.models:

@@ -9,7 +9,9 @@ from typing import List, Optional
 
 
 
-def _overrides(items: List[str]) -> dict:
+def parse_overrides(items: List[str]) -> dict:
+    """``--set KEY=VALUE`` items as a dict: true/false/none words, JSON values (lists as
+    tuples), anything else as the string."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -35,7 +37,7 @@ def cmd_info(args) -> int:
     from .complexity import complexity, format_complexity, format_summary, summary
     from .model import create_model
 
-    overrides = _overrides(args.set)
+    overrides = parse_overrides(args.set)
     if args.img_size is not None:
         overrides["img_size"] = args.img_size
     model = create_model(args.name, num_classes=args.num_classes, **overrides)
@@ -70,7 +72,7 @@ def _train_config(args, **changes):
         resume=args.resume, subset=args.subset,
         test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
         deterministic=args.deterministic, compile=args.compile,
-        threads=args.threads, overrides=_overrides(args.set), skip_bad=args.skip_bad,
+        threads=args.threads, overrides=parse_overrides(args.set), skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
         progress=not args.no_progress, step_flips=not args.no_step_flips)
     for k, v in changes.items():
@@ -95,7 +97,7 @@ def cmd_recipe(args) -> int:
     from .train import train
 
     out = Path(args.out)
-    t_over = dict(_overrides(args.set), binary=False)
+    t_over = dict(parse_overrides(args.set), binary=False)
     t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
                           re_beta=0.0, epochs=args.teacher_epochs or args.epochs)
     if args.act_epochs < 0:
@@ -115,7 +117,7 @@ def cmd_recipe(args) -> int:
         acts = out / "student_acts"
         a_cfg = _train_config(args, out=str(acts), teacher=t_best, init_from=init_from,
                               epochs=args.act_epochs,
-                              overrides=dict(_overrides(args.set), binary_weights=False))
+                              overrides=dict(parse_overrides(args.set), binary_weights=False))
         if args.resume and (acts / "final.json").exists():
             print(f"stage 2/3: binary-activation step already trained in {acts}", flush=True)
             a_result = json.loads((acts / "final.json").read_text())

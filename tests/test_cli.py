@@ -28,9 +28,9 @@ def test_list(capsys):
 
 
 def test_set_parses_booleans_and_rejects_num_classes(capsys):
-    from bhvit.cli import _overrides
+    from bhvit.cli import parse_overrides
 
-    assert _overrides(["binary=False", "qd=false", "shift=TRUE", "windows=[8,8,4,2]"]) == \
+    assert parse_overrides(["binary=False", "qd=false", "shift=TRUE", "windows=[8,8,4,2]"]) == \
         {"binary": False, "qd": False, "shift": True, "windows": (8, 8, 4, 2)}
     assert main(["info", "bhvit_tiny", "--set", "num_classes=5"]) == 2
     assert "--set num_classes is not allowed" in capsys.readouterr().err
