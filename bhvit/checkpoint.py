@@ -27,7 +27,7 @@ FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
 
 __all__ = ["atomic_save_safetensors", "atomic_write_json", "save_checkpoint", "read_checkpoint_json",
-           "load_model", "load_training_state", "resolve_checkpoint", "strip_checkpoint", "CheckpointError"]
+           "load_model", "load_weights", "load_training_state", "resolve_checkpoint", "strip_checkpoint", "CheckpointError"]
 
 
 class CheckpointError(ValueError):
@@ -196,12 +196,24 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
     if "model_config" not in doc:
         raise CheckpointError(f"{p}: no model_config; cannot rebuild the model.")
     model = BHViT(BHViTConfig.from_dict(doc["model_config"]))
-    state = _load_safetensors(p.parent / doc["weights"])
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{p.parent / doc['weights']}: weights do not match the model config: {e}") from None
+    _load_state(model, p.parent / doc["weights"])
     return model.to(map_location).eval(), doc
+
+
+def _load_state(model: torch.nn.Module, file: Path) -> None:
+    state = _load_safetensors(file)
+    try:
+        _unwrap(model).load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{file}: weights do not match the model: {e}") from None
+
+
+def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> Dict:
+    """Load the weights of checkpoint ``path`` (a run directory or its JSON) into ``model``,
+    which must have the same configuration; returns the checkpoint's JSON document."""
+    doc, p = read_checkpoint_json(path)
+    _load_state(model, p.parent / doc["weights"])
+    return doc
 
 
 def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
@@ -210,11 +222,7 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
         raise CheckpointError(f"{run_dir}: a weights-only copy (bhvit strip) has no optimizer or RNG "
                               "state; a run cannot be resumed from it. Use it with --teacher or "
                               "--init-from, or resume from the original run.")
-    state = _load_safetensors(run_dir / doc["weights"])
-    try:
-        _unwrap(model).load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{run_dir / doc['weights']}: weights do not match the model: {e}") from None
+    _load_state(model, run_dir / doc["weights"])
     if "optimizer" in doc:
         tensors = _load_safetensors(run_dir / doc["optimizer"]["file"])
         optimizer.load_state_dict(optimizer_from_tensors(tensors, doc["optimizer"]))

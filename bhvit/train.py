@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .checkpoint import (atomic_write_json, load_matching_weights, load_model, load_training_state,
-                         read_checkpoint_json, rng_state, save_checkpoint, set_rng_state)
+                         load_weights, read_checkpoint_json, rng_state, save_checkpoint, set_rng_state)
 from .data import Dataset, augment_batch, load_dataset, normalize
 from .layers import binary_layers
 from .model import BHViT, get_config
@@ -96,6 +96,17 @@ def _fmt(values) -> str:
 
 def _nonfinite_check_steps(device: str) -> int:
     return 1 if torch.device(device).type == "cpu" else NONFINITE_CHECK_STEPS
+
+
+def _restore_last_good(model: nn.Module, out: Path, history: List[Dict]) -> str:
+    """Load the run's last checkpoint into ``model`` after a non-finite stop; says what it did."""
+    if not history:
+        return " The model's weights may be non-finite (no checkpoint yet)."
+    try:
+        load_weights(model, out / "last.json")
+    except (OSError, ValueError) as e:
+        return f" The model's weights may be non-finite (could not reload the checkpoint: {e})."
+    return " The model holds that checkpoint's weights again."
 
 
 def read_metrics(run) -> List[Dict]:
@@ -534,9 +545,12 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                 if int(first) >= 0:
                     where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
                     what = bad_loss.item() if int(bad_step) >= 0 else "non-finite on another rank"
+                    # With a deferred check, optimizer steps ran after the bad one and may
+                    # have left non-finite weights in the model object: put the checkpoint back.
+                    note = _restore_last_good(model, out, history) if i > int(first) else ""
                     raise TrainingDiverged(
                         f"loss became {what} at epoch {epoch + 1}, step {int(first) + 1}; "
-                        f"stopping. Last good checkpoint: {where}. Try a lower --lr.")
+                        f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
             optimizer.zero_grad(set_to_none=True)
             if scaler is not None:
                 scaler.scale(loss).backward()

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from bhvit.checkpoint import CheckpointError, load_model
 from bhvit.cli import main
+from bhvit.model import create_model
 from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, read_metrics, train
 from synth import make_fashion_mnist
 
@@ -119,6 +120,25 @@ def test_nan_check_deferred_still_names_the_first_bad_step(fmnist, tmp_path, mon
         train(cfg, teacher=teacher)
     assert teacher.calls == 11  # checked after step 3, not after every step
     assert json.loads((tmp_path / "r" / "last.json").read_text())["epoch"] == 0
+
+
+@pytest.mark.parametrize("nan_call, restored", [(10, True), (2, False)])
+def test_deferred_nan_stop_restores_the_model_object(fmnist, tmp_path, monkeypatch, nan_call, restored):
+    # Steps 2 and 3 ran the optimizer on a NaN loss before the check after step 3; the model
+    # passed in must get the last checkpoint's weights back, or the error must say it cannot.
+    monkeypatch.setattr("bhvit.train._nonfinite_check_steps", lambda device: 3)
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=3,
+                      batch_size=32, subset=256, test_subset=32, progress=False, threads=1)
+    model = create_model("bhvit_micro_c28", num_classes=10)
+    msg = "holds that checkpoint's weights again" if restored else r"may be non-finite \(no checkpoint yet\)"
+    with pytest.raises(TrainingDiverged, match=msg):
+        train(cfg, teacher=NaNAfter(nan_call), model=model)
+    finite = all(torch.isfinite(t).all() for t in model.state_dict().values())
+    assert finite == restored
+    if restored:
+        saved, _ = load_model(tmp_path / "r")
+        for k, v in saved.state_dict().items():
+            assert torch.equal(model.state_dict()[k], v), k
 
 
 def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
