@@ -282,9 +282,10 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     The copy holds the model weights and the JSON document (config, data statistics,
     metrics) without optimizer state, RNG state or history, as ``dst/best.json``. With
     ``dtype`` "float16" or "bfloat16" the floating-point tensors are stored in 16 bits
-    (half the size); a tensor that does not fit float16's range stays float32, and a binary
-    layer's latent weight too small for 16 bits is stored as the smallest 16-bit value of its
-    sign, so that the copy binarises exactly like the original.
+    (half the size); a tensor that does not fit float16's range stays float32. A binary
+    layer's latent weight whose sign relative to its output channel's mean (what the
+    binarizer takes) would change by the rounding is moved just past that mean, so that the
+    copy has exactly the original's binary weight signs (``sign_kept_by_nudging`` counts them).
     The copy loads like any checkpoint (``load_model``, ``--teacher``, ``--init-from``,
     ``bhvit eval``/``export``); 16-bit weights are widened to float32 on loading.
     It cannot be resumed. Returns a summary (sizes, tensors kept in float32).
@@ -298,7 +299,6 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     if dtype is not None:
         half = _HALF[dtype]
         limit = torch.finfo(half).max
-        tiny = torch.tensor(torch.finfo(half).smallest_normal * torch.finfo(half).eps)  # least subnormal
         latent = _binary_weight_names(doc)
         for k, v in state.items():
             if not v.is_floating_point() or v.dtype == half:
@@ -308,12 +308,11 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
                 continue
             h = v.to(half)
             if k in latent:
-                # Binary layers binarise with sign(0) = +1: a tiny negative latent weight
-                # that rounds to -0 would flip. It becomes the smallest 16-bit value of its sign.
-                flip = (v >= 0) != (h >= 0)
-                if flip.any():
-                    nudged += int(flip.sum())
-                    h = torch.where(flip, torch.copysign(tiny.to(half), v.to(half)), h)
+                h, n = _keep_binary_signs(v, h)
+                nudged += n
+                if h is None:
+                    kept.append(k)
+                    continue
             state[k] = h
     dst = Path(dst)
     if (dst / "best.json").exists() or (dst / "last.json").exists():
@@ -327,6 +326,37 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     return {"out": str(dst), "weights": str(dst / out_doc["weights"]), "dtype": dtype or "float32",
             "bytes": (dst / out_doc["weights"]).stat().st_size, "source_bytes": src_file.stat().st_size,
             "kept_float32": kept, "sign_kept_by_nudging": nudged}
+
+
+def _centred_signs(w: torch.Tensor) -> torch.Tensor:
+    """The signs a binary layer uses: ``sign(W - mean(W))`` per output channel (rows of the view)."""
+    from .quantizers import binary_sign
+
+    flat = w.float().reshape(w.shape[0], -1)
+    return binary_sign(flat - flat.mean(1, keepdim=True))
+
+
+def _keep_binary_signs(v: torch.Tensor, h: torch.Tensor, tries: int = 4):
+    """Make the 16-bit copy ``h`` of a binary layer's latent weight ``v`` binarise to the same
+    signs (the binarizer centres each output channel on its mean, and rounding moves both the
+    weights and the mean). A weight whose sign would change is moved just past its channel's
+    new mean, on its original side. Returns ``(h, weights moved)``; ``h`` is None if the signs
+    could not be kept in ``tries`` rounds (the caller keeps float32)."""
+    want = _centred_signs(v)
+    flat = h.reshape(h.shape[0], -1).clone()
+    moved = 0
+    for _ in range(tries):
+        hf = flat.float()
+        mean = hf.mean(1, keepdim=True)
+        bad = _centred_signs(flat) != want
+        if not bad.any():
+            return flat.view_as(h), moved
+        moved += int(bad.sum())
+        # 2^-5 of the mean is several 16-bit steps, so the rounded value lands strictly on
+        # the wanted side; a zero mean gets the least normal 16-bit value.
+        step = (mean.abs() * 2.0 ** -5).clamp_min(torch.finfo(h.dtype).smallest_normal)
+        flat = torch.where(bad, (mean + want * step).to(h.dtype), flat)
+    return None, moved
 
 
 def _binary_weight_names(doc: Dict) -> set:

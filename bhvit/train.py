@@ -101,11 +101,11 @@ def _nonfinite_check_steps(device: str) -> int:
 def _restore_last_good(model: nn.Module, out: Path, history: List[Dict]) -> str:
     """Load the run's last checkpoint into ``model`` after a non-finite stop; says what it did."""
     if not history:
-        return " The model's weights may be non-finite (no checkpoint yet)."
+        return " The model object may hold non-finite values (no checkpoint yet to reset it to)."
     try:
         load_weights(model, out / "last.json")
     except (OSError, ValueError) as e:
-        return f" The model's weights may be non-finite (could not reload the checkpoint: {e})."
+        return f" The model object may hold non-finite values (could not reload the checkpoint: {e})."
     return " The model holds that checkpoint's weights again."
 
 
@@ -545,9 +545,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                 if int(first) >= 0:
                     where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
                     what = bad_loss.item() if int(bad_step) >= 0 else "non-finite on another rank"
-                    # With a deferred check, optimizer steps ran after the bad one and may
-                    # have left non-finite weights in the model object: put the checkpoint back.
-                    note = _restore_last_good(model, out, history) if i > int(first) else ""
+                    # The bad step's forward ran in train mode (BatchNorm statistics) and, with a
+                    # deferred check, optimizer steps ran after it: put the checkpoint back.
+                    note = _restore_last_good(model, out, history)
                     raise TrainingDiverged(
                         f"loss became {what} at epoch {epoch + 1}, step {int(first) + 1}; "
                         f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
