@@ -136,9 +136,9 @@ def save_checkpoint(run_dir: Union[str, Path], epoch: int, model: torch.nn.Modul
         doc["optimizer"] = dict(opt_meta, file=f"{stem}.optim.safetensors")
         atomic_save_safetensors(tensors, run_dir / doc["optimizer"]["file"])
     atomic_write_json(doc, run_dir / f"{stem}.json")
+    atomic_write_json(doc, run_dir / "last.json")  # first: a run killed in between can resume
     if is_best:
         atomic_write_json(doc, run_dir / "best.json")
-    atomic_write_json(doc, run_dir / "last.json")
     _prune(run_dir, keep)
     return run_dir / f"{stem}.json"
 

@@ -33,6 +33,17 @@ def parse_overrides(items: List[str]) -> dict:
     return out
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
 def cmd_info(args) -> int:
     from .complexity import complexity, format_complexity, format_summary, summary
     from .model import create_model
@@ -187,7 +198,9 @@ def cmd_eval(args) -> int:
 
         np.savez(logits_file, logits=res.pop("logits").numpy(), labels=ds.labels.numpy())
         res["logits_file"] = str(logits_file)
-    res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, epoch=doc.get("epoch"))
+    # 1-based, as in the training log and metrics.jsonl (the file names count from 0)
+    epoch = doc.get("metrics", {}).get("epoch", doc["epoch"] + 1 if "epoch" in doc else None)
+    res.update(checkpoint=str(args.checkpoint), data=name, split=args.split, epoch=epoch)
     print(json.dumps(res))
     return 0
 
@@ -284,8 +297,8 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--re-last-frac", type=float, default=0.1,
                    help="L_re is on in this last fraction of the epochs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--subset", type=int, default=None, help="train on a fixed random subset of N images")
-    p.add_argument("--test-subset", type=int, default=None)
+    p.add_argument("--subset", type=positive_int, default=None, help="train on a fixed random subset of N images")
+    p.add_argument("--test-subset", type=positive_int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
@@ -340,8 +353,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: the dataset the checkpoint was trained on")
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--split", default="test", choices=["train", "test"])
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--subset", type=int, default=None)
+    ev.add_argument("--batch-size", type=positive_int, default=256)
+    ev.add_argument("--subset", type=positive_int, default=None)
     ev.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--skip-bad", action="store_true")

@@ -226,8 +226,10 @@ def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[i
                      classes: Optional[List[str]] = None, progress: bool = False) -> Dataset:
     split_dir = _split_dir(root, split)
     found, items = _list_images(split_dir, classes)
+    # Every file's class, name, size and mtime: a file moved to another class folder, or
+    # changed, makes a new cache (one stat per file, small next to decoding it).
     key_src = f"{split_dir.resolve()}|{channels}|{size}|{skip_bad}|{len(items)}|" + "|".join(
-        f"{p.name}:{p.stat().st_size}:{int(p.stat().st_mtime)}" for p, _ in items[:: max(1, len(items) // 512)])
+        f"{label}/{p.name}:{st.st_size}:{st.st_mtime_ns}" for p, label in items for st in (p.stat(),))
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"imagefolder-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():

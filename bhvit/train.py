@@ -324,8 +324,16 @@ def _same_checkpoint(a: Optional[str], b: Optional[str]) -> bool:
         return False
 
 
-def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path) -> None:
+def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path, world: int = 1) -> None:
     from .checkpoint import CheckpointError
+
+    saved_world = doc.get("world_size")
+    if saved_world is not None and saved_world != world:
+        # --batch-size is per process: the global batch, the default lr, the steps per epoch
+        # and each process's share of the data all depend on the number of processes.
+        raise CheckpointError(f"--resume: the run in {out} was trained with {saved_world} process(es), "
+                              f"this is {world}; resume it with the same number (torchrun "
+                              "--nproc_per_node) or use another --out.")
 
     saved_model = doc.get("model_config", {})
     now_model = getattr(model, "cfg", None)
@@ -389,13 +397,16 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         torch.set_num_threads(cfg.threads)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+    for name in ("subset", "test_subset"):
+        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
+            raise ValueError(f"{name} must be None (all images) or >= 1, got {getattr(cfg, name)}.")
     out = Path(cfg.out)
     if (out / "last.json").exists() and not cfg.resume:
         raise ValueError(f"{out} already holds a run (last.json); pass --resume to continue it "
                          "or choose another --out.")
     if (out / "best.json").exists() and not (out / "last.json").exists():
-        raise ValueError(f"{out} holds a checkpoint (best.json) but no run to resume, e.g. a copy "
-                         "from `bhvit strip`; choose another --out.")
+        raise ValueError(f"{out} holds a checkpoint (best.json) but no run to resume (last.json), "
+                         "e.g. a copy from `bhvit strip`; choose another --out.")
 
     # --- data --------------------------------------------------------------------
     model_cfg = get_config(cfg.model, **cfg.overrides)
@@ -427,6 +438,14 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     model = model.to(device)
     if teacher is None and cfg.teacher:
         teacher, tdoc = load_model(cfg.teacher, map_location=device)
+        tc = teacher.cfg
+        if (tc.num_classes, tc.in_chans, tc.img_size) != (train_ds.num_classes, model_cfg.in_chans,
+                                                          model_cfg.img_size):
+            raise ValueError(
+                f"--teacher {cfg.teacher}: it takes {tc.in_chans}x{tc.img_size}x{tc.img_size} images and "
+                f"predicts {tc.num_classes} classes, but this run has {model_cfg.in_chans}x"
+                f"{model_cfg.img_size}x{model_cfg.img_size} images and {train_ds.num_classes} classes; "
+                "distil from a teacher trained on this dataset.")
         tdata = tdoc.get("data", {})
         t_mean, t_std = tdata.get("mean"), tdata.get("std")
         if t_mean and t_std and len(t_mean) == len(mean) == len(t_std):
@@ -436,8 +455,6 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                 _log(f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
                      f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)})", rank)
             mean, std = list(t_mean), list(t_std)
-        elif t_mean:
-            _log("warning: the teacher was trained on images with another number of channels", rank)
     if teacher is not None:
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
@@ -461,7 +478,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     start_epoch, history, best = 0, [], -1.0
     if cfg.resume and (out / "last.json").exists():
         doc, _ = read_checkpoint_json(out / "last.json")
-        _check_resume(doc, _unwrap(model), cfg, out)
+        _check_resume(doc, _unwrap(model), cfg, out, world)
         load_training_state(doc, out, model, optimizer)
         if scaler is not None and doc.get("scaler"):
             scaler.load_state_dict(doc["scaler"])
@@ -481,6 +498,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
         "data": {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std,
                  "train_size": len(train_ds), "test_size": len(test_ds)},
+        "world_size": world,
     }
     _log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "
          f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
@@ -528,6 +546,10 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                 if lam:
                     with torch.no_grad():
                         t_logits = t_fwd(x).float()
+                    if t_logits.shape != logits.shape:
+                        raise ValueError(f"the teacher returned logits of shape {tuple(t_logits.shape)}, "
+                                         f"the student {tuple(logits.shape)}; it must predict the "
+                                         "same classes.")
                     loss = loss + lam * kd_loss(logits.float(), t_logits)
                 if beta:
                     loss = loss + beta * regularization_loss(_unwrap(model))

@@ -106,6 +106,19 @@ def test_imagefolder_loads_and_caches(tmp_path):
     assert load_dataset("cifar10", "test", str(root), cache_dir=str(cache)).images.shape == (6, 3, 32, 32)
 
 
+def test_imagefolder_cache_sees_a_file_moved_to_another_class(tmp_path):
+    # A mislabelled image moved to its class keeps its name, size and mtime, and here the
+    # file order too: the cache must still not serve the old labels.
+    root = make_imagefolder(tmp_path / "d", per_class=3, splits=("train",))
+    dog = root / "train" / "dog"
+    for i in (2, 1, 0):
+        (dog / f"{i:04d}.jpg").rename(dog / f"{i + 3:04d}.jpg")
+    cache = tmp_path / "cache"
+    assert load_dataset("imagefolder", "train", str(root), cache_dir=str(cache)).labels.tolist() == [0, 0, 0, 1, 1, 1]
+    (root / "train" / "cat" / "0002.jpg").rename(dog / "0002.jpg")
+    assert load_dataset("imagefolder", "train", str(root), cache_dir=str(cache)).labels.tolist() == [0, 0, 1, 1, 1, 1]
+
+
 def test_imagefolder_corrupt_jpeg_error_and_skip(tmp_path):
     root = make_imagefolder(tmp_path / "d", per_class=3)
     bad = root / "train" / "dog" / "0001.jpg"

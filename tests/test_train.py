@@ -151,6 +151,10 @@ def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
     assert ev["top1"] == pytest.approx(res["test_top1"]) and ev["count"] == 64
     assert ev["loss"] == pytest.approx(res["test_loss"], rel=1e-5)
     assert 0 <= ev["top1"] <= ev["top5"] <= 100
+    assert ev["epoch"] == res["epoch"] == 1  # counted as in the log and metrics.jsonl
+    with pytest.raises(SystemExit):
+        main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--batch-size", "0"])
+    assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_eval_save_logits(fmnist, tmp_path, capsys):
@@ -496,6 +500,26 @@ def test_resume_compile_setting_must_match(fmnist, tmp_path):
         _check_resume(doc, model, cfg, tmp_path / "r")
     doc["train_config"]["compile"] = "aot_eager"  # another backend: the batches are the same
     _check_resume(doc, model, cfg, tmp_path / "r")
+    assert doc["world_size"] == 1
+    with pytest.raises(CheckpointError, match="trained with 1 process.*this is 2"):
+        _check_resume(doc, model, cfg, tmp_path / "r", world=2)  # the global batch would change
+
+
+def test_teacher_for_other_data_is_refused(fmnist, tmp_path):
+    from bhvit import create_model
+    from bhvit.checkpoint import save_checkpoint
+
+    for name, kw in (("c100", dict(num_classes=100)), ("rgb", dict(num_classes=10, in_chans=3))):
+        save_checkpoint(tmp_path / name, 0, create_model("bhvit_micro_c28", binary=False, **kw), {})
+        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / f"s_{name}"),
+                          epochs=1, batch_size=32, subset=32, progress=False, threads=1,
+                          teacher=str(tmp_path / name))
+        with pytest.raises(ValueError, match=f"--teacher .*{name}: it takes .* but this run has 1x28x28 "
+                                             "images and 10 classes"):
+            train(cfg)
+    cfg.teacher = None  # a user module predicting other classes: stopped at its first batch
+    with pytest.raises(ValueError, match=r"teacher returned logits of shape \(32, 7\), the student \(32, 10\)"):
+        train(cfg, teacher=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 7)))
 
 
 @pytest.mark.parametrize("act_epochs", [0, 1])
@@ -536,3 +560,29 @@ def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
     assert main(args + ["--act-epochs", str(act_epochs), "--resume"]) == 0  # finished stages are kept
     out = capsys.readouterr().out
     assert "teacher already trained" in out
+
+
+def test_killed_between_checkpoint_pointers_resumes(fmnist, tmp_path, monkeypatch):
+    # The first epoch is the best: a run killed after writing one of last.json and best.json
+    # must still resume (last.json is written first).
+    import bhvit.checkpoint as ck
+
+    real, writes = ck.atomic_write_json, []
+
+    def killed_at_second_pointer(obj, path):
+        if Path(path).name in ("last.json", "best.json"):
+            writes.append(Path(path).name)
+            if len(writes) == 2:
+                raise KeyboardInterrupt
+        real(obj, path)
+
+    monkeypatch.setattr(ck, "atomic_write_json", killed_at_second_pointer)
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=2,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert writes == ["last.json", "best.json"]
+    monkeypatch.setattr(ck, "atomic_write_json", real)
+    cfg.resume = True
+    assert train(cfg)["epoch"] == 2
+    assert [h["epoch"] for h in read_metrics(tmp_path / "r")] == [1, 2]
