@@ -43,6 +43,8 @@ def main() -> None:
                    help="run the pair once per seed (OUT/seedN/...) and summarise the differences")
     p.add_argument("--init-from", default=None, help="start both students from this checkpoint")
     a = p.parse_args()
+    if a.re_beta <= 0:
+        p.error(f"--re-beta must be > 0 (the pair compares it with 0), got {a.re_beta}.")
 
     results = []
     for seed in a.seeds if a.seeds is not None else [a.seed]:
@@ -55,9 +57,13 @@ def main() -> None:
                               teacher=a.teacher, init_from=a.init_from,
                               re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=seed,
                               resume=a.resume or (out / "last.json").exists(), progress=False)
-            if not (out / "final.json").exists():
-                train(cfg)
+            # An existing run is resumed, or only evaluated again if finished; one trained with
+            # other settings stops with the resume-settings error.
+            train(cfg)
             hist = read_metrics(out)
+            if len(hist) != a.epochs:
+                raise SystemExit(f"{out} holds a {len(hist)}-epoch run, not {a.epochs}; "
+                                 "use the same --epochs or another --out.")
             first_late = a.epochs - max(1, math.ceil(a.re_last_frac * a.epochs))
             late = [h for h in hist if h["epoch"] > first_late]
             rows[label] = {

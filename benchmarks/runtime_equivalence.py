@@ -41,6 +41,9 @@ def main() -> None:
     rt = runtime.load(args.export, threads=args.threads)
     cfg, data = rt.cfg, rt.data
     name = args.data or data.get("name")
+    if not name or not data.get("mean") or not data.get("std"):
+        raise SystemExit(f"{args.export}: the export records no dataset name or input normalisation "
+                         "(mean/std); export with `bhvit export CKPT`, which records them.")
     ds = load_dataset(name, args.split, args.data_dir, channels=cfg["in_chans"], size=cfg["img_size"],
                       classes=data.get("classes"))
     if args.limit:

@@ -8,7 +8,7 @@ import importlib
 __version__ = "0.1.0"
 
 _LAZY = {
-    "complexity": "complexity",
+    "complexity": "costs",
     "BinaryConv2d": "layers", "BinaryLinear": "layers", "ChannelBatchNorm": "layers",
     "LayerScale": "layers", "LayerwiseResidual": "layers", "RPReLU": "layers",
     "binary_layers": "layers", "channel_shortcut": "layers",

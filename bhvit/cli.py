@@ -45,7 +45,7 @@ def positive_int(text: str) -> int:
 
 
 def cmd_info(args) -> int:
-    from .complexity import complexity, format_complexity, format_summary, summary
+    from .costs import complexity, format_complexity, format_summary, summary
     from .model import create_model
 
     overrides = parse_overrides(args.set)
@@ -249,8 +249,11 @@ def cmd_predict(args) -> int:
 
     rt = runtime.load(args.export, threads=args.threads or 0)
     data = rt.data
-    mean = data.get("mean") or [0.5] * rt.cfg["in_chans"]
-    std = data.get("std") or [0.5] * rt.cfg["in_chans"]
+    mean, std = data.get("mean"), data.get("std")
+    if not mean or not std:
+        raise ValueError(f"{args.export}: the export records no input normalisation (mean/std), so "
+                         "images cannot be prepared as in training; export with `bhvit export CKPT`, "
+                         "or pass data={'mean': [...], 'std': [...]} to export_model.")
     classes = rt.classes or [str(i) for i in range(rt.cfg["num_classes"])]
     for path in args.images:
         try:
@@ -388,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .train import TrainingDiverged
+    from .errors import TrainingDiverged
 
     try:
         return args.func(args)

@@ -16,6 +16,7 @@ An export is a directory with two files:
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Dict, Optional, Union
 
@@ -28,8 +29,7 @@ from .checkpoint import atomic_save_safetensors, atomic_write_json
 from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
-EXPORT_FORMAT = "bhvit-packed"
-EXPORT_VERSION = 1
+from .runtime.engine import EXPORT_FORMAT, EXPORT_VERSION, manifest_digest
 
 __all__ = ["export_model", "EXPORT_FORMAT", "EXPORT_VERSION", "pack_sign_bits"]
 
@@ -198,15 +198,31 @@ def _collect(model: BHViT, float16: bool):
 
 def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] = None,
                  float16: bool = False) -> Dict:
-    """Write ``out_dir/model.safetensors`` and ``out_dir/manifest.json``; return the manifest."""
+    """Write ``out_dir/model.safetensors`` and ``out_dir/manifest.json``; return the manifest.
+
+    ``data``: what the runtime needs to prepare inputs, ``{"mean": [...], "std": [...],
+    "classes": [...]}`` (a checkpoint's ``data`` entry, as ``bhvit export`` passes it);
+    ``bhvit predict`` refuses an export without mean and std.
+    """
     if not isinstance(model, BHViT):
         raise ValueError(f"export_model needs a bhvit BHViT model, got {type(model).__name__}.")
     if model.cfg.qd_levels < 1:
         raise ValueError("export needs qd_levels >= 1.")
-    model = model.eval()
-    with torch.no_grad():
-        w, kinds = _collect(model, float16)
+    q = model.cfg.quant
+    if not (q.weights and q.acts):
+        raise ValueError("only fully binary models can be exported to the XNOR runtime; this one has "
+                         f"binary weights {q.weights}, binary activations {q.acts} (binary / "
+                         "binary_weights / binary_acts in its config). Export the binary student.")
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out} is a file; give a directory for the export.")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            w, kinds = _collect(model, float16)
+    finally:
+        model.train(was_training)
     out.mkdir(parents=True, exist_ok=True)
     wpath = out / "model.safetensors"
     atomic_save_safetensors(w.tensors, wpath)
@@ -228,5 +244,7 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
                  "file_bytes": wpath.stat().st_size,
                  "float32_checkpoint_bytes": 4 * sum(p.numel() for p in model.parameters())},
     }
+    manifest = json.loads(json.dumps(manifest))  # as it reads back (tuples become lists)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write_json(manifest, out / "manifest.json")
     return manifest

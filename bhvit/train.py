@@ -36,15 +36,12 @@ from torch import nn
 from .checkpoint import (atomic_write_json, load_matching_weights, load_model, load_training_state,
                          load_weights, read_checkpoint_json, rng_state, save_checkpoint, set_rng_state)
 from .data import Dataset, augment_batch, load_dataset, normalize
+from .errors import TrainingDiverged
 from .layers import binary_layers
 from .model import BHViT, get_config
 from .quantizers import regularization_loss
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "kd_loss", "sign_snapshot"]
-
-
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN or infinite."""
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_small_c32_and_input_size_argument():
 
 
 def test_summary_rows_add_up_to_complexity():
-    from bhvit.complexity import summary
+    from bhvit.costs import summary
 
     m = create_model("bhvit_micro_c32", num_classes=10)
     c = complexity(m)
@@ -88,3 +88,16 @@ def test_summary_rows_add_up_to_complexity():
     parts = [r["part"] for r in rows]
     assert parts[0] == "stem" and "stages.1.downsample" in parts and parts[-2] == "head"
     assert len(parts) == 1 + 5 + 3 + 2 + 1  # stem, 5 blocks, 3 downsamplings, norm, head, total
+
+
+def test_package_complexity_stays_the_function(tmp_path):
+    # Importing the module that defines it must not shadow bhvit.complexity (a fresh process:
+    # this one has imported everything already).
+    import subprocess
+    import sys
+
+    code = ("import bhvit; from bhvit.costs import summary; "
+            "print(bhvit.complexity(bhvit.create_model('bhvit_micro_c28', num_classes=10))['bops'])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout) == complexity(create_model("bhvit_micro_c28", num_classes=10))["bops"]

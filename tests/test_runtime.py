@@ -121,12 +121,25 @@ def test_export_size_and_manifest(tmp_path):
     assert man["size"]["packed_bytes"] < n_bin // 8 * 1.1  # little padding
     f32 = 4 * sum(p.numel() for p in m.parameters())
     assert f32 / man["size"]["file_bytes"] > 8
-    assert json.loads((tmp_path / "manifest.json").read_text())["version"] == 1
+    assert json.loads((tmp_path / "manifest.json").read_text())["version"] == 2
 
 
 def test_export_rejects_non_binary(tmp_path):
-    with pytest.raises(ValueError, match="only fully binary layers"):
+    with pytest.raises(ValueError, match="only fully binary models.*binary weights False, binary activations False"):
         export_model(bhvit.create_model("bhvit_micro_c32", binary=False), tmp_path)
+    with pytest.raises(ValueError, match="binary weights False, binary activations True"):  # two-step, step 1
+        export_model(bhvit.create_model("bhvit_micro_c32", binary_weights=False), tmp_path)
+
+
+def test_export_keeps_the_model_mode_and_refuses_a_file(tmp_path):
+    m = bhvit.create_model("bhvit_micro_c32").train()
+    export_model(m, tmp_path / "exp")
+    assert m.training and all(x.training for x in m.modules())  # still training after an export
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file; give a directory"):
+        export_model(m, tmp_path / "afile")
+    with pytest.raises(RuntimeFormatError, match="expected the export directory or its manifest.json, not model.safetensors"):
+        runtime.load(tmp_path / "exp" / "model.safetensors")
 
 
 def test_tampered_and_truncated_exports(tmp_path):
@@ -141,6 +154,10 @@ def test_tampered_and_truncated_exports(tmp_path):
         runtime.load(tmp_path)
     f.write_bytes(blob)
     man = json.loads((tmp_path / "manifest.json").read_text())
+    edited = dict(man, data={"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
+    (tmp_path / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(RuntimeFormatError, match="SHA-256 of the manifest does not match"):
+        runtime.load(tmp_path)
     man["version"] = 99
     (tmp_path / "manifest.json").write_text(json.dumps(man))
     with pytest.raises(RuntimeFormatError, match="version 99 is not supported"):
@@ -202,6 +219,16 @@ def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
     assert lines[0] == str(img) and len(lines) == 6
     classes = doc["data"]["classes"]
     assert lines[1].split(None, 1)[1] == classes[int(pred[0])]
+    # predict is a deployment process: it loads neither PyTorch nor the training code
+    code = ("import sys; from bhvit.cli import main; "
+            f"rc = main(['predict', {str(tmp_path / 'exp')!r}, {str(img)!r}]); "
+            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'bhvit.train'))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
+    # an export without the data's normalisation cannot prepare images: refused, not guessed
+    export_model(model, tmp_path / "nodata")
+    assert main(["predict", str(tmp_path / "nodata"), str(img)]) == 2
+    assert "records no input normalisation" in capsys.readouterr().err
 
 
 def test_runtime_import_needs_no_torch():

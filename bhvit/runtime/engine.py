@@ -26,7 +26,13 @@ from . import kernels as K
 __all__ = ["load", "BHViTRuntime", "RuntimeFormatError"]
 
 EXPORT_FORMAT = "bhvit-packed"
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: the manifest carries its own SHA-256
+
+
+def manifest_digest(manifest: Dict) -> str:
+    """SHA-256 of a manifest's canonical JSON, without its ``manifest_sha256`` field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 class RuntimeFormatError(ValueError):
@@ -376,6 +382,9 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     """Load and validate an export directory (or its manifest.json)."""
     p = Path(path)
     mpath = p / "manifest.json" if p.is_dir() else p
+    if mpath.is_file() and mpath.suffix != ".json":
+        raise RuntimeFormatError(f"{path}: expected the export directory or its manifest.json, "
+                                 f"not {mpath.name}.")
     if not mpath.is_file():
         raise RuntimeFormatError(f"{path}: no manifest.json (expected the directory written by `bhvit export`).")
     try:
@@ -387,6 +396,9 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     if manifest.get("version") != EXPORT_VERSION:
         raise RuntimeFormatError(f"{mpath}: export version {manifest.get('version')} is not supported "
                                  f"(this runtime reads version {EXPORT_VERSION}).")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise RuntimeFormatError(f"{mpath}: SHA-256 of the manifest does not match; it was modified "
+                                 "(export the checkpoint again instead of editing it).")
     info = manifest.get("file", {})
     wpath = mpath.parent / info.get("name", "model.safetensors")
     if not wpath.is_file():
