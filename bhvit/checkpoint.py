@@ -23,6 +23,8 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from .quantizers import binary_sign
+
 FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
 
@@ -330,8 +332,6 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
 
 def _centred_signs(w: torch.Tensor) -> torch.Tensor:
     """The signs a binary layer uses: ``sign(W - mean(W))`` per output channel (rows of the view)."""
-    from .quantizers import binary_sign
-
     flat = w.float().reshape(w.shape[0], -1)
     return binary_sign(flat - flat.mean(1, keepdim=True))
 
@@ -346,9 +346,8 @@ def _keep_binary_signs(v: torch.Tensor, h: torch.Tensor, tries: int = 4):
     flat = h.reshape(h.shape[0], -1).clone()
     moved = 0
     for _ in range(tries):
-        hf = flat.float()
-        mean = hf.mean(1, keepdim=True)
-        bad = _centred_signs(flat) != want
+        mean = flat.float().mean(1, keepdim=True)
+        bad = binary_sign(flat.float() - mean) != want
         if not bad.any():
             return flat.view_as(h), moved
         moved += int(bad.sum())
