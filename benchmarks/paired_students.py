@@ -56,6 +56,10 @@ def main() -> None:
         variant_set = parse_overrides(a.set)
     except ValueError as e:
         p.error(str(e))
+    fixed = sorted({"binary", "binary_weights", "binary_acts"} & set(variant_set))
+    if fixed:
+        p.error(f"--set {', '.join(fixed)}: both arms are binary students; use --act-epochs for two-step "
+                "binarization.")
     k = a.act_epochs or 0
     if a.act_epochs is not None and not 0 < a.act_epochs < a.epochs:
         p.error(f"--act-epochs must be between 1 and --epochs - 1 ({a.epochs - 1}), got {a.act_epochs}.")
