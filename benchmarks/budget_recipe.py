@@ -15,7 +15,9 @@ phase 2 uses the slowdown measured there. A job still running at its phase's end
 stopped and keeps its last finished epoch's checkpoint.
 
 Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run) and prints a
-table. Meant for an accelerator; on a CPU keep the budget and data small.
+table. The exit status is 1 if a job failed or never started (a job stopped at its phase's
+deadline has not failed); an ``--out`` that already holds one of the runs is refused. Meant
+for an accelerator; on a CPU keep the budget and data small.
 
     python benchmarks/budget_recipe.py --out runs/budget --budget-s 420 --device cuda \\
         --fmnist-dir /usr/share/datasets/fashion-mnist --cifar-dir data/cifar10
@@ -284,6 +286,11 @@ def main() -> None:
                             overrides={**student_set, "binary_weights": False}))
         s.init_from = name
 
+    stale = [j.name for j in teachers + acts + students if (out / j.name).exists()]
+    if stale:
+        sys.exit(f"budget_recipe: {out} already holds run(s) {', '.join(stale)}; their metrics would be "
+                 "reported as this run's. Give a new --out.")
+
     def probe_all():
         probes = {}
         for j in teachers + acts + students:
@@ -326,7 +333,8 @@ def main() -> None:
         h = read_metrics(out / j.name)
         if h:
             pred = plan_epoch_s(j, args.batch_size, args.subset, args.test_subset)
-            ratios.append(sorted(e["epoch_time_s"] for e in h)[len(h) // 2] / pred)
+            times = sorted(e["epoch_time_s"] for e in (h[1:] if args.compile and len(h) > 1 else h))
+            ratios.append(times[len(times) // 2] / pred)  # compilation is in epoch 1, and in compile_s
 
     def slowdown(n_jobs: int) -> float:
         if not ratios:
@@ -369,6 +377,17 @@ def main() -> None:
         print(f"{j.name:<20} {len(h):>4}/{j.epochs:<4} {max(e['test_top1'] for e in h):>10.2f} "
               f"{h[-1]['test_top1']:>10.2f} {h[-1]['train_images_per_s']:>8.0f} {flips:>18}")
     print(f"wall {summary['wall_s']:.0f}s")
+    failed = failed_jobs(summary, [j.name for j in teachers + acts + students])
+    if failed:
+        sys.exit(f"budget_recipe: failed or never started: {', '.join(failed)} (logs in {out}).")
+
+
+def failed_jobs(summary: Dict[str, Any], names: List[str]) -> List[str]:
+    """Jobs that did not start, or ended with an error rather than finishing or being stopped
+    at their phase's deadline."""
+    status = {k: v for phase in ("phase1", "phase2_acts", "phase2") for k, v in summary.get(phase, {}).items()}
+    return [n for n in names if n not in status
+            or (status[n]["returncode"] != 0 and not status[n].get("stopped_at_deadline"))]
 
 
 if __name__ == "__main__":

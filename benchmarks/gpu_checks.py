@@ -162,6 +162,9 @@ def main() -> None:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         sys.exit("gpu_checks: no CUDA device.")
     work = Path(args.work)
+    if work.is_dir() and any(work.iterdir()):
+        sys.exit(f"gpu_checks: --work {work} is not empty; its runs would be reported as this "
+                 "session's. Give a new folder.")
     work.mkdir(parents=True, exist_ok=True)
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
     report("environment", torch=torch.__version__, device=name,

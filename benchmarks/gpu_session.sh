@@ -7,7 +7,8 @@
 #
 # Environment: FMNIST_DIR (default data/fashion-mnist), CIFAR_DIR (data/cifar10), an empty
 # value leaves that dataset out (no Fashion-MNIST: no checks and no throughput runs);
-# DEVICE (cuda), WORK (runs/gpu_session), CHECK_SUBSET (4096), SPEED_BATCH (64),
+# DEVICE (cuda), WORK (runs/gpu_session_<date>_<time>: a new folder each call; an existing
+# one is refused), CHECK_SUBSET (4096), SPEED_BATCH (64),
 # SPEED_RUNS (5), CKPT_MAX_MB (12: larger checkpoints come back in float16), SKIP_CHECKS (set: no
 # checks, no throughput), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
 # PYTHON (python3). Every step runs even if an earlier
@@ -17,11 +18,18 @@ OUT=${1:?usage: gpu_session.sh OUT_DIR [BUDGET_S]}
 BUDGET=${2:-400}
 FM=${FMNIST_DIR-data/fashion-mnist}   # set to "" to leave a dataset out
 C10=${CIFAR_DIR-data/cifar10}
+C10_MODEL=$(printf '%s\n' ${RECIPE_ARGS:-} | sed -n -e 's/^--c10-model=//p' -e '/^--c10-model$/{n;p;}' | tail -n 1)
+C10_MODEL=${C10_MODEL:-bhvit_tiny_c32}
 DEV=${DEVICE:-cuda}
-W=${WORK:-runs/gpu_session}
+W=${WORK:-runs/gpu_session_$(date +%Y%m%d_%H%M%S)}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [ -e "$W/runs" ] || [ -e "$W/checks" ]; then
+    echo "gpu_session: $W already holds runs; set WORK to a new folder." >&2
+    exit 2
+fi
 mkdir -p "$W" "$OUT"
+OUT=$(cd "$OUT" && pwd)   # absolute: the bundles are written from inside $W/bundle
 T0=$(date +%s)
 RC=0
 stamp() { echo "[$(( $(date +%s) - T0 ))s] $*"; }
@@ -29,8 +37,9 @@ failed() { RC=1; stamp "FAILED: $*"; }
 
 if [ -n "$C10" ]; then
     stamp "decode CIFAR-10 into the cache, in the background"
-    $PY -c "import sys; from bhvit.data import load_dataset as L; [L('cifar10', s, sys.argv[1], progress=True) for s in ('train', 'test')]" \
-        "$C10" >"$W/decode.log" 2>&1 &
+    # The same channels and size as training's load (part of the cache key).
+    $PY -c "import sys, bhvit; from bhvit.data import load_dataset as L; c = bhvit.get_config(sys.argv[2]); [L('cifar10', s, sys.argv[1], channels=c.in_chans, size=c.img_size, progress=True) for s in ('train', 'test')]" \
+        "$C10" "$C10_MODEL" >"$W/decode.log" 2>&1 &
 fi
 if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
     stamp "checks"
@@ -73,12 +82,12 @@ for d in "$W"/runs/*/; do
     else
         $PY -m bhvit strip "$d" "$b/float16" --dtype float16 >/dev/null || failed "strip $r"
     fi
-    case $r in *teacher) ;; *)
+    case $r in *teacher|*_acts) ;; *)  # a student of binary activations only has no 1-bit export
         $PY -m bhvit export "$d" "$b/export" >"$b/export.json" || failed "export $r"
         $PY -m bhvit eval "$d" --device "$DEV" --no-progress --save-logits "$b/logits_$DEV.npz" \
             >"$b/eval_$DEV.json" || failed "eval $r" ;;
     esac
-    (cd "$W/bundle" && tar cf "$OUT/bundle_$r.tar" "$r")
+    (cd "$W/bundle" && tar cf "$OUT/bundle_$r.tar" "$r") || { failed "bundle $r"; continue; }
     if [ "$(du -m "$OUT/bundle_$r.tar" | cut -f1)" -ge 15 ]; then
         split -b 15M -d "$OUT/bundle_$r.tar" "$OUT/bundle_$r.tar.part" && rm "$OUT/bundle_$r.tar"
     fi

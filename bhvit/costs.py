@@ -33,7 +33,9 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
     """Count parameters, BOPs, FLOPs, OPs and size of ``model`` for one input.
 
     ``input_size`` is an image side, a ``(C, H, W)`` or a ``(B, C, H, W)`` shape;
-    default: the model's own ``(1, in_chans, img_size, img_size)``. MACs are per batch.
+    default: the model's own ``(1, in_chans, img_size, img_size)``. MACs are per batch. A
+    BHViT's image size is fixed by its config (position embeddings, windows): for one, only
+    the batch may differ; build the model with ``img_size=`` to count another size.
     """
     cfg = getattr(model, "cfg", None)
     if input_size is None:
@@ -49,6 +51,10 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
         input_size = (1,) + input_size
     if len(input_size) != 4:
         raise ValueError(f"complexity: input_size must be an int, (C, H, W) or (B, C, H, W), got {input_size}.")
+    if cfg is not None and input_size[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
+        raise ValueError(f"complexity: this model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images, "
+                         f"got input_size {input_size}; build it with img_size={input_size[-1]} to count "
+                         "that size.")
 
     counts = {"bops": 0, "flops": 0, "binary_macs": 0, "attn_macs": 0}
     per_module: Dict[str, Dict[str, int]] = {}

@@ -102,6 +102,15 @@ class BHViTConfig:
             bad(f"in_chans must be >= 1, got {self.in_chans}.")
         if self.num_classes < 1:
             bad(f"num_classes must be >= 1, got {self.num_classes}.")
+        if self.msgdc_groups < 1:
+            bad(f"msgdc_groups must be >= 1, got {self.msgdc_groups}.")
+        for name in ("msgdc_dilations", "shift_sizes"):
+            v = getattr(self, name)
+            if not isinstance(v, (tuple, list)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
+                                                       for x in v):
+                bad(f"{name} must be a list of positive integers, got {v!r}.")
+        if not self.msgdc_dilations:
+            bad("msgdc_dilations must name at least one dilation, e.g. [1, 3, 5].")
         if self.qd_levels < 1:
             bad(f"qd_levels must be >= 1, got {self.qd_levels}.")
         if self.stem_stride < 1 or self.stem_pad < 0:

@@ -172,6 +172,10 @@ BAD_CONFIGS = [
     (dict(norm="gn"), "norm must be 'bn' or 'ln'"),
     (dict(in_chans=0), "in_chans must be >= 1"),
     (dict(qd_levels=0), "qd_levels must be >= 1"),
+    (dict(msgdc_groups=0), "msgdc_groups must be >= 1, got 0"),
+    (dict(msgdc_dilations=()), "msgdc_dilations must name at least one dilation"),
+    (dict(msgdc_dilations=(1, 0)), r"msgdc_dilations must be a list of positive integers, got \(1, 0\)"),
+    (dict(shift_sizes=(-1,)), r"shift_sizes must be a list of positive integers, got \(-1,\)"),
     (dict(wat=1), r"unknown override\(s\) \['wat'\]"),
 ]
 
