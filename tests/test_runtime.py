@@ -169,6 +169,59 @@ def test_tampered_and_truncated_exports(tmp_path):
         runtime.load(tmp_path / "nope")
 
 
+def _rewrite(d, tensors=None, **manifest_changes):
+    """Rewrite an export with consistent sizes and digests, as a deliberate edit would."""
+    import hashlib
+
+    from safetensors.numpy import save_file
+
+    from bhvit.runtime.engine import manifest_digest
+
+    man = json.loads((d / "manifest.json").read_text())
+    if tensors is not None:
+        save_file(tensors, str(d / "model.safetensors"))
+        blob = (d / "model.safetensors").read_bytes()
+        man["file"].update(bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest())
+    man.update(manifest_changes)
+    man["manifest_sha256"] = manifest_digest(man)
+    (d / "manifest.json").write_text(json.dumps(man))
+
+
+def test_self_consistent_but_malformed_exports(tmp_path):
+    from safetensors.numpy import load_file
+
+    m = _trained_like("bhvit_micro_c32")
+    x = torch.randn(2, 3, 32, 32)
+    for case in ("list", "kinds", "dtype", "padding"):
+        d = tmp_path / case
+        export_model(m, d)
+        t = load_file(str(d / "model.safetensors"))
+        if case == "list":
+            (d / "manifest.json").write_text("[1, 2]")
+            with pytest.raises(RuntimeFormatError, match="a JSON list, not an object"):
+                runtime.load(d)
+        elif case == "kinds":
+            _rewrite(d, kinds=None)
+            with pytest.raises(RuntimeFormatError, match="the manifest has no 'kinds' object"):
+                runtime.load(d)
+        elif case == "dtype":
+            t["head.bias"] = t["head.bias"].astype(np.float64)
+            _rewrite(d, t)
+            with pytest.raises(RuntimeFormatError, match="tensor head.bias is float64, the manifest says float32"):
+                runtime.load(d)
+        else:  # a bit past the 32 inputs of the first MLP's up projection
+            name = "stages.0.blocks.0.mlp.up.op.wbits"
+            assert t[name].shape[1] == 1
+            t[name][:, -1] |= np.int64(1) << np.int64(40)
+            _rewrite(d, t)
+            rt = runtime.load(d)  # the input count is known at the first call
+            with pytest.raises(RuntimeFormatError, match=f"{name}: 1 words per row with bits set past the layer's 32 inputs"):
+                rt(x.numpy())
+    export_model(m, tmp_path / "ok")
+    _rewrite(tmp_path / "ok", load_file(str(tmp_path / "ok" / "model.safetensors")))  # unchanged: loads and runs
+    _check(runtime.load(tmp_path / "ok")(x.numpy()), m(x).detach().numpy())
+
+
 def test_runtime_bad_input(tmp_path):
     export_model(_trained_like("bhvit_micro_c32"), tmp_path)
     rt = runtime.load(tmp_path)

@@ -104,7 +104,7 @@ class BHViTRuntime:
         if lin is None:
             op = prefix + ".op"
             post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
-            lin = K.PreparedLinear(self.t[op + ".wbits"], k, *self._p(op, "scale", "shift"),
+            lin = K.PreparedLinear(self._wbits(op + ".wbits", k), k, *self._p(op, "scale", "shift"),
                                    self._rprelu_params(prefix + ".act"), post)
             self._cache[key] = lin
         return lin
@@ -114,10 +114,23 @@ class BHViTRuntime:
         return K.pack_signs(x.reshape(-1, x.shape[-1]), bias=self.t.get(prefix + ".input_bias"),
                             threads=self.threads)
 
+    def _wbits(self, name, k):
+        """The packed weights ``name`` of a binary linear with k inputs. On first use, checks that
+        the bits past k in each row's last word are 0: the GEMM counts every bit."""
+        wbits = self.t[name]
+        if ("wbits", name) not in self._cache:
+            tail = k % 64
+            if wbits.shape[-1] != -(-k // 64) or (tail and np.any(wbits[:, -1] >> np.uint64(tail))):
+                raise RuntimeFormatError(f"{name}: {wbits.shape[-1]} words per row with bits set past the "
+                                         f"layer's {k} inputs, or the wrong word count; the export was "
+                                         "not written by `bhvit export`.")
+            self._cache[("wbits", name)] = True
+        return wbits
+
     def _bin_dot(self, prefix, x):
         """XNOR/popcount dot products of ``sign(x + input_bias)`` with the packed weights."""
-        wbits = self.t[prefix + ".wbits"]
         k = x.shape[-1]
+        wbits = self._wbits(prefix + ".wbits", k)
         dot = K.xnor_gemm(self._packed(prefix, x), wbits, k, self.threads)
         return dot.reshape(x.shape[:-1] + (wbits.shape[0],))
 
@@ -391,6 +404,8 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
         manifest = json.loads(mpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise RuntimeFormatError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+    if not isinstance(manifest, dict):
+        raise RuntimeFormatError(f"{mpath}: not a bhvit export (a JSON {type(manifest).__name__}, not an object).")
     if manifest.get("format") != EXPORT_FORMAT:
         raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {manifest.get('format')!r}).")
     if manifest.get("version") != EXPORT_VERSION:
@@ -399,7 +414,14 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise RuntimeFormatError(f"{mpath}: SHA-256 of the manifest does not match; it was modified "
                                  "(export the checkpoint again instead of editing it).")
-    info = manifest.get("file", {})
+    for key in ("config", "kinds", "tensors", "file"):
+        if not isinstance(manifest.get(key), dict):
+            raise RuntimeFormatError(f"{mpath}: the manifest has no {key!r} object; it was not written by "
+                                     "`bhvit export`.")
+    if not all(isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)
+               for v in manifest["tensors"].values()):
+        raise RuntimeFormatError(f"{mpath}: malformed 'tensors' entries (each needs a dtype and a shape).")
+    info = manifest["file"]
     wpath = mpath.parent / info.get("name", "model.safetensors")
     if not wpath.is_file():
         raise RuntimeFormatError(f"{wpath}: missing weights file.")
@@ -425,6 +447,10 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
         if list(arr.shape) != expected[name]["shape"]:
             raise RuntimeFormatError(f"{wpath}: tensor {name} has shape {list(arr.shape)}, the manifest "
                                      f"says {expected[name]['shape']}.")
+        if str(arr.dtype) != expected[name]["dtype"] or (name.endswith(".wbits") and arr.dtype != np.int64):
+            raise RuntimeFormatError(f"{wpath}: tensor {name} is {arr.dtype}, the manifest says "
+                                     f"{expected[name]['dtype']}" + (" (packed signs are int64)."
+                                                                     if name.endswith(".wbits") else "."))
         if name.endswith(".wbits"):
             tensors[name] = np.ascontiguousarray(arr.view(np.uint64))
         else:
