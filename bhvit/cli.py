@@ -175,8 +175,8 @@ def cmd_eval(args) -> int:
     cfg = model.cfg
     ds = load_dataset(name, args.split, args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
                       skip_bad=args.skip_bad, cache_dir=args.cache_dir, classes=data.get("classes"))
-    if args.subset:
-        ds = ds.subset(args.subset)
+    if args.subset:  # the run's seed: the same images as training's --test-subset N
+        ds = ds.subset(args.subset, doc.get("train_config", {}).get("seed", 0))
     if ds.num_classes != cfg.num_classes:
         raise ValueError(f"dataset has {ds.num_classes} classes but the model has {cfg.num_classes}.")
     if "mean" in data:
@@ -357,7 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--split", default="test", choices=["train", "test"])
     ev.add_argument("--batch-size", type=positive_int, default=256)
-    ev.add_argument("--subset", type=positive_int, default=None)
+    ev.add_argument("--subset", type=positive_int, default=None,
+                    help="a fixed random subset of N images, chosen with the run's seed (the same "
+                         "images as training's --test-subset N on the test split)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or auto")
     ev.add_argument("--threads", type=int, default=None)
     ev.add_argument("--skip-bad", action="store_true")

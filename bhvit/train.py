@@ -306,7 +306,7 @@ def _checksum(model: nn.Module) -> float:
 # Training settings that must not change when a run is resumed (they change the result).
 RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
                "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
-               "crop_pad", "flip", "amp")
+               "crop_pad", "flip", "amp", "test_subset")
 
 
 def _same_checkpoint(a: Optional[str], b: Optional[str]) -> bool:
@@ -319,6 +319,25 @@ def _same_checkpoint(a: Optional[str], b: Optional[str]) -> bool:
         return resolve_checkpoint(a).resolve() == resolve_checkpoint(b).resolve()
     except CheckpointError:
         return False
+
+
+def _write_metrics(out: Path, history: List[Dict]) -> None:
+    with open(out / ".metrics.jsonl.tmp", "w") as f:
+        f.writelines(json.dumps(h) + "\n" for h in history)
+    os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
+
+
+def _repair_after_kill(out: Path, last_doc: Dict, history: List[Dict]) -> None:
+    """Finish what a kill between the writes of an epoch's end left undone: ``best.json``
+    (written after ``last.json``) when the last epoch was the best, and ``metrics.jsonl``
+    (written after both)."""
+    top1 = [h["test_top1"] for h in history]
+    last_is_best = bool(top1) and (len(top1) == 1 or top1[-1] > max(top1[:-1]))  # as is_best in train
+    best_path = out / "best.json"
+    best_weights = json.loads(best_path.read_text()).get("weights") if best_path.is_file() else None
+    if last_is_best and best_weights != last_doc["weights"]:
+        atomic_write_json(last_doc, best_path)
+    _write_metrics(out, history)
 
 
 def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path, world: int = 1) -> None:
@@ -484,6 +503,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         start_epoch = doc["epoch"] + 1
         history = doc.get("history", [])
         best = doc.get("best_top1", -1.0)
+        if rank == 0:
+            _repair_after_kill(out, doc, history)
         _log(f"resumed {out} at epoch {start_epoch} (best top-1 {best:.2f})", rank)
     elif cfg.resume:
         _log(f"--resume: no checkpoint in {out}, starting fresh", rank)
@@ -615,9 +636,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             meta = dict(meta_base, metrics=last, history=history, best_top1=best, rng=rng_state(),
                         scaler=scaler.state_dict() if scaler is not None else None)
             save_checkpoint(out, epoch, model, meta, optimizer, is_best=is_best)
-            with open(out / ".metrics.jsonl.tmp", "w") as f:
-                f.writelines(json.dumps(h) + "\n" for h in history)
-            os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
+            _write_metrics(out, history)
         _log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f} top-1 "
              f"{last['train_top1']:.2f} | test loss {ev['loss']:.4f} top-1 {ev['top1']:.2f} top-5 "
              f"{ev['top5']:.2f} | beta {beta} flips {flips if flips is None else round(flips, 5)} | "

@@ -35,6 +35,16 @@ def test_truncated_idx_gz_names_file(tmp_path):
         load_dataset("fashion-mnist", "train", str(tmp_path))
 
 
+def test_corrupt_deflate_stream_names_file(tmp_path):
+    make_fashion_mnist(tmp_path, 40, 12)
+    p = tmp_path / "train-images-idx3-ubyte.gz"
+    b = bytearray(gzip.compress(gzip.decompress(p.read_bytes()), mtime=0))  # 10-byte header
+    b[20:24] = bytes(x ^ 0xFF for x in b[20:24])  # inside the deflate data: a zlib.error, not an OSError
+    p.write_bytes(bytes(b))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: cannot read \(error: .*truncated or corrupt"):
+        load_dataset("fashion-mnist", "train", str(tmp_path))
+
+
 def test_short_idx_payload(tmp_path):
     p = write_idx(tmp_path / "x-images-idx3-ubyte", np.zeros((5, 28, 28)), gz=False)
     p.write_bytes(p.read_bytes()[:-10])

@@ -143,12 +143,13 @@ def test_nan_stop_restores_the_model_object(fmnist, tmp_path, monkeypatch, check
 
 
 def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
+    # eval --subset N takes the run's seed: the same images as training's --test-subset N
     cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=128, progress=False, threads=1)
+                      batch_size=64, subset=128, test_subset=40, seed=1, progress=False, threads=1)
     res = train(cfg)
-    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress"]) == 0
+    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--subset", "40"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert ev["top1"] == pytest.approx(res["test_top1"]) and ev["count"] == 64
+    assert ev["top1"] == pytest.approx(res["test_top1"]) and ev["count"] == 40
     assert ev["loss"] == pytest.approx(res["test_loss"], rel=1e-5)
     assert 0 <= ev["top1"] <= ev["top5"] <= 100
     assert ev["epoch"] == res["epoch"] == 1  # counted as in the log and metrics.jsonl
@@ -290,6 +291,8 @@ def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
         train(cfg, teacher=NaNAfter(2))  # stop after epoch 1 so that a resume has work to do
     with pytest.raises(CheckpointError, match=r"training settings differ .*lr: None -> 0.01"):
         train(replace(cfg, resume=True, lr=0.01))
+    with pytest.raises(CheckpointError, match=r"training settings differ .*test_subset: 32 -> None"):
+        train(replace(cfg, resume=True, test_subset=None))  # best epoch chosen on two test sets
     with pytest.raises(CheckpointError, match=r"model config differs .*\['qd'\]"):
         train(replace(cfg, resume=True, overrides={"qd": False}))
 
@@ -564,9 +567,17 @@ def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
 
 def test_killed_between_checkpoint_pointers_resumes(fmnist, tmp_path, monkeypatch):
     # The first epoch is the best: a run killed after writing one of last.json and best.json
-    # must still resume (last.json is written first).
+    # must still resume (last.json is written first), and keep epoch 1 as its best checkpoint
+    # although epoch 2 scores lower.
     import bhvit.checkpoint as ck
+    import bhvit.train as tr
 
+    real_eval, scores = tr.evaluate, iter([50.0, 40.0])
+
+    def scripted_eval(*a, **k):
+        return dict(real_eval(*a, **k), top1=next(scores))
+
+    monkeypatch.setattr(tr, "evaluate", scripted_eval)
     real, writes = ck.atomic_write_json, []
 
     def killed_at_second_pointer(obj, path):
@@ -584,5 +595,31 @@ def test_killed_between_checkpoint_pointers_resumes(fmnist, tmp_path, monkeypatc
     assert writes == ["last.json", "best.json"]
     monkeypatch.setattr(ck, "atomic_write_json", real)
     cfg.resume = True
-    assert train(cfg)["epoch"] == 2
+    res = train(cfg)
+    assert res["epoch"] == 2 and res["best_top1"] == 50.0
     assert [h["epoch"] for h in read_metrics(tmp_path / "r")] == [1, 2]
+    best = json.loads((tmp_path / "r" / "best.json").read_text())
+    assert best["epoch"] == 0 and best["metrics"]["test_top1"] == 50.0
+    assert (tmp_path / "r" / best["weights"]).is_file()
+
+
+def test_killed_before_metrics_written_resumes_complete(fmnist, tmp_path, monkeypatch):
+    # Killed after the last epoch's checkpoint but before metrics.jsonl: the resumed run has
+    # no epoch left to train and must still leave the full metrics.jsonl.
+    import bhvit.train as tr
+
+    real = tr._write_metrics
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tr, "_write_metrics", killed)
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
+                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    assert read_metrics(tmp_path / "r") == []
+    monkeypatch.setattr(tr, "_write_metrics", real)
+    cfg.resume = True
+    assert train(cfg)["epoch"] == 1
+    assert [h["epoch"] for h in read_metrics(tmp_path / "r")] == [1]
