@@ -25,3 +25,12 @@ def test_paired_students_refuses_binarization_settings(tmp_path, setting):
 def test_paired_students_needs_a_variant(tmp_path):
     r = _run("paired_students.py", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "o"))
     assert r.returncode == 2 and "give the variant" in r.stderr
+
+
+def test_earlier_runs_are_not_reported_as_new(tmp_path):
+    (tmp_path / "runs" / "fm_teacher").mkdir(parents=True)
+    r = _run("budget_recipe.py", "--out", str(tmp_path / "runs"), "--device", "cpu",
+             "--fmnist-dir", str(tmp_path / "data"))
+    assert r.returncode == 1 and "already holds run(s) fm_teacher" in r.stderr
+    r = _run("gpu_checks.py", "--device", "cpu", "--work", str(tmp_path / "runs"))
+    assert r.returncode == 1 and f"--work {tmp_path / 'runs'} is not empty" in r.stderr
