@@ -346,8 +346,9 @@ def _keep_binary_signs(v: torch.Tensor, h: torch.Tensor, tries: int = 4):
     flat = h.reshape(h.shape[0], -1).clone()
     moved = 0
     for _ in range(tries):
-        mean = flat.float().mean(1, keepdim=True)
-        bad = binary_sign(flat.float() - mean) != want
+        hf = flat.float()
+        mean = hf.mean(1, keepdim=True)
+        bad = binary_sign(hf - mean) != want
         if not bad.any():
             return flat.view_as(h), moved
         moved += int(bad.sum())
