@@ -14,6 +14,12 @@ for what the probe leaves out (evaluation, checkpoints), and
 phase 2 uses the slowdown measured there. A job still running at its phase's end is
 stopped and keeps its last finished epoch's checkpoint.
 
+With ``--compile`` the probes are run a second time compiled, in a child process stopped
+after ``--compile-max-frac`` of the budget; the jobs are compiled only when that finished
+and more epochs fit with the compile time taken off than without it. A compilation can
+take minutes (tiny_c28 at batch 1024 on an H200: 228 s), so in a budget of a few minutes
+the jobs usually run eager. ``--dry-run`` probes and prints the plan without training.
+
 Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run) and prints a
 table. The exit status is 1 if a job failed or never started (a job stopped at its phase's
 deadline has not failed); an ``--out`` that already holds one of the runs is refused. Meant
@@ -118,6 +124,73 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
     if compile_backend:  # compilation happens in steps 0 (the teacher) and 1 (the student)
         compile_s = max(0.0, times[0] + times[1] - 2 * med)
     return med, compile_s
+
+
+def probe_key(job: Job):
+    return (job.model, job.binary, bool(job.teacher), tuple(sorted(job.overrides.items())))
+
+
+def probe_jobs(jobs: List[Job], args, compile_backend: Optional[str]) -> Dict[Any, Any]:
+    """``probe`` once per distinct (model, binary, teacher, overrides) among ``jobs``."""
+    probes = {}
+    for j in jobs:
+        key = probe_key(j)
+        if key not in probes:
+            probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, compile_backend,
+                                not args.no_step_flips)
+            if compile_backend is None:
+                print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)} {j.overrides or ''}: "
+                      f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}", flush=True)
+    return probes
+
+
+def set_probes(jobs: List[Job], probes: Dict[Any, Any], compiled: bool) -> None:
+    for j in jobs:
+        j.step_s, j.compile_s = probes[probe_key(j)]
+        j.drop_last = compiled
+
+
+def _compiled_probe_child(jobs, args, conn) -> None:
+    try:
+        conn.send(("ok", probe_jobs(jobs, args, args.compile)))
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which goes on without --compile
+        conn.send(("failed", f"{type(e).__name__}: {str(e)[:300]}"))
+    conn.close()
+
+
+def compiled_probes(jobs: List[Job], args, limit_s: float):
+    """Probe ``jobs`` compiled in a child process, stopped after ``limit_s`` seconds.
+    Returns ("ok", probes) or (why not, None)."""
+    import multiprocessing as mp
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    child = ctx.Process(target=_compiled_probe_child, args=(jobs, args, send), daemon=True)
+    child.start()
+    send.close()
+    try:
+        if recv.poll(max(0.0, limit_s)):
+            status, result = recv.recv()
+            return (status, result) if status == "ok" else (f"failed in the probe ({result})", None)
+        return (f"the compiled probes took over {limit_s:.0f}s (--compile-max-frac "
+                f"{args.compile_max_frac} of --budget-s)", None)
+    except EOFError:
+        return ("the compiled probe's process died", None)
+    finally:
+        if child.is_alive():
+            child.kill()
+        child.join()
+
+
+def compile_pays(jobs: List[Job], eager: Dict[Any, Any], compiled: Dict[Any, Any], seconds: float, args) -> bool:
+    """Whether ``jobs`` (one phase) get more planned epochs in ``seconds`` compiled, with
+    their compilation taken off, than eager."""
+    def total(probes, drop_last):
+        set_probes(jobs, probes, drop_last)
+        return sum(plan_epochs(j, args.batch_size, seconds, args.slowdown, args.reserve_s, args.max_epochs,
+                               args.subset, args.test_subset) for j in jobs)
+    n_eager, n_compiled = total(eager, False), total(compiled, True)
+    print(f"torch.compile: {n_compiled} planned epochs in phase 1 compiled, {n_eager} eager", flush=True)
+    return n_compiled > n_eager
 
 
 def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
@@ -240,8 +313,13 @@ def main() -> None:
     p.add_argument("--test-subset", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="train with torch.compile (train --compile); the probes measure the "
-                        "compiled step, and each job's compile time is taken off its budget")
+                   help="train with torch.compile (train --compile) if it pays off: the probes "
+                        "measure the compiled step and the compile time, which is taken off each "
+                        "job's budget; when fewer epochs would fit than eager, or the compiled "
+                        "probes fail or take over --compile-max-frac of the budget, the jobs run eager")
+    p.add_argument("--compile-max-frac", type=float, default=0.2,
+                   help="share of --budget-s the compiled probes may take (default 0.2)")
+    p.add_argument("--dry-run", action="store_true", help="probe and print the plan, train nothing")
     args = p.parse_args()
     try:
         student_set = parse_overrides(args.student_set)
@@ -291,28 +369,30 @@ def main() -> None:
         sys.exit(f"budget_recipe: {out} already holds run(s) {', '.join(stale)}; their metrics would be "
                  "reported as this run's. Give a new --out.")
 
-    def probe_all():
-        probes = {}
-        for j in teachers + acts + students:
-            key = (j.model, j.binary, bool(j.teacher), tuple(sorted(j.overrides.items())))
-            if key not in probes:
-                probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, args.compile,
-                                    not args.no_step_flips)
-                print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)} {j.overrides or ''}: "
-                      f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}"
-                      + (f", compilation {probes[key][1]:.0f}s" if args.compile else ""), flush=True)
-            j.step_s, j.compile_s = probes[key]
-            j.drop_last = bool(args.compile)
-
-    try:
-        probe_all()
-    except Exception as e:  # noqa: BLE001 - a compiler failure: go on without --compile
-        if not args.compile:
-            raise
-        print(f"torch.compile failed in the probe ({type(e).__name__}: {str(e)[:300]}); "
-              "going on without --compile", flush=True)
-        args.compile = None
-        probe_all()
+    jobs = teachers + acts + students
+    eager = probe_jobs(jobs, args, None)
+    set_probes(jobs, eager, False)
+    if args.compile:
+        # The compiled probes run in a child process under a deadline: one compilation can
+        # take minutes (228 s for tiny_c28 on an H200), and all of it came off the budget.
+        limit = args.compile_max_frac * args.budget_s
+        status, compiled = compiled_probes(jobs, args, limit)
+        use = False
+        if status == "ok":
+            for j in jobs:
+                k = probe_key(j)
+                print(f"probe {j.model} compiled: {compiled[k][0] * 1e3:.1f} ms/step, "
+                      f"compilation {compiled[k][1]:.0f}s", flush=True)
+            left = args.budget_s - (time.perf_counter() - t_start)
+            phase1 = teachers or acts or students
+            use = compile_pays(phase1, eager, compiled, left * (args.teacher_frac if teachers else 1.0), args)
+            status = "ok" if use else ("compilation does not pay off in this budget (fewer planned epochs "
+                                       "than without it)")
+        if use:
+            set_probes(jobs, compiled, True)
+        else:
+            print(f"torch.compile: {status}; going on without --compile", flush=True)
+            args.compile = None
     left = args.budget_s - (time.perf_counter() - t_start)
     if left < 2 * args.reserve_s:
         sys.exit(f"budget_recipe: {left:.0f}s of --budget-s {args.budget_s:.0f} left after the probes; "
@@ -323,6 +403,16 @@ def main() -> None:
                                args.subset, args.test_subset)
     summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + acts + students},
                "probe_compile_s": {j.name: j.compile_s for j in teachers + acts + students}}
+    if args.dry_run:  # phase 2 as planned before phase 1 measures its slowdown
+        t2 = left - t_phase1
+        for group, t in ((acts, t2 * args.act_frac), (students, t2 * (1 - args.act_frac))):
+            for j in group:
+                j.epochs = plan_epochs(j, args.batch_size, t,
+                                       args.slowdown * max(1.2, len(group) / max(1, len(teachers))),
+                                       args.reserve_s, args.max_epochs, args.subset, args.test_subset)
+        for j in teachers + acts + students:
+            print(f"plan {j.name}: {j.epochs} epochs{' (compiled)' if args.compile else ''}", flush=True)
+        return
     summary["phase1"] = run_phase(teachers, args, out, time.perf_counter() + t_phase1)
 
     # Phase 2 is sized with the time actually left and a slowdown measured in phase 1:
