@@ -164,7 +164,7 @@ def compiled_probes(jobs: List[Job], args, limit_s: float):
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_compiled_probe_child, args=(jobs, args, send), daemon=True)
+    child = ctx.Process(target=_compiled_probe_child, args=(jobs, args, send))  # not a daemon: inductor may start worker processes
     child.start()
     send.close()
     try:
@@ -379,10 +379,9 @@ def main() -> None:
         status, compiled = compiled_probes(jobs, args, limit)
         use = False
         if status == "ok":
-            for j in jobs:
-                k = probe_key(j)
-                print(f"probe {j.model} compiled: {compiled[k][0] * 1e3:.1f} ms/step, "
-                      f"compilation {compiled[k][1]:.0f}s", flush=True)
+            for (model, binary, teacher, overrides), (step_s, compile_s) in compiled.items():
+                print(f"probe {model} binary={binary} teacher={teacher} {dict(overrides) or ''}: "
+                      f"{step_s * 1e3:.1f} ms/step compiled, compilation {compile_s:.0f}s", flush=True)
             left = args.budget_s - (time.perf_counter() - t_start)
             phase1 = teachers or acts or students
             use = compile_pays(phase1, eager, compiled, left * (args.teacher_frac if teachers else 1.0), args)
