@@ -293,9 +293,10 @@ def main() -> None:
     p.add_argument("--student-lr", type=float, default=1e-3)
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=4, help="torch CPU threads per job")
-    p.add_argument("--slowdown", type=float, default=1.6,
+    p.add_argument("--slowdown", type=float, default=None,
                    help="phase-1 epoch time over the probe's prediction (sharing, evaluation, "
-                        "checkpoints); measured 1.35-1.85 on an H100 with two jobs")
+                        "checkpoints); default 1.6 with several phase-1 jobs (measured 1.35-1.85 "
+                        "on an H100 with two), 1.15 with one (measured 1.06 on an H200)")
     p.add_argument("--reserve-s", type=float, default=20, help="start-up time per job")
     p.add_argument("--max-epochs", type=int, default=300)
     p.add_argument("--probe-steps", type=int, default=8)
@@ -370,6 +371,8 @@ def main() -> None:
                  "reported as this run's. Give a new --out.")
 
     jobs = teachers + acts + students
+    if args.slowdown is None:
+        args.slowdown = 1.6 if len(teachers or acts or students) > 1 else 1.15
     eager = probe_jobs(jobs, args, None)
     set_probes(jobs, eager, False)
     if args.compile:
