@@ -16,9 +16,10 @@ stopped and keeps its last finished epoch's checkpoint.
 
 With ``--compile`` the probes are run a second time compiled, in a child process stopped
 after ``--compile-max-frac`` of the budget; the jobs are compiled only when that finished
-and more epochs fit with the compile time taken off than without it. A compilation can
-take minutes (tiny_c28 at batch 1024 on an H200: 228 s), so in a budget of a few minutes
-the jobs usually run eager. ``--dry-run`` probes and prints the plan without training.
+and more epochs of the first phase fit with the compile time taken off than without it.
+A compilation can take minutes (tiny_c28 at batch 1024 on an H200: 228 s), so in a budget
+of a few minutes the jobs usually run eager. ``--dry-run`` probes and prints the plan
+without training.
 
 Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run) and prints a
 table. The exit status is 1 if a job failed or never started (a job stopped at its phase's
@@ -31,6 +32,7 @@ for an accelerator; on a CPU keep the budget and data small.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import signal
@@ -127,7 +129,7 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
 
 
 def probe_key(job: Job):
-    return (job.model, job.binary, bool(job.teacher), tuple(sorted(job.overrides.items())))
+    return (job.model, job.binary, bool(job.teacher), json.dumps(job.overrides, sort_keys=True))
 
 
 def probe_jobs(jobs: List[Job], args, compile_backend: Optional[str]) -> Dict[Any, Any]:
@@ -182,15 +184,26 @@ def compiled_probes(jobs: List[Job], args, limit_s: float):
 
 
 def compile_pays(jobs: List[Job], eager: Dict[Any, Any], compiled: Dict[Any, Any], seconds: float, args) -> bool:
-    """Whether ``jobs`` (one phase) get more planned epochs in ``seconds`` compiled, with
-    their compilation taken off, than eager."""
+    """Whether ``jobs`` (the first phase) get more planned epochs in ``seconds`` compiled,
+    with their compilation taken off, than eager. ``jobs`` are left as they are."""
     def total(probes, drop_last):
-        set_probes(jobs, probes, drop_last)
+        copies = [dataclasses.replace(j) for j in jobs]
+        set_probes(copies, probes, drop_last)
         return sum(plan_epochs(j, args.batch_size, seconds, args.slowdown, args.reserve_s, args.max_epochs,
-                               args.subset, args.test_subset) for j in jobs)
+                               args.subset, args.test_subset) for j in copies)
     n_eager, n_compiled = total(eager, False), total(compiled, True)
-    print(f"torch.compile: {n_compiled} planned epochs in phase 1 compiled, {n_eager} eager", flush=True)
+    print(f"torch.compile: {n_compiled} planned epochs in the first phase compiled, {n_eager} eager",
+          flush=True)
     return n_compiled > n_eager
+
+
+def phase_slowdown(n_jobs: int, n_teachers: int, ratios: List[float], default: float) -> float:
+    """Phase 2's slowdown: the teachers' measured epoch time over the predicted one (``ratios``;
+    ``default`` before phase 1 has run, as in a dry run), times the ratio of job counts (at
+    least 1.2), as phase 2 runs more jobs at once. Without teachers, ``default``."""
+    if not n_teachers:
+        return default
+    return max(1.0, max(1.2, n_jobs / n_teachers) * (max(ratios) if ratios else default))
 
 
 def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
@@ -371,10 +384,13 @@ def main() -> None:
                  "reported as this run's. Give a new --out.")
 
     jobs = teachers + acts + students
-    if args.slowdown is None:
-        args.slowdown = 1.6 if len(teachers or acts or students) > 1 else 1.15
+    if args.slowdown is None:  # for the jobs planned before any has run: the teachers, or
+        # without them the concurrent jobs of each step of phase 2
+        concurrent = len(teachers) if teachers else max(len(acts), len(students))
+        args.slowdown = 1.6 if concurrent > 1 else 1.15
     eager = probe_jobs(jobs, args, None)
     set_probes(jobs, eager, False)
+    compile_info = None
     if args.compile:
         # The compiled probes run in a child process under a deadline: one compilation can
         # take minutes (228 s for tiny_c28 on an H200), and all of it came off the budget.
@@ -383,13 +399,16 @@ def main() -> None:
         use = False
         if status == "ok":
             for (model, binary, teacher, overrides), (step_s, compile_s) in compiled.items():
-                print(f"probe {model} binary={binary} teacher={teacher} {dict(overrides) or ''}: "
+                print(f"probe {model} binary={binary} teacher={teacher} {overrides}: "
                       f"{step_s * 1e3:.1f} ms/step compiled, compilation {compile_s:.0f}s", flush=True)
             left = args.budget_s - (time.perf_counter() - t_start)
-            phase1 = teachers or acts or students
-            use = compile_pays(phase1, eager, compiled, left * (args.teacher_frac if teachers else 1.0), args)
-            status = "ok" if use else ("compilation does not pay off in this budget (fewer planned epochs "
-                                       "than without it)")
+            first, share = ((teachers, args.teacher_frac) if teachers else
+                            (acts, args.act_frac) if acts else (students, 1.0))
+            use = compile_pays(first, eager, compiled, left * share, args)
+            status = "compiled" if use else ("compilation does not pay off in this budget (fewer planned "
+                                             "epochs than without it)")
+        compile_info = {"requested": args.compile, "status": status,
+                        "compiled_probes": {j.name: list(compiled[probe_key(j)]) for j in jobs} if compiled else None}
         if use:
             set_probes(jobs, compiled, True)
         else:
@@ -404,13 +423,14 @@ def main() -> None:
         j.epochs = plan_epochs(j, args.batch_size, t_phase1, args.slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset)
     summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + acts + students},
-               "probe_compile_s": {j.name: j.compile_s for j in teachers + acts + students}}
+               "probe_compile_s": {j.name: j.compile_s for j in teachers + acts + students},
+               "compile": compile_info}
     if args.dry_run:  # phase 2 as planned before phase 1 measures its slowdown
         t2 = left - t_phase1
         for group, t in ((acts, t2 * args.act_frac), (students, t2 * (1 - args.act_frac))):
             for j in group:
                 j.epochs = plan_epochs(j, args.batch_size, t,
-                                       args.slowdown * max(1.2, len(group) / max(1, len(teachers))),
+                                       phase_slowdown(len(group), len(teachers), [], args.slowdown),
                                        args.reserve_s, args.max_epochs, args.subset, args.test_subset)
         for j in teachers + acts + students:
             print(f"plan {j.name}: {j.epochs} epochs{' (compiled)' if args.compile else ''}", flush=True)
@@ -429,9 +449,7 @@ def main() -> None:
             ratios.append(times[len(times) // 2] / pred)  # compilation is in epoch 1, and in compile_s
 
     def slowdown(n_jobs: int) -> float:
-        if not ratios:
-            return args.slowdown
-        return max(1.0, max(1.2, n_jobs / len(teachers)) * max(ratios))
+        return phase_slowdown(n_jobs, len(teachers), ratios, args.slowdown) if ratios else args.slowdown
 
     left = args.budget_s - (time.perf_counter() - t_start)
     summary["phase2_slowdown"] = {"teacher_ratios": ratios, "used": slowdown(len(students))}

@@ -57,7 +57,7 @@ def test_compile_pays_only_when_more_epochs_fit():
     # An epoch of 58 full steps (59 eager) + eval, x1.6 slowdown: 10.63 s compiled, 18.04 s eager.
     # 270 s: (270 - 20 - 228) / 10.63 -> 2 epochs compiled, (270 - 20) / 18.04 -> 13 eager.
     assert not br.compile_pays([job], eager, compiled, 270.0, args)
-    assert job.epochs == 0 and job.step_s == 0.1083 and job.drop_last  # the plan is left to the caller
+    assert (job.epochs, job.step_s, job.compile_s, job.drop_last) == (0, 0.0, 0.0, False)  # untouched
     assert br.compile_pays([job], eager, compiled, 3000.0, args)  # 258 epochs against 165
 
 
@@ -70,3 +70,11 @@ def test_budget_recipe_goes_on_eager_when_compiling_fails(tmp_path):
     assert "going on without --compile" in r.stdout
     assert "plan fm_teacher: " in r.stdout and "(compiled)" not in r.stdout
     assert not (tmp_path / "runs" / "fm_teacher").exists()
+
+
+def test_phase_two_slowdown():
+    br = _budget_recipe_module()
+    assert br.phase_slowdown(2, 0, [], 1.6) == 1.6  # no teachers: the default, unscaled
+    assert br.phase_slowdown(1, 1, [1.06], 1.15) == pytest.approx(1.2 * 1.06)  # at least 1.2x the ratio
+    assert br.phase_slowdown(4, 2, [1.3, 1.5], 1.6) == pytest.approx(2 * 1.5)  # twice the jobs, worst ratio
+    assert br.phase_slowdown(2, 1, [], 1.15) == pytest.approx(2.3)  # a dry run: the default as the ratio
