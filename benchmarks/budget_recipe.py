@@ -50,7 +50,7 @@ import bhvit
 from bhvit.cli import parse_overrides
 from bhvit.data import augment_batch, normalize
 from bhvit.layers import binary_layers
-from bhvit.train import kd_loss, read_metrics, sign_snapshot
+from bhvit.train import kd_loss, make_optimizer, read_metrics, sign_snapshot
 
 SIZES = {"fashion-mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
@@ -90,7 +90,7 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
     images = torch.randint(0, 256, (batch, c.in_chans, c.img_size, c.img_size), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (batch,), device=device)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+    opt = make_optimizer(m.parameters(), 1e-4, 0.0, device)  # as training's
     fwd, t_fwd = m, teacher
     if compile_backend:  # as `bhvit train --compile`: the first step eager, then compiled
         torch._dynamo.reset()  # fresh caches: dynamo keeps few versions of one forward

@@ -201,6 +201,14 @@ class Progress:
         sys.stderr.flush()
 
 
+def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+    """The recipe's AdamW. Fused where PyTorch has the kernel (CPU, CUDA): one kernel for all
+    parameters, 3-4x faster on the CPU than the default per-parameter loop, and fewer kernel
+    launches on a GPU."""
+    fused = torch.device(device).type in ("cpu", "cuda")
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+
+
 def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
              shuffle: bool) -> List[torch.Tensor]:
     """Index batches of this rank's shard, via DistributedSampler (also single-process)."""
@@ -478,7 +486,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     is_binary = any(True for _ in binary_layers(model))
     global_batch = cfg.batch_size * world
     base_lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
-    optimizer = torch.optim.AdamW(model.parameters(), lr=base_lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model.parameters(), base_lr, cfg.weight_decay, device)
     n_local = math.ceil(len(train_ds) / world)
     drop_last = bool(cfg.compile) and n_local >= cfg.batch_size
     steps_per_epoch = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)

@@ -623,3 +623,25 @@ def test_killed_before_metrics_written_resumes_complete(fmnist, tmp_path, monkey
     cfg.resume = True
     assert train(cfg)["epoch"] == 1
     assert [h["epoch"] for h in read_metrics(tmp_path / "r")] == [1]
+
+
+def test_make_optimizer_is_fused_adamw_matching_the_reference():
+    from bhvit.train import make_optimizer
+    torch.manual_seed(0)
+    a = torch.nn.Linear(8, 4)
+    b = torch.nn.Linear(8, 4)
+    b.load_state_dict(a.state_dict())
+    w0 = a.weight.detach().clone()
+    opt_a = make_optimizer(a.parameters(), 1e-2, 0.05, "cpu")
+    opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.05, foreach=False)
+    assert opt_a.defaults["fused"] is True and opt_b.defaults["fused"] is None
+    x = torch.randn(16, 8)
+    for _ in range(5):
+        for m, o in ((a, opt_a), (b, opt_b)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert (a.weight - w0).abs().max() > 0.02  # five steps of about lr each
+    torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-6)
+    torch.testing.assert_close(a.bias, b.bias, rtol=0, atol=1e-6)
+    assert make_optimizer(a.parameters(), 1e-3, 0.0, "meta").defaults["fused"] is None
