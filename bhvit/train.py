@@ -221,6 +221,14 @@ def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: i
     return list(idx.split(batch_size))
 
 
+def _n_unpadded(n: int, rank: int, world: int) -> int:
+    """How many of this rank's shard are not the DistributedSampler's padding: it repeats
+    the first samples so that every rank gets as many, appending them to the global order
+    that rank ``r`` takes every ``world``-th of from position ``r``, so the repeats are at
+    the end of a shard."""
+    return max(0, -(-(n - rank) // world))
+
+
 @contextlib.contextmanager
 def exact_float32(enabled: bool = True):
     """No TF32 in CUDA convolutions and matmuls inside the block (the previous settings
@@ -547,6 +555,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
         batches = batches[:steps_per_epoch]  # drop_last: the partial batch
+        n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
         signs_prev = signs_before
         step_flip_count = torch.zeros((), dtype=torch.int64, device=device)
@@ -615,9 +624,11 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                 for a, b in zip(signs_prev, now):
                     step_flip_count += (a != b).sum()
                 signs_prev = now
-            sums[0] += loss.detach().double() * len(idx)
-            sums[1] += (logits.detach().argmax(1) == y).sum()
-            sums[2] += len(idx)
+            k = min(len(idx), max(0, n_real - seen))  # the batch's samples that are not padding
+            seen += len(idx)
+            sums[0] += loss.detach().double() * k
+            sums[1] += (logits.detach().argmax(1)[:k] == y[:k]).sum()
+            sums[2] += k
             if bar.due(i + 1):
                 s_loss, s_correct, s_count = sums.tolist()
                 bar.update(i + 1, int(s_count), loss=s_loss / s_count, acc=100 * s_correct / s_count)

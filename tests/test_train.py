@@ -645,3 +645,14 @@ def test_make_optimizer_is_fused_adamw_matching_the_reference():
     torch.testing.assert_close(a.weight, b.weight, rtol=0, atol=1e-6)
     torch.testing.assert_close(a.bias, b.bias, rtol=0, atol=1e-6)
     assert make_optimizer(a.parameters(), 1e-3, 0.0, "meta").defaults["fused"] is None
+
+
+@pytest.mark.parametrize("n,world", [(7, 3), (10, 4), (9, 3), (2, 4), (1, 1)])
+def test_unpadded_part_of_each_shard_covers_the_data_once(n, world):
+    from bhvit.train import _batches, _n_unpadded
+    kept = []
+    for rank in range(world):
+        shard = torch.cat(_batches(n, 2, epoch=3, seed=5, rank=rank, world=world, shuffle=True)).tolist()
+        assert len(shard) == -(-n // world)
+        kept += shard[:_n_unpadded(n, rank, world)]
+    assert sorted(kept) == list(range(n))  # each sample once, the repeats left out
