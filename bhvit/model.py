@@ -210,6 +210,8 @@ class BHViT(nn.Module):
         if x.dim() != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
             raise ValueError(f"BHViT expects input of shape (B, {cfg.in_chans}, {cfg.img_size}, "
                              f"{cfg.img_size}), got {tuple(x.shape)}.")
+        if x.shape[0] == 0:
+            raise ValueError("BHViT got an empty batch (B = 0).")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

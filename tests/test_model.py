@@ -212,3 +212,9 @@ def test_config_roundtrip():
     assert again == cfg
     with pytest.raises(ValueError, match="unknown BHViT config keys"):
         bhvit.BHViTConfig.from_dict({"nope": 1})
+
+
+def test_empty_batch_is_refused():
+    m = create_model("bhvit_micro_c28", num_classes=10)
+    with pytest.raises(ValueError, match=r"empty batch \(B = 0\)"):
+        m(torch.zeros(0, 1, 28, 28))

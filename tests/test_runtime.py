@@ -231,6 +231,8 @@ def test_runtime_bad_input(tmp_path):
         rt(np.zeros((2, 1, 32, 32), np.float32))
     with pytest.raises(ValueError, match="expected float images"):
         rt(np.zeros((2, 3, 32, 32), np.uint8))
+    with pytest.raises(ValueError, match=r"empty batch \(B = 0\)"):
+        rt(np.zeros((0, 3, 32, 32), np.float32))
     x = np.zeros((2, 3, 32, 32), np.float32)
     x[1, 0, 3, 3] = np.nan
     with pytest.raises(ValueError, match="NaN"):

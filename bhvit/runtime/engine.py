@@ -372,6 +372,8 @@ class BHViTRuntime:
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
             raise ValueError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}), "
                              f"got {tuple(x.shape)}.")
+        if x.shape[0] == 0:
+            raise ValueError("got an empty batch (B = 0).")
         if not np.isfinite(x).all():
             raise ValueError("input contains NaN or infinite pixels.")
         return np.ascontiguousarray(x, dtype=np.float32)
