@@ -227,7 +227,14 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
     _load_state(model, run_dir / doc["weights"])
     if "optimizer" in doc:
         tensors = _load_safetensors(run_dir / doc["optimizer"]["file"])
-        optimizer.load_state_dict(optimizer_from_tensors(tensors, doc["optimizer"]))
+        state = optimizer_from_tensors(tensors, doc["optimizer"])
+        # load_state_dict takes every group setting from the file; the implementation (fused,
+        # foreach) stays this optimizer's, so a run saved by another one resumes fused.
+        for group in state["param_groups"]:
+            for key in ("fused", "foreach", "capturable", "differentiable"):
+                if key in optimizer.defaults:
+                    group[key] = optimizer.defaults[key]
+        optimizer.load_state_dict(state)
 
 
 # The two kinds of downsampling layer (binary conv with a real-valued shortcut, or the

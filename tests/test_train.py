@@ -656,3 +656,28 @@ def test_unpadded_part_of_each_shard_covers_the_data_once(n, world):
         assert len(shard) == -(-n // world)
         kept += shard[:_n_unpadded(n, rank, world)]
     assert sorted(kept) == list(range(n))  # each sample once, the repeats left out
+
+
+def test_resume_from_an_unfused_optimizer_state_runs_fused(tmp_path):
+    """A checkpoint written by the per-parameter AdamW resumes into the fused one: the file's
+    group settings would otherwise switch it back (and GradScaler would then crash)."""
+    from bhvit.checkpoint import load_training_state, read_checkpoint_json, save_checkpoint
+    from bhvit.train import make_optimizer
+    torch.manual_seed(0)
+    m = torch.nn.Linear(4, 2)
+    old = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False)
+    m(torch.randn(3, 4)).sum().backward()
+    old.step()
+    save_checkpoint(tmp_path, 0, m, {}, old)
+    opt = make_optimizer(m.parameters(), 1e-2, 0.0, "cpu")
+    doc, _ = read_checkpoint_json(tmp_path / "last.json")
+    load_training_state(doc, tmp_path, m, opt)
+    g = opt.param_groups[0]
+    assert g["fused"] is True and g["foreach"] is None
+    step = opt.state[m.weight]["step"]
+    assert float(step) == 1.0 and step.dtype == torch.float32 and step.device == m.weight.device
+    torch.testing.assert_close(opt.state[m.weight]["exp_avg"], old.state[m.weight]["exp_avg"])
+    # GradScaler's protocol for fused optimizers (what a CUDA --amp run does each step)
+    opt.grad_scale, opt.found_inf = torch.ones(()), torch.zeros(())
+    opt.step()
+    assert float(opt.state[m.weight]["step"]) == 2.0
