@@ -624,7 +624,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                 for a, b in zip(signs_prev, now):
                     step_flip_count += (a != b).sum()
                 signs_prev = now
-            k = min(len(idx), max(0, n_real - seen))  # the batch's samples that are not padding
+            # The batch's samples that are not padding. Top-1 counts exactly these; the loss is the
+            # batch mean weighted by k (a rank's last batch holds at most one repeat when n >= world).
+            k = min(len(idx), max(0, n_real - seen))
             seen += len(idx)
             sums[0] += loss.detach().double() * k
             sums[1] += (logits.detach().argmax(1)[:k] == y[:k]).sum()
