@@ -300,6 +300,9 @@ def main() -> None:
     p.add_argument("--fm-teacher", default=None, metavar="CKPT",
                    help="an already trained Fashion-MNIST teacher (run dir or .json, e.g. a `bhvit "
                         "strip` copy) for the --fm-model students: no FMNIST teacher in phase 1")
+    p.add_argument("--fm-teacher-init", default=None, metavar="CKPT",
+                   help="start the Fashion-MNIST teacher from these weights (train --init-from), e.g. "
+                        "an earlier session's `bhvit strip` copy; it trains a new schedule from there")
     p.add_argument("--c10-model", default="bhvit_tiny_c32")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--teacher-lr", type=float, default=2e-3)
@@ -348,11 +351,16 @@ def main() -> None:
     teachers, students = [], []
     if args.fm_teacher and len(args.fm_model) > 1:
         sys.exit("budget_recipe: --fm-teacher needs a single --fm-model.")
+    if args.fm_teacher_init and (args.fm_teacher or len(args.fm_model) > 1):
+        sys.exit("budget_recipe: --fm-teacher-init needs a single --fm-model and no --fm-teacher.")
+    if args.fm_teacher_init and not Path(args.fm_teacher_init).exists():
+        sys.exit(f"budget_recipe: --fm-teacher-init {args.fm_teacher_init}: no such checkpoint.")
     for i, model in enumerate(args.fm_model if args.fmnist_dir else []):
         pre = "fm" if i == 0 else f"fm_{model.removeprefix('bhvit_')}"
         if not args.fm_teacher:
             teachers.append(Job(f"{pre}_teacher", "fashion-mnist", args.fmnist_dir, model, False,
-                                args.teacher_lr))
+                                args.teacher_lr,
+                                extra=["--init-from", args.fm_teacher_init] if args.fm_teacher_init else []))
         students.append(Job(f"{pre}_student", "fashion-mnist", args.fmnist_dir, model, True,
                             args.student_lr, teacher=f"{pre}_teacher", teacher_ckpt=args.fm_teacher))
         if i == 0 and not args.no_lre_ablation:

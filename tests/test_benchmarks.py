@@ -78,3 +78,12 @@ def test_phase_two_slowdown():
     assert br.phase_slowdown(1, 1, [1.06], 1.15) == pytest.approx(1.2 * 1.06)  # at least 1.2x the ratio
     assert br.phase_slowdown(4, 2, [1.3, 1.5], 1.6) == pytest.approx(2 * 1.5)  # twice the jobs, worst ratio
     assert br.phase_slowdown(2, 1, [], 1.15) == pytest.approx(2.3)  # a dry run: the default as the ratio
+
+
+def test_teacher_init_needs_a_checkpoint_and_no_fixed_teacher(tmp_path):
+    r = _run("budget_recipe.py", "--out", str(tmp_path / "runs"), "--device", "cpu", "--fmnist-dir",
+             str(tmp_path / "data"), "--fm-teacher-init", str(tmp_path / "missing"))
+    assert r.returncode == 1 and f"--fm-teacher-init {tmp_path / 'missing'}: no such checkpoint" in r.stderr
+    r = _run("budget_recipe.py", "--out", str(tmp_path / "runs"), "--device", "cpu", "--fmnist-dir",
+             str(tmp_path / "data"), "--fm-teacher-init", str(tmp_path), "--fm-teacher", str(tmp_path))
+    assert r.returncode == 1 and "--fm-teacher-init needs a single --fm-model and no --fm-teacher" in r.stderr
