@@ -21,8 +21,8 @@ A compilation can take minutes (tiny_c28 at batch 1024 on an H200: 228 s), so in
 of a few minutes the jobs usually run eager. ``--dry-run`` probes and prints the plan
 without training.
 
-Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run) and prints a
-table. The exit status is 1 if a job failed or never started (a job stopped at its phase's
+Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run; not with
+``--dry-run``) and prints a table. The exit status is 1 if a job failed or never started (a job stopped at its phase's
 deadline has not failed); an ``--out`` that already holds one of the runs is refused. Meant
 for an accelerator; on a CPU keep the budget and data small.
 
@@ -310,9 +310,10 @@ def main() -> None:
     p.add_argument("--warmup-epochs", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=4, help="torch CPU threads per job")
     p.add_argument("--slowdown", type=float, default=None,
-                   help="phase-1 epoch time over the probe's prediction (sharing, evaluation, "
-                        "checkpoints); default 1.6 with several phase-1 jobs (measured 1.35-1.85 "
-                        "on an H100 with two), 1.15 with one (measured 1.06 on an H200)")
+                   help="epoch time over the probe's prediction (sharing the machine, "
+                        "checkpoints, start-up) for the first jobs to run (the teachers, or without "
+                        "them the students); default 1.6 when several run at once (measured "
+                        "1.35-1.85 on an H100 with two), 1.15 when one runs alone (1.06 on an H200)")
     p.add_argument("--reserve-s", type=float, default=20, help="start-up time per job")
     p.add_argument("--max-epochs", type=int, default=300)
     p.add_argument("--probe-steps", type=int, default=8)
@@ -332,7 +333,7 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="train with torch.compile (train --compile) if it pays off: the probes "
                         "measure the compiled step and the compile time, which is taken off each "
-                        "job's budget; when fewer epochs would fit than eager, or the compiled "
+                        "job's budget; when no more epochs would fit than eager, or the compiled "
                         "probes fail or take over --compile-max-frac of the budget, the jobs run eager")
     p.add_argument("--compile-max-frac", type=float, default=0.2,
                    help="share of --budget-s the compiled probes may take (default 0.2)")
@@ -413,7 +414,7 @@ def main() -> None:
             first, share = ((teachers, args.teacher_frac) if teachers else
                             (acts, args.act_frac) if acts else (students, 1.0))
             use = compile_pays(first, eager, compiled, left * share, args)
-            status = "compiled" if use else ("compilation does not pay off in this budget (fewer planned "
+            status = "compiled" if use else ("compilation does not pay off in this budget (no more planned "
                                              "epochs than without it)")
         compile_info = {"requested": args.compile, "status": status,
                         "compiled_probes": {j.name: list(compiled[probe_key(j)]) for j in jobs} if compiled else None}

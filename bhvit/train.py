@@ -205,8 +205,13 @@ def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.opti
     """The recipe's AdamW. Fused where PyTorch has the kernel (CPU, CUDA): one kernel for all
     parameters, 3-4x faster on the CPU than the default per-parameter loop, and fewer kernel
     launches on a GPU."""
-    fused = torch.device(device).type in ("cpu", "cuda")
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    params = list(params)
+    if torch.device(device).type in ("cpu", "cuda"):
+        try:
+            return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+        except RuntimeError:  # a PyTorch without the fused kernel for this device
+            pass
+    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
 def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
