@@ -22,9 +22,9 @@ of a few minutes the jobs usually run eager. ``--dry-run`` probes and prints the
 without training.
 
 Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run; not with
-``--dry-run``) and prints a table. The exit status is 1 if a job failed or never started (a job stopped at its phase's
-deadline has not failed); an ``--out`` that already holds one of the runs is refused. Meant
-for an accelerator; on a CPU keep the budget and data small.
+``--dry-run``) and prints a table. The exit status is 1 if a job failed or never started
+(a job stopped at its phase's deadline has not failed); an ``--out`` that already holds one
+of the runs is refused. Meant for an accelerator; on a CPU keep the budget and data small.
 
     python benchmarks/budget_recipe.py --out runs/budget --budget-s 420 --device cuda \\
         --fmnist-dir /usr/share/datasets/fashion-mnist --cifar-dir data/cifar10
@@ -166,7 +166,8 @@ def compiled_probes(jobs: List[Job], args, limit_s: float):
     import multiprocessing as mp
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    child = ctx.Process(target=_compiled_probe_child, args=(jobs, args, send))  # not a daemon: inductor may start worker processes
+    # Not a daemon: inductor may start worker processes of its own.
+    child = ctx.Process(target=_compiled_probe_child, args=(jobs, args, send))
     child.start()
     send.close()
     try:
@@ -302,7 +303,7 @@ def main() -> None:
                         "strip` copy) for the --fm-model students: no FMNIST teacher in phase 1")
     p.add_argument("--fm-teacher-init", default=None, metavar="CKPT",
                    help="start the Fashion-MNIST teacher from these weights (train --init-from), e.g. "
-                        "an earlier session's `bhvit strip` copy; it trains a new schedule from there")
+                        "an earlier run's `bhvit strip` copy; it trains a new schedule from there")
     p.add_argument("--c10-model", default="bhvit_tiny_c32")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--teacher-lr", type=float, default=2e-3)

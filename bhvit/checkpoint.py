@@ -68,6 +68,14 @@ def atomic_write_json(obj: Any, path: Union[str, Path]) -> None:
     _atomic(Path(path), write)
 
 
+def atomic_write_text(text: str, path: Union[str, Path]) -> None:
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    _atomic(Path(path), write)
+
+
 def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 

@@ -33,8 +33,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import (atomic_write_json, load_matching_weights, load_model, load_training_state,
-                         load_weights, read_checkpoint_json, rng_state, save_checkpoint, set_rng_state)
+from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_weights, load_model,
+                         load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
+                         set_rng_state)
 from .data import Dataset, augment_batch, load_dataset, normalize
 from .errors import TrainingDiverged
 from .layers import binary_layers
@@ -343,9 +344,7 @@ def _same_checkpoint(a: Optional[str], b: Optional[str]) -> bool:
 
 
 def _write_metrics(out: Path, history: List[Dict]) -> None:
-    with open(out / ".metrics.jsonl.tmp", "w") as f:
-        f.writelines(json.dumps(h) + "\n" for h in history)
-    os.replace(out / ".metrics.jsonl.tmp", out / "metrics.jsonl")
+    atomic_write_text("".join(json.dumps(h) + "\n" for h in history), out / "metrics.jsonl")
 
 
 def _repair_after_kill(out: Path, last_doc: Dict, history: List[Dict]) -> None:
