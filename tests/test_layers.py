@@ -97,3 +97,47 @@ def test_shift_branches_values():
     assert cm[0, 2, 2, 0] == x[0, 1, 2, 0] and cm[0, 2, 2, 1] == x[0, 3, 2, 1]
     assert cm[0, 2, 2, 2] == x[0, 2, 1, 2] and cm[0, 2, 2, 3] == x[0, 2, 3, 3]
     assert sb(x).abs().sum() == 0  # LayerScales start at zero
+
+
+def _shift_reference(mod, x):
+    """The shift branches by definition: rolls, summed through their LayerScales."""
+    out = None
+    for i, k in enumerate(mod.sizes):
+        for j, y in enumerate((mod.roll_mean(x, k, 1), mod.roll_mean(x, k, 2), mod.channel_mix(x, k))):
+            y = mod.scales[3 * i + j](y)
+            out = y if out is None else out + y
+    return out
+
+
+@pytest.mark.parametrize("hw,sizes", [((6, 6), (1, 2)), ((5, 7), (1, 2)), ((4, 4), (1, 2)),
+                                      ((3, 2), (1, 2)), ((1, 1), (1, 2)), ((1, 6), (3,)),
+                                      ((2, 9), (0, 2)), ((3, 3), (5,))])
+def test_shift_branches_convolution_matches_rolls(hw, sizes):
+    # The module computes the branches as two cyclic depthwise convolutions; maps smaller
+    # than the taps (4x4 and below here) fold offsets that coincide modulo the side.
+    torch.manual_seed(0)
+    mod = ShiftBranches(8, sizes)
+    with torch.no_grad():
+        for ls in mod.scales:
+            ls.scale.normal_()
+            ls.bias.normal_()
+    x = torch.randn(2, *hw, 8, requires_grad=True)
+    want, got = _shift_reference(mod, x), mod(x)
+    assert got.shape == want.shape and got.is_contiguous()
+    assert torch.allclose(got, want, atol=1e-5)
+    g = torch.randn_like(want)
+    params = [x] + list(mod.parameters())
+    for a, b in zip(torch.autograd.grad(want, params, g), torch.autograd.grad(got, params, g)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_shift_branches_state_holds_only_layerscales():
+    mod = ShiftBranches(8, (1, 2))
+    assert sorted(mod.state_dict()) == sorted(f"scales.{i}.{n}" for i in range(6) for n in ("scale", "bias"))
+    assert mod.taps_h.shape == mod.taps_w.shape == (6, 8, 5)
+    # the mean along H of size 2 spreads over 5 taps; the channel mix of size 1 moves
+    # the first channel quarter by -1 along H and the last by +1 along W
+    assert torch.allclose(mod.taps_h[3, 0], torch.full((5,), 0.2))
+    assert mod.taps_h[2, 0].tolist() == [0, 1, 0, 0, 0] and mod.taps_w[2, 6].tolist() == [0, 0, 0, 1, 0]
+    with pytest.raises(ValueError, match="shift sizes"):
+        ShiftBranches(8, ())
