@@ -7,16 +7,19 @@ process, interleaved run by run, so machine noise hits them alike.
     python benchmarks/train_speed.py --models bhvit_tiny bhvit_tiny_c32 --batch 32 --threads 2 --runs 5
     python benchmarks/train_speed.py --device cuda --batch 128 --runs 10 [--amp]
     python benchmarks/train_speed.py --models bhvit_micro_c28 --compile   # eager vs torch.compile
+    python benchmarks/train_speed.py --models bhvit_tiny_c32 --shift-reference  # shift branches as rolls
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
 import torch
 
 import bhvit
+from bhvit.blocks import ShiftBranches
 
 
 def main() -> None:
@@ -31,6 +34,10 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="also time each model under torch.compile (as `bhvit train --compile`), "
                         "side by side with eager, and print the compile time and the speed-up")
+    p.add_argument("--shift-reference", action="store_true",
+                   help="also time each model with its shift branches computed by their definition "
+                        "(rolls, ShiftBranches.forward_reference) instead of the depthwise "
+                        "convolutions, side by side, and print the speed-up")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. binary=false")
     args = p.parse_args()
@@ -46,6 +53,14 @@ def main() -> None:
         x = torch.randn(args.batch, c.in_chans, c.img_size, c.img_size, device=args.device)
         y = torch.randint(0, args.num_classes, (args.batch,), device=args.device)
         setups.append((name, m, x, y))
+
+    if args.shift_reference:
+        for name, m, x, y in list(setups):
+            ref = copy.deepcopy(m)
+            for mod in ref.modules():
+                if isinstance(mod, ShiftBranches):
+                    mod.forward = mod.forward_reference
+            setups.append((f"{name}+rolls", ref, x, y))
 
     cuda = args.device.startswith("cuda")
     amp_dtype = torch.float16 if cuda else torch.bfloat16
@@ -89,6 +104,11 @@ def main() -> None:
         ratio = statistics.median(times[name]) / statistics.median(times[f"{name}+compile"])
         print(f"{name}: torch.compile ({args.compile}) took {sec:.0f}s; compiled step {ratio:.2f}x "
               f"as fast as eager")
+    for name in times:
+        if name.endswith("+rolls"):
+            base = name[:-len("+rolls")]
+            ratio = statistics.median(times[name]) / statistics.median(times[base])
+            print(f"{base}: shift branches as convolutions: step {ratio:.3f}x as fast as with rolls")
 
 
 if __name__ == "__main__":

@@ -87,3 +87,12 @@ def test_teacher_init_needs_a_checkpoint_and_no_fixed_teacher(tmp_path):
     r = _run("budget_recipe.py", "--out", str(tmp_path / "runs"), "--device", "cpu", "--fmnist-dir",
              str(tmp_path / "data"), "--fm-teacher-init", str(tmp_path), "--fm-teacher", str(tmp_path))
     assert r.returncode == 1 and "--fm-teacher-init needs a single --fm-model and no --fm-teacher" in r.stderr
+
+
+def test_train_speed_times_the_shift_reference_side_by_side():
+    r = _run("train_speed.py", "--models", "bhvit_micro_c28", "--batch", "2", "--runs", "1",
+             "--threads", "1", "--shift-reference")
+    assert r.returncode == 0, r.stderr
+    rows = [line.split()[0] for line in r.stdout.splitlines()[2:4]]
+    assert rows == ["bhvit_micro_c28", "bhvit_micro_c28+rolls"]
+    assert "bhvit_micro_c28: shift branches as convolutions: step " in r.stdout
