@@ -41,6 +41,16 @@ def test_weight_binarizer_two_values_per_output_channel():
         assert torch.equal(flat_b > 0, centred >= 0)
 
 
+def test_weight_binarizer_maps_a_zero_centred_weight_to_plus_alpha_like_the_export():
+    # mean = (-0.0 + 0.75 - 0.75) / 3 = +0.0, so the first centred weight is -0.0: sign(0) = +1
+    w = torch.tensor([[-0.0, 0.75, -0.75], [0.5, 0.5, -1.0]])
+    wb = WeightBinarizer()(w)
+    assert torch.allclose(wb, torch.tensor([[0.5, 0.5, -0.5], [2 / 3, 2 / 3, -2 / 3]]))
+    alpha, sign = WeightBinarizer().scale_and_sign(w)
+    assert torch.equal(wb, alpha[:, None] * sign)
+    assert wb[0, 0].item() == 0.5
+
+
 def test_weight_binarizer_ste_gradient_is_clipped_identity_of_centred_weight():
     w = torch.tensor([[2.0, 0.1, -0.3, -3.0]], requires_grad=True)
     WeightBinarizer()(w).backward(torch.ones(1, 4) * torch.tensor([1.0, 2.0, 3.0, 4.0]))
