@@ -8,10 +8,12 @@ process, interleaved run by run, so machine noise hits them alike.
     python benchmarks/train_speed.py --device cuda --batch 128 --runs 10 [--amp]
     python benchmarks/train_speed.py --models bhvit_micro_c28 --compile   # eager vs torch.compile
     python benchmarks/train_speed.py --models bhvit_tiny_c32 --shift-reference  # shift branches as rolls
+    python benchmarks/train_speed.py --models bhvit_tiny_c28 --count-ops   # PyTorch ops per step
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import copy
 import statistics
 import time
@@ -20,6 +22,32 @@ import torch
 
 import bhvit
 from bhvit.blocks import ShiftBranches
+
+
+# Operators that only re-describe memory: no kernel runs for them.
+_VIEW_OPS = {"view", "_unsafe_view", "reshape", "alias", "detach", "t", "transpose", "permute",
+             "expand", "as_strided", "slice", "select", "unsqueeze", "squeeze", "split",
+             "split_with_sizes", "chunk", "unbind", "narrow", "lift_fresh"}
+
+
+def count_ops(fn) -> "collections.Counter":
+    """The ATen operators ``fn()`` dispatches, by name, views left out."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.counts = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            name = func.overloadpacket.__name__
+            if name not in _VIEW_OPS:
+                self.counts[name] += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count() as c:
+        fn()
+    return c.counts
 
 
 def main() -> None:
@@ -38,6 +66,10 @@ def main() -> None:
                    help="also time each model with its shift branches computed by their definition "
                         "(rolls, ShiftBranches.forward_reference) instead of the depthwise "
                         "convolutions, side by side, and print the speed-up")
+    p.add_argument("--count-ops", action="store_true",
+                   help="also print the PyTorch operators one training step dispatches (forward "
+                        "and backward, views left out): in eager mode on a GPU each is a kernel "
+                        "launch, and at these model sizes launches bound the step time")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. binary=false")
     args = p.parse_args()
@@ -76,6 +108,11 @@ def main() -> None:
     for _, m, x, y in setups:  # warm-up (CUDA: kernel selection; QD initialisation)
         step(m, x, y)
         step(m, x, y)
+    if args.count_ops:
+        for name, m, x, y in setups:
+            counts = count_ops(lambda: step(m, x, y))
+            top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
+            print(f"{name}: {sum(counts.values())} ops per training step ({top}, ...)")
     compile_s = {}
     if args.compile:
         for name, m, x, y in list(setups):
