@@ -265,9 +265,10 @@ class ShiftBranches(nn.Module):
     cyclic depthwise convolutions, one along H and one along W, whose per-channel taps
     are the branch scales times a fixed tap pattern (``taps_h``, ``taps_w``). That is
     the same function as rolling and summing (:meth:`forward_reference`, the
-    definition) up to float rounding, with far fewer operations: about
-    2x faster forward + backward on the CPU, and a fifth fewer kernel launches in a
-    BHViT training step. The parameters are still the LayerScales.
+    definition) up to float rounding, with far fewer operations: forward + backward
+    1.3-3.8x as fast on the CPU for maps of 8x8 and larger, and 18 % fewer operations
+    (kernel launches on a GPU) in a tiny BHViT training step. The parameters are still the LayerScales. Under autocast the
+    convolutions run in half precision, as every other convolution does.
     """
 
     def __init__(self, dim: int, sizes: Sequence[int] = (1, 2)):
@@ -280,18 +281,22 @@ class ShiftBranches(nn.Module):
         self.scales = nn.ModuleList(
             LayerScale(dim, init=0.0) for _ in range(3 * len(self.sizes)))
         self.reach = max(self.sizes)
-        # Constants, not state: non-persistent, so checkpoints hold only the LayerScales.
+        # Constants, not state: non-persistent (checkpoints hold only the LayerScales, and
+        # training leaves them out of the cross-rank buffer averaging). Small integers, so
+        # they stay exact in any float dtype (model.half() and back).
         self.register_buffer("taps_h", self._tap_pattern(dim, along_h=True), persistent=False)
         self.register_buffer("taps_w", self._tap_pattern(dim, along_h=False), persistent=False)
+        divisors = [float(d) for k in self.sizes for d in (2 * k + 1, 2 * k + 1, 1)]
+        self.register_buffer("divisors", torch.tensor(divisors), persistent=False)
 
     def _tap_pattern(self, dim: int, along_h: bool) -> torch.Tensor:
-        """``(3 * len(sizes), dim, 2 * reach + 1)``: the weight of branch j, channel c on
-        the input at offset ``l - reach`` along one axis, for a unit branch scale."""
+        """``(3 * len(sizes), dim, 2 * reach + 1)``: 1 where branch j, channel c takes the
+        input at offset ``l - reach`` along one axis (the means are divided by ``divisors``)."""
         P, q = self.reach, dim // 4
         taps = torch.zeros(3 * len(self.sizes), dim, 2 * P + 1)
         for i, k in enumerate(self.sizes):
             mean = 3 * i if along_h else 3 * i + 1
-            taps[mean, :, P - k:P + k + 1] = 1.0 / (2 * k + 1)
+            taps[mean, :, P - k:P + k + 1] = 1.0
             # roll(a, +k): out[i] = a[i - k], offset -k; roll(b, -k): offset +k.
             first = 0 if along_h else 2 * q
             taps[3 * i + 2, first:first + q, P - k] = 1.0
@@ -329,7 +334,7 @@ class ShiftBranches(nn.Module):
         """``sum_l K[c, l] x[.., (i + l - reach) mod n, ..]`` along ``axis`` (1: H, 2: W) of a
         ``(B, H, W, C)`` map, ``K = sum_j scales[j] taps[j]``; returns NCHW (channels-last memory)."""
         C, n, P = x.shape[-1], x.shape[axis], self.reach
-        kern = (scales.unsqueeze(-1) * taps).sum(0)  # (C, 2P + 1)
+        kern = (scales.unsqueeze(-1) * taps).sum(0).to(x.dtype)  # (C, 2P + 1)
         L, c = 2 * P + 1, P
         if n < L:  # offsets coincide modulo n: fold the taps onto n positions
             m = -(-L // n)
@@ -344,10 +349,9 @@ class ShiftBranches(nn.Module):
         return F.conv2d(x.permute(0, 3, 1, 2), weight, groups=C)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scales = torch.stack([ls.scale for ls in self.scales])
+        scales = torch.stack([ls.scale for ls in self.scales]) / self.divisors.unsqueeze(1)
         bias = torch.stack([ls.bias for ls in self.scales]).sum(0)
-        y = (self._cyclic_conv(x, scales, self.taps_h.to(x.dtype), 1)
-             + self._cyclic_conv(x, scales, self.taps_w.to(x.dtype), 2))
+        y = self._cyclic_conv(x, scales, self.taps_h, 1) + self._cyclic_conv(x, scales, self.taps_w, 2)
         return y.permute(0, 2, 3, 1) + bias
 
 

@@ -309,9 +309,14 @@ def _lr_at(step: int, total: int, warmup: int, base: float, min_lr: float) -> fl
 
 
 def _average_buffers(model: nn.Module, world: int) -> None:
-    """Average BatchNorm running statistics across ranks (each rank saw its own batches)."""
-    for name, buf in _unwrap(model).named_buffers():
-        if buf.is_floating_point():
+    """Average BatchNorm running statistics across ranks (each rank saw its own batches).
+
+    Only state (buffers in the state dict): constants such as the shift taps are the same
+    on every rank, and a float sum-then-divide could move them by a rounding step."""
+    m = _unwrap(model)
+    state = set(m.state_dict(keep_vars=True))
+    for name, buf in m.named_buffers():
+        if name in state and buf.is_floating_point():
             dist.all_reduce(buf)
             buf.div_(world)
 

@@ -91,8 +91,13 @@ def test_teacher_init_needs_a_checkpoint_and_no_fixed_teacher(tmp_path):
 
 def test_train_speed_times_the_shift_reference_side_by_side():
     r = _run("train_speed.py", "--models", "bhvit_micro_c28", "--batch", "2", "--runs", "1",
-             "--threads", "1", "--shift-reference")
+             "--threads", "1", "--shift-reference", "--count-ops")
     assert r.returncode == 0, r.stderr
-    rows = [line.split()[0] for line in r.stdout.splitlines()[2:4]]
+    ops = {line.split(":")[0]: int(line.split()[1]) for line in r.stdout.splitlines()
+           if " ops per training step " in line}
+    # the reference twin really runs the rolls: 20 per block forward and 20 backward
+    assert ops["bhvit_micro_c28+rolls"] - ops["bhvit_micro_c28"] > 5 * 40
+    rows = [line.split()[0] for line in r.stdout.splitlines() if line.startswith("bhvit_micro_c28")
+            and " ms" not in line and ":" not in line]
     assert rows == ["bhvit_micro_c28", "bhvit_micro_c28+rolls"]
     assert "bhvit_micro_c28: shift branches as convolutions: step " in r.stdout

@@ -127,7 +127,20 @@ def test_shift_branches_state_holds_only_layerscales():
     assert mod.taps_h.shape == mod.taps_w.shape == (6, 8, 5)
     # the mean along H of size 2 spreads over 5 taps; the channel mix of size 1 moves
     # the first channel quarter by -1 along H and the last by +1 along W
-    assert torch.allclose(mod.taps_h[3, 0], torch.full((5,), 0.2))
+    assert mod.taps_h[3, 0].tolist() == [1.0] * 5 and mod.divisors.tolist() == [3, 3, 1, 5, 5, 1]
     assert mod.taps_h[2, 0].tolist() == [0, 1, 0, 0, 0] and mod.taps_w[2, 6].tolist() == [0, 0, 0, 1, 0]
     with pytest.raises(ValueError, match="shift sizes"):
         ShiftBranches(8, ())
+
+
+def test_shift_branches_constants_survive_half_precision_and_follow_the_input_dtype():
+    mod = ShiftBranches(8, (1, 2))
+    taps, div = mod.taps_h.clone(), mod.divisors.clone()
+    mod.half().float()
+    assert torch.equal(mod.taps_h, taps) and torch.equal(mod.divisors, div)  # small integers
+    with torch.no_grad():
+        for ls in mod.scales:
+            ls.scale.normal_()
+    x = torch.randn(1, 6, 6, 8)
+    y = mod(x.to(torch.bfloat16))  # float32 module, bfloat16 map: as the roll form, no error
+    assert torch.allclose(y.float(), mod.forward_reference(x), atol=0.1, rtol=0.05)

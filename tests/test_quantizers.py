@@ -74,3 +74,18 @@ def test_regularization_loss_formula():
         raise AssertionError("expected ValueError")
     except ValueError as e:
         assert "no layer with binarized weights" in str(e)
+
+
+def test_weight_binarizer_gradient_matches_the_autograd_composition():
+    # The fused Function against the same quantizer written as plain autograd ops.
+    torch.manual_seed(0)
+    w = (torch.randn(6, 4, 3, 3) * 0.8).requires_grad_()
+    g = torch.randn(6, 4, 3, 3)
+    WeightBinarizer()(w).backward(g)
+    w2 = w.detach().clone().requires_grad_()
+    centred = w2 - w2.mean(dim=(1, 2, 3), keepdim=True)
+    clip = centred.clamp(-1.0, 1.0)
+    alpha = w2.detach().abs().mean(dim=(1, 2, 3), keepdim=True)
+    ((binary_sign(centred.detach()) * alpha - clip).detach() + clip).backward(g)
+    assert 0 < (centred.abs() > 1).sum() < w2.numel()  # some latent weights are clipped
+    assert torch.allclose(w.grad, w2.grad, atol=1e-6)

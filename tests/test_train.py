@@ -681,3 +681,22 @@ def test_resume_from_an_unfused_optimizer_state_runs_fused(tmp_path):
     opt.grad_scale, opt.found_inf = torch.ones(()), torch.zeros(())
     opt.step()
     assert float(opt.state[m.weight]["step"]) == 2.0
+
+
+def test_buffer_averaging_leaves_constant_buffers_alone(tmp_path):
+    # Across ranks only state is averaged (BatchNorm statistics); the shift taps are constants.
+    import torch.distributed as dist
+    from bhvit.train import _average_buffers
+    m = create_model("bhvit_micro_c28", num_classes=10)
+    before = {k: b.clone() for k, b in m.named_buffers()}
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        _average_buffers(m, 4)  # one process: the all-reduce is the identity, then / 4
+    finally:
+        dist.destroy_process_group()
+    after = dict(m.named_buffers())
+    taps = [k for k in before if k.endswith((".taps_h", ".taps_w", ".divisors"))]
+    assert len(taps) == 3 * 5  # 5 blocks
+    assert all(torch.equal(before[k], after[k]) for k in taps)
+    var = "stages.0.blocks.0.norm2.running_var"
+    assert torch.equal(after[var], before[var] / 4)

@@ -1269,7 +1269,8 @@ EXPORT void bhv_gelu(const float *x, int64_t n, float *out, int threads)
  * for x: (B, H, W, C) and each size k_i:
  *   y_i0 = mean of x rolled by -k..k along H (cyclic), y_i1 the same along W,
  *   y_i2 = the four channel quarters rolled +k H, -k H, +k W, -k W
- * (torch.roll(x, s)[h] = x[h - s]).  The rolled sums run in the training model's order.
+ * (torch.roll(x, s)[h] = x[h - s]).  The rolled sums run in the order of the definition,
+ * ShiftBranches.forward_reference (training computes the same sum as two convolutions).
  */
 typedef struct {
     const float *x;
