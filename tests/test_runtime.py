@@ -214,12 +214,33 @@ def test_self_consistent_but_malformed_exports(tmp_path):
             assert t[name].shape[1] == 1
             t[name][:, -1] |= np.int64(1) << np.int64(40)
             _rewrite(d, t)
-            rt = runtime.load(d)  # the input count is known at the first call
+            # found by the load-time run of one image, which prepares every layer
             with pytest.raises(RuntimeFormatError, match=f"{name}: 1 words per row with bits set past the layer's 32 inputs"):
-                rt(x.numpy())
+                runtime.load(d)
     export_model(m, tmp_path / "ok")
     _rewrite(tmp_path / "ok", load_file(str(tmp_path / "ok" / "model.safetensors")))  # unchanged: loads and runs
     _check(runtime.load(tmp_path / "ok")(x.numpy()), m(x).detach().numpy())
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"depths": [1, 1, 3, 1]}, r"does not fit its tensors \(no tensor 'stages.2.blocks.2.norm1"),
+    ({"depths": [1, 1, 1, 1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.2.blocks.1."),
+    ({"shift_sizes": [1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.0.blocks.0.shift.scales.3"),
+    ({"msgdc_dilations": [1, 3]}, r"does not use, e.g. \['stages.0.blocks.0.mixer.acts.2"),
+    ({"dims": [32, 64, 128, 128]}, r"dims\[3\] = 128 and mlp_ratios\[3\] = 4, the tensors have 256 channels and an MLP of 1024"),
+    ({"mlp_ratios": [8, 8, 4, 2]}, r"dims\[3\] = 256 and mlp_ratios\[3\] = 2, the tensors have 256 channels and an MLP of 1024"),
+    ({"num_classes": 5}, r"num_classes is 5, the head has 10 outputs"),
+    ({"img_size": 64}, r"does not fit its tensors \(operands could not be broadcast"),
+    ({"depths": "abc"}, r"does not fit its tensors"),
+])
+def test_config_that_does_not_describe_the_tensors_is_refused_at_load(tmp_path, change, message):
+    # A manifest edited with a recomputed digest: its config no longer describes the weights.
+    m = _trained_like("bhvit_micro_c32")
+    export_model(m, tmp_path)
+    man = json.loads((tmp_path / "manifest.json").read_text())
+    _rewrite(tmp_path, config=dict(man["config"], **change))
+    with pytest.raises(RuntimeFormatError, match=message):
+        runtime.load(tmp_path)
 
 
 def test_runtime_bad_input(tmp_path):

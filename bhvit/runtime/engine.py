@@ -393,8 +393,63 @@ class BHViTRuntime:
         return K.dense(f, self._wt("head.weight"), self.t["head.bias"], self.threads)
 
 
+class _ReadTracker(dict):
+    """The tensor dict during the load-time check: notes every name the network reads."""
+
+    def __init__(self, tensors):
+        super().__init__(tensors)
+        self.read = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+
+def _first_tensor(t: Dict[str, np.ndarray], prefix: str, names) -> np.ndarray:
+    for n in names:
+        if f"{prefix}.{n}" in t:
+            return t[f"{prefix}.{n}"]
+    raise KeyError(f"{prefix}.{names[0]}")
+
+
+def _check_structure(rt: BHViTRuntime, mpath: Path) -> None:
+    """The manifest's config must describe its tensors: one zero image runs through the
+    network (every tensor the config implies exists and fits), every tensor is read, and the
+    widths the runtime takes from the tensors agree with the config's."""
+    cfg, t = rt.cfg, rt.t
+    try:
+        side, chans = int(cfg["img_size"]), int(cfg["in_chans"])
+        logits = rt(np.zeros((1, chans, side, side), np.float32))
+        if logits.shape[-1] != cfg["num_classes"]:
+            raise ValueError(f"num_classes is {cfg['num_classes']}, the head has {logits.shape[-1]} outputs")
+        for i, (dim, ratio) in enumerate(zip(cfg["dims"], cfg["mlp_ratios"])):
+            b = f"stages.{i}.blocks.0"
+            width = _first_tensor(t, b + ".norm1", ("scale", "weight")).shape[0]
+            hidden = t[b + ".mlp.up.op.wbits"].shape[0]
+            if (width, hidden) != (dim, dim * ratio):
+                raise ValueError(f"dims[{i}] = {dim} and mlp_ratios[{i}] = {ratio}, the tensors have "
+                                 f"{width} channels and an MLP of {hidden}")
+    except RuntimeFormatError:
+        raise
+    except (KeyError, ValueError, IndexError, TypeError) as e:
+        what = f"no tensor {e}" if isinstance(e, KeyError) else str(e)
+        raise RuntimeFormatError(f"{mpath}: the manifest's config does not fit its tensors ({what}); "
+                                 "it was not written by `bhvit export`.") from None
+    unread = sorted(set(t) - t.read)
+    if unread:
+        raise RuntimeFormatError(f"{mpath}: {len(unread)} tensor(s) that the manifest's config does not "
+                                 f"use, e.g. {unread[:3]}; it was not written by `bhvit export`.")
+
+
 def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
-    """Load and validate an export directory (or its manifest.json)."""
+    """Load and validate an export directory (or its manifest.json).
+
+    Checks the manifest's own SHA-256 and the weights file's, the tensors against the
+    manifest, and the config against the tensors (one zero image through the network)."""
     p = Path(path)
     mpath = p / "manifest.json" if p.is_dir() else p
     if mpath.is_file() and mpath.suffix != ".json":
@@ -457,4 +512,7 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
             tensors[name] = np.ascontiguousarray(arr.view(np.uint64))
         else:
             tensors[name] = np.ascontiguousarray(arr, dtype=np.float32)
-    return BHViTRuntime(manifest, tensors, threads)
+    rt = BHViTRuntime(manifest, _ReadTracker(tensors), threads)
+    _check_structure(rt, mpath)
+    rt.t = dict(rt.t)
+    return rt
