@@ -124,11 +124,11 @@ def test_shift_branches_convolution_matches_rolls(hw, sizes):
 def test_shift_branches_state_holds_only_layerscales():
     mod = ShiftBranches(8, (1, 2))
     assert sorted(mod.state_dict()) == sorted(f"scales.{i}.{n}" for i in range(6) for n in ("scale", "bias"))
-    assert mod.taps_h.shape == mod.taps_w.shape == (6, 8, 5)
+    assert mod.taps_h.shape == mod.taps_w.shape == (6, 4, 5)  # (branch, channel quarter, tap)
     # the mean along H of size 2 spreads over 5 taps; the channel mix of size 1 moves
     # the first channel quarter by -1 along H and the last by +1 along W
     assert mod.taps_h[3, 0].tolist() == [1.0] * 5 and mod.divisors.tolist() == [3, 3, 1, 5, 5, 1]
-    assert mod.taps_h[2, 0].tolist() == [0, 1, 0, 0, 0] and mod.taps_w[2, 6].tolist() == [0, 0, 0, 1, 0]
+    assert mod.taps_h[2, 0].tolist() == [0, 1, 0, 0, 0] and mod.taps_w[2, 3].tolist() == [0, 0, 0, 1, 0]
     with pytest.raises(ValueError, match="shift sizes"):
         ShiftBranches(8, ())
 
