@@ -18,8 +18,10 @@ With ``--compile`` the probes are run a second time compiled, in a child process
 after ``--compile-max-frac`` of the budget; the jobs are compiled only when that finished
 and more epochs of the first phase fit with the compile time taken off than without it.
 A compilation can take minutes (tiny_c28 at batch 1024 on an H200: 228 s), so in a budget
-of a few minutes the jobs usually run eager. ``--dry-run`` probes and prints the plan
-without training.
+of a few minutes the jobs usually run eager. With ``--cuda-graph`` the probes are run a
+third time with the step replayed as a CUDA graph (capturing costs about a step); the jobs
+train with ``--cuda-graph`` when those probes run and plan more epochs than eager.
+``--dry-run`` probes and prints the plan without training.
 
 Writes ``OUT/summary.json`` (plan, probes, per-epoch metrics of every run; not with
 ``--dry-run``) and prints a table. The exit status is 1 if a job failed or never started
@@ -48,6 +50,7 @@ import torch.nn.functional as F
 
 import bhvit
 from bhvit.cli import parse_overrides
+from bhvit.cudagraph import GraphedStep
 from bhvit.data import augment_batch, normalize
 from bhvit.layers import binary_layers
 from bhvit.train import kd_loss, make_optimizer, read_metrics, sign_snapshot
@@ -76,9 +79,11 @@ class Job:
 
 
 def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Optional[str] = None,
-          step_flips: bool = True):
+          step_flips: bool = True, cuda_graph: bool = False):
     """Median seconds of one training step of ``job`` (teacher forward included), and the
-    seconds of the first compiled step (0 without ``compile_backend``)."""
+    seconds of the first compiled step (0 without ``compile_backend``). ``cuda_graph``: the
+    step replayed as a CUDA graph, as `bhvit train --cuda-graph` (capturing costs about a
+    step, not counted)."""
     torch.manual_seed(0)
     m = bhvit.create_model(job.model, num_classes=10, binary=job.binary, **job.overrides).to(device).train()
     teacher = None
@@ -90,39 +95,45 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
     images = torch.randint(0, 256, (batch, c.in_chans, c.img_size, c.img_size), dtype=torch.uint8)
     gen = torch.Generator().manual_seed(0)
     y = torch.randint(0, 10, (batch,), device=device)
-    opt = make_optimizer(m.parameters(), 1e-4, 0.0, device)  # as training's
+    opt = make_optimizer(m.parameters(), 1e-4, 0.0, device, capturable=cuda_graph)  # as training's
     fwd, t_fwd = m, teacher
     if compile_backend:  # as `bhvit train --compile`: the first step eager, then compiled
         torch._dynamo.reset()  # fresh caches: dynamo keeps few versions of one forward
         fwd = torch.compile(m, dynamic=False, backend=compile_backend)
         if teacher is not None:
             t_fwd = torch.compile(teacher, dynamic=False, backend=compile_backend)
-    times, compile_s = [], 0.0
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for i in range(steps + 3):
-        sync()
-        t = time.perf_counter()
-        x = augment_batch(images, c.img_size // 8, True, gen)
-        x = normalize(x, [0.5] * c.in_chans, [0.25] * c.in_chans).to(device)
-        logits = (m if i == 0 else fwd)(x)
+    def step(x, y, first: bool = False):
+        logits = (m if first else fwd)(x)
         loss = F.cross_entropy(logits, y)
         if teacher is not None:
             with torch.no_grad():
                 t_logits = t_fwd(x)
             loss = loss + kd_loss(logits, t_logits)
-        if not torch.isfinite(loss):
-            raise RuntimeError("probe loss is not finite")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        return (loss.detach(),)
+
+    graphed = GraphedStep(step) if cuda_graph else None  # 3 eager steps, then the capture
+    skip = 4 if cuda_graph else 3
+    times, compile_s = [], 0.0
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for i in range(steps + skip):
+        sync()
+        t = time.perf_counter()
+        x = augment_batch(images, c.img_size // 8, True, gen)
+        x = normalize(x, [0.5] * c.in_chans, [0.25] * c.in_chans).to(device)
+        loss = graphed(x, y)[0] if graphed is not None else step(x, y, first=(i == 0))[0]
+        if not torch.isfinite(loss):
+            raise RuntimeError("probe loss is not finite")
         if step_flips and any(True for _ in binary_layers(m)):
             sign_snapshot(m)
         sync()
         times.append(time.perf_counter() - t)
-    del m, teacher, opt, fwd, t_fwd
+    del m, teacher, opt, fwd, t_fwd, graphed
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
-    med = sorted(times[3:])[len(times[3:]) // 2]
+    med = sorted(times[skip:])[len(times[skip:]) // 2]
     if compile_backend:  # compilation happens in steps 0 (the teacher) and 1 (the student)
         compile_s = max(0.0, times[0] + times[1] - 2 * med)
     return med, compile_s
@@ -132,17 +143,19 @@ def probe_key(job: Job):
     return (job.model, job.binary, bool(job.teacher), json.dumps(job.overrides, sort_keys=True))
 
 
-def probe_jobs(jobs: List[Job], args, compile_backend: Optional[str]) -> Dict[Any, Any]:
+def probe_jobs(jobs: List[Job], args, compile_backend: Optional[str],
+               cuda_graph: bool = False) -> Dict[Any, Any]:
     """``probe`` once per distinct (model, binary, teacher, overrides) among ``jobs``."""
     probes = {}
     for j in jobs:
         key = probe_key(j)
         if key not in probes:
             probes[key] = probe(j, args.batch_size, args.device, args.probe_steps, compile_backend,
-                                not args.no_step_flips)
+                                not args.no_step_flips, cuda_graph)
             if compile_backend is None:
                 print(f"probe {j.model} binary={j.binary} teacher={bool(j.teacher)} {j.overrides or ''}: "
-                      f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}", flush=True)
+                      f"{probes[key][0] * 1e3:.1f} ms/step at batch {args.batch_size}"
+                      f"{' as a CUDA graph' if cuda_graph else ''}", flush=True)
     return probes
 
 
@@ -184,16 +197,17 @@ def compiled_probes(jobs: List[Job], args, limit_s: float):
         child.join()
 
 
-def compile_pays(jobs: List[Job], eager: Dict[Any, Any], compiled: Dict[Any, Any], seconds: float, args) -> bool:
-    """Whether ``jobs`` (the first phase) get more planned epochs in ``seconds`` compiled,
-    with their compilation taken off, than eager. ``jobs`` are left as they are."""
+def compile_pays(jobs: List[Job], eager: Dict[Any, Any], compiled: Dict[Any, Any], seconds: float, args,
+                 what: str = "torch.compile") -> bool:
+    """Whether ``jobs`` (the first phase) get more planned epochs in ``seconds`` compiled
+    (or graphed), with their compilation taken off, than eager. ``jobs`` are left as they are."""
     def total(probes, drop_last):
         copies = [dataclasses.replace(j) for j in jobs]
         set_probes(copies, probes, drop_last)
         return sum(plan_epochs(j, args.batch_size, seconds, args.slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset) for j in copies)
     n_eager, n_compiled = total(eager, False), total(compiled, True)
-    print(f"torch.compile: {n_compiled} planned epochs in the first phase compiled, {n_eager} eager",
+    print(f"{what}: {n_compiled} planned epochs in the first phase with it, {n_eager} eager",
           flush=True)
     return n_compiled > n_eager
 
@@ -235,6 +249,8 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
         cmd += ["--test-subset", str(args.test_subset)]
     if args.compile:
         cmd += ["--compile", args.compile]
+    if args.cuda_graph:
+        cmd += ["--cuda-graph"]
     if args.no_step_flips:
         cmd += ["--no-step-flips"]
     if not job.binary:
@@ -338,8 +354,13 @@ def main() -> None:
                         "probes fail or take over --compile-max-frac of the budget, the jobs run eager")
     p.add_argument("--compile-max-frac", type=float, default=0.2,
                    help="share of --budget-s the compiled probes may take (default 0.2)")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="train with --cuda-graph (the step replayed as one CUDA graph) if its probes "
+                        "run and plan more epochs than eager; otherwise the jobs run eager")
     p.add_argument("--dry-run", action="store_true", help="probe and print the plan, train nothing")
     args = p.parse_args()
+    if args.cuda_graph and args.compile:
+        p.error("give one of --compile and --cuda-graph.")
     try:
         student_set = parse_overrides(args.student_set)
     except ValueError as e:
@@ -398,8 +419,32 @@ def main() -> None:
         # without them the concurrent jobs of each step of phase 2
         concurrent = len(teachers) if teachers else max(len(acts), len(students))
         args.slowdown = 1.6 if concurrent > 1 else 1.15
+    def first_phase():  # the jobs planned before any has run, and their share of the time
+        return ((teachers, args.teacher_frac) if teachers else
+                (acts, args.act_frac) if acts else (students, 1.0))
+
     eager = probe_jobs(jobs, args, None)
     set_probes(jobs, eager, False)
+    graph_info = None
+    if args.cuda_graph:
+        # Capturing costs about a step, so graphs pay whenever the replayed step is faster.
+        try:
+            graphed, status = probe_jobs(jobs, args, None, cuda_graph=True), "ok"
+        except Exception as e:  # noqa: BLE001 - reported; the jobs then run eager
+            graphed, status = None, f"failed in the probe ({type(e).__name__}: {str(e)[:300]})"
+        use = False
+        if graphed is not None:
+            left = args.budget_s - (time.perf_counter() - t_start)
+            first, share = first_phase()
+            use = compile_pays(first, eager, graphed, left * share, args, what="--cuda-graph")
+            status = "graphed" if use else "no more planned epochs than eager"
+        graph_info = {"status": status,
+                      "graph_probes": {j.name: list(graphed[probe_key(j)]) for j in jobs} if graphed else None}
+        if use:
+            set_probes(jobs, graphed, True)
+        else:
+            print(f"--cuda-graph: {status}; going on without it", flush=True)
+            args.cuda_graph = False
     compile_info = None
     if args.compile:
         # The compiled probes run in a child process under a deadline: one compilation can
@@ -412,8 +457,7 @@ def main() -> None:
                 print(f"probe {model} binary={binary} teacher={teacher} {overrides}: "
                       f"{step_s * 1e3:.1f} ms/step compiled, compilation {compile_s:.0f}s", flush=True)
             left = args.budget_s - (time.perf_counter() - t_start)
-            first, share = ((teachers, args.teacher_frac) if teachers else
-                            (acts, args.act_frac) if acts else (students, 1.0))
+            first, share = first_phase()
             use = compile_pays(first, eager, compiled, left * share, args)
             status = "compiled" if use else ("compilation does not pay off in this budget (no more planned "
                                              "epochs than without it)")
@@ -434,7 +478,7 @@ def main() -> None:
                                args.subset, args.test_subset)
     summary = {"args": vars(args), "probe_ms": {j.name: j.step_s * 1e3 for j in teachers + acts + students},
                "probe_compile_s": {j.name: j.compile_s for j in teachers + acts + students},
-               "compile": compile_info}
+               "compile": compile_info, "cuda_graph": graph_info}
     if args.dry_run:  # phase 2 as planned before phase 1 measures its slowdown
         t2 = left - t_phase1
         for group, t in ((acts, t2 * args.act_frac), (students, t2 * (1 - args.act_frac))):
@@ -443,7 +487,8 @@ def main() -> None:
                                        phase_slowdown(len(group), len(teachers), [], args.slowdown),
                                        args.reserve_s, args.max_epochs, args.subset, args.test_subset)
         for j in teachers + acts + students:
-            print(f"plan {j.name}: {j.epochs} epochs{' (compiled)' if args.compile else ''}", flush=True)
+            how = " (compiled)" if args.compile else " (CUDA graph)" if args.cuda_graph else ""
+            print(f"plan {j.name}: {j.epochs} epochs{how}", flush=True)
         return
     summary["phase1"] = run_phase(teachers, args, out, time.perf_counter() + t_phase1)
 

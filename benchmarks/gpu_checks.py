@@ -1,10 +1,12 @@
 """CUDA checks of the training path: forward agreement with the CPU, a mixed-precision
-run, kill-and-resume, and evaluation on both devices.
+run, kill-and-resume, evaluation on both devices, and the CUDA-graph step (`--cuda-graph`)
+against eager steps.
 
 Needs a CUDA device and Fashion-MNIST. Prints one JSON object per check and a summary;
 ``--json FILE`` also writes them all.
 
     python benchmarks/gpu_checks.py --data-dir /usr/share/datasets/fashion-mnist --work runs/gpu_checks
+    python benchmarks/gpu_checks.py --only cuda-graph --data-dir DIR --work DIR   # about 2 minutes
 """
 from __future__ import annotations
 
@@ -148,6 +150,93 @@ def eval_runs(device: str, data_dir: str, work: Path) -> None:
         report("eval_cpu_vs_device", error=repr(e))
 
 
+def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None:
+    """The same training steps (KD + L_re student, capturable AdamW, a changing learning
+    rate) eager and through ``GraphedStep``, from the same start on the same batches:
+    losses and final weights must be identical. Twice eager as the baseline of what this
+    device repeats. Deterministic cuDNN (process-wide: run this check last)."""
+    import torch.nn.functional as F
+
+    from bhvit.cudagraph import GraphedStep
+    from bhvit.quantizers import regularization_loss
+    from bhvit.train import kd_loss, make_optimizer, set_deterministic, set_lr
+
+    set_deterministic()
+    for name, over in (("bhvit_micro_c28", {}), ("bhvit_tiny_c28", {"fp_downsample": True})):
+        runs = {}
+        for mode in ("eager", "eager_again", "graph"):
+            torch.manual_seed(0)
+            m = bhvit.create_model(name, num_classes=10, **over).to(device).train()
+            t = bhvit.create_model(name, num_classes=10, binary=False).to(device).eval()
+            opt = make_optimizer(m.parameters(), 1e-3, 0.0, device, capturable=True)
+
+            def fn(x, y, m=m, t=t, opt=opt):
+                opt.zero_grad(set_to_none=True)
+                logits = m(x)
+                with torch.no_grad():
+                    t_logits = t(x)
+                loss = (0.1 * F.cross_entropy(logits, y) + 0.8 * kd_loss(logits, t_logits)
+                        + 0.1 * regularization_loss(m))
+                loss.backward()
+                opt.step()
+                return loss.detach(), logits.detach()
+
+            step = GraphedStep(fn) if mode == "graph" else fn
+            gen = torch.Generator().manual_seed(1)
+            c = m.cfg
+            losses, t0 = [], time.perf_counter()
+            try:
+                for i in range(steps):
+                    set_lr(opt, 1e-3 * (1 - i / (2 * steps)))
+                    x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, generator=gen).to(device)
+                    y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+                    losses.append(step(x, y)[0].item())
+            except Exception as e:  # report, keep going
+                report("cuda_graph_steps", model=name, overrides=over, mode=mode,
+                       error=f"{type(e).__name__}: {str(e)[:500]}")
+                break
+            state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+            runs[mode] = (losses, state, time.perf_counter() - t0)
+        if len(runs) < 3:
+            continue
+        base_l, base_s, _ = runs["eager"]
+
+        def diff(mode):
+            losses, state, _ = runs[mode]
+            return {"identical_losses": losses == base_l,
+                    "max_weight_diff": max(float((state[k].double() - base_s[k].double()).abs().max())
+                                           for k in base_s if state[k].is_floating_point()),
+                    "identical_state": all(torch.equal(state[k], base_s[k]) for k in base_s)}
+
+        report("cuda_graph_steps", model=name, overrides=over, steps=steps, batch=batch,
+               eager_again=diff("eager_again"), graph=diff("graph"), losses=base_l,
+               graph_losses=runs["graph"][0])
+
+
+def graph_train_runs(device: str, data_dir: str, work: Path, subset: int) -> None:
+    """`bhvit train` with and without --cuda-graph, one after the other: a binary KD
+    student (L_re in its last epoch) from a short FP teacher; top-1 and images/s of both."""
+    common = ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--model", "bhvit_micro_c28",
+              "--subset", str(subset), "--test-subset", "2000", "--batch-size", "256", "--lr", "2e-3",
+              "--device", device, "--threads", "4", "--no-progress", "--seed", "3", "--no-step-flips"]
+    cli(*common, "--set", "binary=false", "--epochs", "2", "--out", str(work / "g_teacher"),
+        log=work / "g_teacher.log")
+    res = {}
+    for mode, extra in (("eager", []), ("graph", ["--cuda-graph"])):
+        cli(*common, "--epochs", "3", "--teacher", str(work / "g_teacher"), *extra, "--out",
+            str(work / f"g_{mode}"), log=work / f"g_{mode}.log")
+        f = work / f"g_{mode}" / "metrics.jsonl"
+        if not f.is_file():
+            res[mode] = {"error": (work / f"g_{mode}.log").read_text()[-2000:]}
+            continue
+        hist = [json.loads(line) for line in f.read_text().splitlines()]
+        res[mode] = {"test_top1": [h["test_top1"] for h in hist],
+                     "images_per_s": [round(h["train_images_per_s"]) for h in hist]}
+    ok = all("error" not in r for r in res.values())
+    speed = (sorted(res["graph"]["images_per_s"])[1] / sorted(res["eager"]["images_per_s"])[1]) if ok else None
+    report("cuda_graph_train", subset=subset, batch=256, **res, median_speedup=speed)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda")
@@ -157,6 +246,9 @@ def main() -> None:
     p.add_argument("--deterministic", action="store_true", help="train runs with --deterministic")
     p.add_argument("--no-amp", action="store_true", help="skip the mixed-precision runs")
     p.add_argument("--no-tf32", action="store_true", help="forward agreement without TF32 as well")
+    p.add_argument("--only", choices=["cuda-graph", "cuda-graph-steps"], default=None,
+                   help="run only the CUDA-graph checks: graphed vs eager steps and training runs "
+                        "(about 2 minutes), or the steps alone (well under a minute)")
     p.add_argument("--json", default=None)
     args = p.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -170,10 +262,14 @@ def main() -> None:
     report("environment", torch=torch.__version__, device=name,
            cudnn=torch.backends.cudnn.version() if torch.cuda.is_available() else None)
     t = time.perf_counter()
-    forward_agreement(args.device)
-    if args.no_tf32:
-        forward_agreement(args.device, tf32=False)
-    train_runs(args.device, args.data_dir, work, args.subset, args.deterministic, not args.no_amp)
+    if args.only is None:
+        forward_agreement(args.device)
+        if args.no_tf32:
+            forward_agreement(args.device, tf32=False)
+        train_runs(args.device, args.data_dir, work, args.subset, args.deterministic, not args.no_amp)
+    if args.only != "cuda-graph-steps":
+        graph_train_runs(args.device, args.data_dir, work, max(args.subset, 16384))
+    graph_step_agreement(args.device)  # last: it makes cuDNN deterministic for the process
     report("total", seconds=time.perf_counter() - t)
     if args.json:
         Path(args.json).write_text(json.dumps(RESULTS, indent=1))

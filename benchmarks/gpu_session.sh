@@ -10,7 +10,8 @@
 # DEVICE (cuda), WORK (runs/gpu_session_<date>_<time>: a new folder each call; an existing
 # one is refused), CHECK_SUBSET (4096), SPEED_BATCH (64),
 # SPEED_RUNS (5), CKPT_MAX_MB (12: larger checkpoints come back in float16), SKIP_CHECKS (set: no
-# checks, no throughput), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
+# checks, no throughput), GRAPH_CHECK (set: with SKIP_CHECKS, still compare CUDA-graph steps
+# with eager ones, gpu_checks.py --only cuda-graph-steps), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
 # PYTHON (python3). Every step runs even if an earlier
 # one failed; the exit status is 1 if any failed.
 set -u -o pipefail
@@ -49,6 +50,10 @@ if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
     $PY benchmarks/train_speed.py --device "$DEV" --models bhvit_tiny bhvit_tiny_c32 bhvit_micro_c28 \
         --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt" \
         || failed "throughput"
+elif [ -n "${GRAPH_CHECK:-}" ] && [ -n "$FM" ]; then
+    stamp "CUDA-graph step check"
+    $PY benchmarks/gpu_checks.py --only cuda-graph-steps --device "$DEV" --data-dir "$FM" \
+        --work "$W/checks" --json "$OUT/checks.json" || failed "graph check"
 fi
 wait
 [ -n "$C10" ] && stamp "decode done: $(tail -1 "$W/decode.log")"

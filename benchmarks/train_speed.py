@@ -7,6 +7,7 @@ process, interleaved run by run, so machine noise hits them alike.
     python benchmarks/train_speed.py --models bhvit_tiny bhvit_tiny_c32 --batch 32 --threads 2 --runs 5
     python benchmarks/train_speed.py --device cuda --batch 128 --runs 10 [--amp]
     python benchmarks/train_speed.py --models bhvit_micro_c28 --compile   # eager vs torch.compile
+    python benchmarks/train_speed.py --device cuda --cuda-graph   # eager vs one CUDA graph per step
     python benchmarks/train_speed.py --models bhvit_tiny_c32 --shift-reference  # shift branches as rolls
     python benchmarks/train_speed.py --models bhvit_tiny_c28 --count-ops   # PyTorch ops per step
 """
@@ -62,6 +63,10 @@ def main() -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="also time each model under torch.compile (as `bhvit train --compile`), "
                         "side by side with eager, and print the compile time and the speed-up")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="also time each model's step (with an optimizer step, as `bhvit train "
+                        "--cuda-graph`) replayed as a CUDA graph, side by side with the same step "
+                        "eager, and print the speed-up")
     p.add_argument("--shift-reference", action="store_true",
                    help="also time each model with its shift branches computed by their definition "
                         "(rolls, ShiftBranches.forward_reference) instead of the depthwise "
@@ -73,6 +78,9 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="config override for every model, e.g. binary=false")
     args = p.parse_args()
+    cuda = args.device.startswith("cuda")
+    if args.cuda_graph and (not cuda or args.amp or args.compile):
+        p.error("--cuda-graph needs --device cuda, without --amp and --compile.")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from bhvit.cli import parse_overrides
@@ -94,7 +102,6 @@ def main() -> None:
                     mod.forward = mod.forward_reference
             setups.append((f"{name}+rolls", ref, x, y))
 
-    cuda = args.device.startswith("cuda")
     amp_dtype = torch.float16 if cuda else torch.bfloat16
 
     def step(m, x, y):
@@ -105,11 +112,45 @@ def main() -> None:
         if cuda:
             torch.cuda.synchronize()
 
-    for _, m, x, y in setups:  # warm-up (CUDA: kernel selection; QD initialisation)
-        step(m, x, y)
-        step(m, x, y)
+    if args.cuda_graph:
+        # With an optimizer step (what the graph replaces includes it): the same step eager
+        # (model+opt) and graphed (model+graph), each on its own copy of the model.
+        from bhvit.cudagraph import GraphedStep
+        from bhvit.train import make_optimizer
+
+        def with_optimizer(m):
+            opt = make_optimizer(m.parameters(), 1e-4, 0.0, args.device, capturable=True)
+
+            def fn(x, y):
+                opt.zero_grad(set_to_none=True)
+                loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+                loss.backward()
+                opt.step()
+                return (loss.detach(),)
+            return fn
+
+        for name, m, x, y in list(setups):
+            eager_fn = with_optimizer(m)
+            graphed = GraphedStep(with_optimizer(copy.deepcopy(m)))
+            setups.append((f"{name}+opt", eager_fn, x, y))
+            setups.append((f"{name}+graph", graphed, x, y))
+
+        def call(m, x, y):
+            if isinstance(m, torch.nn.Module):
+                step(m, x, y)
+            else:
+                m(x, y)
+                torch.cuda.synchronize()
+    else:
+        call = step
+
+    for _, m, x, y in setups:  # warm-up (CUDA: kernel selection; QD initialisation; graph capture)
+        for _ in range(5 if args.cuda_graph else 2):
+            call(m, x, y)
     if args.count_ops:
         for name, m, x, y in setups:
+            if not isinstance(m, torch.nn.Module):  # the --cuda-graph variants
+                continue
             counts = count_ops(lambda: step(m, x, y))
             top = ", ".join(f"{op} {n}" for op, n in counts.most_common(6))
             print(f"{name}: {sum(counts.values())} ops per training step ({top}, ...)")
@@ -126,7 +167,7 @@ def main() -> None:
     for _ in range(args.runs):
         for name, m, x, y in setups:
             t = time.perf_counter()
-            step(m, x, y)
+            call(m, x, y)
             times[name].append(time.perf_counter() - t)
 
     where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
@@ -142,6 +183,10 @@ def main() -> None:
         print(f"{name}: torch.compile ({args.compile}) took {sec:.0f}s; compiled step {ratio:.2f}x "
               f"as fast as eager")
     for name in times:
+        if name.endswith("+graph"):
+            base = name[:-len("+graph")]
+            ratio = statistics.median(times[f"{base}+opt"]) / statistics.median(times[name])
+            print(f"{base}: training step with optimizer as one CUDA graph: {ratio:.2f}x as fast as eager")
         if name.endswith("+rolls"):
             base = name[:-len("+rolls")]
             ratio = statistics.median(times[name]) / statistics.median(times[base])

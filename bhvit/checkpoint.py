@@ -98,7 +98,10 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Te
                 tensors[f"{idx}.{k}"] = v
             else:
                 scalars[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+    # A capturable optimizer holds its learning rate in a tensor; JSON takes the number.
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()}
+              for g in sd["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
 
 
 def optimizer_from_tensors(tensors: Dict[str, torch.Tensor], meta: Dict) -> Dict:

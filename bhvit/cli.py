@@ -82,7 +82,7 @@ def _train_config(args, **changes):
         teacher=getattr(args, "teacher", None), init_from=getattr(args, "init_from", None),
         resume=args.resume, subset=args.subset,
         test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
-        deterministic=args.deterministic, compile=args.compile,
+        deterministic=args.deterministic, compile=args.compile, cuda_graph=args.cuda_graph,
         threads=args.threads, overrides=parse_overrides(args.set), skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
         progress=not args.no_progress, step_flips=not args.no_step_flips)
@@ -311,6 +311,11 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                    help="torch.compile the training step (backend default inductor). Compiling "
                         "takes minutes at the start; the last partial batch of each epoch is dropped")
+    p.add_argument("--cuda-graph", action="store_true",
+                   help="CUDA: record the whole training step (forward, backward, optimizer) once "
+                        "as a CUDA graph and replay it, which removes the per-operator launch "
+                        "cost; one process, not with --amp or --compile; the last partial batch "
+                        "of each epoch is dropped")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --set qd=false (repeatable)")

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from torch import nn
 from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_weights, load_model,
                          load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
                          set_rng_state)
+from .cudagraph import GraphedStep
 from .data import Dataset, augment_batch, load_dataset, normalize
 from .errors import TrainingDiverged
 from .layers import binary_layers
@@ -81,6 +83,10 @@ class TrainConfig:
     # torch.compile backend ("inductor") for the training forward/backward and the teacher;
     # shapes are kept fixed, so the last partial batch of an epoch is dropped.
     compile: Optional[str] = None
+    # CUDA: capture the whole step (forward, backward, optimizer) as one CUDA graph and
+    # replay it (bhvit.cudagraph); single process, no amp/compile; the last partial batch
+    # of an epoch is dropped.
+    cuda_graph: bool = False
 
 
 # On an accelerator the loss is checked for NaN/inf on the host every this many steps (the
@@ -202,17 +208,34 @@ class Progress:
         sys.stderr.flush()
 
 
-def make_optimizer(params, lr: float, weight_decay: float, device) -> torch.optim.AdamW:
+def make_optimizer(params, lr: float, weight_decay: float, device,
+                   capturable: bool = False) -> torch.optim.AdamW:
     """The recipe's AdamW. Fused where PyTorch has the kernel (CPU, CUDA): one kernel for all
     parameters, 3-4x faster on the CPU than the default per-parameter loop, and fewer kernel
-    launches on a GPU."""
+    launches on a GPU. ``capturable``: fused, with the learning rate held in a device tensor,
+    so that ``step()`` can be recorded in a CUDA graph (set it with :func:`set_lr`)."""
     params = list(params)
+    if capturable:
+        return torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device),
+                                 weight_decay=weight_decay, fused=True, capturable=True)
     if torch.device(device).type in ("cpu", "cuda"):
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
         except RuntimeError:  # a PyTorch without the fused kernel for this device
             pass
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's learning rate; a capturable optimizer's stays a device tensor,
+    written in place, so that a captured ``step()`` reads the new value."""
+    for g in optimizer.param_groups:
+        if not g.get("capturable"):
+            g["lr"] = lr
+        elif torch.is_tensor(g["lr"]):
+            g["lr"].fill_(lr)
+        else:  # e.g. a float from a loaded state dict
+            g["lr"] = torch.tensor(float(lr), device=g["params"][0].device)
 
 
 def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
@@ -392,14 +415,28 @@ def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path, wo
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now_t.get(k)!r}" for k in diff)
         raise CheckpointError(f"--resume: training settings differ from the run in {out} ({detail}); "
                               "resume with the same settings or use another --out.")
-    if bool(saved.get("compile")) != bool(cfg.compile):  # the backend may change, dropping may not
+    # The backend may change, and --compile and --cuda-graph may replace each other;
+    # whether an epoch's last partial batch is dropped may not.
+    drops = bool(saved.get("compile") or saved.get("cuda_graph"))
+    if drops != bool(cfg.compile or cfg.cuda_graph):
         raise CheckpointError(f"--resume: the run in {out} was trained "
-                              f"{'with' if saved.get('compile') else 'without'} --compile, which decides "
-                              "whether the last partial batch of an epoch is dropped; resume it "
-                              f"{'with' if saved.get('compile') else 'without'} --compile.")
+                              f"{'with' if drops else 'without'} --compile or --cuda-graph, which "
+                              "decide whether the last partial batch of an epoch is dropped; resume "
+                              f"it {'with one of them' if drops else 'without either'}.")
     if saved.get("epochs") not in (None, cfg.epochs):
         print(f"warning: --epochs changed from {saved['epochs']} to {cfg.epochs}; the cosine "
               "schedule is recomputed for the new length", file=sys.stderr)
+
+
+def _check_cuda_graph(cfg: "TrainConfig", device: str, world: int) -> None:
+    """--cuda-graph needs one CUDA process and a step without host-side decisions."""
+    why = ("it needs a CUDA device" if not device.startswith("cuda") else
+           "it runs in a single process (DistributedDataParallel's gradient hooks are not "
+           "captured)" if world > 1 else
+           "--amp's gradient scaler reads its overflow check on the host every step" if cfg.amp else
+           "use one of --compile and --cuda-graph" if cfg.compile else None)
+    if why:
+        raise ValueError(f"--cuda-graph: {why}.")
 
 
 def _log(msg: str, rank: int) -> None:
@@ -432,6 +469,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             torch.cuda.set_device(device)
     elif device != "cpu":
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
+    if cfg.cuda_graph:
+        _check_cuda_graph(cfg, device, world)
     if cfg.deterministic:
         set_deterministic()
     if cfg.threads:
@@ -503,9 +542,10 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     is_binary = any(True for _ in binary_layers(model))
     global_batch = cfg.batch_size * world
     base_lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
-    optimizer = make_optimizer(model.parameters(), base_lr, cfg.weight_decay, device)
+    optimizer = make_optimizer(model.parameters(), base_lr, cfg.weight_decay, device,
+                               capturable=cfg.cuda_graph)
     n_local = math.ceil(len(train_ds) / world)
-    drop_last = bool(cfg.compile) and n_local >= cfg.batch_size
+    drop_last = bool(cfg.compile or cfg.cuda_graph) and n_local >= cfg.batch_size
     steps_per_epoch = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)
     total_steps = steps_per_epoch * cfg.epochs
     warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
@@ -556,11 +596,49 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             t_fwd = torch.compile(teacher, dynamic=False, backend=cfg.compile)
         _log(f"torch.compile (backend {cfg.compile}): the first steps include compilation", rank)
 
+    def forward_loss(x, y, lam: float, beta: float, eager: bool = False):
+        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
+            logits = (model if eager else fwd)(x)
+            loss = (1.0 - lam - beta) * F.cross_entropy(logits.float(), y)
+            if lam:
+                with torch.no_grad():
+                    t_logits = t_fwd(x).float()
+                if t_logits.shape != logits.shape:
+                    raise ValueError(f"the teacher returned logits of shape {tuple(t_logits.shape)}, "
+                                     f"the student {tuple(logits.shape)}; it must predict the "
+                                     "same classes.")
+                loss = loss + lam * kd_loss(logits.float(), t_logits)
+            if beta:
+                loss = loss + beta * regularization_loss(_unwrap(model))
+        return loss, logits
+
+    def backward_step(loss) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+
+    def whole_step(x, y, lam: float, beta: float):
+        loss, logits = forward_loss(x, y, lam, beta)
+        backward_step(loss)
+        return loss.detach(), logits.detach()
+
     last = history[-1] if history else {}
+    graphed, graphed_for = None, None
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         beta = cfg.re_beta if (is_binary and epoch >= re_start) else 0.0
         lam = cfg.kd_lambda if teacher is not None else 0.0
+        if cfg.cuda_graph and graphed_for != (lam, beta):
+            # The loss weights are part of the graph: a new graph when they change (L_re's
+            # epochs), after one eager step (three before the run's first capture).
+            graphed = GraphedStep(functools.partial(whole_step, lam=lam, beta=beta),
+                                  warmup=3 if graphed is None else 1)
+            graphed_for = (lam, beta)
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
         batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
         batches = batches[:steps_per_epoch]  # drop_last: the partial batch
@@ -576,27 +654,17 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         for i, idx in enumerate(batches):
             step = epoch * steps_per_epoch + i
             lr = _lr_at(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
+            set_lr(optimizer, lr)
             x = augment_batch(train_ds.images[idx], crop_pad, cfg.flip, gen)
             x = normalize(x, mean, std).to(device, non_blocking=True)
             y = train_ds.labels[idx].to(device, non_blocking=True)
-            with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
+            if graphed is not None:
+                # Forward, loss, backward and optimizer step, replayed (after warm-up steps).
+                loss, logits = graphed(x, y)
+            else:
                 # The run's first step is eager: it initialises QD from data (host-side
                 # control flow), which would otherwise compile a throw-away graph.
-                logits = (model if (epoch == start_epoch and i == 0) else fwd)(x)
-                ce = F.cross_entropy(logits.float(), y)
-                loss = (1.0 - lam - beta) * ce
-                if lam:
-                    with torch.no_grad():
-                        t_logits = t_fwd(x).float()
-                    if epoch == start_epoch and i == 0 and t_logits.shape != logits.shape:
-                        raise ValueError(f"the teacher returned logits of shape {tuple(t_logits.shape)}, "
-                                         f"the student {tuple(logits.shape)}; it must predict the "
-                                         "same classes.")
-                    loss = loss + lam * kd_loss(logits.float(), t_logits)
-                if beta:
-                    loss = loss + beta * regularization_loss(_unwrap(model))
+                loss, logits = forward_loss(x, y, lam, beta, eager=(epoch == start_epoch and i == 0))
             # A non-finite loss is noted on the device and read every `check_every` steps
             # (every step on the CPU), so that the host need not wait for each step.
             first_bad = torch.isfinite(loss.detach()).logical_not() & (bad_step < 0)
@@ -617,14 +685,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                     raise TrainingDiverged(
                         f"loss became {what} at epoch {epoch + 1}, step {int(first) + 1}; "
                         f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
+            if graphed is None:
+                backward_step(loss)
             if is_binary and cfg.step_flips:
                 # Oscillating weights flip back and forth within an epoch; only a per-step
                 # count sees that (the epoch-level count sees net changes).

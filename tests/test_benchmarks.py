@@ -72,6 +72,22 @@ def test_budget_recipe_goes_on_eager_when_compiling_fails(tmp_path):
     assert not (tmp_path / "runs" / "fm_teacher").exists()
 
 
+def test_budget_recipe_goes_on_eager_when_cuda_graphs_fail(tmp_path):
+    # On the CPU the graphed probe fails at its first step: the plan falls back to eager.
+    r = _run("budget_recipe.py", "--out", str(tmp_path / "runs"), "--device", "cpu", "--fmnist-dir",
+             str(tmp_path / "data"), "--batch-size", "4", "--probe-steps", "1", "--threads", "1",
+             "--budget-s", "200", "--no-lre-ablation", "--cuda-graph", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "--cuda-graph: failed in the probe (" in r.stdout
+    assert "going on without it" in r.stdout
+    assert "plan fm_teacher: " in r.stdout and "(CUDA graph)" not in r.stdout
+    r = _run("budget_recipe.py", "--out", str(tmp_path / "runs"), "--fmnist-dir", "x", "--cuda-graph",
+             "--compile")
+    assert r.returncode == 2 and "one of --compile and --cuda-graph" in r.stderr
+    r = _run("train_speed.py", "--cuda-graph")
+    assert r.returncode == 2 and "--cuda-graph needs --device cuda" in r.stderr
+
+
 def test_phase_two_slowdown():
     br = _budget_recipe_module()
     assert br.phase_slowdown(2, 0, [], 1.6) == 1.6  # no teachers: the default, unscaled

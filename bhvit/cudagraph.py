@@ -1,0 +1,105 @@
+"""A whole training step as one CUDA graph (``bhvit train --cuda-graph``).
+
+In eager mode every PyTorch operator of a step is launched from the host, and for the
+small BHViT models (thousands of operators per step, mostly element-wise) the host's
+launch work, not the GPU's arithmetic, bounds the step. A CUDA graph records the step's
+kernels once and replays them with one launch. Unlike ``torch.compile`` nothing is
+compiled: capturing costs about one step.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Callable, Optional, Sequence, Tuple
+
+import torch
+
+__all__ = ["GraphedStep"]
+
+
+class GraphedStep:
+    """Run ``fn(*inputs)``, one whole training step, as a CUDA graph.
+
+    ``fn`` does everything a step does (zero the gradients, forward, loss, backward,
+    optimizer step) and returns a tuple of tensors (e.g. the detached loss and logits).
+    It must not synchronise with the host (no ``.item()``, no data-dependent Python
+    control flow) and must run the same operators on every call; the inputs keep their
+    shapes and dtypes. The optimizer must be capturable: see ``bhvit.train.make_optimizer``.
+
+    - The first ``warmup`` calls run ``fn`` eagerly on a side stream. They are real
+      training steps; they also do what happens only once (optimizer state, cuDNN and
+      cuBLAS workspaces, QD's start from data), which a graph could not record.
+    - The next call captures ``fn`` on static copies of its inputs, then replays it.
+    - Every later call copies its inputs into those buffers and replays the graph.
+
+    Each call returns the graph's own output tensors, which the next call overwrites:
+    use them (or enqueue work that reads them) before calling again. ``captures`` counts
+    the graphs recorded.
+    """
+
+    def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]], warmup: int = 3):
+        if warmup < 1:
+            raise ValueError(f"GraphedStep: warmup must be >= 1 (lazy initialisation cannot be "
+                             f"captured), got {warmup}.")
+        self.fn = fn
+        self._eager_left = warmup
+        self._graph = None
+        self._static: Optional[Tuple[torch.Tensor, ...]] = None
+        self._out: Optional[Tuple[torch.Tensor, ...]] = None
+        self._stream = None
+        self.captures = 0
+
+    @property
+    def captured(self) -> bool:
+        return self._graph is not None
+
+    def __call__(self, *inputs: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        if self._graph is not None:
+            for s, v in zip(self._static, inputs):
+                if s.shape != v.shape or s.dtype != v.dtype:
+                    raise ValueError(f"GraphedStep: the graph was captured for inputs of shape "
+                                     f"{tuple(s.shape)} ({s.dtype}), got {tuple(v.shape)} ({v.dtype}); "
+                                     "a CUDA graph replays fixed shapes (drop partial batches).")
+                s.copy_(v, non_blocking=True)
+            self._replay()
+            return self._out
+        if self._eager_left > 0:
+            self._eager_left -= 1
+            with self._on_side_stream():
+                return self.fn(*inputs)
+        self._static = tuple(v.clone() for v in inputs)
+        try:
+            self._out = self._capture(self._static)
+        except Exception as e:
+            raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: "
+                               f"{e}). Something in the step synchronises with the host or cannot "
+                               "be captured; train without --cuda-graph.") from e
+        self.captures += 1
+        self._replay()
+        return self._out
+
+    # --- the CUDA parts (a test replaces these to run the bookkeeping on the CPU) -----
+    def _side_stream(self):
+        if self._stream is None:
+            self._stream = torch.cuda.Stream()
+        return self._stream
+
+    @contextlib.contextmanager
+    def _on_side_stream(self):
+        cur, side = torch.cuda.current_stream(), self._side_stream()
+        side.wait_stream(cur)
+        with torch.cuda.stream(side), warnings.catch_warnings():
+            # A capturable optimizer warns when it steps outside a graph: here it must.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            yield
+        cur.wait_stream(side)
+
+    def _capture(self, static: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=self._side_stream()):
+            out = self.fn(*static)
+        self._graph = graph  # only once the capture has succeeded
+        return out
+
+    def _replay(self) -> None:
+        self._graph.replay()

@@ -1,0 +1,189 @@
+"""The CUDA-graph training step (``--cuda-graph``), its bookkeeping run on the CPU.
+
+A CUDA graph needs a GPU (benchmarks/gpu_checks.py compares graphed and eager steps
+there). Here the graph is replaced by a stand-in with the same contract: capturing runs
+nothing, and each replay runs the step on the static input buffers and writes its results
+into the output tensors the capture returned.
+"""
+import contextlib
+import json
+import math
+
+import pytest
+import torch
+
+import bhvit.train as train_mod
+from bhvit.cudagraph import GraphedStep
+from bhvit.train import TrainConfig, make_optimizer, set_lr, train
+from synth import make_fashion_mnist
+
+
+class CpuGraphedStep(GraphedStep):
+    instances = []
+
+    def __init__(self, *a, **kw):
+        super().__init__(*a, **kw)
+        self.replays = 0
+        CpuGraphedStep.instances.append(self)
+
+    def _on_side_stream(self):
+        return contextlib.nullcontext()
+
+    def _capture(self, static):
+        self._graph = "captured"
+        return None  # the first replay provides the output tensors
+
+    def _replay(self):
+        self.replays += 1
+        out = self.fn(*self._static)
+        if self._out is None:
+            self._out = out
+        else:
+            for o, n in zip(self._out, out):
+                o.copy_(n)
+
+
+def _linear_step():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(6, 3)
+    opt = make_optimizer(model.parameters(), 1e-2, 0.0, "cpu", capturable=True)
+
+    def fn(x, y):
+        opt.zero_grad(set_to_none=True)
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        return (loss.detach(),)
+
+    return model, opt, fn
+
+
+def test_graphed_step_warms_up_captures_once_and_replays_on_new_batches():
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen))
+               for _ in range(7)]
+    plain_model, plain_opt, plain_fn = _linear_step()
+    graph_model, graph_opt, graph_fn = _linear_step()
+    step = CpuGraphedStep(graph_fn, warmup=2)
+    outs = []
+    for i, (x, y) in enumerate(batches):
+        for opt in (plain_opt, graph_opt):
+            set_lr(opt, 1e-2 * (1 - i / 10))
+        want = plain_fn(x, y)[0]
+        got = step(x, y)[0]
+        outs.append(got)
+        assert got.item() == want.item(), i  # read before the next call overwrites it
+        assert step.captured == (i >= 2)
+    assert step.captures == 1 and step.replays == 5
+    assert all(o is outs[2] for o in outs[2:])  # the graph's own output tensor
+    assert outs[0] is not outs[1]  # eager warm-up steps return fresh tensors
+    for a, b in zip(plain_model.parameters(), graph_model.parameters()):
+        assert torch.equal(a, b)
+    # The learning rate stays the tensor the optimizer step reads, changed in place.
+    assert torch.is_tensor(graph_opt.param_groups[0]["lr"])
+    assert graph_opt.param_groups[0]["lr"].item() == pytest.approx(1e-2 * (1 - 6 / 10))
+
+
+def test_graphed_step_errors():
+    with pytest.raises(ValueError, match="warmup must be >= 1"):
+        GraphedStep(lambda x: (x,), warmup=0)
+    _, _, fn = _linear_step()
+    step = CpuGraphedStep(fn, warmup=1)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    step(x, y)
+    step(x, y)
+    with pytest.raises(ValueError, match=r"captured for inputs of shape \(4, 6\).*got \(3, 6\)"):
+        step(x[:3], y[:3])
+
+    class Failing(CpuGraphedStep):
+        def _capture(self, static):
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+    step = Failing(fn, warmup=1)
+    step(x, y)
+    with pytest.raises(RuntimeError, match="capturing the training step as a CUDA graph failed "
+                                           r"\(RuntimeError: operation not permitted.*without --cuda-graph"):
+        step(x, y)
+    assert not step.captured
+
+
+def test_cuda_graph_settings_are_checked():
+    from bhvit.train import _check_cuda_graph
+
+    with pytest.raises(ValueError, match="--cuda-graph: it needs a CUDA device"):
+        train(TrainConfig(cuda_graph=True, device="cpu"))
+    _check_cuda_graph(TrainConfig(cuda_graph=True), "cuda", 1)
+    for cfg, world, what in ((TrainConfig(cuda_graph=True), 2, "single process"),
+                             (TrainConfig(cuda_graph=True, amp=True), 1, "--amp"),
+                             (TrainConfig(cuda_graph=True, compile="inductor"), 1, "one of --compile")):
+        with pytest.raises(ValueError, match=what):
+            _check_cuda_graph(cfg, "cuda:0", world)
+
+
+def test_capturable_optimizer_state_round_trips_through_json():
+    from bhvit.checkpoint import optimizer_from_tensors, optimizer_to_tensors
+
+    model, opt, fn = _linear_step()
+    fn(torch.randn(4, 6), torch.randint(0, 3, (4,)))
+    set_lr(opt, 3e-3)
+    tensors, meta = optimizer_to_tensors(opt)
+    meta = json.loads(json.dumps(meta))  # as written to the checkpoint's JSON
+    assert meta["param_groups"][0]["lr"] == pytest.approx(3e-3)
+    opt2 = make_optimizer(model.parameters(), 1e-2, 0.0, "cpu", capturable=True)
+    opt2.load_state_dict(optimizer_from_tensors(tensors, meta))
+    set_lr(opt2, 2e-3)  # a float from the file becomes the device tensor again
+    assert torch.is_tensor(opt2.param_groups[0]["lr"]) and opt2.param_groups[0]["capturable"]
+    assert opt2.param_groups[0]["lr"].item() == pytest.approx(2e-3)
+
+
+def _last_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(str(run / json.loads((run / "last.json").read_text())["weights"]))
+
+
+@pytest.fixture(scope="module")
+def fmnist(tmp_path_factory):
+    return make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=320, n_test=64)
+
+
+def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch):
+    # The training loop with the stand-in graph against the same loop eager, both with the
+    # capturable optimizer (its float32 learning rate rounds differently from a float's).
+    # A KD student with L_re in its second epoch: the loss changes, so a second graph.
+    from bhvit import create_model
+
+    def run(name, graph):
+        torch.manual_seed(1)
+        teacher = create_model("bhvit_micro_c28", num_classes=10, binary=False)
+        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / name),
+                          epochs=2, batch_size=32, subset=160, test_subset=32, progress=False,
+                          threads=1, re_last_frac=0.5, cuda_graph=graph)
+        return train(cfg, teacher=teacher)
+
+    monkeypatch.setattr(train_mod, "GraphedStep", CpuGraphedStep)
+    monkeypatch.setattr(train_mod, "_check_cuda_graph", lambda *a: None)
+    CpuGraphedStep.instances = []
+    graphed = run("graphed", True)
+    steps = CpuGraphedStep.instances
+    assert len(steps) == 2  # epoch 1: CE + KD; epoch 2: CE + KD + L_re
+    assert [s.captures for s in steps] == [1, 1]
+    assert [s.replays for s in steps] == [2, 4]  # 5 steps an epoch: 3 warm-up, then 1
+    real = train_mod.make_optimizer
+    monkeypatch.setattr(train_mod, "make_optimizer",
+                        lambda *a, **kw: real(*a, **dict(kw, capturable=True)))
+    eager = run("eager", False)
+    assert eager["beta"] == graphed["beta"] == 0.1
+    for k in ("train_loss", "train_top1", "test_loss", "test_top1", "flip_frac", "step_flip_frac"):
+        assert graphed[k] == eager[k], k
+    wg, we = (_last_weights(tmp_path / name) for name in ("graphed", "eager"))
+    assert wg.keys() == we.keys() and all(torch.equal(wg[k], we[k]) for k in wg)
+
+    # The run resumes: the learning rate read back from JSON becomes a tensor again.
+    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "graphed"),
+                      epochs=3, batch_size=32, subset=160, test_subset=32, progress=False,
+                      threads=1, re_last_frac=0.5, cuda_graph=True, resume=True)
+    torch.manual_seed(1)
+    res = train(cfg, teacher=create_model("bhvit_micro_c28", num_classes=10, binary=False))
+    assert res["epoch"] == 3 and math.isfinite(res["train_loss"])
+    assert CpuGraphedStep.instances[-1].captures == 1
