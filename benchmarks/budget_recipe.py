@@ -72,7 +72,8 @@ class Job:
     epochs: int = 0
     step_s: float = 0.0
     compile_s: float = 0.0  # the probe's first compiled step (--compile)
-    drop_last: bool = False  # --compile drops each epoch's last partial batch
+    drop_last: bool = False  # --compile and --cuda-graph drop each epoch's last partial batch
+    eval_step_s: float = 0.0  # the eager step: evaluation is never compiled or graphed
     overrides: Dict[str, Any] = field(default_factory=dict)  # train --set KEY=VALUE
     init_from: Optional[str] = None  # job name: start from its last epoch's weights
     extra: List[str] = field(default_factory=list)
@@ -159,9 +160,13 @@ def probe_jobs(jobs: List[Job], args, compile_backend: Optional[str],
     return probes
 
 
-def set_probes(jobs: List[Job], probes: Dict[Any, Any], compiled: bool) -> None:
+def set_probes(jobs: List[Job], probes: Dict[Any, Any], compiled: bool,
+               eager: Optional[Dict[Any, Any]] = None) -> None:
+    """Step times from ``probes``; ``eager``: the eager probes, for the evaluation's time
+    (default ``probes``)."""
     for j in jobs:
         j.step_s, j.compile_s = probes[probe_key(j)]
+        j.eval_step_s = (eager or probes)[probe_key(j)][0]
         j.drop_last = compiled
 
 
@@ -198,15 +203,18 @@ def compiled_probes(jobs: List[Job], args, limit_s: float):
 
 
 def compile_pays(jobs: List[Job], eager: Dict[Any, Any], compiled: Dict[Any, Any], seconds: float, args,
-                 what: str = "torch.compile") -> bool:
+                 what: str = "torch.compile", slowdown_with: Optional[float] = None) -> bool:
     """Whether ``jobs`` (the first phase) get more planned epochs in ``seconds`` compiled
-    (or graphed), with their compilation taken off, than eager. ``jobs`` are left as they are."""
-    def total(probes, drop_last):
+    (or graphed), with their compilation taken off, than eager. ``slowdown_with``: the
+    slowdown of the compiled (graphed) jobs, default ``args.slowdown``. ``jobs`` are left
+    as they are."""
+    def total(probes, drop_last, slowdown):
         copies = [dataclasses.replace(j) for j in jobs]
-        set_probes(copies, probes, drop_last)
-        return sum(plan_epochs(j, args.batch_size, seconds, args.slowdown, args.reserve_s, args.max_epochs,
+        set_probes(copies, probes, drop_last, eager)
+        return sum(plan_epochs(j, args.batch_size, seconds, slowdown, args.reserve_s, args.max_epochs,
                                args.subset, args.test_subset) for j in copies)
-    n_eager, n_compiled = total(eager, False), total(compiled, True)
+    n_eager = total(eager, False, args.slowdown)
+    n_compiled = total(compiled, True, slowdown_with or args.slowdown)
     print(f"{what}: {n_compiled} planned epochs in the first phase with it, {n_eager} eager",
           flush=True)
     return n_compiled > n_eager
@@ -227,7 +235,7 @@ def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
     n_train, n_test = SIZES[job.data]
     n_train, n_test = min(n_train, subset or n_train), min(n_test, test_subset or n_test)
     steps = n_train // batch if job.drop_last and n_train >= batch else math.ceil(n_train / batch)
-    eval_s = math.ceil(n_test / 256) * job.step_s * 256 / batch / 3  # forward only
+    eval_s = math.ceil(n_test / 256) * (job.eval_step_s or job.step_s) * 256 / batch / 3  # forward only
     return steps * job.step_s + eval_s
 
 
@@ -415,10 +423,15 @@ def main() -> None:
                  "reported as this run's. Give a new --out.")
 
     jobs = teachers + acts + students
-    if args.slowdown is None:  # for the jobs planned before any has run: the teachers, or
-        # without them the concurrent jobs of each step of phase 2
-        concurrent = len(teachers) if teachers else max(len(acts), len(students))
+    # For the jobs planned before any has run: the teachers, or without them the concurrent
+    # jobs of each step of phase 2.
+    concurrent = len(teachers) if teachers else max(len(acts), len(students))
+    graph_slowdown = args.slowdown
+    if args.slowdown is None:
         args.slowdown = 1.6 if concurrent > 1 else 1.15
+        # Replayed graphs keep the GPU busy instead of waiting on the host, so concurrent
+        # graphed jobs share it about evenly (not measured yet: an assumption).
+        graph_slowdown = max(args.slowdown, float(concurrent))
     def first_phase():  # the jobs planned before any has run, and their share of the time
         return ((teachers, args.teacher_frac) if teachers else
                 (acts, args.act_frac) if acts else (students, 1.0))
@@ -436,12 +449,14 @@ def main() -> None:
         if graphed is not None:
             left = args.budget_s - (time.perf_counter() - t_start)
             first, share = first_phase()
-            use = compile_pays(first, eager, graphed, left * share, args, what="--cuda-graph")
+            use = compile_pays(first, eager, graphed, left * share, args, what="--cuda-graph",
+                               slowdown_with=graph_slowdown)
             status = "graphed" if use else "no more planned epochs than eager"
         graph_info = {"status": status,
                       "graph_probes": {j.name: list(graphed[probe_key(j)]) for j in jobs} if graphed else None}
         if use:
-            set_probes(jobs, graphed, True)
+            set_probes(jobs, graphed, True, eager)
+            args.slowdown = graph_slowdown
         else:
             print(f"--cuda-graph: {status}; going on without it", flush=True)
             args.cuda_graph = False
@@ -464,7 +479,7 @@ def main() -> None:
         compile_info = {"requested": args.compile, "status": status,
                         "compiled_probes": {j.name: list(compiled[probe_key(j)]) for j in jobs} if compiled else None}
         if use:
-            set_probes(jobs, compiled, True)
+            set_probes(jobs, compiled, True, eager)
         else:
             print(f"torch.compile: {status}; going on without --compile", flush=True)
             args.compile = None

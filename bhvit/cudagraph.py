@@ -47,6 +47,7 @@ class GraphedStep:
         self._static: Optional[Tuple[torch.Tensor, ...]] = None
         self._out: Optional[Tuple[torch.Tensor, ...]] = None
         self._stream = None
+        self._device = None  # the inputs' CUDA device: streams and graph live there
         self.captures = 0
 
     @property
@@ -63,6 +64,8 @@ class GraphedStep:
                 s.copy_(v, non_blocking=True)
             self._replay()
             return self._out
+        if self._device is None and inputs:
+            self._device = inputs[0].device
         if self._eager_left > 0:
             self._eager_left -= 1
             with self._on_side_stream():
@@ -81,25 +84,38 @@ class GraphedStep:
     # --- the CUDA parts (a test replaces these to run the bookkeeping on the CPU) -----
     def _side_stream(self):
         if self._stream is None:
-            self._stream = torch.cuda.Stream()
+            self._stream = torch.cuda.Stream(device=self._device)
         return self._stream
 
     @contextlib.contextmanager
     def _on_side_stream(self):
-        cur, side = torch.cuda.current_stream(), self._side_stream()
-        side.wait_stream(cur)
-        with torch.cuda.stream(side), warnings.catch_warnings():
-            # A capturable optimizer warns when it steps outside a graph: here it must.
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            yield
-        cur.wait_stream(side)
+        with torch.cuda.device(self._device):
+            cur, side = torch.cuda.current_stream(), self._side_stream()
+            side.wait_stream(cur)
+            with torch.cuda.stream(side), warnings.catch_warnings():
+                # A capturable optimizer warns when it steps outside a graph: here it must.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                yield
+            cur.wait_stream(side)
 
     def _capture(self, static: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, ...]:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self._side_stream()):
-            out = self.fn(*static)
+        graph, failed = torch.cuda.CUDAGraph(), None
+        try:
+            with torch.cuda.device(self._device), warnings.catch_warnings():
+                # An empty graph means the step ran on another device or stream: replaying
+                # it would silently do nothing.
+                warnings.filterwarnings("error", message=".*CUDA Graph is empty.*")
+                with torch.cuda.graph(graph, stream=self._side_stream()):
+                    try:
+                        out = self.fn(*static)
+                    except Exception as e:
+                        failed = e  # ending the capture raises an error of its own
+                        raise
+        except Exception as e:
+            raise failed or e
         self._graph = graph  # only once the capture has succeeded
         return out
 
     def _replay(self) -> None:
-        self._graph.replay()
+        with torch.cuda.device(self._device):
+            self._graph.replay()

@@ -471,6 +471,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
     if cfg.cuda_graph:
         _check_cuda_graph(cfg, device, world)
+        if device.startswith("cuda"):
+            torch.cuda.set_device(device)  # the graph's streams and the model on one device
     if cfg.deterministic:
         set_deterministic()
     if cfg.threads:
@@ -622,9 +624,19 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             loss.backward()
             optimizer.step()
 
+    # With --cuda-graph the per-step sign flips are counted inside the graph: the previous
+    # step's signs and the count are fixed buffers, updated in place.
+    graph_flips = cfg.cuda_graph and is_binary and cfg.step_flips
+    flip_prev = sign_snapshot(_unwrap(model)) if graph_flips else []
+    flip_count = torch.zeros((), dtype=torch.int64, device=device)
+
     def whole_step(x, y, lam: float, beta: float):
         loss, logits = forward_loss(x, y, lam, beta)
         backward_step(loss)
+        if graph_flips:
+            for prev, now in zip(flip_prev, sign_snapshot(_unwrap(model))):
+                flip_count.add_((prev != now).sum())
+                prev.copy_(now)
         return loss.detach(), logits.detach()
 
     last = history[-1] if history else {}
@@ -645,7 +657,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
         signs_prev = signs_before
-        step_flip_count = torch.zeros((), dtype=torch.int64, device=device)
+        step_flip_count = flip_count.zero_() if graph_flips else torch.zeros((), dtype=torch.int64,
+                                                                            device=device)
         bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         bad_loss = torch.zeros((), dtype=torch.float32, device=device)
         model.train()
@@ -687,7 +700,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                         f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
             if graphed is None:
                 backward_step(loss)
-            if is_binary and cfg.step_flips:
+            if is_binary and cfg.step_flips and not graph_flips:
                 # Oscillating weights flip back and forth within an epoch; only a per-step
                 # count sees that (the epoch-level count sees net changes).
                 # Counted on the device: no host synchronisation per layer and step.
