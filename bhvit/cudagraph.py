@@ -14,7 +14,12 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
-__all__ = ["GraphedStep"]
+__all__ = ["GraphedStep", "GraphCaptureError"]
+
+
+class GraphCaptureError(RuntimeError):
+    """Capturing the step failed. Nothing of the captured step ran, so the caller can go
+    on with eager steps (after dropping the gradients the capture left)."""
 
 
 class GraphedStep:
@@ -74,9 +79,9 @@ class GraphedStep:
         try:
             self._out = self._capture(self._static)
         except Exception as e:
-            raise RuntimeError(f"capturing the training step as a CUDA graph failed ({type(e).__name__}: "
-                               f"{e}). Something in the step synchronises with the host or cannot "
-                               "be captured; train without --cuda-graph.") from e
+            raise GraphCaptureError(f"capturing the training step as a CUDA graph failed "
+                                    f"({type(e).__name__}: {e}). Something in the step synchronises "
+                                    "with the host or cannot be captured.") from e
         self.captures += 1
         self._replay()
         return self._out

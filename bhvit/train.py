@@ -37,7 +37,7 @@ from torch import nn
 from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_weights, load_model,
                          load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
                          set_rng_state)
-from .cudagraph import GraphedStep
+from .cudagraph import GraphCaptureError, GraphedStep
 from .data import Dataset, augment_batch, load_dataset, normalize
 from .errors import TrainingDiverged
 from .layers import binary_layers
@@ -630,22 +630,25 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     flip_prev = sign_snapshot(_unwrap(model)) if graph_flips else []
     flip_count = torch.zeros((), dtype=torch.int64, device=device)
 
+    def count_flips_in_place() -> None:
+        for prev, now in zip(flip_prev, sign_snapshot(_unwrap(model))):
+            flip_count.add_((prev != now).sum())
+            prev.copy_(now)
+
     def whole_step(x, y, lam: float, beta: float):
         loss, logits = forward_loss(x, y, lam, beta)
         backward_step(loss)
         if graph_flips:
-            for prev, now in zip(flip_prev, sign_snapshot(_unwrap(model))):
-                flip_count.add_((prev != now).sum())
-                prev.copy_(now)
+            count_flips_in_place()
         return loss.detach(), logits.detach()
 
     last = history[-1] if history else {}
-    graphed, graphed_for = None, None
+    graphed, graphed_for, graph_failed = None, None, False
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         beta = cfg.re_beta if (is_binary and epoch >= re_start) else 0.0
         lam = cfg.kd_lambda if teacher is not None else 0.0
-        if cfg.cuda_graph and graphed_for != (lam, beta):
+        if cfg.cuda_graph and not graph_failed and graphed_for != (lam, beta):
             # The loss weights are part of the graph: a new graph when they change (L_re's
             # epochs), after one eager step (three before the run's first capture).
             graphed = GraphedStep(functools.partial(whole_step, lam=lam, beta=beta),
@@ -673,8 +676,14 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
             y = train_ds.labels[idx].to(device, non_blocking=True)
             if graphed is not None:
                 # Forward, loss, backward and optimizer step, replayed (after warm-up steps).
-                loss, logits = graphed(x, y)
-            else:
+                try:
+                    loss, logits = graphed(x, y)
+                except GraphCaptureError as e:
+                    # Nothing of the captured step ran: this step and the rest go eager.
+                    _log(f"warning: {e} Training goes on without CUDA graphs.", rank)
+                    graphed, graph_failed = None, True
+                    optimizer.zero_grad(set_to_none=True)
+            if graphed is None:
                 # The run's first step is eager: it initialises QD from data (host-side
                 # control flow), which would otherwise compile a throw-away graph.
                 loss, logits = forward_loss(x, y, lam, beta, eager=(epoch == start_epoch and i == 0))
@@ -700,6 +709,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                         f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
             if graphed is None:
                 backward_step(loss)
+                if graph_flips:  # after a failed capture: the same count, eager
+                    count_flips_in_place()
             if is_binary and cfg.step_flips and not graph_flips:
                 # Oscillating weights flip back and forth within an epoch; only a per-step
                 # count sees that (the epoch-level count sees net changes).
