@@ -11,7 +11,8 @@
 # one is refused), CHECK_SUBSET (4096), SPEED_BATCH (64),
 # SPEED_RUNS (5), CKPT_MAX_MB (12: larger checkpoints come back in float16), SKIP_CHECKS (set: no
 # checks, no throughput), GRAPH_CHECK (set: with SKIP_CHECKS, still compare CUDA-graph steps
-# with eager ones, gpu_checks.py --only cuda-graph-steps), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
+# with eager ones, gpu_checks.py --only cuda-graph-steps; if they differ, or the check fails,
+# --cuda-graph is taken out of RECIPE_ARGS), RECIPE_ARGS (extra flags for benchmarks/budget_recipe.py),
 # PYTHON (python3). Every step runs even if an earlier
 # one failed; the exit status is 1 if any failed.
 set -u -o pipefail
@@ -54,6 +55,12 @@ elif [ -n "${GRAPH_CHECK:-}" ] && [ -n "$FM" ]; then
     stamp "CUDA-graph step check"
     $PY benchmarks/gpu_checks.py --only cuda-graph-steps --device "$DEV" --data-dir "$FM" \
         --work "$W/checks" --json "$OUT/checks.json" || failed "graph check"
+    # Graphed steps that do not match eager ones must not train the session's models.
+    if ! $PY -c "import json,sys; r=[c for c in json.load(open(sys.argv[1])) if c['check']=='cuda_graph_verdict']; sys.exit(0 if r and r[0]['ok'] else 1)" \
+            "$OUT/checks.json" 2>/dev/null; then
+        stamp "CUDA-graph check not passed: the recipe runs without --cuda-graph"
+        RECIPE_ARGS=$(printf '%s\n' ${RECIPE_ARGS:-} | grep -vx -- '--cuda-graph' | tr '\n' ' ')
+    fi
 fi
 wait
 [ -n "$C10" ] && stamp "decode done: $(tail -1 "$W/decode.log")"
