@@ -229,13 +229,20 @@ def phase_slowdown(n_jobs: int, n_teachers: int, ratios: List[float], default: f
     return max(1.0, max(1.2, n_jobs / n_teachers) * (max(ratios) if ratios else default))
 
 
+def eval_batch(batch: int) -> int:
+    """The jobs' --eval-batch-size: at least the training batch, so that evaluating, which
+    is launch-bound on a GPU like training, takes few steps."""
+    return max(256, batch)
+
+
 def plan_epoch_s(job: Job, batch: int, subset: Optional[int] = None,
                  test_subset: Optional[int] = None) -> float:
     """Predicted seconds of one epoch (training steps and the test-set evaluation) alone."""
     n_train, n_test = SIZES[job.data]
     n_train, n_test = min(n_train, subset or n_train), min(n_test, test_subset or n_test)
     steps = n_train // batch if job.drop_last and n_train >= batch else math.ceil(n_train / batch)
-    eval_s = math.ceil(n_test / 256) * (job.eval_step_s or job.step_s) * 256 / batch / 3  # forward only
+    eb = eval_batch(batch)  # forward only: about a third of a training step's time per image
+    eval_s = math.ceil(n_test / eb) * (job.eval_step_s or job.step_s) * eb / batch / 3
     return steps * job.step_s + eval_s
 
 
@@ -250,7 +257,8 @@ def launch(job: Job, args, out: Path, teacher_dir: Optional[Path]) -> subprocess
            "--model", job.model, "--epochs", str(job.epochs), "--batch-size", str(args.batch_size),
            "--lr", str(job.lr), "--warmup-epochs", str(args.warmup_epochs), "--device", args.device,
            "--threads", str(args.threads), "--seed", str(args.seed), "--no-progress",
-           "--re-beta", str(job.re_beta), "--out", str(out / job.name), *job.extra]
+           "--re-beta", str(job.re_beta), "--eval-batch-size", str(eval_batch(args.batch_size)),
+           "--out", str(out / job.name), *job.extra]
     if args.subset:
         cmd += ["--subset", str(args.subset)]
     if args.test_subset:

@@ -85,7 +85,8 @@ def _train_config(args, **changes):
         deterministic=args.deterministic, compile=args.compile, cuda_graph=args.cuda_graph,
         threads=args.threads, overrides=parse_overrides(args.set), skip_bad=args.skip_bad,
         cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
-        progress=not args.no_progress, step_flips=not args.no_step_flips)
+        progress=not args.no_progress, step_flips=not args.no_step_flips,
+        eval_batch_size=args.eval_batch_size)
     for k, v in changes.items():
         setattr(cfg, k, v)
     return cfg
@@ -324,6 +325,8 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--crop-pad", type=int, default=None, help="random-crop padding (default img_size//8)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--eval-batch-size", type=positive_int, default=256,
+                   help="batch size of the per-epoch test-set evaluation (default 256)")
     p.add_argument("--no-step-flips", action="store_true",
                    help="do not count binary-weight sign flips after every optimizer step "
                         "(step_flip_frac in metrics.jsonl; the per-epoch net flips stay)")

@@ -41,11 +41,14 @@ def test_set_parses_booleans_and_rejects_num_classes(capsys):
 def test_train_flags_reach_the_config():
     from bhvit.cli import _train_config, build_parser
 
-    args = build_parser().parse_args(["train", "--out", "r", "--no-step-flips", "--no-flip", "--crop-pad", "1"])
+    args = build_parser().parse_args(["train", "--out", "r", "--no-step-flips", "--no-flip", "--crop-pad", "1",
+                                      "--cuda-graph", "--eval-batch-size", "1024"])
     cfg = _train_config(args)
     assert (cfg.step_flips, cfg.flip, cfg.crop_pad, cfg.out) == (False, False, 1, "r")
+    assert (cfg.cuda_graph, cfg.eval_batch_size) == (True, 1024)
     cfg = _train_config(build_parser().parse_args(["train", "--out", "r"]))
     assert (cfg.step_flips, cfg.flip, cfg.crop_pad) == (True, True, None)
+    assert (cfg.cuda_graph, cfg.eval_batch_size) == (False, 256)
     rec = build_parser().parse_args(["recipe", "--out", "r", "--act-epochs", "3"])
     assert rec.act_epochs == 3
 
