@@ -53,7 +53,7 @@ from bhvit.cli import parse_overrides
 from bhvit.cudagraph import GraphedStep
 from bhvit.data import augment_batch, normalize
 from bhvit.layers import binary_layers
-from bhvit.train import kd_loss, make_optimizer, read_metrics, sign_snapshot
+from bhvit.train import InPlaceFlipCount, kd_loss, make_optimizer, read_metrics
 
 SIZES = {"fashion-mnist": (60000, 10000), "cifar10": (50000, 10000)}
 
@@ -103,6 +103,9 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
         fwd = torch.compile(m, dynamic=False, backend=compile_backend)
         if teacher is not None:
             t_fwd = torch.compile(teacher, dynamic=False, backend=compile_backend)
+    # The per-step sign-flip count, as training does it (inside the graph with --cuda-graph).
+    flips = InPlaceFlipCount(m, device) if step_flips and any(True for _ in binary_layers(m)) else None
+
     def step(x, y, first: bool = False):
         logits = (m if first else fwd)(x)
         loss = F.cross_entropy(logits, y)
@@ -113,27 +116,29 @@ def probe(job: Job, batch: int, device: str, steps: int, compile_backend: Option
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if flips is not None:
+            flips.update(m)
         return (loss.detach(),)
 
     graphed = GraphedStep(step) if cuda_graph else None  # 3 eager steps, then the capture
     skip = 4 if cuda_graph else 3
     times, compile_s = [], 0.0
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    for i in range(steps + skip):
-        sync()
-        t = time.perf_counter()
-        x = augment_batch(images, c.img_size // 8, True, gen)
-        x = normalize(x, [0.5] * c.in_chans, [0.25] * c.in_chans).to(device)
-        loss = graphed(x, y)[0] if graphed is not None else step(x, y, first=(i == 0))[0]
-        if not torch.isfinite(loss):
-            raise RuntimeError("probe loss is not finite")
-        if step_flips and any(True for _ in binary_layers(m)):
-            sign_snapshot(m)
-        sync()
-        times.append(time.perf_counter() - t)
-    del m, teacher, opt, fwd, t_fwd, graphed
-    if device.startswith("cuda"):
-        torch.cuda.empty_cache()
+    try:
+        for i in range(steps + skip):
+            sync()
+            t = time.perf_counter()
+            x = augment_batch(images, c.img_size // 8, True, gen)
+            x = normalize(x, [0.5] * c.in_chans, [0.25] * c.in_chans).to(device)
+            loss = graphed(x, y)[0] if graphed is not None else step(x, y, first=(i == 0))[0]
+            if not torch.isfinite(loss):
+                raise RuntimeError("probe loss is not finite")
+            sync()
+            times.append(time.perf_counter() - t)
+    finally:  # also after a failure: the jobs that train next need the device's memory
+        m = teacher = opt = fwd = t_fwd = graphed = flips = step = None
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
     med = sorted(times[skip:])[len(times[skip:]) // 2]
     if compile_backend:  # compilation happens in steps 0 (the teacher) and 1 (the student)
         compile_s = max(0.0, times[0] + times[1] - 2 * med)

@@ -152,14 +152,15 @@ def eval_runs(device: str, data_dir: str, work: Path) -> None:
 
 def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None:
     """The same training steps (KD + L_re student, capturable AdamW, a changing learning
-    rate) eager and through ``GraphedStep``, from the same start on the same batches:
-    losses and final weights must be identical. Twice eager as the baseline of what this
+    rate, the per-step sign flips counted in place) eager and through ``GraphedStep``, from
+    the same start on the same batches: losses, final weights and flip counts must be
+    identical. Twice eager as the baseline of what this
     device repeats. Deterministic cuDNN (process-wide: run this check last)."""
     import torch.nn.functional as F
 
     from bhvit.cudagraph import GraphedStep
     from bhvit.quantizers import regularization_loss
-    from bhvit.train import kd_loss, make_optimizer, set_deterministic, set_lr
+    from bhvit.train import InPlaceFlipCount, kd_loss, make_optimizer, set_deterministic, set_lr
 
     set_deterministic()
     verdicts = []
@@ -170,8 +171,9 @@ def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None
             m = bhvit.create_model(name, num_classes=10, **over).to(device).train()
             t = bhvit.create_model(name, num_classes=10, binary=False).to(device).eval()
             opt = make_optimizer(m.parameters(), 1e-3, 0.0, device, capturable=True)
+            flips = InPlaceFlipCount(m, device)  # as training counts them, in the graph
 
-            def fn(x, y, m=m, t=t, opt=opt):
+            def fn(x, y, m=m, t=t, opt=opt, flips=flips):
                 opt.zero_grad(set_to_none=True)
                 logits = m(x)
                 with torch.no_grad():
@@ -180,6 +182,7 @@ def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None
                         + 0.1 * regularization_loss(m))
                 loss.backward()
                 opt.step()
+                flips.update(m)
                 return loss.detach(), logits.detach()
 
             step = GraphedStep(fn) if mode == "graph" else fn
@@ -197,6 +200,7 @@ def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None
                        error=f"{type(e).__name__}: {str(e)[:500]}")
                 break
             state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+            state["step_flips"] = flips.count.clone()
             runs[mode] = (losses, state, time.perf_counter() - t0)
         if len(runs) < 3:
             verdicts.append(f"{name}: a mode failed")
@@ -208,7 +212,8 @@ def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None
             return {"identical_losses": losses == base_l,
                     "max_weight_diff": max(float((state[k].double() - base_s[k].double()).abs().max())
                                            for k in base_s if state[k].is_floating_point()),
-                    "identical_state": all(torch.equal(state[k], base_s[k]) for k in base_s)}
+                    "identical_state": all(torch.equal(state[k], base_s[k]) for k in base_s),
+                    "step_flips": [int(state["step_flips"]), int(base_s["step_flips"])]}
 
         again, graph = diff("eager_again"), diff("graph")
         report("cuda_graph_steps", model=name, overrides=over, steps=steps, batch=batch,
@@ -224,10 +229,11 @@ def graph_step_agreement(device: str, steps: int = 10, batch: int = 128) -> None
 
 def graph_train_runs(device: str, data_dir: str, work: Path, subset: int) -> None:
     """`bhvit train` with and without --cuda-graph, one after the other: a binary KD
-    student (L_re in its last epoch) from a short FP teacher; top-1 and images/s of both."""
+    student (L_re in its last epoch, step flips counted) from a short FP teacher; top-1,
+    step flips and images/s of both, and whether the graphed run fell back to eager."""
     common = ["train", "--data", "fashion-mnist", "--data-dir", data_dir, "--model", "bhvit_micro_c28",
               "--subset", str(subset), "--test-subset", "2000", "--batch-size", "256", "--lr", "2e-3",
-              "--device", device, "--threads", "4", "--no-progress", "--seed", "3", "--no-step-flips"]
+              "--device", device, "--threads", "4", "--no-progress", "--seed", "3"]
     cli(*common, "--set", "binary=false", "--epochs", "2", "--out", str(work / "g_teacher"),
         log=work / "g_teacher.log")
     res = {}
@@ -240,7 +246,11 @@ def graph_train_runs(device: str, data_dir: str, work: Path, subset: int) -> Non
             continue
         hist = [json.loads(line) for line in f.read_text().splitlines()]
         res[mode] = {"test_top1": [h["test_top1"] for h in hist],
+                     "step_flip_frac": [h["step_flip_frac"] for h in hist],
                      "images_per_s": [round(h["train_images_per_s"]) for h in hist]}
+        if mode == "graph":
+            res[mode]["fell_back_to_eager"] = ("Training goes on without CUDA graphs"
+                                               in (work / f"g_{mode}.log").read_text())
     ok = all("error" not in r for r in res.values())
     speed = (sorted(res["graph"]["images_per_s"])[1] / sorted(res["eager"]["images_per_s"])[1]) if ok else None
     report("cuda_graph_train", subset=subset, batch=256, **res, median_speedup=speed)

@@ -43,7 +43,10 @@ if [ -n "$C10" ]; then
     $PY -c "import sys, bhvit; from bhvit.data import load_dataset as L; c = bhvit.get_config(sys.argv[2]); [L('cifar10', s, sys.argv[1], channels=c.in_chans, size=c.img_size, progress=True) for s in ('train', 'test')]" \
         "$C10" "$C10_MODEL" >"$W/decode.log" 2>&1 &
 fi
+rm -f "$OUT/checks.json"   # a file from an earlier session must not stand in for this one's
+CHECKED=
 if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
+    CHECKED=1
     stamp "checks"
     $PY benchmarks/gpu_checks.py --device "$DEV" --data-dir "$FM" --work "$W/checks" \
         --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json" || failed "checks"
@@ -52,15 +55,18 @@ if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
         --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt" \
         || failed "throughput"
 elif [ -n "${GRAPH_CHECK:-}" ] && [ -n "$FM" ]; then
+    CHECKED=1
     stamp "CUDA-graph step check"
     $PY benchmarks/gpu_checks.py --only cuda-graph-steps --device "$DEV" --data-dir "$FM" \
         --work "$W/checks" --json "$OUT/checks.json" || failed "graph check"
-    # Graphed steps that do not match eager ones must not train the session's models.
-    if ! $PY -c "import json,sys; r=[c for c in json.load(open(sys.argv[1])) if c['check']=='cuda_graph_verdict']; sys.exit(0 if r and r[0]['ok'] else 1)" \
+fi
+# After any checks: graphed steps that did not match eager ones (or a check that did not
+# report) must not train the session's models.
+if [ -n "$CHECKED" ] && printf '%s\n' ${RECIPE_ARGS:-} | grep -qx -- '--cuda-graph' \
+        && ! $PY -c "import json,sys; r=[c for c in json.load(open(sys.argv[1])) if c['check']=='cuda_graph_verdict']; sys.exit(0 if r and r[0]['ok'] else 1)" \
             "$OUT/checks.json" 2>/dev/null; then
-        stamp "CUDA-graph check not passed: the recipe runs without --cuda-graph"
-        RECIPE_ARGS=$(printf '%s\n' ${RECIPE_ARGS:-} | grep -vx -- '--cuda-graph' | tr '\n' ' ')
-    fi
+    stamp "CUDA-graph check not passed: the recipe runs without --cuda-graph"
+    RECIPE_ARGS=$(printf '%s\n' ${RECIPE_ARGS:-} | grep -vx -- '--cuda-graph' | tr '\n' ' ')
 fi
 wait
 [ -n "$C10" ] && stamp "decode done: $(tail -1 "$W/decode.log")"

@@ -118,8 +118,9 @@ def main() -> None:
         from bhvit.cudagraph import GraphedStep
         from bhvit.train import make_optimizer
 
-        def with_optimizer(m):
-            opt = make_optimizer(m.parameters(), 1e-4, 0.0, args.device, capturable=True)
+        def with_optimizer(m, capturable):
+            # Eager training uses the plain fused AdamW: the baseline must too.
+            opt = make_optimizer(m.parameters(), 1e-4, 0.0, args.device, capturable=capturable)
 
             def fn(x, y):
                 opt.zero_grad(set_to_none=True)
@@ -130,8 +131,8 @@ def main() -> None:
             return fn
 
         for name, m, x, y in list(setups):
-            eager_fn = with_optimizer(m)
-            graphed = GraphedStep(with_optimizer(copy.deepcopy(m)))
+            eager_fn = with_optimizer(m, False)
+            graphed = GraphedStep(with_optimizer(copy.deepcopy(m), True))
             setups.append((f"{name}+opt", eager_fn, x, y))
             setups.append((f"{name}+graph", graphed, x, y))
 

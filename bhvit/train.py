@@ -135,6 +135,21 @@ def sign_snapshot(model: nn.Module) -> List[torch.Tensor]:
     return out
 
 
+class InPlaceFlipCount:
+    """Sign flips of the binary layers' latent weights from step to step, counted in fixed
+    buffers that ``update`` changes in place, so that a CUDA graph can record it: the
+    previous step's signs (``prev``) and the running ``count`` (an int64 tensor)."""
+
+    def __init__(self, model: nn.Module, device):
+        self.prev = sign_snapshot(model)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, model: nn.Module) -> None:
+        for prev, now in zip(self.prev, sign_snapshot(model)):
+            self.count.add_((prev != now).sum())
+            prev.copy_(now)
+
+
 def _tf32_switches():
     """(object, attribute, value for true float32) of each TF32 switch of this torch: the
     ``fp32_precision`` settings where they exist (torch mixes them badly with the older
@@ -626,20 +641,14 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
 
     # With --cuda-graph the per-step sign flips are counted inside the graph: the previous
     # step's signs and the count are fixed buffers, updated in place.
-    graph_flips = cfg.cuda_graph and is_binary and cfg.step_flips
-    flip_prev = sign_snapshot(_unwrap(model)) if graph_flips else []
-    flip_count = torch.zeros((), dtype=torch.int64, device=device)
-
-    def count_flips_in_place() -> None:
-        for prev, now in zip(flip_prev, sign_snapshot(_unwrap(model))):
-            flip_count.add_((prev != now).sum())
-            prev.copy_(now)
+    graph_flips = InPlaceFlipCount(_unwrap(model), device) if (cfg.cuda_graph and is_binary
+                                                               and cfg.step_flips) else None
 
     def whole_step(x, y, lam: float, beta: float):
         loss, logits = forward_loss(x, y, lam, beta)
         backward_step(loss)
-        if graph_flips:
-            count_flips_in_place()
+        if graph_flips is not None:
+            graph_flips.update(_unwrap(model))
         return loss.detach(), logits.detach()
 
     last = history[-1] if history else {}
@@ -660,8 +669,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
         signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
         signs_prev = signs_before
-        step_flip_count = flip_count.zero_() if graph_flips else torch.zeros((), dtype=torch.int64,
-                                                                            device=device)
+        step_flip_count = (graph_flips.count.zero_() if graph_flips is not None else
+                           torch.zeros((), dtype=torch.int64, device=device))
         bad_step = torch.full((), -1, dtype=torch.int64, device=device)
         bad_loss = torch.zeros((), dtype=torch.float32, device=device)
         model.train()
@@ -682,7 +691,6 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                     # Nothing of the captured step ran: this step and the rest go eager.
                     _log(f"warning: {e} Training goes on without CUDA graphs.", rank)
                     graphed, graph_failed = None, True
-                    optimizer.zero_grad(set_to_none=True)
             if graphed is None:
                 # The run's first step is eager: it initialises QD from data (host-side
                 # control flow), which would otherwise compile a throw-away graph.
@@ -709,9 +717,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
                         f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
             if graphed is None:
                 backward_step(loss)
-                if graph_flips:  # after a failed capture: the same count, eager
-                    count_flips_in_place()
-            if is_binary and cfg.step_flips and not graph_flips:
+                if graph_flips is not None:  # after a failed capture: the same count, eager
+                    graph_flips.update(_unwrap(model))
+            if is_binary and cfg.step_flips and graph_flips is None:
                 # Oscillating weights flip back and forth within an epoch; only a per-step
                 # count sees that (the epoch-level count sees net changes).
                 # Counted on the device: no host synchronisation per layer and step.

@@ -7,7 +7,6 @@ into the output tensors the capture returned.
 """
 import contextlib
 import json
-import math
 
 import pytest
 import torch
@@ -66,9 +65,12 @@ def test_graphed_step_warms_up_captures_once_and_replays_on_new_batches():
     graph_model, graph_opt, graph_fn = _linear_step()
     step = CpuGraphedStep(graph_fn, warmup=2)
     outs = []
+    lr_tensor = graph_opt.param_groups[0]["lr"]
     for i, (x, y) in enumerate(batches):
         for opt in (plain_opt, graph_opt):
             set_lr(opt, 1e-2 * (1 - i / 10))
+        # A graph reads the tensor it recorded: the learning rate is written into it.
+        assert graph_opt.param_groups[0]["lr"] is lr_tensor
         want = plain_fn(x, y)[0]
         got = step(x, y)[0]
         outs.append(got)
@@ -82,6 +84,29 @@ def test_graphed_step_warms_up_captures_once_and_replays_on_new_batches():
     # The learning rate stays the tensor the optimizer step reads, changed in place.
     assert torch.is_tensor(graph_opt.param_groups[0]["lr"])
     assert graph_opt.param_groups[0]["lr"].item() == pytest.approx(1e-2 * (1 - 6 / 10))
+
+
+def test_flip_count_updates_its_buffers_in_place():
+    from bhvit import create_model
+    from bhvit.train import InPlaceFlipCount, sign_snapshot
+
+    torch.manual_seed(0)
+    model = create_model("bhvit_micro_c28", num_classes=10)
+    flips = InPlaceFlipCount(model, "cpu")
+    prev, count = list(flips.prev), flips.count
+    ptrs = [t.data_ptr() for t in prev] + [count.data_ptr()]
+    want = 0
+    for _ in range(3):
+        before = sign_snapshot(model)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p) * 0.05)
+        want += sum(int((a != b).sum()) for a, b in zip(before, sign_snapshot(model)))
+        flips.update(model)
+    assert int(flips.count) == want > 0
+    assert all(a is b for a, b in zip(flips.prev, prev)) and flips.count is count
+    assert [t.data_ptr() for t in flips.prev] + [flips.count.data_ptr()] == ptrs
+    assert all(torch.equal(a, b) for a, b in zip(flips.prev, sign_snapshot(model)))
 
 
 def test_graphed_step_errors():
@@ -193,11 +218,17 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     assert "Training goes on without CUDA graphs" in capsys.readouterr().out
     monkeypatch.setattr(train_mod, "GraphedStep", CpuGraphedStep)
 
-    # The run resumes: the learning rate read back from JSON becomes a tensor again.
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "graphed"),
-                      epochs=3, batch_size=32, subset=160, test_subset=32, progress=False,
-                      threads=1, re_last_frac=0.5, cuda_graph=True, resume=True)
-    torch.manual_seed(1)
-    res = train(cfg, teacher=create_model("bhvit_micro_c28", num_classes=10, binary=False))
-    assert res["epoch"] == 3 and math.isfinite(res["train_loss"])
-    assert CpuGraphedStep.instances[-1].captures == 1
+    # Both runs resume for a third epoch (the learning rate read back from JSON becomes a
+    # tensor again) and still agree.
+    def resume(name, graph):
+        torch.manual_seed(1)
+        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / name),
+                          epochs=3, batch_size=32, subset=160, test_subset=32, progress=False,
+                          threads=1, re_last_frac=0.5, cuda_graph=graph, resume=True)
+        return train(cfg, teacher=create_model("bhvit_micro_c28", num_classes=10, binary=False))
+
+    CpuGraphedStep.instances = []
+    res_graphed, res_eager = resume("graphed", True), resume("eager", False)
+    assert res_graphed["epoch"] == 3 and [s.captures for s in CpuGraphedStep.instances] == [1]
+    for k in ("train_loss", "test_top1", "step_flip_frac"):
+        assert res_graphed[k] == res_eager[k], k
