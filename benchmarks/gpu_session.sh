@@ -52,8 +52,8 @@ if [ -z "${SKIP_CHECKS:-}" ] && [ -n "$FM" ]; then
         --subset "${CHECK_SUBSET:-4096}" --json "$OUT/checks.json" || failed "checks"
     stamp "training throughput"
     $PY benchmarks/train_speed.py --device "$DEV" --models bhvit_tiny bhvit_tiny_c32 bhvit_micro_c28 \
-        --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 2>&1 | tee "$OUT/train_speed.txt" \
-        || failed "throughput"
+        --batch "${SPEED_BATCH:-64}" --runs "${SPEED_RUNS:-5}" --threads 4 --cuda-graph 2>&1 \
+        | tee "$OUT/train_speed.txt" || failed "throughput"
 elif [ -n "${GRAPH_CHECK:-}" ] && [ -n "$FM" ]; then
     CHECKED=1
     stamp "CUDA-graph step check"
