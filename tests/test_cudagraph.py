@@ -17,12 +17,42 @@ from bhvit.train import TrainConfig, make_optimizer, set_lr, train
 from synth import make_fashion_mnist
 
 
+# Operators that make the host wait for the device (reading a value, or an output whose
+# shape depends on the data): a CUDA graph cannot record them.
+HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "masked_select",
+                 "unique", "_unique2", "unique_consecutive", "repeat_interleave"}
+
+
+class HostSyncs:
+    """Counts, by name, the host-synchronising operators dispatched inside the block."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        seen = self.seen = {}
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                name = func.overloadpacket.__name__
+                if name in HOST_SYNC_OPS:
+                    seen[name] = seen.get(name, 0) + 1
+                return func(*args, **(kwargs or {}))
+
+        self._mode = _Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
 class CpuGraphedStep(GraphedStep):
     instances = []
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
         self.replays = 0
+        self.host_syncs = {}  # in the step a capture would record
         CpuGraphedStep.instances.append(self)
 
     def _on_side_stream(self):
@@ -34,12 +64,13 @@ class CpuGraphedStep(GraphedStep):
 
     def _replay(self):
         self.replays += 1
-        out = self.fn(*self._static)
-        if self._out is None:
-            self._out = out
-        else:
-            for o, n in zip(self._out, out):
-                o.copy_(n)
+        if self._out is None:  # the step the capture records
+            with HostSyncs() as syncs:
+                self._out = self.fn(*self._static)
+            self.host_syncs = syncs.seen
+            return
+        for o, n in zip(self._out, self.fn(*self._static)):
+            o.copy_(n)
 
 
 def _linear_step():
@@ -107,6 +138,49 @@ def test_flip_count_updates_its_buffers_in_place():
     assert all(a is b for a, b in zip(flips.prev, prev)) and flips.count is count
     assert [t.data_ptr() for t in flips.prev] + [flips.count.data_ptr()] == ptrs
     assert all(torch.equal(a, b) for a, b in zip(flips.prev, sign_snapshot(model)))
+
+
+@pytest.mark.parametrize("name, binary, over", [("bhvit_micro_c28", True, {}),
+                                                ("bhvit_tiny_c28", True, {"fp_downsample": True}),
+                                                ("bhvit_tiny_c28", False, {})])
+def test_training_step_has_no_host_sync_after_the_first(name, binary, over):
+    # What --cuda-graph captures (forward with KD and L_re, backward, AdamW, flip count) must
+    # not make the host wait for the device; the detector must see QD's start from data,
+    # the one read of the first step, in binary models.
+    import torch.nn.functional as F
+
+    from bhvit import create_model
+    from bhvit.quantizers import regularization_loss
+    from bhvit.train import InPlaceFlipCount, kd_loss
+
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=10, binary=binary, **over).train()
+    teacher = create_model(name, num_classes=10, binary=False).eval()
+    opt = make_optimizer(model.parameters(), 1e-3, 0.0, "cpu", capturable=True)
+    flips = InPlaceFlipCount(model, "cpu") if binary else None
+
+    def step(x, y):
+        opt.zero_grad(set_to_none=True)
+        logits = model(x)
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = 0.2 * F.cross_entropy(logits, y) + 0.8 * kd_loss(logits, t_logits)
+        if binary:
+            loss = loss + 0.1 * regularization_loss(model)
+        loss.backward()
+        opt.step()
+        if flips is not None:
+            flips.update(model)
+
+    x, y = torch.randn(2, 1, 28, 28), torch.randint(0, 10, (2,))
+    with HostSyncs() as first:
+        step(x, y)
+    with HostSyncs() as later:
+        step(x, y)
+    n_qd = sum(type(m).__name__ == "QuantizationDecomposition" for m in model.modules())
+    assert n_qd > 0 or not binary
+    assert first.seen == ({"_local_scalar_dense": n_qd} if binary else {})
+    assert later.seen == {}
 
 
 def test_graphed_step_errors():
@@ -193,6 +267,7 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     steps = CpuGraphedStep.instances
     assert len(steps) == 2  # epoch 1: CE + KD; epoch 2: CE + KD + L_re
     assert [s.captures for s in steps] == [1, 1]
+    assert [s.host_syncs for s in steps] == [{}, {}]  # nothing a CUDA graph could not record
     assert [s.replays for s in steps] == [2, 4]  # 5 steps an epoch: 3 warm-up, then 1
     real = train_mod.make_optimizer
     monkeypatch.setattr(train_mod, "make_optimizer",
