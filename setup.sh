@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# bhvit set-up: the CPU build of torch, the package with its test tools, and (where apt
-# is available) Debian's Fashion-MNIST package for the default training job.
+# bhvit set-up: torch 2.13.0 (the CPU build where pip's package source holds it), the
+# package with its test tools, and (where apt is available) Debian's Fashion-MNIST
+# package for the default training job.
 set -euo pipefail
 cd "$(dirname "$0")"
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1; then

@@ -57,7 +57,7 @@ def main() -> None:
                               teacher=a.teacher, init_from=a.init_from,
                               re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=seed,
                               resume=a.resume or (out / "last.json").exists(), progress=False)
-            # An existing run is resumed, or only evaluated again if finished; one trained with
+            # An existing run is resumed, or only read back if finished; one trained with
             # other settings stops with the resume-settings error.
             train(cfg)
             hist = read_metrics(out)

@@ -11,7 +11,7 @@ number of student epochs:
 Both arms distil from ``--teacher`` and start from ``--init-from`` (e.g. the teacher itself)
 or at random. Prints the test top-1 of both arms after every epoch and the final
 difference, per seed. A run directory that already holds a run is resumed (a finished one
-is only evaluated again), and one trained with other settings stops with an error;
+is only read back: no training, no evaluation), and one trained with other settings stops with an error;
 ``--arm`` runs one arm only, so the two can run in separate processes (a final call with
 ``--arm both`` prints the table).
 

@@ -1,4 +1,4 @@
-"""Command line: ``bhvit info | list | train | eval | recipe | export | predict``."""
+"""Command line: ``bhvit info | list | train | eval | recipe | strip | export | predict``."""
 from __future__ import annotations
 
 import argparse
@@ -321,7 +321,7 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --set qd=false (repeatable)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/bhvit)")
+    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default $BHVIT_CACHE, else ~/.cache/bhvit)")
     p.add_argument("--crop-pad", type=int, default=None, help="random-crop padding (default img_size//8)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
     p.add_argument("--no-progress", action="store_true")

@@ -289,7 +289,7 @@ def bhvit_small_c32() -> BHViTConfig:
 
 @register_model
 def bhvit_micro_c32() -> BHViTConfig:
-    """A quarter-width, shallow BHViT for quick CPU experiments on 32x32 images."""
+    """A half-width, shallow BHViT for quick CPU experiments on 32x32 images."""
     return _c32((1, 1, 2, 1), dims=(32, 64, 128, 256), heads=(1, 1, 2, 4))
 
 
