@@ -1,0 +1,152 @@
+"""The commands the docs show use options that exist.
+
+Every ``bhvit SUBCOMMAND ...`` and ``python benchmarks/NAME.py ...`` command in README.md,
+docs/*.md (fenced code blocks and inline code) and the benchmark scripts' docstrings is
+checked: each ``--option`` in it must be one that command's argument parser defines,
+spelled out in full.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from bhvit.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+_CMD = re.compile(r"\b(?:bhvit (?P<sub>[a-z]+)|python (?P<bench>benchmarks/\w+\.py))\b")
+_OPT = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
+
+
+def _segments(text: str):
+    """Command-line snippets: fenced code lines (continuations joined, comments dropped)
+    and inline code spans outside fences."""
+    in_fence = False
+    lines = text.splitlines()
+    i = 0
+    while i < len(lines):
+        line = lines[i]
+        if line.lstrip().startswith("```"):
+            in_fence = not in_fence
+        elif in_fence:
+            while line.rstrip().endswith("\\") and i + 1 < len(lines):
+                i += 1
+                line = line.rstrip()[:-1] + " " + lines[i]
+            yield i + 1, re.split(r"\s#", line, maxsplit=1)[0]
+        else:
+            for span in re.findall(r"`([^`]+)`", line):
+                yield i + 1, span
+        i += 1
+
+
+def doc_commands(text: str):
+    """``(line, command key, options)`` for each bhvit / benchmark command in ``text``;
+    the key is ``bhvit SUB`` or ``benchmarks/NAME.py``."""
+    for lineno, seg in _segments(text):
+        starts = list(_CMD.finditer(seg))
+        for j, m in enumerate(starts):
+            end = starts[j + 1].start() if j + 1 < len(starts) else len(seg)
+            # A command ends at a shell separator.
+            body = re.split(r"&&|\|\||;|\|", seg[m.end():end], maxsplit=1)[0]
+            key = f"bhvit {m['sub']}" if m["sub"] else m["bench"]
+            yield lineno, key, _OPT.findall(body)
+        # gpu_session.sh passes RECIPE_ARGS on to budget_recipe.py.
+        for args in re.findall(r'RECIPE_ARGS="([^"]*)"', seg):
+            yield lineno, "benchmarks/budget_recipe.py", _OPT.findall(args)
+
+
+class _Parsed(Exception):
+    def __init__(self, parser):
+        self.parser = parser
+
+
+def _benchmark_parser(rel: str) -> argparse.ArgumentParser:
+    """The parser a benchmark script's ``main()`` builds (caught at ``parse_args``)."""
+    name = "_doc_check_" + Path(rel).stem
+    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(mod)
+    finally:
+        del sys.modules[name]
+
+    def catch(self, *a, **k):
+        raise _Parsed(self)
+
+    orig = argparse.ArgumentParser.parse_args
+    argparse.ArgumentParser.parse_args = catch
+    try:
+        mod.main()
+    except _Parsed as got:
+        return got.parser
+    finally:
+        argparse.ArgumentParser.parse_args = orig
+    raise AssertionError(f"{rel}: main() built no argument parser")
+
+
+def _options(parser: argparse.ArgumentParser) -> set:
+    return {s for a in parser._actions for s in a.option_strings}
+
+
+def _known_options() -> dict:
+    top = build_parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    known = {f"bhvit {name}": _options(p) for name, p in subs.choices.items()}
+    for f in sorted((ROOT / "benchmarks").glob("*.py")):
+        rel = f"benchmarks/{f.name}"
+        known[rel] = _options(_benchmark_parser(rel))
+    return known
+
+
+def test_doc_commands_parser_finds_commands_and_options():
+    text = ("```bash\nbhvit train --model m --epochs 3 \\\n    --out r   # --not-this\n```\n"
+            "Run `bhvit eval RUN --data-dir D` or `python benchmarks/train_speed.py --runs 5 && "
+            "bhvit list`; and --prose-flag.\n"
+            '```\nRECIPE_ARGS="--fm-model m --no-step-flips" bash benchmarks/gpu_session.sh OUT\n```\n')
+    got = [(k, o) for _, k, o in doc_commands(text)]
+    assert got == [("bhvit train", ["--model", "--epochs", "--out"]),
+                   ("bhvit eval", ["--data-dir"]),
+                   ("benchmarks/train_speed.py", ["--runs"]),
+                   ("bhvit list", []),
+                   ("benchmarks/budget_recipe.py", ["--fm-model", "--no-step-flips"])]
+
+
+def _doc_texts():
+    for doc in DOCS:
+        yield doc.name, doc.read_text()
+    for f in sorted((ROOT / "benchmarks").glob("*.py")):
+        yield f.name, "```\n" + (ast.get_docstring(ast.parse(f.read_text())) or "") + "\n```"
+
+
+def test_documented_commands_use_existing_options():
+    known = _known_options()
+    bad, seen = [], 0
+    for name, text in _doc_texts():
+        for lineno, key, opts in doc_commands(text):
+            if key not in known:
+                bad.append(f"{name}:{lineno}: unknown command {key!r}")
+                continue
+            seen += 1
+            bad += [f"{name}:{lineno}: {key} has no option {o}" for o in opts
+                    if o not in known[key]]
+    assert not bad, "\n".join(bad)
+    assert seen > 70  # the docs quote many commands; a broken extractor would find few
+
+
+def test_unknown_option_is_reported():
+    known = _known_options()
+    assert "--epochs" in known["bhvit train"] and "--runs" in known["benchmarks/train_speed.py"]
+    cmds = list(doc_commands("`bhvit train --epoch 3`"))
+    assert [o for _, k, opts in cmds for o in opts if o not in known[k]] == ["--epoch"]
+
+
+if __name__ == "__main__":  # pragma: no cover
+    pytest.main([__file__, "-q"])
