@@ -273,11 +273,13 @@ def cmd_predict(args) -> int:
 
 def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--model", default="bhvit_micro_c28", help="model name (default bhvit_micro_c28)")
-    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"])
+    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"],
+                   help="dataset (default fashion-mnist)")
     p.add_argument("--data-dir", default=None,
                    help="dataset directory (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
     p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
-    p.add_argument("--epochs", type=int, default=10)
+    p.add_argument("--epochs", type=positive_int, default=10,
+                   help="epochs (of the binary student, with recipe; default 10)")
     if recipe:
         p.add_argument("--teacher-epochs", type=int, default=None,
                        help="epochs of the full-precision teacher (default: --epochs)")
@@ -293,17 +295,19 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
                             "match, e.g. a full-precision twin's); ignored when --resume continues a run")
     p.add_argument("--batch-size", type=int, default=128, help="per process")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4 * global batch / 512")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--warmup-epochs", type=float, default=0.0)
-    p.add_argument("--min-lr", type=float, default=0.0)
+    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
+    p.add_argument("--warmup-epochs", type=float, default=0.0,
+                   help="linear learning-rate warm-up, in epochs (fractions allowed; default 0)")
+    p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule (default 0)")
     p.add_argument("--kd-lambda", type=float, default=0.8, help="KD weight lambda (with a teacher)")
     p.add_argument("--re-beta", type=float, default=0.1, help="weight beta of the regularization loss")
     p.add_argument("--re-last-frac", type=float, default=0.1,
                    help="L_re is on in this last fraction of the epochs")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
     p.add_argument("--subset", type=positive_int, default=None, help="train on a fixed random subset of N images")
-    p.add_argument("--test-subset", type=positive_int, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--test-subset", type=positive_int, default=None,
+                   help="evaluate on a fixed random subset of N test images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, subsets, batch order and augmentation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--deterministic", action="store_true",
@@ -324,7 +328,7 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default $BHVIT_CACHE, else ~/.cache/bhvit)")
     p.add_argument("--crop-pad", type=int, default=None, help="random-crop padding (default img_size//8)")
     p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch summaries stay)")
     p.add_argument("--eval-batch-size", type=positive_int, default=256,
                    help="batch size of the per-epoch test-set evaluation (default 256)")
     p.add_argument("--no-step-flips", action="store_true",
