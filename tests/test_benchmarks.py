@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
+from benchmark_module import load_benchmark
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -38,12 +40,7 @@ def test_earlier_runs_are_not_reported_as_new(tmp_path):
 
 
 def _budget_recipe_module():
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("budget_recipe", ROOT / "benchmarks" / "budget_recipe.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["budget_recipe"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_benchmark("budget_recipe")
 
 
 def test_compile_pays_only_when_more_epochs_fit():

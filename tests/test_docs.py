@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import argparse
 import ast
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
+from benchmark_module import load_benchmark
 from bhvit.cli import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -69,14 +68,7 @@ class _Parsed(Exception):
 
 def _benchmark_parser(rel: str) -> argparse.ArgumentParser:
     """The parser a benchmark script's ``main()`` builds (caught at ``parse_args``)."""
-    name = "_doc_check_" + Path(rel).stem
-    spec = importlib.util.spec_from_file_location(name, ROOT / rel)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up there
-    try:
-        spec.loader.exec_module(mod)
-    finally:
-        del sys.modules[name]
+    mod = load_benchmark(Path(rel).stem)
 
     def catch(self, *a, **k):
         raise _Parsed(self)
