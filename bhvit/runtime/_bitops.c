@@ -38,7 +38,7 @@
 #define BHV_X86 0
 #endif
 
-#define BHV_ABI_VERSION 3
+#define BHV_ABI_VERSION 4
 #define EXPORT __attribute__((visibility("default")))
 #define INLINE static inline __attribute__((always_inline))
 
@@ -1000,7 +1000,8 @@ static void pool8_avx2(const float *v, int64_t n8, float inv, float *out)
  * bhv_epilogue writes out = y, or out = res + y (res may be out itself).
  * bhv_epilogue_pack writes no floats: the packed signs of y + nb (the next binary
  * layer's input, its input bias folded in) and, optionally, the mean of each group
- * of pool_k consecutive channels of y (the next layer's channel-pool shortcut).
+ * of pool_k consecutive channels of y (the next layer's channel-pool shortcut);
+ * it returns 1 if a packed value y + nb was NaN (its bit is then 0), like bhv_pack_signs_f32.
  * One pass over the layer output instead of the half-dozen numpy passes.
  */
 typedef struct {
@@ -1080,7 +1081,7 @@ INLINE void epi_fused(const int32_t *d, const float *scale, const float *shift, 
 }
 #undef EPI_CASE
 
-INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf)
+INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
 {
     const int64_t n = a->n;
     const int32_t *d = a->dot + r * n;
@@ -1119,17 +1120,17 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf)
     if (a->nb != NULL)
         for (int64_t j = 0; j < n; ++j)
             v[j] += a->nb[j];
-    a->pack(v, n, a->bits + r * cdiv(n, 64));
+    *bad |= a->pack(v, n, a->bits + r * cdiv(n, 64)); /* NaN: reported, as by bhv_pack_signs_f32 */
 }
-GLUE_VARIANTS(epi_row, (const epi_args *a, int64_t r, float *buf), (a, r, buf))
+GLUE_VARIANTS(epi_row, (const epi_args *a, int64_t r, float *buf, int *bad), (a, r, buf, bad))
 
 static int epi_run(const epi_args *a, int64_t rows, int threads)
 {
     const int nt = resolve_threads(threads);
-    void (*row)(const epi_args *, int64_t, float *) = glue_fast() ? epi_row_fast : epi_row_base;
-    int failed = 0;
+    void (*row)(const epi_args *, int64_t, float *, int *) = glue_fast() ? epi_row_fast : epi_row_base;
+    int failed = 0, bad = 0;
     (void)nt;
-#pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= (1 << 16)) reduction(| : failed)
+#pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= (1 << 16)) reduction(| : failed, bad)
     {
         float *buf = (float *)malloc((size_t)max64(2 * a->n, 1) * sizeof(float)); /* see epi_row_impl */
         if (buf == NULL)
@@ -1137,10 +1138,10 @@ static int epi_run(const epi_args *a, int64_t rows, int threads)
 #pragma omp for schedule(static)
         for (int64_t r = 0; r < rows; ++r)
             if (buf != NULL)
-                row(a, r, buf);
+                row(a, r, buf, &bad);
         free(buf);
     }
-    return failed ? -1 : 0;
+    return failed ? -1 : bad; /* 1: a packed value was NaN (epilogue_pack) */
 }
 
 static int epi_init(epi_args *a, const int32_t *dot, int64_t n, const float *scale, const float *shift,
@@ -1402,7 +1403,9 @@ INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
         int64_t ones = 0;
         for (int64_t m = 0; m < M; ++m) {
             float lv = rintf(e[m] / sum * L / st + z); /* half to even (default mode), inlined with SSE4.1 */
-            lv = lv < 0.0f ? 0.0f : (lv > L ? L : lv);
+            /* clip to [0, L]; NaN (a NaN or infinite step or zero point) -> level 0, as in the
+             * numpy backend (NaN >= s is false for every plane): never a NaN into the int cast */
+            lv = lv > 0.0f ? (lv < L ? lv : L) : 0.0f;
             pcs[m] = (int32_t)lv; /* reuse: the level of key m */
             ones += pcs[m];
         }
@@ -1531,15 +1534,15 @@ EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k,
     if (!Bp)
         return -1;
     pack_panels(b, W, N, W, (int)v->nr, Bp);
-    void (*row)(const epi_args *, int64_t, float *) = glue_fast() ? epi_row_fast : epi_row_base;
+    void (*row)(const epi_args *, int64_t, float *, int *) = glue_fast() ? epi_row_fast : epi_row_base;
     const int64_t mc = BHV_LINEAR_ROWS, nchunks = cdiv(M, mc), Wn = cdiv(N, 64);
     const int64_t pc = pool != NULL ? N / pool_k : 0;
     int nt = resolve_threads(threads);
     if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
         nt = 1;
-    int failed = 0;
+    int failed = 0, bad = 0;
     (void)nt;
-#pragma omp parallel num_threads(nt) if (nt > 1 && nchunks > 1) reduction(| : failed)
+#pragma omp parallel num_threads(nt) if (nt > 1 && nchunks > 1) reduction(| : failed, bad)
     {
         int32_t *dot = (int32_t *)malloc((size_t)(mc * N) * sizeof(int32_t));
         float *buf = (float *)malloc((size_t)(2 * N) * sizeof(float)); /* see epi_row_impl */
@@ -1559,13 +1562,13 @@ EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k,
             c.bits = bits != NULL ? bits + r0 * Wn : NULL;
             c.pool = pool != NULL ? pool + r0 * pc : NULL;
             for (int64_t r = 0; r < rows; ++r)
-                row(&c, r, buf);
+                row(&c, r, buf, &bad);
         }
         free(dot);
         free(buf);
     }
     free(Bp);
-    return failed ? -1 : 0;
+    return failed ? -1 : bad; /* 1: a packed value was NaN (bits != NULL) */
 }
 
 /* --- LayerNorm over the last dim -------------------------------------------- */

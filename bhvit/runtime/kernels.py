@@ -41,9 +41,10 @@ __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
     "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
     "epilogue_pack", "binary_linear", "PreparedLinear", "gelu", "shift_mix", "attention", "layer_norm", "dense",
+    "NonFiniteError",
 ]
 
-_ABI_VERSION = 3
+_ABI_VERSION = 4  # 4: bhv_epilogue_pack / bhv_binary_linear(bits) return 1 for a NaN they pack
 _HERE = Path(__file__).resolve().parent
 
 _lib = None            # ctypes.CDLL or None
@@ -233,16 +234,28 @@ def _as_words(a, name: str, ndim: int) -> np.ndarray:
     return np.ascontiguousarray(a)
 
 
+class NonFiniteError(ValueError):
+    """A NaN reached a sign (packing): the signs of NaN are undefined, so no backend packs them."""
+
+
+_NAN = "pack_signs: input contains NaN"
+MAX_THREADS = 4096
+
+
 def _threads(threads) -> int:
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise ValueError(f"threads must be an integer >= 0 (0: all cores), got {threads!r}")
     threads = int(threads)
-    if threads < 0:
-        raise ValueError(f"threads must be >= 0, got {threads}")
+    if not 0 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be >= 0 (0: all cores) and at most {MAX_THREADS}, got {threads}")
     return threads
 
 
 def _check_rc(rc: int):
     if rc == -1:
         raise MemoryError("bhvit kernels: out of memory")
+    if rc == 1:  # the packing kernels: a NaN among the values to pack
+        raise NonFiniteError(_NAN)
     if rc != 0:
         raise RuntimeError(f"bhvit kernels: error {rc}")
 
@@ -302,10 +315,10 @@ def pack_signs(x, bias=None, affine=None, threads: int = 0) -> np.ndarray:
         if rows and k:
             fn = _lib.bhv_pack_signs_f32 if x.dtype.char == "f" else _lib.bhv_pack_signs_f64
             if fn(_ptr(x), rows, k, _ptr(out), 0):
-                raise ValueError("pack_signs: input contains NaN")
+                raise NonFiniteError(_NAN)
         return out
     if np.isnan(x).any():
-        raise ValueError("pack_signs: input contains NaN")
+        raise NonFiniteError(_NAN)
     return _to_uint64_words(x >= 0)
 
 
@@ -327,10 +340,8 @@ def _pack_signs_bias(x, bias, affine, threads):
     rows = math.prod(x.shape[:-1])
     if rows and k:
         sc, sh = (_ptr(affine[0]), _ptr(affine[1])) if affine is not None else (None, None)
-        rc = _lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, sc, sh, _ptr(bias), bias.size // k, _ptr(out), threads)
-        if rc == 1:
-            raise ValueError("pack_signs: input contains NaN")
-        _check_rc(rc)
+        _check_rc(_lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, sc, sh, _ptr(bias), bias.size // k, _ptr(out),
+                                               threads))
     return out
 
 
