@@ -10,12 +10,16 @@ A checkpoint is three files sharing a stem in the run directory::
 ``last.json`` and ``best.json`` are copies of the JSON of the latest and the best
 epoch. Every file is written to a temporary name and renamed into place, and the
 pointer JSONs are written last, so a run killed at any moment leaves the previous
-complete checkpoint loadable.
+complete checkpoint loadable. The JSON records the SHA-256 of both tensor files, and
+every load checks it, so a corrupted or swapped file is an error, not a silent NaN.
+Pruning deletes only checkpoint files that a bhvit run wrote (:mod:`bhvit.rundir`).
 """
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -23,7 +27,9 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
+from .errors import BhvitError
 from .quantizers import binary_sign
+from .rundir import CHECKPOINT_NAME
 
 FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
@@ -32,32 +38,56 @@ __all__ = ["atomic_save_safetensors", "atomic_write_json", "save_checkpoint", "r
            "load_model", "load_weights", "load_training_state", "resolve_checkpoint", "strip_checkpoint", "CheckpointError"]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(BhvitError, ValueError):
     """A checkpoint file is missing, truncated or inconsistent."""
 
 
+# A checkpoint JSON larger than this is refused unread (a real one is a few hundred KB).
+MAX_JSON_BYTES = 64 << 20
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _atomic(path: Path, write) -> None:
+    """Write ``path`` through a temporary file in the same directory, renamed into place.
+    The file gets the usual mode of a new file (0644 under umask 022), not mkstemp's 0600."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.chmod(tmp, 0o666 & ~_umask())
         write(tmp)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):  # e.g. a full disk: say which file could not be written
+            raise OSError(e.errno, f"cannot write {path}: {e.strerror or e}") from None
         raise
 
 
 def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Union[str, Path],
-                            metadata: Optional[Dict[str, str]] = None) -> None:
-    from safetensors.torch import save_file
+                            metadata: Optional[Dict[str, str]] = None) -> str:
+    """Write ``tensors`` to ``path`` atomically; returns the file's SHA-256 (hex)."""
+    from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    blob = save(tensors, metadata=metadata)
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(blob)
+
+    _atomic(Path(path), write)
+    return hashlib.sha256(blob).hexdigest()
 
 
 def atomic_write_json(obj: Any, path: Union[str, Path]) -> None:
@@ -76,13 +106,19 @@ def atomic_write_text(text: str, path: Union[str, Path]) -> None:
     _atomic(Path(path), write)
 
 
-def _load_safetensors(path: Path) -> Dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _load_safetensors(path: Path, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
+    """The tensors of ``path``; with ``sha256`` (the checkpoint JSON's record) the file's
+    digest must match it."""
+    from safetensors.torch import load
 
     if not path.is_file():
         raise CheckpointError(f"{path}: missing checkpoint file.")
+    blob = path.read_bytes()
+    if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
+        raise CheckpointError(f"{path}: SHA-256 does not match the checkpoint's record; the file is "
+                              "corrupt or was replaced (resume from, or evaluate, another checkpoint).")
     try:
-        return load_file(str(path))
+        return load(blob)
     except Exception as e:
         raise CheckpointError(f"{path}: cannot read safetensors ({e.__class__.__name__}: {e}); "
                               "the file is truncated or corrupt.") from None
@@ -119,12 +155,18 @@ def rng_state() -> Dict[str, str]:
     return {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
 
 
-def set_rng_state(d: Dict[str, str]) -> None:
+def set_rng_state(d: Dict[str, str], source: Union[str, Path] = "checkpoint") -> None:
     import numpy as np
 
     if "torch" in d:
-        arr = np.frombuffer(base64.b64decode(d["torch"]), dtype=np.uint8).copy()
-        torch.set_rng_state(torch.from_numpy(arr))
+        try:
+            arr = np.frombuffer(base64.b64decode(d["torch"], validate=True), dtype=np.uint8).copy()
+            if arr.size != torch.get_rng_state().numel():
+                raise ValueError(f"{arr.size} bytes, expected {torch.get_rng_state().numel()}")
+            torch.set_rng_state(torch.from_numpy(arr))
+        except (ValueError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{source}: the saved random-number state is corrupt ({e}); the run "
+                                  "cannot be resumed exactly from this checkpoint.") from None
 
 
 # --- save / load -----------------------------------------------------------------
@@ -143,11 +185,13 @@ def save_checkpoint(run_dir: Union[str, Path], epoch: int, model: torch.nn.Modul
     doc.update(format=FORMAT, version=FORMAT_VERSION, epoch=epoch, weights=f"{stem}.safetensors")
     if getattr(model, "cfg", None) is not None:
         doc["model_config"] = model.cfg.to_dict()
-    atomic_save_safetensors(model.state_dict(), run_dir / doc["weights"])
+    mark = {"format": FORMAT}  # in the safetensors header: pruning deletes only marked files
+    doc["weights_sha256"] = atomic_save_safetensors(model.state_dict(), run_dir / doc["weights"], mark)
     if optimizer is not None:
         tensors, opt_meta = optimizer_to_tensors(optimizer)
         doc["optimizer"] = dict(opt_meta, file=f"{stem}.optim.safetensors")
-        atomic_save_safetensors(tensors, run_dir / doc["optimizer"]["file"])
+        doc["optimizer"]["sha256"] = atomic_save_safetensors(tensors, run_dir / doc["optimizer"]["file"],
+                                                             mark)
     atomic_write_json(doc, run_dir / f"{stem}.json")
     atomic_write_json(doc, run_dir / "last.json")  # first: a run killed in between can resume
     if is_best:
@@ -156,17 +200,69 @@ def save_checkpoint(run_dir: Union[str, Path], epoch: int, model: torch.nn.Modul
     return run_dir / f"{stem}.json"
 
 
+def _read_json(p: Path):
+    """A JSON file's value, or None if it is not readable JSON (or too large)."""
+    try:
+        if p.stat().st_size > MAX_JSON_BYTES:
+            return None
+        return json.loads(p.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+
+
+def _marked(f: Path) -> bool:
+    """Whether the safetensors header of ``f`` carries bhvit's checkpoint mark."""
+    import struct
+
+    try:
+        with open(f, "rb") as fh:
+            n = struct.unpack("<Q", fh.read(8))[0]
+            if n > 1 << 20:
+                return False
+            meta = json.loads(fh.read(n)).get("__metadata__") or {}
+    except (OSError, ValueError, struct.error, AttributeError, RecursionError):
+        return False
+    return meta.get("format") == FORMAT
+
+
+def owned_checkpoint_files(run_dir: Path) -> Dict[str, list]:
+    """The checkpoint files in ``run_dir`` that a bhvit run wrote, by stem (``epoch0003``):
+    names of the exact checkpoint form that are a bhvit checkpoint JSON, a tensor file
+    with bhvit's mark, or a tensor file such a JSON names. Nothing else is ever pruned."""
+    owned: Dict[str, list] = {}
+    for f in run_dir.iterdir():
+        if not CHECKPOINT_NAME.match(f.name) or f.is_symlink() or not f.is_file():
+            continue
+        stem = f.name.split(".")[0]
+        if f.suffix == ".json":
+            d = _read_json(f)
+            if not (isinstance(d, dict) and d.get("format") == FORMAT):
+                continue
+            owned.setdefault(stem, []).append(f)
+            opt = d.get("optimizer")
+            for name in (d.get("weights"), opt.get("file") if isinstance(opt, dict) else None):
+                g = run_dir / name if isinstance(name, str) and CHECKPOINT_NAME.match(name) else None
+                if g is not None and name.split(".")[0] == stem and g.is_file() and not g.is_symlink():
+                    owned[stem].append(g)
+        elif _marked(f):
+            owned.setdefault(stem, []).append(f)
+    return owned
+
+
 def _prune(run_dir: Path, keep: Tuple[str, ...]) -> None:
-    """Delete epoch files referenced by neither last.json nor best.json."""
+    """Delete the checkpoints this run wrote that neither last.json nor best.json names."""
     wanted = set(keep)
     for ptr in ("last.json", "best.json"):
         p = run_dir / ptr
         if p.is_file():
-            d = json.loads(p.read_text())
+            d = _read_json(p)
+            if not (isinstance(d, dict) and isinstance(d.get("weights"), str)):
+                return  # cannot tell what is in use: delete nothing
             wanted.add(d["weights"].split(".")[0])
-    for f in run_dir.glob("epoch*"):
-        if f.name.split(".")[0] not in wanted:
-            f.unlink()
+    for stem, files in owned_checkpoint_files(run_dir).items():
+        if stem not in wanted:
+            for f in set(files):
+                f.unlink(missing_ok=True)
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
@@ -184,18 +280,87 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     return p
 
 
-def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
-    p = resolve_checkpoint(path)
-    try:
-        doc = json.loads(p.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{p}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+def _check_doc(doc: Any, p: Path) -> None:
+    """The shape of a checkpoint JSON: what loading relies on, with the file named."""
+    def bad(what):
+        raise CheckpointError(f"{p}: {what}; the file is corrupt or was not written by bhvit.")
+
+    def file_name(v, key):
+        if not isinstance(v, str) or not v or Path(v).name != v or not v.endswith(".safetensors"):
+            bad(f"{key!r} must be the name of a .safetensors file beside it, got {v!r}")
+
+    if not isinstance(doc, dict):
+        raise CheckpointError(f"{p}: not a bhvit checkpoint (a JSON {type(doc).__name__}, not an object).")
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a bhvit checkpoint (format {doc.get('format')!r}).")
     if doc.get("version") != FORMAT_VERSION:
         raise CheckpointError(f"{p}: checkpoint version {doc.get('version')} is not supported "
                               f"(this bhvit reads version {FORMAT_VERSION}).")
+    if "weights" not in doc:
+        bad("no 'weights' entry")
+    file_name(doc["weights"], "weights")
+    if "epoch" in doc and (isinstance(doc["epoch"], bool) or not isinstance(doc["epoch"], int)
+                           or doc["epoch"] < 0):
+        bad(f"'epoch' must be a non-negative integer, got {doc['epoch']!r}")
+    for key in ("weights_sha256",):
+        if key in doc and not (isinstance(doc[key], str) and len(doc[key]) == 64):
+            bad(f"{key!r} must be a SHA-256 in hex, got {doc[key]!r}")
+    for key, kind in (("model_config", dict), ("data", dict), ("train_config", dict), ("optimizer", dict),
+                      ("rng", dict), ("history", list), ("metrics", dict)):
+        if key in doc and doc[key] is not None and not isinstance(doc[key], kind):
+            bad(f"{key!r} must be a JSON {'object' if kind is dict else 'array'}, got "
+                f"{type(doc[key]).__name__}")
+    opt = doc.get("optimizer")
+    if isinstance(opt, dict):
+        file_name(opt.get("file"), "optimizer.file")
+        if not isinstance(opt.get("param_groups"), list) or not isinstance(opt.get("scalars", {}), dict):
+            bad("the optimizer entry needs a 'param_groups' array and a 'scalars' object")
+        if "sha256" in opt and not (isinstance(opt["sha256"], str) and len(opt["sha256"]) == 64):
+            bad(f"'optimizer.sha256' must be a SHA-256 in hex, got {opt['sha256']!r}")
+    if isinstance(doc.get("history"), list) and not all(isinstance(h, dict) for h in doc["history"]):
+        bad("'history' must be an array of objects")
+    data = doc.get("data") or {}
+    if "mean" in data or "std" in data:
+        mean, std = data.get("mean"), data.get("std")
+        ok = (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) >= 1
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                      for v in mean + std))
+        if not ok:
+            bad(f"the data statistics must be two equally long lists of finite numbers, got mean "
+                f"{mean!r}, std {std!r}")
+        if min(std) <= 0:
+            bad(f"the data std must be > 0, got {std}")
+    if "classes" in data and not (isinstance(data["classes"], list)
+                                  and all(isinstance(c, str) for c in data["classes"])):
+        bad("'data.classes' must be a list of class names")
+
+
+def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
+    p = resolve_checkpoint(path)
+    size = p.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise CheckpointError(f"{p}: {size} bytes, more than a checkpoint JSON holds "
+                              f"({MAX_JSON_BYTES >> 20} MiB at most); not a bhvit checkpoint.")
+    try:
+        doc = json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{p}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+    except RecursionError:
+        raise CheckpointError(f"{p}: JSON nested too deeply; not a bhvit checkpoint.") from None
+    _check_doc(doc, p)
     return doc, p
+
+
+def model_config_of(doc: Dict, p: Path):
+    """The BHViTConfig a checkpoint JSON describes (errors name the file)."""
+    from .model import BHViTConfig
+
+    if "model_config" not in doc:
+        raise CheckpointError(f"{p}: no model_config; cannot rebuild the model.")
+    try:
+        return BHViTConfig.from_dict(doc["model_config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{p}: bad model_config ({e}).") from None
 
 
 def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.nn.Module, Dict]:
@@ -203,18 +368,16 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
 
     The model is returned in eval mode (BatchNorm uses its running statistics).
     """
-    from .model import BHViT, BHViTConfig
+    from .model import BHViT
 
     doc, p = read_checkpoint_json(path)
-    if "model_config" not in doc:
-        raise CheckpointError(f"{p}: no model_config; cannot rebuild the model.")
-    model = BHViT(BHViTConfig.from_dict(doc["model_config"]))
-    _load_state(model, p.parent / doc["weights"])
+    model = BHViT(model_config_of(doc, p))
+    _load_state(model, p.parent / doc["weights"], doc.get("weights_sha256"))
     return model.to(map_location).eval(), doc
 
 
-def _load_state(model: torch.nn.Module, file: Path) -> None:
-    state = _load_safetensors(file)
+def _load_state(model: torch.nn.Module, file: Path, sha256: Optional[str] = None) -> None:
+    state = _load_safetensors(file, sha256)
     try:
         _unwrap(model).load_state_dict(state)
     except RuntimeError as e:
@@ -225,7 +388,7 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> Dict:
     """Load the weights of checkpoint ``path`` (a run directory or its JSON) into ``model``,
     which must have the same configuration; returns the checkpoint's JSON document."""
     doc, p = read_checkpoint_json(path)
-    _load_state(model, p.parent / doc["weights"])
+    _load_state(model, p.parent / doc["weights"], doc.get("weights_sha256"))
     return doc
 
 
@@ -235,9 +398,9 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
         raise CheckpointError(f"{run_dir}: a weights-only copy (bhvit strip) has no optimizer or RNG "
                               "state; a run cannot be resumed from it. Use it with --teacher or "
                               "--init-from, or resume from the original run.")
-    _load_state(model, run_dir / doc["weights"])
+    _load_state(model, run_dir / doc["weights"], doc.get("weights_sha256"))
     if "optimizer" in doc:
-        tensors = _load_safetensors(run_dir / doc["optimizer"]["file"])
+        tensors = _load_safetensors(run_dir / doc["optimizer"]["file"], doc["optimizer"].get("sha256"))
         state = optimizer_from_tensors(tensors, doc["optimizer"])
         # load_state_dict takes every group setting from the file; the implementation (fused,
         # foreach) stays this optimizer's, so a run saved by another one resumes fused.
@@ -273,11 +436,11 @@ def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tup
     """
     p = Path(path)
     if p.suffix == ".safetensors" and p.is_file():
-        file = p  # a bare weights file
+        file, sha = p, None  # a bare weights file
     else:
         doc, p = read_checkpoint_json(p)
-        file = p.parent / doc["weights"]
-    state = _load_safetensors(file)
+        file, sha = p.parent / doc["weights"], doc.get("weights_sha256")
+    state = _load_safetensors(file, sha)
     own = _unwrap(model).state_dict()
     hits = {}
     for k, mine in own.items():
@@ -314,7 +477,7 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
         raise ValueError(f"dtype must be one of {sorted(_HALF)} or None, not {dtype!r}")
     doc, p = read_checkpoint_json(src)
     src_file = p.parent / doc["weights"]
-    state = _load_safetensors(src_file)
+    state = _load_safetensors(src_file, doc.get("weights_sha256"))
     kept, nudged = [], 0
     if dtype is not None:
         half = _HALF[dtype]
@@ -341,7 +504,7 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     stem = src_file.name.split(".")[0]
     out_doc.update(weights=f"{stem}.safetensors", weights_only=True, weights_dtype=dtype or "float32",
                    stripped_from=str(p))
-    atomic_save_safetensors(state, dst / out_doc["weights"])
+    out_doc["weights_sha256"] = atomic_save_safetensors(state, dst / out_doc["weights"])
     atomic_write_json(out_doc, dst / "best.json")
     return {"out": str(dst), "weights": str(dst / out_doc["weights"]), "dtype": dtype or "float32",
             "bytes": (dst / out_doc["weights"]).stat().st_size, "source_bytes": src_file.stat().st_size,
@@ -385,6 +548,6 @@ def _binary_weight_names(doc: Dict) -> set:
     if "model_config" not in doc:
         return set()
     with torch.device("meta"):
-        model = BHViT(BHViTConfig.from_dict(doc["model_config"]))
+        model = BHViT(BHViTConfig.from_dict(doc["model_config"]))  # already checked by the caller
     layers = set(binary_layers(model))
     return {f"{n}.weight" for n, m in model.named_modules() if m in layers}

@@ -321,7 +321,7 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
                         "as a CUDA graph and replay it, which removes the per-operator launch "
                         "cost; one process, not with --amp or --compile; the last partial batch "
                         "of each epoch is dropped")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override, e.g. --set qd=false (repeatable)")
     p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
@@ -373,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a fixed random subset of N images, chosen with the run's seed (the same "
                          "images as training's --test-subset N on the test split)")
     ev.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    ev.add_argument("--threads", type=int, default=None)
+    ev.add_argument("--threads", type=positive_int, default=None)
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--no-progress", action="store_true")
@@ -398,23 +398,25 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top-5 classes of images with an exported model")
     pr.add_argument("export", help="directory written by `bhvit export`")
     pr.add_argument("images", nargs="+")
-    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--threads", type=positive_int, default=None)
     pr.set_defaults(func=cmd_predict)
     return p
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    from .errors import TrainingDiverged
+    from .errors import BhvitError, TrainingDiverged
 
+    # bhvit's own errors and the system's (a full disk, a missing file) are one line each;
+    # anything else is a bug and keeps its traceback.
     try:
         return args.func(args)
-    except ValueError as e:  # includes DataError and CheckpointError
-        print(f"bhvit: error: {e}", file=sys.stderr)
-        return 2
     except TrainingDiverged as e:
         print(f"bhvit: error: {e}", file=sys.stderr)
         return 3
+    except (BhvitError, ValueError, OSError) as e:
+        print(f"bhvit: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

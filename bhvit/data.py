@@ -14,6 +14,7 @@ import hashlib
 import os
 import pickle
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import BhvitError
 from .runtime.image import decode_image
 
 __all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize",
@@ -35,7 +37,7 @@ FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sanda
                    "sneaker", "bag", "ankle boot"]
 
 
-class DataError(ValueError):
+class DataError(BhvitError, ValueError):
     """A data file or directory is missing, malformed or inconsistent."""
 
 
@@ -87,34 +89,55 @@ class Dataset:
 
 
 # --- IDX (Fashion-MNIST) ---------------------------------------------------------
-def _read_maybe_gz(path: Path) -> bytes:
+# An IDX payload larger than this is refused before it is read (Fashion-MNIST's largest
+# file is 47 MB); raise it for bigger IDX datasets.
+MAX_IDX_BYTES = 1 << 30
+
+
+def _open_maybe_gz(path: Path):
+    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+
+
+def read_idx(path: Path, max_bytes: Optional[int] = None) -> np.ndarray:
+    """Parse an IDX file (``.gz`` or raw) of unsigned bytes into an array.
+
+    The header is checked before the payload is read, and the payload is read in chunks
+    into an array of exactly the size the header gives (at most ``max_bytes``, default
+    :data:`MAX_IDX_BYTES`), so a file that expands to more than it claims is never held."""
+    max_bytes = MAX_IDX_BYTES if max_bytes is None else max_bytes
     try:
-        if path.suffix == ".gz":
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
+        with _open_maybe_gz(path) as f:
+            head = f.read(4)
+            if len(head) < 4:
+                raise DataError(f"{path}: too short for an IDX header ({len(head)} bytes).")
+            zero, dtype, ndim = head[0] << 8 | head[1], head[2], head[3]
+            if zero != 0 or dtype != 0x08 or ndim < 1:
+                raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {head.hex()}).")
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise DataError(f"{path}: truncated IDX header.")
+            dims = struct.unpack(">" + "I" * ndim, raw_dims)
+            expected = int(np.prod(dims, dtype=object))
+            if expected > max_bytes:
+                raise DataError(f"{path}: the IDX header gives shape {dims} ({expected:,} bytes), more "
+                                f"than the {max_bytes:,} bytes allowed (bhvit.data.MAX_IDX_BYTES).")
+            out = np.empty(expected, dtype=np.uint8)
+            view, got = memoryview(out), 0
+            while got < expected:
+                n = f.readinto(view[got:got + (16 << 20)])
+                if not n:
+                    break
+                got += n
+            if got != expected:
+                raise DataError(f"{path}: IDX payload is {got} bytes, expected {expected} for shape "
+                                f"{dims}; the file is truncated or corrupt.")
+            if f.read(1):
+                raise DataError(f"{path}: IDX payload is longer than the {expected} bytes its header "
+                                f"gives for shape {dims}; the file is corrupt.")
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
         raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e}); the file is "
                         "truncated or corrupt.") from None
-
-
-def read_idx(path: Path) -> np.ndarray:
-    """Parse an IDX file (``.gz`` or raw) of unsigned bytes into an array."""
-    data = _read_maybe_gz(path)
-    if len(data) < 4:
-        raise DataError(f"{path}: too short for an IDX header ({len(data)} bytes).")
-    zero, dtype, ndim = data[0] << 8 | data[1], data[2], data[3]
-    if zero != 0 or dtype != 0x08 or ndim < 1:
-        raise DataError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()}).")
-    header = 4 + 4 * ndim
-    if len(data) < header:
-        raise DataError(f"{path}: truncated IDX header.")
-    dims = struct.unpack(">" + "I" * ndim, data[4:header])
-    expected = int(np.prod(dims))
-    if len(data) - header != expected:
-        raise DataError(f"{path}: IDX payload is {len(data) - header} bytes, expected "
-                        f"{expected} for shape {dims}; the file is truncated or corrupt.")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)
+    return out.reshape(dims)
 
 
 def _find(root: Path, stem: str) -> Path:
@@ -172,8 +195,17 @@ def _load_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
     if "data" not in d or "labels" not in d:
         raise DataError(f"{path}: missing 'data' or 'labels' in CIFAR-10 batch.")
-    data = np.asarray(d["data"], dtype=np.uint8)
-    labels = np.asarray(d["labels"], dtype=np.int64)
+    data = np.asarray(d["data"])
+    if data.dtype != np.uint8:
+        if data.dtype.kind not in "iu" or (data.size and (data.min() < 0 or data.max() > 255)):
+            raise DataError(f"{path}: 'data' holds {data.dtype} values"
+                            + (f" from {data.min()} to {data.max()}" if data.dtype.kind in "iuf" and data.size
+                               else "") + "; CIFAR-10 pixels are integers 0..255.")
+        data = data.astype(np.uint8)
+    try:
+        labels = np.asarray(d["labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"{path}: 'labels' are not integers ({e}).") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
         raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; expected "
                         "(N, 3072) and N labels.")
@@ -229,8 +261,20 @@ def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[i
     found, items = _list_images(split_dir, classes)
     # Every file's class, name, size and mtime: a file moved to another class folder, or
     # changed, makes a new cache (one stat per file, small next to decoding it).
-    key_src = f"{split_dir.resolve()}|{channels}|{size}|{skip_bad}|{len(items)}|" + "|".join(
-        f"{label}/{p.name}:{st.st_size}:{st.st_mtime_ns}" for p, label in items for st in (p.stat(),))
+    stats, readable, unstat = [], [], 0
+    for p, label in items:
+        try:
+            st = p.stat()
+        except OSError as e:  # e.g. a dangling link or a link loop
+            if skip_bad:
+                unstat += 1
+                continue
+            raise DataError(f"{p}: cannot read ({e.strerror or e}); remove or fix this file, or pass "
+                            "skip_bad / --skip-bad to skip and count such files.") from None
+        stats.append(f"{label}/{p.name}:{st.st_size}:{st.st_mtime_ns}")
+        readable.append((p, label))
+    items = readable
+    key_src = f"{split_dir.resolve()}|{channels}|{size}|{skip_bad}|{len(items)}|" + "|".join(stats)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"imagefolder-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():
@@ -241,7 +285,7 @@ def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[i
             return Dataset(t["images"], t["labels"], found, int(t["skipped"].item()), str(split_dir))
         except Exception:
             pass  # unreadable cache: decode again and rewrite it
-    arrays, labels, skipped, shape = [], [], 0, None
+    arrays, labels, skipped, shape = [], [], unstat, None
     for n, (p, y) in enumerate(items):
         try:
             a = _decode(p, channels, size)
@@ -270,9 +314,12 @@ def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[i
     if cache is not None:
         from .checkpoint import atomic_save_safetensors
 
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save_safetensors({"images": ds.images, "labels": ds.labels,
-                                 "skipped": torch.tensor([skipped])}, cache)
+        try:  # the cache only saves time: a full disk or a read-only directory must not stop a run
+            atomic_save_safetensors({"images": ds.images, "labels": ds.labels,
+                                     "skipped": torch.tensor([skipped])}, cache)
+        except OSError as e:
+            print(f"warning: could not write the decoded-image cache ({e}); going on without it",
+                  file=sys.stderr)
     return ds
 
 

@@ -38,11 +38,12 @@ from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_wei
                          load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
                          set_rng_state)
 from .cudagraph import GraphCaptureError, GraphedStep
-from .data import Dataset, augment_batch, load_dataset, normalize
-from .errors import TrainingDiverged
+from .data import DataError, Dataset, augment_batch, load_dataset, normalize
+from .errors import ConfigError, TrainingDiverged
 from .layers import binary_layers
 from .model import BHViT, get_config
 from .quantizers import regularization_loss
+from .rundir import RunLock, RunLocked, check_out_dir, remove_stale_temp
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "kd_loss", "sign_snapshot"]
 
@@ -497,13 +498,51 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     for name in ("subset", "test_subset"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
             raise ValueError(f"{name} must be None (all images) or >= 1, got {getattr(cfg, name)}.")
-    out = Path(cfg.out)
-    if (out / "last.json").exists() and not cfg.resume:
-        raise ValueError(f"{out} already holds a run (last.json); pass --resume to continue it "
-                         "or choose another --out.")
+    out = check_out_dir(cfg.out)
+    _check_out_state(out, cfg.resume)  # before the lock: a refused run leaves nothing behind
+    lock = _lock_run_dir(out, rank, world, device)
+    try:
+        return _train(cfg, teacher, model, out, rank, world, device)
+    finally:
+        lock.release()
+
+
+def _lock_run_dir(out: Path, rank: int, world: int, device: str) -> RunLock:
+    """Rank 0 locks the run directory (and removes what a killed run's writes left); every
+    rank learns whether it could, so that none waits for a rank that stopped."""
+    lock, err = RunLock(out), None
+    if rank == 0:
+        try:
+            lock.acquire()
+            n = remove_stale_temp(out)
+            if n:
+                _log(f"removed {n} temporary file(s) left in {out} by an interrupted write", rank)
+        except (RunLocked, OSError) as e:
+            err = e
+    if world > 1:
+        flag = torch.tensor([0 if err is not None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        if int(flag) == 0 and err is None:
+            lock.release()
+            err = RunLocked(f"{out} is in use by another bhvit run (rank 0 could not lock it).")
+    if err is not None:
+        raise err
+    return lock
+
+
+def _check_out_state(out: Path, resume: bool) -> None:
+    """Refuse an --out that holds a run (unless resuming it) or a checkpoint copy."""
+    if (out / "last.json").exists() and not resume:
+        raise ConfigError(f"{out} already holds a run (last.json); pass --resume to continue it "
+                          "or choose another --out.")
     if (out / "best.json").exists() and not (out / "last.json").exists():
-        raise ValueError(f"{out} holds a checkpoint (best.json) but no run to resume (last.json), "
-                         "e.g. a copy from `bhvit strip`; choose another --out.")
+        raise ConfigError(f"{out} holds a checkpoint (best.json) but no run to resume (last.json), "
+                          "e.g. a copy from `bhvit strip`; choose another --out.")
+
+
+def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Module], out: Path,
+           rank: int, world: int, device: str) -> Dict:
+    _check_out_state(out, cfg.resume)  # again, now that this run holds the lock
 
     # --- data --------------------------------------------------------------------
     model_cfg = get_config(cfg.model, **cfg.overrides)
@@ -517,6 +556,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         train_ds = train_ds.subset(cfg.subset, cfg.seed)
     if cfg.test_subset:
         test_ds = test_ds.subset(cfg.test_subset, cfg.seed)
+    for split, ds in (("training", train_ds), ("test", test_ds)):
+        if len(ds) == 0:
+            raise DataError(f"{ds.source or cfg.data}: the {split} set has no images.")
     want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
     if train_ds.image_shape != want:
         c, h, w = train_ds.image_shape
@@ -581,7 +623,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         if scaler is not None and doc.get("scaler"):
             scaler.load_state_dict(doc["scaler"])
         if "rng" in doc:
-            set_rng_state(doc["rng"])
+            set_rng_state(doc["rng"], out / "last.json")
         start_epoch = doc["epoch"] + 1
         history = doc.get("history", [])
         best = doc.get("best_top1", -1.0)

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from bhvit.checkpoint import CheckpointError, load_model
+from bhvit.checkpoint import CheckpointError, load_matching_weights, load_model
 from bhvit.cli import main
 from bhvit.model import create_model
 from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, read_metrics, train
@@ -236,8 +236,10 @@ def test_checkpoint_errors(fmnist, tmp_path, capsys):
     train(cfg)
     w = tmp_path / "r" / "epoch0000.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
-    with pytest.raises(CheckpointError, match="epoch0000.safetensors: cannot read safetensors"):
+    with pytest.raises(CheckpointError, match="epoch0000.safetensors: SHA-256 does not match"):
         load_model(tmp_path / "r")
+    with pytest.raises(CheckpointError, match="epoch0000.safetensors: cannot read safetensors"):
+        load_matching_weights(create_model("bhvit_micro_c28", num_classes=10), w)  # no record: parsed
     assert main(["eval", str(tmp_path / "nothing")]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
     (tmp_path / "r" / "best.json").write_text("{")

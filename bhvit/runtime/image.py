@@ -1,23 +1,83 @@
 """Image decoding and normalisation for the runtime (Pillow + numpy, no torch)."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 
+from ..errors import BhvitError, ConfigError
 
-def decode_image(path: Path, channels: int, size: Optional[int]) -> np.ndarray:
+
+# Images with more pixels than this are refused before their pixels are decoded (a
+# decompression bomb is a small file that decodes to gigabytes). The environment variable
+# BHVIT_MAX_IMAGE_PIXELS, or ``max_pixels``, sets another limit.
+MAX_IMAGE_PIXELS = 50_000_000
+
+
+class ImageTooLarge(BhvitError, ValueError):
+    """An image has more pixels than the decoder's limit."""
+
+
+def max_image_pixels() -> int:
+    env = os.environ.get("BHVIT_MAX_IMAGE_PIXELS")
+    if env is None:
+        return MAX_IMAGE_PIXELS
+    try:
+        v = int(env)
+    except ValueError:
+        v = 0
+    if v < 1:
+        raise ConfigError(f"BHVIT_MAX_IMAGE_PIXELS must be a positive integer, got {env!r}.")
+    return v
+
+
+def _to_8bit(im):
+    """Pillow's ``convert`` saturates 16- and 32-bit greyscale (mode I;16, I) at 255, which
+    turns almost every pixel white; scale them to 8 bits instead (65535 -> 255)."""
+    from PIL import Image
+
+    if im.mode.startswith("I;16") or im.mode == "I":
+        a = np.asarray(im).astype(np.int64)
+        if im.mode == "I" and (a.size == 0 or a.max() <= 255) and a.min() >= 0:
+            return Image.fromarray(a.astype(np.uint8), "L")  # 8-bit values stored as 32-bit
+        a = np.clip(a, 0, 65535)
+        return Image.fromarray(((a + 128) // 257).astype(np.uint8), "L")
+    if im.mode == "F":  # float images: [0, 1] scaled to 0..255, anything else clipped
+        a = np.nan_to_num(np.asarray(im, dtype=np.float64))
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    return im
+
+
+def decode_image(path: Path, channels: int, size: Optional[int], max_pixels: Optional[int] = None,
+                 info: Optional[dict] = None) -> np.ndarray:
     """Decode an image file to uint8 ``(C, H, W)``, greyscale for ``channels == 1``.
 
     With ``size``: the shorter side is resized to ``size`` (bilinear), then centre-cropped
-    to ``size x size``. Raises OSError (Pillow's) for unreadable files.
+    to ``size x size``. 16-bit images are scaled to 8 bits. An image of more than
+    ``max_pixels`` pixels (default :func:`max_image_pixels`) raises :class:`ImageTooLarge`
+    before it is decoded. ``info``, if given, receives the file's ``mode`` and ``size``.
+    Raises OSError (Pillow's) for unreadable files.
     """
     from PIL import Image
 
-    with Image.open(path) as im:
+    limit = max_image_pixels() if max_pixels is None else max_pixels
+    try:
+        im_file = Image.open(path)
+    except Image.DecompressionBombError as e:
+        raise ImageTooLarge(f"{path}: {e}") from None
+    with im_file as im:
+        w, h = im.size
+        if w * h > limit:
+            raise ImageTooLarge(f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {limit:,} "
+                                "(set BHVIT_MAX_IMAGE_PIXELS to allow larger images).")
+        if info is not None:
+            info.update(mode=im.mode, size=(w, h))
         im.load()
-        im = im.convert("L" if channels == 1 else "RGB")
+        im = _to_8bit(im).convert("L" if channels == 1 else "RGB")
         if size is not None and im.size != (size, size):
             # shorter side to `size`, then centre crop
             w, h = im.size
