@@ -29,7 +29,7 @@ from .checkpoint import atomic_save_safetensors, atomic_write_json
 from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
-from .runtime.engine import EXPORT_FORMAT, EXPORT_VERSION, manifest_digest
+from .runtime.engine import EXPORT_FORMAT, EXPORT_VERSION, config_problem, data_problem, manifest_digest
 
 __all__ = ["export_model", "EXPORT_FORMAT", "EXPORT_VERSION", "pack_sign_bits"]
 
@@ -53,10 +53,13 @@ class _Writer:
         self.float16 = float16
         self.binary_weights = 0
         self.float_params = 0
+        self.f16_overflow = set()  # finite float32 values too large for float16
 
     def f(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().float().cpu().contiguous()
         self.float_params += t.numel()
+        if self.float16 and bool(torch.isfinite(t).all()) and not bool(torch.isfinite(t.half()).all()):
+            self.f16_overflow.add(name)
         self.tensors[name] = t.half() if self.float16 else t
 
     def packed(self, name: str, t: torch.Tensor, n_weights: int) -> None:
@@ -216,6 +219,21 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; give a directory for the export.")
+    # what bhvit.runtime.load would refuse is not written: the same checks, before any file
+    cfg = json.loads(json.dumps(model.cfg.to_dict()))
+    problem = config_problem(cfg)
+    if problem:
+        raise ValueError(f"cannot export to {out}: the runtime does not accept this model ({problem}).")
+    if data is not None and not isinstance(data, dict):
+        raise ValueError(f"cannot export to {out}: data must be a dict (mean, std, classes), "
+                         f"got {type(data).__name__}.")
+    try:
+        data = json.loads(json.dumps(data or {}, allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"cannot export to {out}: data is not JSON-serialisable ({e}).") from None
+    problem = data_problem(data, cfg)
+    if problem:
+        raise ValueError(f"cannot export to {out}: {problem}.")
     was_training = model.training
     model.eval()
     try:
@@ -223,6 +241,18 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
             w, kinds = _collect(model, float16)
     finally:
         model.train(was_training)
+    for name, t in w.tensors.items():
+        if name.endswith(".wbits"):
+            continue
+        if not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            why = (" (they overflow float16, which holds up to 65504: export without float16)"
+                   if name in w.f16_overflow else "")
+            raise ValueError(f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
+                             "the runtime refuses them (did training diverge?).")
+        if name.endswith(".core.qd.step") and not bool((t > 0).all()):
+            raise ValueError(f"cannot export to {out}: {name} (the QD step) has values <= 0; the runtime "
+                             "needs positive steps.")
     out.mkdir(parents=True, exist_ok=True)
     wpath = out / "model.safetensors"
     atomic_save_safetensors(w.tensors, wpath)
@@ -233,7 +263,7 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
         "format": EXPORT_FORMAT,
         "version": EXPORT_VERSION,
         "config": model.cfg.to_dict(),
-        "data": data or {},
+        "data": data,
         "kinds": kinds,
         "float16": float16,
         "tensors": {k: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}

@@ -227,11 +227,12 @@ def test_self_consistent_but_malformed_exports(tmp_path):
     ({"depths": [1, 1, 1, 1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.2.blocks.1."),
     ({"shift_sizes": [1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.0.blocks.0.shift.scales.3"),
     ({"msgdc_dilations": [1, 3]}, r"does not use, e.g. \['stages.0.blocks.0.mixer.acts.2"),
-    ({"dims": [32, 64, 128, 128]}, r"dims\[3\] = 128 and mlp_ratios\[3\] = 4, the tensors have 256 channels and an MLP of 1024"),
+    ({"dims": [32, 64, 128, 128]}, r"tensor head.weight has shape \[10, 256\], the config .*implies \[10, 128\]"),
     ({"mlp_ratios": [8, 8, 4, 2]}, r"dims\[3\] = 256 and mlp_ratios\[3\] = 2, the tensors have 256 channels and an MLP of 1024"),
-    ({"num_classes": 5}, r"num_classes is 5, the head has 10 outputs"),
-    ({"img_size": 64}, r"does not fit its tensors \(operands could not be broadcast"),
-    ({"depths": "abc"}, r"does not fit its tensors"),
+    ({"num_classes": 5}, r"tensor head.weight has shape \[10, 256\], the config .*num_classes 5\) implies \[5, 256\]"),
+    ({"img_size": 64}, r"does not fit its tensors \(tensor stem.pos_embed has shape \[16, 16, 32\], the config "
+                       r"\(img_size 64.*implies \[32, 32, 32\]"),
+    ({"depths": "abc"}, r"config depths must be a list of 4 integers in 1..1024 \(one per stage\), got 'abc'"),
 ])
 def test_config_that_does_not_describe_the_tensors_is_refused_at_load(tmp_path, change, message):
     # A manifest edited with a recomputed digest: its config no longer describes the weights.

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 from pathlib import Path
 from typing import Dict, Union
 
@@ -37,6 +38,138 @@ def manifest_digest(manifest: Dict) -> str:
 
 class RuntimeFormatError(ValueError):
     """An export is missing, truncated, tampered with or of another version."""
+
+
+# --- validation of a manifest's contents (before anything is read or built) ---------
+# Limits well above every model bhvit defines; a manifest beyond them is refused before
+# the runtime allocates or loops over anything it implies.
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on its JSON header
+MAX_TENSORS = 100_000
+_INT_LIMITS = {"img_size": (1, 16384), "in_chans": (1, 1024), "num_classes": (1, 1_000_000),
+               "stem_stride": (1, 16384), "stem_pad": (0, 16384), "msgdc_groups": (1, 65536),
+               "qd_levels": (1, 64)}
+_STAGE_LIMITS = {"dims": (1, 65536), "depths": (1, 1024), "mlp_ratios": (1, 64), "heads": (1, 65536),
+                 "windows": (1, 16384)}
+_BOOLS = ("qd", "shift", "msgdc", "msmha")
+_HYBRID = {"hybrid": ["msgdc", "msgdc", "msmha", "msmha"], "msgdc": ["msgdc"] * 4, "msmha": ["msmha"] * 4}
+_F32_MAX = float(np.finfo(np.float32).max)
+_TENSOR_DTYPES = {"float32": 4, "float16": 2, "int64": 8}
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _stage_mixers(cfg: Dict):
+    swap = {"msgdc": "msgdc" if cfg["msgdc"] else "conv", "msmha": "msmha" if cfg["msmha"] else "attn"}
+    return [swap[m] for m in _HYBRID[cfg["hybrid"]]]
+
+
+def config_problem(cfg) -> Union[str, None]:
+    """What is wrong with a manifest's model config (types, bounds, consistency), or None.
+
+    Checks every field the runtime reads, so that nothing it builds from them can fail or
+    run away; whether the tensors match is checked separately."""
+    if not isinstance(cfg, dict):
+        return f"config is a JSON {type(cfg).__name__}, not an object"
+    for k, (lo, hi) in _INT_LIMITS.items():
+        v = cfg.get(k)
+        if not _is_int(v) or not lo <= v <= hi:
+            return f"config {k} must be an integer in {lo}..{hi}, got {v!r}"
+    for k, (lo, hi) in _STAGE_LIMITS.items():
+        v = cfg.get(k)
+        if not (isinstance(v, list) and len(v) == 4 and all(_is_int(x) and lo <= x <= hi for x in v)):
+            return f"config {k} must be a list of 4 integers in {lo}..{hi} (one per stage), got {v!r}"
+    for k in _BOOLS:
+        if not isinstance(cfg.get(k), bool):
+            return f"config {k} must be true or false, got {cfg.get(k)!r}"
+    if cfg.get("hybrid") not in _HYBRID:
+        return f"config hybrid must be one of {sorted(_HYBRID)}, got {cfg.get('hybrid')!r}"
+    if cfg.get("norm", "bn") not in ("bn", "ln"):
+        return f"config norm must be 'bn' or 'ln', got {cfg.get('norm')!r}"
+    side, stride = cfg["img_size"] + 2 * cfg["stem_pad"], cfg["stem_stride"]
+    if side % (8 * stride):
+        return (f"config img_size + 2 * stem_pad = {side} is not a multiple of 8 * stem_stride = "
+                f"{8 * stride} (every stage needs an integer map size)")
+    grid = side // stride
+    v = cfg.get("msgdc_dilations")
+    if not (isinstance(v, list) and 1 <= len(v) <= 16 and all(_is_int(x) and 1 <= x <= 65536 for x in v)):
+        return f"config msgdc_dilations must be a list of 1..16 integers in 1..65536, got {v!r}"
+    v = cfg.get("shift_sizes")
+    if not (isinstance(v, list) and len(v) <= 16 and all(_is_int(x) and 1 <= x <= grid for x in v)):
+        return (f"config shift_sizes must be a list of at most 16 integers in 1..{grid} (the stage-1 map "
+                f"side), got {v!r}")
+    dims = cfg["dims"]
+    for i in range(3):
+        if dims[i + 1] % dims[i]:
+            return f"config dims[{i + 1}] = {dims[i + 1]} is not a multiple of dims[{i}] = {dims[i]}"
+    for i, mixer in enumerate(_stage_mixers(cfg)):
+        size = grid >> i
+        if cfg["shift"] and cfg["shift_sizes"] and dims[i] % 4:
+            return f"config dims[{i}] = {dims[i]} is not divisible by 4 (the shift channel mix)"
+        if mixer == "msgdc" and dims[i] % cfg["msgdc_groups"]:
+            return f"config dims[{i}] = {dims[i]} is not divisible by msgdc_groups = {cfg['msgdc_groups']}"
+        if mixer in ("msmha", "attn") and dims[i] % cfg["heads"][i]:
+            return f"config dims[{i}] = {dims[i]} is not divisible by heads[{i}] = {cfg['heads'][i]}"
+        if mixer == "msmha" and size % cfg["windows"][i]:
+            return (f"config windows[{i}] = {cfg['windows'][i]} does not divide the stage-{i + 1} map "
+                    f"side {size}")
+    return None
+
+
+def _float_list_problem(name, v, n, positive=False):
+    if not (isinstance(v, list) and len(v) == n):
+        return f"data {name} must be a list of {n} numbers (one per input channel), got {v!r}"
+    for i, x in enumerate(v):
+        if isinstance(x, bool) or not isinstance(x, (int, float)):
+            return f"data {name}[{i}] must be a number, got {x!r}"
+        if not math.isfinite(x):
+            return f"data {name}[{i}] is {x}, not a finite number"
+        if abs(x) > _F32_MAX:
+            return f"data {name}[{i}] = {x} overflows float32"
+        if positive and not np.float32(x) > 0:
+            return f"data {name}[{i}] = {x} must be > 0 (in float32: images are divided by it)"
+    return None
+
+
+def data_problem(data, cfg: Dict) -> Union[str, None]:
+    """What is wrong with an export's ``data`` entry (normalisation and class names), or None.
+
+    ``mean`` and ``std``: both or neither, ``in_chans`` finite float32 numbers each, std > 0;
+    ``classes``: ``num_classes`` strings. Other keys (the data set's name, sizes) are kept as is."""
+    if data is None:
+        return None
+    if not isinstance(data, dict):
+        return f"data is a JSON {type(data).__name__}, not an object"
+    if ("mean" in data) != ("std" in data):
+        return "data has only one of mean and std (the input normalisation needs both)"
+    if "mean" in data:
+        p = (_float_list_problem("mean", data["mean"], cfg["in_chans"])
+             or _float_list_problem("std", data["std"], cfg["in_chans"], positive=True))
+        if p:
+            return p
+    classes = data.get("classes")
+    if classes is not None:
+        if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
+            return f"data classes must be a list of strings, got {str(classes)[:80]}"
+        if len(classes) != cfg["num_classes"]:
+            return (f"data classes has {len(classes)} names for the model's {cfg['num_classes']} classes "
+                    "(one name per class)")
+    return None
+
+
+def _kind_problem(name, kind) -> Union[str, None]:
+    if kind in ("affine", "binary", "binary+bn"):
+        return None
+    if isinstance(kind, str) and kind.startswith("ln:"):
+        try:
+            eps = float(kind[3:])
+        except ValueError:
+            eps = None
+        if eps is not None and math.isfinite(eps) and 0 < eps <= 1:
+            return None
+    return f"kinds[{name!r}] is {str(kind)[:40]!r}, not 'affine', 'binary', 'binary+bn' or 'ln:<eps in (0, 1]>'"
 
 
 # --- float ops -------------------------------------------------------------------
@@ -75,7 +208,7 @@ class BHViTRuntime:
         self.cfg = manifest["config"]
         self.kinds = manifest["kinds"]
         self.t = tensors
-        self.threads = threads
+        self.threads = _check_threads(threads)
         self.classes = manifest.get("data", {}).get("classes")
         self.data = manifest.get("data", {})
         self._cache = {}
@@ -359,10 +492,14 @@ class BHViTRuntime:
         return [swap[m] for m in base]
 
     def check_input(self, x) -> np.ndarray:
+        """``x`` as a C-contiguous float32 ``(B, C, H, W)`` array, or ValueError saying what is wrong.
+
+        numpy arrays and CPU torch tensors of any float dtype (float16/float64 converted);
+        bfloat16 and meta tensors, integer, complex or non-finite images are refused."""
         cfg = self.cfg
         want = (cfg["in_chans"], cfg["img_size"], cfg["img_size"])
-        if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor
-            x = x.detach().cpu().numpy()
+        if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor (torch is not imported here)
+            x = _torch_to_numpy(x)
         if not isinstance(x, np.ndarray):
             raise ValueError(f"expected a numpy array or torch tensor, got {type(x).__name__}.")
         if x.dtype.kind != "f":
@@ -374,23 +511,65 @@ class BHViTRuntime:
                              f"got {tuple(x.shape)}.")
         if x.shape[0] == 0:
             raise ValueError("got an empty batch (B = 0).")
-        if not np.isfinite(x).all():
-            raise ValueError("input contains NaN or infinite pixels.")
-        return np.ascontiguousarray(x, dtype=np.float32)
+        finite = np.isfinite(x)
+        if not finite.all():
+            idx = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(f"input contains NaN or infinite pixels ({int(x.size - finite.sum())} of them, "
+                             f"the first at index {idx}: {x[idx]}).")
+        with np.errstate(over="ignore"):
+            y = np.ascontiguousarray(x, dtype=np.float32)
+        if x.dtype.itemsize > 4 and not np.isfinite(y).all():
+            raise ValueError(f"input values overflow float32 (largest |x| = {float(np.abs(x).max()):.4g}; "
+                             f"float32 holds up to {_F32_MAX:.4g}); normalise the images like the training data.")
+        return y
 
-    def forward_features(self, x) -> np.ndarray:
-        x = self._stem(self.check_input(x))
+    def _run(self, x: np.ndarray, features: bool = False) -> np.ndarray:
+        x = self._stem(x)
         cfg = self.cfg
         for i, mixer in enumerate(self._mixers()):
             if i > 0:
                 x = self._downsample(f"stages.{i}.downsample", x)
             for j in range(cfg["depths"][i]):
                 x = self._block(f"stages.{i}.blocks.{j}", x, mixer, cfg["heads"][i], cfg["windows"][i])
-        return self._norm("norm", x)
+        x = self._norm("norm", x)
+        if features:
+            return x
+        return K.dense(x.mean(axis=(1, 2)), self._wt("head.weight"), self.t["head.bias"], self.threads)
+
+    def _checked_run(self, x, features: bool = False) -> np.ndarray:
+        x = self.check_input(x)
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                out = self._run(x, features)
+        except K.NonFiniteError:
+            out = None
+        if out is None or not np.isfinite(out).all():
+            raise ValueError(f"the network's values overflowed to inf/NaN on this input (largest |x| = "
+                             f"{float(np.abs(x).max()):.4g}); normalise the images like the training data.")
+        return out
+
+    def forward_features(self, x) -> np.ndarray:
+        """The final normed token map ``(B, h, w, C)`` of a ``(B, C, H, W)`` batch."""
+        return self._checked_run(x, features=True)
 
     def __call__(self, x) -> np.ndarray:
-        f = self.forward_features(x).mean(axis=(1, 2))
-        return K.dense(f, self._wt("head.weight"), self.t["head.bias"], self.threads)
+        return self._checked_run(x)
+
+
+def _torch_to_numpy(x) -> np.ndarray:
+    dtype = str(getattr(x, "dtype", "")).replace("torch.", "")
+    device = getattr(getattr(x, "device", None), "type", None)
+    if getattr(x, "is_meta", False) or device == "meta":
+        raise ValueError(f"got a torch tensor on the meta device (shape {tuple(x.shape)}), which holds no "
+                         "values; pass real images.")
+    if dtype == "bfloat16":
+        raise ValueError("got a torch.bfloat16 tensor, which numpy cannot represent; pass x.float().")
+    try:
+        return x.detach().cpu().numpy()
+    except (TypeError, RuntimeError, NotImplementedError, ValueError) as e:
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"cannot read the torch tensor (dtype {dtype}, device {device}) as a numpy "
+                         f"array: {msg}; pass a CPU float32 tensor.") from None
 
 
 class _ReadTracker(dict):
@@ -416,14 +595,23 @@ def _first_tensor(t: Dict[str, np.ndarray], prefix: str, names) -> np.ndarray:
     raise KeyError(f"{prefix}.{names[0]}")
 
 
-def _check_structure(rt: BHViTRuntime, mpath: Path) -> None:
+def _check_structure(rt: BHViTRuntime, mpath: Path, wpath: Path = None) -> None:
     """The manifest's config must describe its tensors: one zero image runs through the
     network (every tensor the config implies exists and fits), every tensor is read, and the
     widths the runtime takes from the tensors agree with the config's."""
     cfg, t = rt.cfg, rt.t
     try:
         side, chans = int(cfg["img_size"]), int(cfg["in_chans"])
-        logits = rt(np.zeros((1, chans, side, side), np.float32))
+        try:
+            with np.errstate(over="ignore", invalid="ignore"):
+                logits = rt._run(np.zeros((1, chans, side, side), np.float32))
+            finite = bool(np.isfinite(logits).all())
+        except K.NonFiniteError:
+            finite = False
+        if not finite:
+            raise RuntimeFormatError(f"{wpath or mpath}: the network's values overflow to inf/NaN on a zero "
+                                     "image; its parameters are corrupt or out of range (export a good "
+                                     "checkpoint again).")
         if logits.shape[-1] != cfg["num_classes"]:
             raise ValueError(f"num_classes is {cfg['num_classes']}, the head has {logits.shape[-1]} outputs")
         for i, (dim, ratio) in enumerate(zip(cfg["dims"], cfg["mlp_ratios"])):
@@ -445,11 +633,94 @@ def _check_structure(rt: BHViTRuntime, mpath: Path) -> None:
                                  f"use, e.g. {unread[:3]}; it was not written by `bhvit export`.")
 
 
+def _tensor_entries_problem(tensors: Dict) -> Union[str, None]:
+    if len(tensors) > MAX_TENSORS:
+        return f"{len(tensors)} tensors (at most {MAX_TENSORS})"
+    for name, v in tensors.items():
+        if not (isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)):
+            return f"malformed 'tensors' entry {name!r} (each needs a dtype and a shape)"
+        dt, shape = v["dtype"], v["shape"]
+        if dt not in _TENSOR_DTYPES or (dt == "int64") != name.endswith(".wbits"):
+            return (f"tensor {name} has dtype {str(dt)[:20]!r}; packed signs (.wbits) are int64, "
+                    "every other tensor float32 or float16")
+        if not (1 <= len(shape) <= 8 and all(_is_int(n) and 0 <= n < 2 ** 31 for n in shape)):
+            return f"tensor {name} has shape {str(shape)[:60]}, not a list of 1..8 sizes in 0..2**31-1"
+    return None
+
+
+def _expect_shapes(cfg: Dict, tensors: Dict) -> Union[str, None]:
+    """The shapes the config implies for the stem, the position embeddings and the head."""
+    dims, grid = cfg["dims"], (cfg["img_size"] + 2 * cfg["stem_pad"]) // cfg["stem_stride"]
+    want = {"stem.proj.weight": [dims[0], cfg["stem_stride"] ** 2 * cfg["in_chans"]],
+            "stem.pos_embed": [grid, grid, dims[0]],
+            "head.weight": [cfg["num_classes"], dims[3]]}
+    for i in range(1, 4):
+        want[f"stages.{i}.downsample.pos_embed"] = [grid >> i, grid >> i, dims[i]]
+    for name, shape in want.items():
+        if name not in tensors:
+            return f"no tensor {name!r}"
+        if tensors[name]["shape"] != shape:
+            return (f"tensor {name} has shape {tensors[name]['shape']}, the config (img_size "
+                    f"{cfg['img_size']}, in_chans {cfg['in_chans']}, stem_stride {cfg['stem_stride']}, "
+                    f"stem_pad {cfg['stem_pad']}, dims {dims}, num_classes {cfg['num_classes']}) implies {shape}")
+    return None
+
+
+def _read_limited(path: Path, expected: int, what: str) -> bytes:
+    """Read a regular file of exactly ``expected`` bytes, checking its size before reading it."""
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size != expected:
+                raise RuntimeFormatError(f"{path}: {size} bytes, the manifest says {expected}; "
+                                         "the file is truncated or was replaced.")
+            blob = f.read(expected + 1)
+    except OSError as e:
+        raise RuntimeFormatError(f"{path}: cannot read the {what} ({e.strerror or e}).") from None
+    if len(blob) != expected:
+        raise RuntimeFormatError(f"{path}: {len(blob)} bytes, the manifest says {expected}; "
+                                 "the file is truncated or was replaced.")
+    return blob
+
+
+def _read_manifest(mpath: Path) -> Dict:
+    try:
+        with open(mpath, "rb") as f:
+            raw = f.read(MAX_MANIFEST_BYTES + 1)
+    except OSError as e:
+        raise RuntimeFormatError(f"{mpath}: cannot read the manifest ({e.strerror or e}).") from None
+    if len(raw) > MAX_MANIFEST_BYTES:
+        raise RuntimeFormatError(f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest "
+                                 "written by `bhvit export`.")
+    try:
+        manifest = json.loads(raw.decode("utf-8"))
+    except RecursionError:
+        raise RuntimeFormatError(f"{mpath}: JSON nested too deeply; not a manifest written by "
+                                 "`bhvit export`.") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, over-long integer literals
+        raise RuntimeFormatError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+    if not isinstance(manifest, dict):
+        raise RuntimeFormatError(f"{mpath}: not a bhvit export (a JSON {type(manifest).__name__}, not an object).")
+    return manifest
+
+
+def _check_threads(threads) -> int:
+    try:
+        return K._threads(threads)
+    except ValueError as e:
+        raise ValueError(f"bad threads argument: {e} (it is the number of CPU threads, not part of the "
+                         "export).") from None
+
+
 def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     """Load and validate an export directory (or its manifest.json).
 
-    Checks the manifest's own SHA-256 and the weights file's, the tensors against the
-    manifest, and the config against the tensors (one zero image through the network)."""
+    Checks the manifest's own SHA-256, its config (types, bounds, consistency), data and
+    tensor list, the weights file's size (before reading it) and SHA-256, the tensors
+    against the manifest (all float parameters finite, QD steps > 0), and the config
+    against the tensors (one zero image through the network). Every problem raises
+    RuntimeFormatError (a ValueError) naming the file; a bad ``threads`` a ValueError."""
+    threads = _check_threads(threads)
     p = Path(path)
     mpath = p / "manifest.json" if p.is_dir() else p
     if mpath.is_file() and mpath.suffix != ".json":
@@ -457,44 +728,70 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
                                  f"not {mpath.name}.")
     if not mpath.is_file():
         raise RuntimeFormatError(f"{path}: no manifest.json (expected the directory written by `bhvit export`).")
-    try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise RuntimeFormatError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt.") from None
-    if not isinstance(manifest, dict):
-        raise RuntimeFormatError(f"{mpath}: not a bhvit export (a JSON {type(manifest).__name__}, not an object).")
+    manifest = _read_manifest(mpath)
     if manifest.get("format") != EXPORT_FORMAT:
-        raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {manifest.get('format')!r}).")
+        raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {str(manifest.get('format'))[:40]!r}).")
     if manifest.get("version") != EXPORT_VERSION:
-        raise RuntimeFormatError(f"{mpath}: export version {manifest.get('version')} is not supported "
+        raise RuntimeFormatError(f"{mpath}: export version {str(manifest.get('version'))[:40]} is not supported "
                                  f"(this runtime reads version {EXPORT_VERSION}).")
-    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+    try:
+        digest = manifest_digest(manifest)
+    except (RecursionError, ValueError):
+        digest = None
+    if digest is None or manifest.get("manifest_sha256") != digest:
         raise RuntimeFormatError(f"{mpath}: SHA-256 of the manifest does not match; it was modified "
                                  "(export the checkpoint again instead of editing it).")
+
+    def bad(what):
+        return RuntimeFormatError(f"{mpath}: {what}; it was not written by `bhvit export` (export the "
+                                  "checkpoint again).")
+
     for key in ("config", "kinds", "tensors", "file"):
         if not isinstance(manifest.get(key), dict):
-            raise RuntimeFormatError(f"{mpath}: the manifest has no {key!r} object; it was not written by "
-                                     "`bhvit export`.")
-    if not all(isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)
-               for v in manifest["tensors"].values()):
-        raise RuntimeFormatError(f"{mpath}: malformed 'tensors' entries (each needs a dtype and a shape).")
+            raise bad(f"the manifest has no {key!r} object")
+    cfg = manifest["config"]
+    problem = config_problem(cfg)
+    if problem:
+        raise bad(problem)
+    problem = data_problem(manifest.get("data"), cfg)
+    if problem:
+        raise bad(problem)
+    for name, kind in manifest["kinds"].items():
+        problem = _kind_problem(name, kind)
+        if problem:
+            raise bad(problem)
+    expected = manifest["tensors"]
+    problem = _tensor_entries_problem(expected)
+    if problem:
+        raise bad(problem)
+    problem = _expect_shapes(cfg, expected)
+    if problem:
+        raise RuntimeFormatError(f"{mpath}: the manifest's config does not fit its tensors ({problem}); "
+                                 "it was not written by `bhvit export`.")
     info = manifest["file"]
-    wpath = mpath.parent / info.get("name", "model.safetensors")
+    name = info.get("name", "model.safetensors")
+    if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+            and "\\" not in name and "\0" not in name):
+        raise bad(f"file name {str(name)[:80]!r} is not a plain file name next to the manifest")
+    nbytes, sha = info.get("bytes"), info.get("sha256")
+    if not (_is_int(nbytes) and isinstance(sha, str) and len(sha) == 64):
+        raise bad(f"'file' needs an integer 'bytes' and a 64-digit 'sha256', got {str(nbytes)[:20]!r} "
+                  f"and {str(sha)[:70]!r}")
+    data_bytes = sum(_TENSOR_DTYPES[v["dtype"]] * math.prod(v["shape"]) for v in expected.values())
+    if not data_bytes + 8 <= nbytes <= data_bytes + 8 + MAX_HEADER_BYTES:
+        raise bad(f"'file' says {nbytes} bytes, the tensors it lists take {data_bytes} (plus a header)")
+    wpath = mpath.parent / name
     if not wpath.is_file():
-        raise RuntimeFormatError(f"{wpath}: missing weights file.")
-    blob = wpath.read_bytes()
-    if len(blob) != info.get("bytes"):
-        raise RuntimeFormatError(f"{wpath}: {len(blob)} bytes, the manifest says {info.get('bytes')}; "
-                                 "the file is truncated or was replaced.")
-    if hashlib.sha256(blob).hexdigest() != info.get("sha256"):
+        raise RuntimeFormatError(f"{wpath}: missing weights file (export the checkpoint again).")
+    blob = _read_limited(wpath, nbytes, "weights")
+    if hashlib.sha256(blob).hexdigest() != sha:
         raise RuntimeFormatError(f"{wpath}: SHA-256 does not match the manifest; the file was modified.")
     from safetensors.numpy import load as st_load
 
     try:
         raw = st_load(blob)
-    except Exception as e:
+    except Exception as e:  # safetensors raises its own SafetensorError
         raise RuntimeFormatError(f"{wpath}: cannot parse safetensors ({e}).") from None
-    expected = manifest.get("tensors", {})
     if set(raw) != set(expected):
         missing, extra = sorted(set(expected) - set(raw)), sorted(set(raw) - set(expected))
         raise RuntimeFormatError(f"{wpath}: tensors differ from the manifest (missing {missing[:5]}, "
@@ -504,15 +801,23 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
         if list(arr.shape) != expected[name]["shape"]:
             raise RuntimeFormatError(f"{wpath}: tensor {name} has shape {list(arr.shape)}, the manifest "
                                      f"says {expected[name]['shape']}.")
-        if str(arr.dtype) != expected[name]["dtype"] or (name.endswith(".wbits") and arr.dtype != np.int64):
+        if str(arr.dtype) != expected[name]["dtype"]:
             raise RuntimeFormatError(f"{wpath}: tensor {name} is {arr.dtype}, the manifest says "
-                                     f"{expected[name]['dtype']}" + (" (packed signs are int64)."
-                                                                     if name.endswith(".wbits") else "."))
+                                     f"{expected[name]['dtype']}.")
         if name.endswith(".wbits"):
             tensors[name] = np.ascontiguousarray(arr.view(np.uint64))
-        else:
-            tensors[name] = np.ascontiguousarray(arr, dtype=np.float32)
+            continue
+        t = np.ascontiguousarray(arr, dtype=np.float32)
+        if not np.isfinite(t).all():
+            n_bad = int(t.size - np.isfinite(t).sum())
+            raise RuntimeFormatError(f"{wpath}: tensor {name} has {n_bad} NaN or infinite value(s); the "
+                                     "model it came from diverged or the file is corrupt (export a good "
+                                     "checkpoint again).")
+        if name.endswith(".core.qd.step") and not (t > 0).all():
+            raise RuntimeFormatError(f"{wpath}: tensor {name} (the QD step) has values <= 0: "
+                                     f"{t[~(t > 0)][:4].tolist()}; a QD step must be positive.")
+        tensors[name] = t
     rt = BHViTRuntime(manifest, _ReadTracker(tensors), threads)
-    _check_structure(rt, mpath)
+    _check_structure(rt, mpath, wpath)
     rt.t = dict(rt.t)
     return rt
