@@ -240,7 +240,7 @@ def list_models() -> List[str]:
     return sorted(_REGISTRY)
 
 
-def get_config(name: str, **overrides) -> BHViTConfig:
+def get_config(name: str, **overrides):
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
     cfg = _REGISTRY[name]()
@@ -253,9 +253,14 @@ def get_config(name: str, **overrides) -> BHViTConfig:
     return cfg
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides) -> BHViT:
-    """Build a named BHViT, e.g. ``create_model("bhvit_tiny", binary=False)``."""
-    return BHViT(get_config(name, num_classes=num_classes, **overrides))
+def create_model(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
+    """Build a named model, e.g. ``create_model("bhvit_tiny", binary=False)``.
+
+    Most names are BHViTs; ``reactnet_*`` names are the binary-CNN baseline
+    (:mod:`bhvit.reactnet`), whose config builds its own model.
+    """
+    cfg = get_config(name, num_classes=num_classes, **overrides)
+    return BHViT(cfg) if isinstance(cfg, BHViTConfig) else cfg.build()
 
 
 # ImageNet-size models (SPEC section 2, 224x224, 4x4 stem, windows 7).
@@ -303,3 +308,21 @@ def bhvit_tiny_c28() -> BHViTConfig:
 def bhvit_micro_c28() -> BHViTConfig:
     return _c32((1, 1, 2, 1), dims=(32, 64, 128, 256), heads=(1, 1, 2, 4), img_size=28,
                 in_chans=1, stem_pad=2)
+
+
+@register_model
+def bhvit_nano_c32() -> BHViTConfig:
+    """bhvit_micro_c32 with a 4x4 stem (maps 8, 4, 2, 1, as the 224 models' 56 ... 7 scaled
+    down), windows (4, 2, 2, 1): about a quarter of micro_c32's cost, for CPU ablation studies
+    (experiments/ablation.py)."""
+    return BHViTConfig(img_size=32, stem_stride=4, dims=(32, 64, 128, 256), depths=(1, 1, 2, 1),
+                       heads=(1, 1, 2, 4), windows=(4, 2, 2, 1))
+
+
+# Binary-CNN baseline (bhvit.reactnet): a ReActNet-style binary ResNet at the BOPs of bhvit_nano_c32.
+@register_model
+def reactnet_c32():
+    """ReActNet-style binary ResNet for 32x32 images, sized to bhvit_nano_c32's BOPs and OPs."""
+    from .reactnet import ReActNetConfig
+
+    return ReActNetConfig(img_size=32, stem_stride=4, dims=(32, 64, 128, 256), depths=(1, 2, 2, 1))
