@@ -358,7 +358,9 @@ def model_config_of(doc: Dict, p: Path):
     if "model_config" not in doc:
         raise CheckpointError(f"{p}: no model_config; cannot rebuild the model.")
     try:
-        return BHViTConfig.from_dict(doc["model_config"])
+        cfg = BHViTConfig.from_dict(doc["model_config"])
+        cfg.validate()
+        return cfg
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{p}: bad model_config ({e}).") from None
 

@@ -65,10 +65,11 @@ def decode_image(path: Path, channels: int, size: Optional[int], max_pixels: Opt
     from PIL import Image
 
     limit = max_image_pixels() if max_pixels is None else max_pixels
+    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # this limit replaces Pillow's
     try:
-        im_file = Image.open(path)
-    except Image.DecompressionBombError as e:
-        raise ImageTooLarge(f"{path}: {e}") from None
+        im_file = Image.open(path)  # reads the header only
+    finally:
+        Image.MAX_IMAGE_PIXELS = pillow_limit
     with im_file as im:
         w, h = im.size
         if w * h > limit:
