@@ -57,6 +57,11 @@ _F32_MAX = float(np.finfo(np.float32).max)
 _TENSOR_DTYPES = {"float32": 4, "float16": 2, "int64": 8}
 
 
+def _json_type(v) -> str:
+    return {type(None): "null", str: "string", bool: "boolean", int: "number", float: "number"}.get(
+        type(v), type(v).__name__)
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -72,7 +77,7 @@ def config_problem(cfg) -> Union[str, None]:
     Checks every field the runtime reads, so that nothing it builds from them can fail or
     run away; whether the tensors match is checked separately."""
     if not isinstance(cfg, dict):
-        return f"config is a JSON {type(cfg).__name__}, not an object"
+        return f"config is a JSON {_json_type(cfg)}, not an object"
     for k, (lo, hi) in _INT_LIMITS.items():
         v = cfg.get(k)
         if not _is_int(v) or not lo <= v <= hi:
@@ -141,7 +146,7 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
     if data is None:
         return None
     if not isinstance(data, dict):
-        return f"data is a JSON {type(data).__name__}, not an object"
+        return f"data is a JSON {_json_type(data)}, not an object"
     if ("mean" in data) != ("std" in data):
         return "data has only one of mean and std (the input normalisation needs both)"
     if "mean" in data:
@@ -700,7 +705,7 @@ def _read_manifest(mpath: Path) -> Dict:
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, over-long integer literals
         raise RuntimeFormatError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt.") from None
     if not isinstance(manifest, dict):
-        raise RuntimeFormatError(f"{mpath}: not a bhvit export (a JSON {type(manifest).__name__}, not an object).")
+        raise RuntimeFormatError(f"{mpath}: not a bhvit export (a JSON {_json_type(manifest)}, not an object).")
     return manifest
 
 
