@@ -15,6 +15,7 @@ _LAZY = {
     "BHViT": "model", "BHViTConfig": "model", "create_model": "model", "get_config": "model",
     "list_models": "model", "register_model": "model",
     "QuantizationDecomposition": "qd",
+    "ReActNet": "reactnet", "ReActNetConfig": "reactnet",
     "ApproxSign": "quantizers", "SignActivation": "quantizers", "WeightBinarizer": "quantizers",
     "binary_sign": "quantizers", "regularization_loss": "quantizers",
 }
