@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
 from .layers import (BinaryConv2d, BinaryLinear, LayerScale, LayerwiseResidual, NHWCConv,
                      RPReLU, make_norm)
 from .qd import QuantizationDecomposition
@@ -85,7 +86,7 @@ class MSGDC(nn.Module):
                  groups: int = 4):
         super().__init__()
         if dim % groups:
-            raise ValueError(f"MSGDC needs channels divisible by groups={groups}, got {dim}.")
+            raise ConfigError(f"MSGDC needs channels divisible by groups={groups}, got {dim}.")
         self.input_bias = nn.Parameter(torch.zeros(dim))
         self.input_quantizer = q.act()
         self.convs = nn.ModuleList(
@@ -131,7 +132,7 @@ class AttentionCore(nn.Module):
     def __init__(self, dim: int, heads: int, q: QuantSpec, qd_levels: Optional[int]):
         super().__init__()
         if dim % heads:
-            raise ValueError(f"attention needs channels divisible by heads={heads}, got {dim}.")
+            raise ConfigError(f"attention needs channels divisible by heads={heads}, got {dim}.")
         self.heads = heads
         self.scale = 1.0 / math.sqrt(dim // heads)
         self.act_quantizer = q.act()
@@ -210,7 +211,7 @@ class MSMHA(nn.Module):
             tokens = x.reshape(B, 1, H * W, C)
         else:
             if H % w or W % w:
-                raise ValueError(f"MSMHA window {w} must divide the map size, got {H}x{W}.")
+                raise ConfigError(f"MSMHA window {w} must divide the map size, got {H}x{W}.")
             tokens = window_partition(x, w)  # (B, nWin, w*w, C)
         n_win, n_local = tokens.shape[1], tokens.shape[2]
         if w is not None:
@@ -275,10 +276,10 @@ class ShiftBranches(nn.Module):
     def __init__(self, dim: int, sizes: Sequence[int] = (1, 2)):
         super().__init__()
         if dim % 4:
-            raise ValueError(f"shift channel mix needs channels divisible by 4, got {dim}.")
+            raise ConfigError(f"shift channel mix needs channels divisible by 4, got {dim}.")
         self.sizes = tuple(sizes)
         if not self.sizes or any(k < 0 for k in self.sizes):
-            raise ValueError(f"shift sizes must be a non-empty list of integers >= 0, got {list(sizes)}.")
+            raise ConfigError(f"shift sizes must be a non-empty list of integers >= 0, got {list(sizes)}.")
         self.scales = nn.ModuleList(
             LayerScale(dim, init=0.0) for _ in range(3 * len(self.sizes)))
         self.reach = max(self.sizes)

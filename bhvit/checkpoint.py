@@ -27,7 +27,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 
 import torch
 
-from .errors import BhvitError
+from .errors import BhvitError, ConfigError
 from .quantizers import binary_sign
 from .rundir import CHECKPOINT_NAME
 
@@ -162,7 +162,7 @@ def set_rng_state(d: Dict[str, str], source: Union[str, Path] = "checkpoint") ->
         try:
             arr = np.frombuffer(base64.b64decode(d["torch"], validate=True), dtype=np.uint8).copy()
             if arr.size != torch.get_rng_state().numel():
-                raise ValueError(f"{arr.size} bytes, expected {torch.get_rng_state().numel()}")
+                raise ConfigError(f"{arr.size} bytes, expected {torch.get_rng_state().numel()}")
             torch.set_rng_state(torch.from_numpy(arr))
         except (ValueError, TypeError, RuntimeError) as e:
             raise CheckpointError(f"{source}: the saved random-number state is corrupt ({e}); the run "
@@ -476,7 +476,7 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
     It cannot be resumed. Returns a summary (sizes, tensors kept in float32).
     """
     if dtype is not None and dtype not in _HALF:
-        raise ValueError(f"dtype must be one of {sorted(_HALF)} or None, not {dtype!r}")
+        raise ConfigError(f"dtype must be one of {sorted(_HALF)} or None, not {dtype!r}")
     doc, p = read_checkpoint_json(src)
     src_file = p.parent / doc["weights"]
     state = _load_safetensors(src_file, doc.get("weights_sha256"))

@@ -7,6 +7,7 @@ import os
 import sys
 from typing import List, Optional
 
+from .errors import ConfigError
 
 
 def parse_overrides(items: List[str]) -> dict:
@@ -15,10 +16,10 @@ def parse_overrides(items: List[str]) -> dict:
     out = {}
     for item in items:
         if "=" not in item:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}.")
+            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}.")
         k, v = item.split("=", 1)
         if k == "num_classes":
-            raise ValueError("--set num_classes is not allowed: use --num-classes with `info`; "
+            raise ConfigError("--set num_classes is not allowed: use --num-classes with `info`; "
                              "training takes the class count from the dataset.")
         words = {"true": True, "false": False, "none": None, "null": None}
         if v.strip().lower() in words:
@@ -113,7 +114,7 @@ def cmd_recipe(args) -> int:
     t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
                           re_beta=0.0, epochs=args.teacher_epochs or args.epochs)
     if args.act_epochs < 0:
-        raise ValueError(f"--act-epochs must be >= 0, got {args.act_epochs}.")
+        raise ConfigError(f"--act-epochs must be >= 0, got {args.act_epochs}.")
     n_stages = 3 if args.act_epochs else 2
     if args.resume and (out / "teacher" / "final.json").exists():
         print(f"stage 1/{n_stages}: teacher already trained in {out / 'teacher'}", flush=True)
@@ -165,21 +166,21 @@ def cmd_eval(args) -> int:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not (device.startswith("cuda") and torch.cuda.is_available()):
-        raise ValueError(f"--device must be auto, cpu or an available cuda device, got {args.device!r}.")
+        raise ConfigError(f"--device must be auto, cpu or an available cuda device, got {args.device!r}.")
     model, doc = load_model(args.checkpoint, map_location=device)
     data = doc.get("data", {})
     if args.data_dir is None and (args.data is None or args.data == data.get("name")):
         args.data_dir = doc.get("train_config", {}).get("data_dir")
     name = args.data or data.get("name")
     if name is None:
-        raise ValueError("--data is required: the checkpoint does not name its dataset.")
+        raise ConfigError("--data is required: the checkpoint does not name its dataset.")
     cfg = model.cfg
     ds = load_dataset(name, args.split, args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
                       skip_bad=args.skip_bad, cache_dir=args.cache_dir, classes=data.get("classes"))
     if args.subset:  # the run's seed: the same images as training's --test-subset N
         ds = ds.subset(args.subset, doc.get("train_config", {}).get("seed", 0))
     if ds.num_classes != cfg.num_classes:
-        raise ValueError(f"dataset has {ds.num_classes} classes but the model has {cfg.num_classes}.")
+        raise ConfigError(f"dataset has {ds.num_classes} classes but the model has {cfg.num_classes}.")
     if "mean" in data:
         mean, std = data["mean"], data["std"]
     else:
@@ -191,7 +192,7 @@ def cmd_eval(args) -> int:
         if logits_file.suffix != ".npz":
             logits_file = logits_file.with_name(logits_file.name + ".npz")  # as numpy.savez names it
         if not logits_file.parent.is_dir():
-            raise ValueError(f"--save-logits {args.save_logits}: directory {logits_file.parent} does not exist.")
+            raise ConfigError(f"--save-logits {args.save_logits}: directory {logits_file.parent} does not exist.")
     res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress,
                    return_logits=logits_file is not None)
     if logits_file is not None:
@@ -252,7 +253,7 @@ def cmd_predict(args) -> int:
     data = rt.data
     mean, std = data.get("mean"), data.get("std")
     if not mean or not std:
-        raise ValueError(f"{args.export}: the export records no input normalisation (mean/std), so "
+        raise ConfigError(f"{args.export}: the export records no input normalisation (mean/std), so "
                          "images cannot be prepared as in training; export with `bhvit export CKPT`, "
                          "or pass data={'mean': [...], 'std': [...]} to export_model.")
     classes = rt.classes or [str(i) for i in range(rt.cfg["num_classes"])]
@@ -260,7 +261,7 @@ def cmd_predict(args) -> int:
         try:
             x = _load_image(path, rt.cfg, mean, std)
         except (OSError, ValueError) as e:
-            raise ValueError(f"{path}: cannot read image ({e}).") from None
+            raise ConfigError(f"{path}: cannot read image ({e}).") from None
         logits = rt(x)[0].astype(np.float64)
         prob = np.exp(logits - logits.max())
         prob /= prob.sum()

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from .errors import ConfigError
 from .blocks import AttentionCore
 from .layers import binary_layers
 
@@ -40,19 +41,19 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
     cfg = getattr(model, "cfg", None)
     if input_size is None:
         if cfg is None:
-            raise ValueError("complexity: input_size is required for a model without .cfg.")
+            raise ConfigError("complexity: input_size is required for a model without .cfg.")
         input_size = (1, cfg.in_chans, cfg.img_size, cfg.img_size)
     elif isinstance(input_size, int):
         if cfg is None:
-            raise ValueError("complexity: an int input_size needs a BHViT model (for in_chans).")
+            raise ConfigError("complexity: an int input_size needs a BHViT model (for in_chans).")
         input_size = (1, cfg.in_chans, input_size, input_size)
     input_size = tuple(int(s) for s in input_size)
     if len(input_size) == 3:
         input_size = (1,) + input_size
     if len(input_size) != 4:
-        raise ValueError(f"complexity: input_size must be an int, (C, H, W) or (B, C, H, W), got {input_size}.")
+        raise ConfigError(f"complexity: input_size must be an int, (C, H, W) or (B, C, H, W), got {input_size}.")
     if cfg is not None and input_size[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-        raise ValueError(f"complexity: this model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images, "
+        raise ConfigError(f"complexity: this model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images, "
                          f"got input_size {input_size}; build it with img_size={input_size[-1]} to count "
                          "that size.")
 

@@ -14,6 +14,8 @@ from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
+from .errors import ConfigError
+
 __all__ = ["GraphedStep", "GraphCaptureError"]
 
 
@@ -44,7 +46,7 @@ class GraphedStep:
 
     def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]], warmup: int = 3):
         if warmup < 1:
-            raise ValueError(f"GraphedStep: warmup must be >= 1 (lazy initialisation cannot be "
+            raise ConfigError(f"GraphedStep: warmup must be >= 1 (lazy initialisation cannot be "
                              f"captured), got {warmup}.")
         self.fn = fn
         self._eager_left = warmup
@@ -63,7 +65,7 @@ class GraphedStep:
         if self._graph is not None:
             for s, v in zip(self._static, inputs):
                 if s.shape != v.shape or s.dtype != v.dtype:
-                    raise ValueError(f"GraphedStep: the graph was captured for inputs of shape "
+                    raise ConfigError(f"GraphedStep: the graph was captured for inputs of shape "
                                      f"{tuple(s.shape)} ({s.dtype}), got {tuple(v.shape)} ({v.dtype}); "
                                      "a CUDA graph replays fixed shapes (drop partial batches).")
                 s.copy_(v, non_blocking=True)

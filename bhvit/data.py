@@ -24,7 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import BhvitError
+from .errors import BhvitError, ConfigError
 from .runtime.image import decode_image
 
 __all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize",
@@ -338,9 +338,9 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, chann
     ``val/`` or ``test/``; ``size`` resizes (shorter side) and centre-crops.
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}.")
+        raise ConfigError(f"split must be 'train' or 'test', got {split!r}.")
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}.")
+        raise ConfigError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}.")
     if name == "fashion-mnist":
         root = Path(data_dir or FASHION_MNIST_DIR)
     elif data_dir is None:

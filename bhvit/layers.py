@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .errors import ConfigError
+
 
 __all__ = [
     "BinaryLinear",
@@ -169,7 +171,7 @@ def make_norm(kind: str, dim: int, eps: float = 1e-5) -> nn.Module:
         return ChannelBatchNorm(dim, eps=eps)
     if kind == "ln":
         return nn.LayerNorm(dim, eps=eps)
-    raise ValueError(f"norm must be 'bn' or 'ln', got {kind!r}.")
+    raise ConfigError(f"norm must be 'bn' or 'ln', got {kind!r}.")
 
 
 def channel_shortcut(x: torch.Tensor, out_dim: int) -> torch.Tensor:
@@ -185,7 +187,7 @@ def channel_shortcut(x: torch.Tensor, out_dim: int) -> torch.Tensor:
         return x.repeat(*([1] * (x.dim() - 1)), out_dim // in_dim)
     if in_dim % out_dim == 0:
         return x.view(*x.shape[:-1], out_dim, in_dim // out_dim).mean(-1)
-    raise ValueError(
+    raise ConfigError(
         f"channel shortcut needs one channel count to divide the other, got {in_dim} -> {out_dim}.")
 
 
@@ -203,7 +205,7 @@ class LayerwiseResidual(nn.Module):
                  shortcut_pool: int = 1, eps: float = 1e-5):
         super().__init__()
         if not (in_dim == out_dim or out_dim % in_dim == 0 or in_dim % out_dim == 0):
-            raise ValueError(f"LayerwiseResidual needs one of in_dim={in_dim}, out_dim={out_dim} "
+            raise ConfigError(f"LayerwiseResidual needs one of in_dim={in_dim}, out_dim={out_dim} "
                              "to divide the other.")
         self.op = op
         self.out_dim = out_dim

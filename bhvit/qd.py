@@ -22,6 +22,8 @@ import math
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = ["QuantizationDecomposition"]
 
 
@@ -40,7 +42,7 @@ class QuantizationDecomposition(nn.Module):
     def __init__(self, num_heads: int, levels: int = 3):
         super().__init__()
         if levels < 1:
-            raise ValueError(f"QD levels must be >= 1, got {levels}.")
+            raise ConfigError(f"QD levels must be >= 1, got {levels}.")
         self.num_heads = num_heads
         self.levels = levels
         self.step = nn.Parameter(torch.ones(num_heads))
@@ -77,7 +79,7 @@ class QuantizationDecomposition(nn.Module):
 
     def _check(self, attn: torch.Tensor) -> None:
         if attn.dim() != 4 or attn.shape[1] != self.num_heads:
-            raise ValueError(f"QD expects attention of shape (B, {self.num_heads}, N, M), "
+            raise ConfigError(f"QD expects attention of shape (B, {self.num_heads}, N, M), "
                              f"got {tuple(attn.shape)}.")
 
     def levels_of(self, attn: torch.Tensor) -> torch.Tensor:

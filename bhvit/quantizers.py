@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 __all__ = [
     "binary_sign",
     "ApproxSign",
@@ -127,5 +129,5 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
 
     terms = [(layer.weight.abs() - 1.0).abs().mean() for layer in binary_layers(model)]
     if not terms:
-        raise ValueError("regularization_loss: the model has no layer with binarized weights.")
+        raise ConfigError("regularization_loss: the model has no layer with binarized weights.")
     return torch.stack(terms).mean()

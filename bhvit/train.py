@@ -452,7 +452,7 @@ def _check_cuda_graph(cfg: "TrainConfig", device: str, world: int) -> None:
            "--amp's gradient scaler reads its overflow check on the host every step" if cfg.amp else
            "use one of --compile and --cuda-graph" if cfg.compile else None)
     if why:
-        raise ValueError(f"--cuda-graph: {why}.")
+        raise ConfigError(f"--cuda-graph: {why}.")
 
 
 def _log(msg: str, rank: int) -> None:
@@ -479,12 +479,12 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         device = cfg.device
     if device.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ValueError(f"--device {cfg.device}: CUDA is not available on this machine.")
+            raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine.")
         if world > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
             torch.cuda.set_device(device)
     elif device != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
     if cfg.cuda_graph:
         _check_cuda_graph(cfg, device, world)
         if device.startswith("cuda"):
@@ -494,10 +494,10 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ValueError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+        raise ConfigError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
     for name in ("subset", "test_subset"):
         if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ValueError(f"{name} must be None (all images) or >= 1, got {getattr(cfg, name)}.")
+            raise ConfigError(f"{name} must be None (all images) or >= 1, got {getattr(cfg, name)}.")
     out = check_out_dir(cfg.out)
     _check_out_state(out, cfg.resume)  # before the lock: a refused run leaves nothing behind
     lock = _lock_run_dir(out, rank, world, device)
@@ -562,7 +562,7 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
     want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
     if train_ds.image_shape != want:
         c, h, w = train_ds.image_shape
-        raise ValueError(f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
+        raise ConfigError(f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
                          f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
                          "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size.")
     mean, std = train_ds.channel_stats()
@@ -580,7 +580,7 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
         tc = teacher.cfg
         if (tc.num_classes, tc.in_chans, tc.img_size) != (train_ds.num_classes, model_cfg.in_chans,
                                                           model_cfg.img_size):
-            raise ValueError(
+            raise ConfigError(
                 f"--teacher {cfg.teacher}: it takes {tc.in_chans}x{tc.img_size}x{tc.img_size} images and "
                 f"predicts {tc.num_classes} classes, but this run has {model_cfg.in_chans}x"
                 f"{model_cfg.img_size}x{model_cfg.img_size} images and {train_ds.num_classes} classes; "
@@ -663,7 +663,7 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
                 with torch.no_grad():
                     t_logits = t_fwd(x).float()
                 if t_logits.shape != logits.shape:
-                    raise ValueError(f"the teacher returned logits of shape {tuple(t_logits.shape)}, "
+                    raise ConfigError(f"the teacher returned logits of shape {tuple(t_logits.shape)}, "
                                      f"the student {tuple(logits.shape)}; it must predict the "
                                      "same classes.")
                 loss = loss + lam * kd_loss(logits.float(), t_logits)
