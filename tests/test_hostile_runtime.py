@@ -108,10 +108,11 @@ def test_missing_config_key(exp):
     _refused(exp, r"config windows must be a list of 4 integers .* got None")
 
 
-def test_weights_size_is_checked_before_reading(exp):
-    # a 2 GB (sparse) weights file: refused from its size, without reading it
+def test_weights_size_is_checked_before_reading(exp, monkeypatch):
+    # a 2 GB (sparse) weights file: refused from its size, without reading it (was: read_bytes, then compared)
     w = exp / "model.safetensors"
     os.truncate(w, 2 << 30)
+    monkeypatch.setattr(type(w), "read_bytes", lambda self: pytest.fail(f"read {self} whole"))
     _refused(exp, r"model.safetensors: 2147483648 bytes, the manifest says \d+; the file is truncated or was replaced")
     # ... and a manifest that claims 2 GB for its few tensors, before the file is opened
     man = _manifest(exp)
@@ -159,16 +160,15 @@ def test_bad_norm_kind(exp, kind):
     _refused(exp, r"kinds\['stem.norm'\] is .* not 'affine', 'binary', 'binary\+bn' or 'ln:<eps")
 
 
-@pytest.mark.parametrize("zp,step", [(np.nan, 0.5), (np.inf, 0.5), (-np.inf, 0.5), (0.3, np.nan), (0.3, 0.0),
-                                     (0.3, np.inf)])
-def test_attention_kernels_define_nan_and_inf_parameters_like_numpy(zp, step):
-    # C used to cast a NaN QD level to int32 (undefined): now level 0 on every backend
+def test_attention_kernels_define_a_nan_zero_point_like_numpy():
+    # C used to cast a NaN QD level to int32 (undefined: 4.3e10 here); now level 0 on every
+    # backend, as numpy's clip/compare gives it (inf and -inf were already clipped alike)
     rng = np.random.default_rng(0)
     h, n, d = 2, 20, 16
     qb = K.pack_signs(rng.standard_normal((1, h, n, d)).astype(np.float32))
     kb = K.pack_signs(rng.standard_normal((1, h, n, d)).astype(np.float32))
     vb = K.pack_bits(rng.random((1, h, d, n)) < 0.5)
-    st, z = np.array([step, 0.5], np.float32), np.array([zp, 0.1], np.float32)
+    st, z = np.array([0.5, 0.5], np.float32), np.array([np.nan, 0.1], np.float32)
     prev = K.backend()
     outs = {}
     try:
@@ -180,7 +180,8 @@ def test_attention_kernels_define_nan_and_inf_parameters_like_numpy(zp, step):
         K.set_backend(prev)
     for b, o in outs.items():
         assert np.array_equal(o, outs["numpy"], equal_nan=True), b
-    assert np.abs(outs["numpy"][..., d:]).max() < 100  # the finite head is unaffected
+    assert (outs["numpy"][..., :d] == 0).all()        # head 0: every level 0, no plane set
+    assert np.abs(outs["numpy"][..., d:]).max() > 0   # head 1: computed as usual
 
 
 def test_fused_packing_reports_nan_on_every_backend():
@@ -253,6 +254,7 @@ def rt(base):
 
 
 def test_inputs_of_other_dtypes_and_layouts(rt):
+    # a guard (these already worked): defined conversions, the same logits as float32
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     ref = rt(x)
     assert np.array_equal(rt(x.astype(np.float64)), ref)                   # float64: converted
@@ -268,14 +270,10 @@ def test_inputs_of_other_dtypes_and_layouts(rt):
 @pytest.mark.parametrize("make,message", [
     (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16), r"got a torch.bfloat16 tensor.*pass x.float\(\)"),
     (lambda: torch.zeros(2, 3, 32, 32, device="meta"), r"torch tensor on the meta device \(shape \(2, 3, 32, 32\)\)"),
-    (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.int32), r"expected float images .* got dtype int32"),
-    (lambda: np.zeros((2, 3, 32, 32), np.complex64), r"expected float images .* got dtype complex64"),
     (lambda: np.full((1, 3, 32, 32), 1e39), r"input values overflow float32 \(largest \|x\| = 1e\+39"),
     (lambda: np.where(np.arange(3 * 32 * 32).reshape(1, 3, 32, 32) == 40, np.nan, 0.0),
      r"input contains NaN or infinite pixels \(1 of them, the first at index \(0, 0, 1, 8\): nan\)"),
-    (lambda: np.zeros((2, 32, 32, 3), np.float32), r"shape \(B, 3, 32, 32\), got \(2, 32, 32, 3\)"),
-    (lambda: [[0.0]], r"expected a numpy array or torch tensor, got list"),
-])
+], ids=["bfloat16", "meta", "float64-overflow", "nan"])
 def test_bad_inputs_get_one_line_errors(rt, make, message):
     # was: TypeError (bfloat16), NotImplementedError (meta), "pack_signs: input contains NaN" (overflow)
     with pytest.raises(ValueError, match=message) as e:
@@ -299,11 +297,9 @@ def test_values_that_overflow_inside_the_network(exp):
 @pytest.mark.parametrize("text,message", [
     ("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
     ('{"a": ' + "1" * 5000 + "}", r"not valid JSON \(Exceeds the limit"),
-    ("\xff\xfe{", r"not valid JSON"),
     ('"just a string"', r"not a bhvit export \(a JSON string, not an object\)"),
     ("null", r"not a bhvit export \(a JSON null, not an object\)"),
-    ("", r"not valid JSON"),
-])
+], ids=["nested", "long-int", "string", "null"])
 def test_hostile_manifest_json(exp, text, message):
     (exp / "manifest.json").write_bytes(text.encode("latin-1"))
     _refused(exp, "manifest.json: " + message)
@@ -317,7 +313,6 @@ def test_hostile_manifest_json(exp, text, message):
     ("tensors", {"head.bias": [1, 2]}, r"malformed 'tensors' entry 'head.bias'"),
     ("file", {"name": "model.safetensors", "bytes": "12", "sha256": "0" * 64}, r"'file' needs an integer 'bytes'"),
     ("data", [1, 2], r"data is a JSON list, not an object"),
-    ("config", None, r"the manifest has no 'config' object"),
 ])
 def test_wrong_json_types_in_the_manifest(exp, key, value, message):
     man = _manifest(exp)
