@@ -12,5 +12,8 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
     echo "note: could not install dataset-fashion-mnist with apt; pass --data-dir to bhvit train" >&2
   fi
 fi
-python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]"
+# editable_mode=compat puts the checkout on sys.path, so that a script in the folder that
+# holds the clone (a folder named bhvit beside it) still imports the installed package.
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]" \
+  --config-settings editable_mode=compat
 python -c "import bhvit, torch; print('bhvit', bhvit.__version__, 'torch', torch.__version__)"

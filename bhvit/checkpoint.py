@@ -272,6 +272,11 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
         for name in ("best.json", "last.json"):
             if (p / name).is_file():
                 return p / name
+        stages = [d for d in ("teacher", "student_acts", "student")
+                  if (p / d / "best.json").is_file() or (p / d / "last.json").is_file()]
+        if stages:  # the root of a `bhvit recipe` run
+            raise CheckpointError(f"{p}: a recipe run; its checkpoints are in "
+                                  f"{' and '.join(str(p / d) for d in stages)}.")
         raise CheckpointError(f"{p}: no best.json or last.json in this run directory.")
     if p.suffix == ".safetensors":
         p = p.with_name(p.name.split(".")[0] + ".json")

@@ -45,6 +45,11 @@ def positive_int(text: str) -> int:
     return v
 
 
+def test_subset_arg(text: str) -> int:
+    """argparse type of --test-subset: 'all' (0) or a positive integer."""
+    return 0 if text.strip().lower() == "all" else positive_int(text)
+
+
 def cmd_info(args) -> int:
     from .costs import complexity, format_complexity, format_summary, summary
     from .model import create_model
@@ -81,7 +86,7 @@ def _train_config(args, **changes):
         warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, kd_lambda=args.kd_lambda,
         re_beta=args.re_beta, re_last_frac=args.re_last_frac,
         teacher=getattr(args, "teacher", None), init_from=getattr(args, "init_from", None),
-        resume=args.resume, subset=args.subset,
+        resume={"yes": True, "auto": "auto"}.get(args.resume, False), subset=args.subset,
         test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
         deterministic=args.deterministic, compile=args.compile, cuda_graph=args.cuda_graph,
         threads=args.threads, overrides=parse_overrides(args.set), skip_bad=args.skip_bad,
@@ -111,6 +116,8 @@ def cmd_recipe(args) -> int:
 
     out = Path(args.out)
     t_over = dict(parse_overrides(args.set), binary=False)
+    if args.resume:  # each stage continues where it stopped, or starts if it never did
+        args.resume = "auto"
     t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
                           re_beta=0.0, epochs=args.teacher_epochs or args.epochs)
     if args.act_epochs < 0:
@@ -237,11 +244,20 @@ def cmd_strip(args) -> int:
 
 
 def _load_image(path, cfg, mean, std):
+    """The normalised (1, C, H, W) input of one image, and a note if it was converted."""
     from pathlib import Path
 
     from .runtime.image import decode_image, normalize_images
 
-    return normalize_images(decode_image(Path(path), cfg["in_chans"], cfg["img_size"])[None], mean, std)
+    info = {}
+    x = normalize_images(decode_image(Path(path), cfg["in_chans"], cfg["img_size"], info=info)[None], mean, std)
+    want_mode, side = ("L" if cfg["in_chans"] == 1 else "RGB"), cfg["img_size"]
+    (w, h), mode = info["size"], info["mode"]
+    note = None
+    if (w, h) != (side, side) or mode != want_mode:
+        how = "resized (shorter side) and centre-cropped" if (w, h) != (side, side) else "converted"
+        note = f"{path}: {how} from {w}x{h} {mode} to {side}x{side} {want_mode}"
+    return x, note
 
 
 def cmd_predict(args) -> int:
@@ -259,9 +275,11 @@ def cmd_predict(args) -> int:
     classes = rt.classes or [str(i) for i in range(rt.cfg["num_classes"])]
     for path in args.images:
         try:
-            x = _load_image(path, rt.cfg, mean, std)
+            x, note = _load_image(path, rt.cfg, mean, std)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot read image ({e}).") from None
+        if note:
+            print(note, file=sys.stderr)
         logits = rt(x)[0].astype(np.float64)
         prob = np.exp(logits - logits.max())
         prob /= prob.sum()
@@ -294,22 +312,28 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
         p.add_argument("--init-from", default=None, metavar="CKPT",
                        help="start from this checkpoint's weights (every tensor whose name and shape "
                             "match, e.g. a full-precision twin's); ignored when --resume continues a run")
-    p.add_argument("--batch-size", type=int, default=128, help="per process")
+    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size per process (default 128)")
     p.add_argument("--lr", type=float, default=None, help="default 5e-4 * global batch / 512")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
     p.add_argument("--warmup-epochs", type=float, default=0.0,
                    help="linear learning-rate warm-up, in epochs (fractions allowed; default 0)")
     p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule (default 0)")
-    p.add_argument("--kd-lambda", type=float, default=0.8, help="KD weight lambda (with a teacher)")
-    p.add_argument("--re-beta", type=float, default=0.1, help="weight beta of the regularization loss")
+    p.add_argument("--kd-lambda", type=float, default=0.8, help="KD weight lambda, with a teacher (default 0.8)")
+    p.add_argument("--re-beta", type=float, default=0.1, help="weight beta of the regularization loss L_re (default 0.1)")
     p.add_argument("--re-last-frac", type=float, default=0.1,
-                   help="L_re is on in this last fraction of the epochs")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+                   help="L_re is on in this last fraction of the epochs (default 0.1)")
+    resume_help = ("skip the finished stages in --out and continue the unfinished one (a stage not "
+                   "started yet starts)" if recipe else
+                   "continue the run in --out, which must hold one; --resume auto: continue it if "
+                   "there is one, else start it")
+    p.add_argument("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"],
+                   metavar="auto", help=resume_help)
     p.add_argument("--subset", type=positive_int, default=None, help="train on a fixed random subset of N images")
-    p.add_argument("--test-subset", type=positive_int, default=None,
-                   help="evaluate on a fixed random subset of N test images")
+    p.add_argument("--test-subset", type=test_subset_arg, default=None, metavar="N|all",
+                   help="evaluate each epoch on a fixed random subset of N test images, or 'all' "
+                        "(default: as many as --subset, all of them without --subset)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, subsets, batch order and augmentation (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda if available)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--deterministic", action="store_true",
                    help="CUDA: deterministic kernels and no TF32, so that a resumed run repeats an "
@@ -344,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     info = sub.add_parser("info", help="parameters, BOPs, FLOPs, OPs and size of a named model")
     info.add_argument("name", help="model name (see `bhvit list`)")
     info.add_argument("--img-size", type=int, default=None)
-    info.add_argument("--num-classes", type=int, default=1000)
+    info.add_argument("--num-classes", type=positive_int, default=1000, help="classes of the head (default 1000)")
     info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="config override, e.g. --set binary=false --set qd=false (repeatable)")
     info.add_argument("--json", action="store_true", help="print a JSON object")
@@ -368,12 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--data", default=None, choices=["fashion-mnist", "cifar10", "imagefolder"],
                     help="default: the dataset the checkpoint was trained on")
     ev.add_argument("--data-dir", default=None)
-    ev.add_argument("--split", default="test", choices=["train", "test"])
-    ev.add_argument("--batch-size", type=positive_int, default=256)
+    ev.add_argument("--split", default="test", choices=["train", "test"], help="default test")
+    ev.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
     ev.add_argument("--subset", type=positive_int, default=None,
                     help="a fixed random subset of N images, chosen with the run's seed (the same "
                          "images as training's --test-subset N on the test split)")
-    ev.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    ev.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     ev.add_argument("--threads", type=positive_int, default=None)
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument("--cache-dir", default=None)

@@ -30,6 +30,18 @@ from .layers import binary_layers
 __all__ = ["complexity", "format_complexity", "summary", "format_summary"]
 
 
+class Complexity(dict):
+    """The counts of :func:`complexity` (a dict); printed, a one-line summary (the
+    per-module counts stay in ``["per_module"]``)."""
+
+    def __repr__(self) -> str:
+        return (f"Complexity(params={self['params']:,}, binary_params={self['binary_params']:,}, "
+                f"bops={self['bops'] / 1e6:.2f}M, flops={self['flops'] / 1e6:.2f}M, ops={self['ops'] / 1e6:.2f}M, "
+                f"size={self['size_bytes'] / 1e6:.3f}MB, input={'x'.join(map(str, self['input_size']))})")
+
+    __str__ = __repr__
+
+
 def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]] = None) -> Dict[str, float]:
     """Count parameters, BOPs, FLOPs, OPs and size of ``model`` for one input.
 
@@ -114,7 +126,7 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
     params = sum(p.numel() for p in model.parameters())
     binary_params = sum(layer.weight.numel() for layer in binary_layers(model))
     fp_params = params - binary_params
-    return {
+    return Complexity({
         "params": params,
         "binary_params": binary_params,
         "fp_params": fp_params,
@@ -127,7 +139,7 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
         "fp32_size_bytes": params * 4,
         "input_size": input_size,
         "per_module": per_module,
-    }
+    })
 
 
 def _group(name: str) -> str:

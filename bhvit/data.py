@@ -72,12 +72,9 @@ class Dataset:
 
     def subset(self, n: int, seed: int = 0) -> "Dataset":
         """A fixed random subset of ``n`` images (all if ``n >= len``)."""
-        if n <= 0:
-            raise DataError(f"subset size must be positive, got {n}.")
-        if n >= len(self):
+        idx = subset_indices(len(self), n, seed)
+        if idx is None:
             return self
-        idx = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))[:n]
-        idx, _ = idx.sort()
         return Dataset(self.images[idx], self.labels[idx], self.classes, self.skipped, self.source)
 
     def channel_stats(self) -> Tuple[List[float], List[float]]:
@@ -86,6 +83,16 @@ class Dataset:
         mean = x.mean(dim=(0, 2, 3))
         std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
         return mean.tolist(), std.tolist()
+
+
+def subset_indices(length: int, n: int, seed: int = 0) -> Optional[torch.Tensor]:
+    """The sorted indices of a fixed random subset of ``n`` of ``length`` items (None: all)."""
+    if n <= 0:
+        raise DataError(f"subset size must be positive, got {n}.")
+    if n >= length:
+        return None
+    idx = torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n]
+    return idx.sort().values
 
 
 # --- IDX (Fashion-MNIST) ---------------------------------------------------------
@@ -256,9 +263,16 @@ _decode = decode_image  # the runtime's decoder: training and deployment see the
 
 def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[int] = None,
                      skip_bad: bool = False, cache_dir: Optional[Path] = None,
-                     classes: Optional[List[str]] = None, progress: bool = False) -> Dataset:
+                     classes: Optional[List[str]] = None, progress: bool = False,
+                     subset: Optional[int] = None, seed: int = 0) -> Dataset:
+    """Decode an ImageFolder split. With ``subset``, only the files of the fixed random
+    subset (:meth:`Dataset.subset`'s choice among the listed files) are decoded."""
     split_dir = _split_dir(root, split)
     found, items = _list_images(split_dir, classes)
+    if subset is not None:
+        idx = subset_indices(len(items), subset, seed)
+        if idx is not None:
+            items = [items[i] for i in idx.tolist()]
     # Every file's class, name, size and mtime: a file moved to another class folder, or
     # changed, makes a new cache (one stat per file, small next to decoding it).
     stats, readable, unstat = [], [], 0
@@ -329,13 +343,16 @@ def default_cache_dir() -> Path:
 
 def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, channels: int = 3,
                  size: Optional[int] = None, skip_bad: bool = False, cache_dir: Optional[str] = None,
-                 classes: Optional[List[str]] = None, progress: bool = False) -> Dataset:
+                 classes: Optional[List[str]] = None, progress: bool = False,
+                 subset: Optional[int] = None, seed: int = 0) -> Dataset:
     """Load ``split`` ('train' or 'test') of a dataset as uint8 tensors.
 
     ``fashion-mnist``: IDX files in ``data_dir`` (default /usr/share/datasets/fashion-mnist).
     ``cifar10``: ``cifar-10-batches-py/`` (python pickles, read without running code) or a
     JPEG ImageFolder (``train/``, ``test/``). ``imagefolder``: ``train/<class>/*`` and
-    ``val/`` or ``test/``; ``size`` resizes (shorter side) and centre-crops.
+    ``val/`` or ``test/``; ``size`` resizes (shorter side) and centre-crops. ``subset``: a
+    fixed random subset of that many images, chosen with ``seed`` (an ImageFolder decodes
+    only those files).
     """
     if split not in ("train", "test"):
         raise ConfigError(f"split must be 'train' or 'test', got {split!r}.")
@@ -350,18 +367,25 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, chann
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist.")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
+    folder = None
     if name == "fashion-mnist":
-        return load_fashion_mnist(root, split)
-    if name == "cifar10":
-        for cand in (root, root / "cifar-10-batches-py"):
-            if (cand / "batches.meta").exists() or (cand / "test_batch").exists():
-                return load_cifar_pickle(cand, split)
-        for cand in (root, root / "cifar10"):
-            if (cand / "train").is_dir():
-                return load_imagefolder(cand, split, 3, size, skip_bad, cache, classes, progress)
-        raise DataError(f"{root}: neither cifar-10-batches-py/ (python release) nor an "
-                        "ImageFolder with train/ and test/.")
-    return load_imagefolder(root, split, channels, size, skip_bad, cache, classes, progress)
+        ds = load_fashion_mnist(root, split)
+    elif name == "cifar10":
+        pickles = [c for c in (root, root / "cifar-10-batches-py")
+                   if (c / "batches.meta").exists() or (c / "test_batch").exists()]
+        folder = next((c for c in (root, root / "cifar10") if (c / "train").is_dir()), None)
+        if pickles:
+            ds, folder = load_cifar_pickle(pickles[0], split), None
+        elif folder is None:
+            raise DataError(f"{root}: neither cifar-10-batches-py/ (python release) nor an "
+                            "ImageFolder with train/ and test/.")
+        channels = 3
+    else:
+        folder = root
+    if folder is not None:  # decodes only the subset's files
+        return load_imagefolder(folder, split, channels, size, skip_bad, cache, classes, progress,
+                                subset, seed)
+    return ds.subset(subset, seed) if subset is not None else ds
 
 
 # --- batch transforms ------------------------------------------------------------

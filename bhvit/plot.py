@@ -22,18 +22,22 @@ def _panel(draw, box, series: Sequence[Tuple[str, List[float]]], xs: List[int], 
     pad = 0.05 * (hi - lo)
     lo, hi = lo - pad, hi + pad
     xmin, xmax = min(xs), max(xs)
-    span = max(xmax - xmin, 1)
+    span = xmax - xmin
 
-    def pt(x, v):
-        return (x0 + (x - xmin) / span * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
+    def pt(x, v):  # a single epoch sits in the middle
+        fx = (x - xmin) / span if span else 0.5
+        return (x0 + fx * (x1 - x0), y1 - (v - lo) / (hi - lo) * (y1 - y0))
 
     for frac in (0.0, 0.5, 1.0):
         v = lo + frac * (hi - lo)
         y = pt(xmin, v)[1]
         draw.line([(x0, y), (x0 + 4, y)], fill=(0, 0, 0))
         draw.text((x0 - 44, y - 6), f"{v:.3g}", fill=(0, 0, 0))
-    draw.text((x0, y1 + 4), f"epoch {xmin}", fill=(0, 0, 0))
-    draw.text((x1 - 50, y1 + 4), f"epoch {xmax}", fill=(0, 0, 0))
+    if span:
+        draw.text((x0, y1 + 4), f"epoch {xmin}", fill=(0, 0, 0))
+        draw.text((x1 - 50, y1 + 4), f"epoch {xmax}", fill=(0, 0, 0))
+    else:
+        draw.text(((x0 + x1) / 2 - 20, y1 + 4), f"epoch {xmin}", fill=(0, 0, 0))
     for k, (name, s) in enumerate(series):
         color = COLORS[k % len(COLORS)]
         pts = [pt(x, v) for x, v in zip(xs, s) if v is not None]

@@ -28,8 +28,8 @@ LOCK_NAME = ".bhvit.lock"
 RUN_FILES = ("last.json", "best.json", "final.json", "metrics.jsonl", "curves.png")
 # A checkpoint's files: epochNNNN.safetensors, epochNNNN.optim.safetensors, epochNNNN.json.
 CHECKPOINT_NAME = re.compile(r"epoch\d{4}(\.optim)?\.(safetensors|json)\Z")
-# The temporary names of bhvit.checkpoint's atomic writes (and plot.py's curves.png.tmp).
-_TEMP_NAME = re.compile(r"\.(?P<name>[^/]+)\.[A-Za-z0-9_]+\.tmp\Z|(?P<png>curves\.png)\.tmp\Z")
+# The temporary names of bhvit.checkpoint's atomic writes (and plot.py's .curves.png.tmp).
+_TEMP_NAME = re.compile(r"\.(?P<png>curves\.png)\.tmp\Z|\.(?P<name>[^/]+)\.[A-Za-z0-9_]+\.tmp\Z")
 
 
 class RunLocked(BhvitError, RuntimeError):

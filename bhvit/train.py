@@ -27,7 +27,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Union
 
 import torch
 import torch.distributed as dist
@@ -65,9 +65,9 @@ class TrainConfig:
     re_last_frac: float = 0.1
     teacher: Optional[str] = None
     init_from: Optional[str] = None  # checkpoint whose matching tensors initialise the model
-    resume: bool = False
-    subset: Optional[int] = None
-    test_subset: Optional[int] = None
+    resume: Union[bool, str] = False  # True: continue the run in out (it must exist); "auto": if present
+    subset: Optional[int] = None  # a fixed random subset of the training images
+    test_subset: Optional[int] = None  # None: as many as subset (all if no subset); 0: all
     seed: int = 0
     device: str = "auto"
     amp: bool = False
@@ -96,7 +96,7 @@ NONFINITE_CHECK_STEPS = 16
 
 
 def _fmt(values) -> str:
-    return "(" + ", ".join(f"{v:.4f}" for v in values) + ")"
+    return "(" + ", ".join(f"{v:.6f}" for v in values) + ")"
 
 
 def _nonfinite_check_steps(device: str) -> int:
@@ -495,10 +495,17 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         torch.set_num_threads(cfg.threads)
     if cfg.epochs < 1 or cfg.batch_size < 1:
         raise ConfigError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
-    for name in ("subset", "test_subset"):
-        if getattr(cfg, name) is not None and getattr(cfg, name) < 1:
-            raise ConfigError(f"{name} must be None (all images) or >= 1, got {getattr(cfg, name)}.")
+    if cfg.subset is not None and cfg.subset < 1:
+        raise ConfigError(f"subset must be None (all images) or >= 1, got {cfg.subset}.")
+    if cfg.test_subset is not None and cfg.test_subset < 0:
+        raise ConfigError(f"test_subset must be None (follow subset), 0 (all test images) or >= 1, "
+                          f"got {cfg.test_subset}.")
     out = check_out_dir(cfg.out)
+    if cfg.resume not in (False, True, "auto"):
+        raise ConfigError(f"resume must be False, True or 'auto', got {cfg.resume!r}.")
+    if cfg.resume is True and not (out / "last.json").is_file():
+        raise ConfigError(f"--resume: {out} holds no run to continue (no last.json); check the path, "
+                          "or pass --resume auto to start a fresh run when there is none.")
     _check_out_state(out, cfg.resume)  # before the lock: a refused run leaves nothing behind
     lock = _lock_run_dir(out, rank, world, device)
     try:
@@ -530,6 +537,15 @@ def _lock_run_dir(out: Path, rank: int, world: int, device: str) -> RunLock:
     return lock
 
 
+def resolve_test_subset(subset: Optional[int], test_subset: Optional[int]) -> Optional[int]:
+    """How many test images a run evaluates on (None: all): ``test_subset`` if given (0 means
+    all), else the training ``subset`` (a fixed random subset of that many test images, or all
+    of them if there are fewer), else all."""
+    if test_subset is None:
+        return subset
+    return test_subset or None
+
+
 def _check_out_state(out: Path, resume: bool) -> None:
     """Refuse an --out that holds a run (unless resuming it) or a checkpoint copy."""
     if (out / "last.json").exists() and not resume:
@@ -548,14 +564,14 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
     model_cfg = get_config(cfg.model, **cfg.overrides)
     load_kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, skip_bad=cfg.skip_bad,
                    cache_dir=cfg.cache_dir, progress=cfg.progress and rank == 0)
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, **load_kw)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, **load_kw)
+    # --test-subset follows --subset unless given (0: the whole test set); the resolved
+    # value is the one the run records and a resume compares.
+    cfg = dataclasses.replace(cfg, test_subset=resolve_test_subset(cfg.subset, cfg.test_subset))
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, subset=cfg.test_subset,
+                           seed=cfg.seed, **load_kw)
     if train_ds.skipped or test_ds.skipped:
         _log(f"skipped unreadable images: train {train_ds.skipped}, test {test_ds.skipped}", rank)
-    if cfg.subset:
-        train_ds = train_ds.subset(cfg.subset, cfg.seed)
-    if cfg.test_subset:
-        test_ds = test_ds.subset(cfg.test_subset, cfg.seed)
     for split, ds in (("training", train_ds), ("test", test_ds)):
         if len(ds) == 0:
             raise DataError(f"{ds.source or cfg.data}: the {split} set has no images.")
@@ -590,9 +606,11 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
         if t_mean and t_std and len(t_mean) == len(mean) == len(t_std):
             # The teacher sees the student's inputs, so they are normalised the way it was
             # trained (its statistics differ from these when e.g. --subset changes them).
-            if [round(v, 6) for v in t_mean + t_std] != [round(v, 6) for v in mean + std]:
+            diff = max(abs(a - b) for a, b in zip(t_mean + t_std, mean + std))
+            if diff > 5e-7:  # printed to 6 decimals: a difference shows in the numbers
                 _log(f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
-                     f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)})", rank)
+                     f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)}; largest "
+                     f"difference {diff:.2g})", rank)
             mean, std = list(t_mean), list(t_std)
     if teacher is not None:
         teacher = teacher.to(device).eval()

@@ -93,7 +93,7 @@ def test_checkpoint_and_export_files_get_normal_modes(tmp_path):
 def test_stale_temp_files_of_a_killed_write_are_removed(fmnist, tmp_path):
     out = tmp_path / "r"
     out.mkdir()
-    stale = [".epoch0000.safetensors.abc123.tmp", ".last.json.x_y9.tmp", "curves.png.tmp"]
+    stale = [".epoch0000.safetensors.abc123.tmp", ".last.json.x_y9.tmp", ".curves.png.tmp"]
     mine = [".notes.abc.tmp", "epoch0000.safetensors.tmp", ".hidden"]
     for name in stale + mine:
         (out / name).write_text("partial")
