@@ -250,9 +250,9 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
                    if name in w.f16_overflow else "")
             raise ValueError(f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
                              "the runtime refuses them (did training diverge?).")
-        if name.endswith(".core.qd.step") and not bool((t > 0).all()):
-            raise ValueError(f"cannot export to {out}: {name} (the QD step) has values <= 0; the runtime "
-                             "needs positive steps.")
+        if name.endswith(".core.qd.step") and not bool(t.all()):
+            raise ValueError(f"cannot export to {out}: {name} (the QD step) has a zero value; the QD "
+                             "levels divide by it.")
     out.mkdir(parents=True, exist_ok=True)
     wpath = out / "model.safetensors"
     atomic_save_safetensors(w.tensors, wpath)

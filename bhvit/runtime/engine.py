@@ -147,9 +147,10 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
         return None
     if not isinstance(data, dict):
         return f"data is a JSON {_json_type(data)}, not an object"
-    if ("mean" in data) != ("std" in data):
+    has_mean, has_std = data.get("mean") is not None, data.get("std") is not None
+    if has_mean != has_std:
         return "data has only one of mean and std (the input normalisation needs both)"
-    if "mean" in data:
+    if has_mean:
         p = (_float_list_problem("mean", data["mean"], cfg["in_chans"])
              or _float_list_problem("std", data["std"], cfg["in_chans"], positive=True))
         if p:
@@ -722,7 +723,7 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
 
     Checks the manifest's own SHA-256, its config (types, bounds, consistency), data and
     tensor list, the weights file's size (before reading it) and SHA-256, the tensors
-    against the manifest (all float parameters finite, QD steps > 0), and the config
+    against the manifest (all float parameters finite, QD steps nonzero), and the config
     against the tensors (one zero image through the network). Every problem raises
     RuntimeFormatError (a ValueError) naming the file; a bad ``threads`` a ValueError."""
     threads = _check_threads(threads)
@@ -818,9 +819,10 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
             raise RuntimeFormatError(f"{wpath}: tensor {name} has {n_bad} NaN or infinite value(s); the "
                                      "model it came from diverged or the file is corrupt (export a good "
                                      "checkpoint again).")
-        if name.endswith(".core.qd.step") and not (t > 0).all():
-            raise RuntimeFormatError(f"{wpath}: tensor {name} (the QD step) has values <= 0: "
-                                     f"{t[~(t > 0)][:4].tolist()}; a QD step must be positive.")
+        if name.endswith(".core.qd.step") and not t.all():
+            # negative steps are a valid (if odd) trained model; a zero step divides by zero
+            raise RuntimeFormatError(f"{wpath}: tensor {name} (the QD step) has a zero value; the QD "
+                                     "levels divide by it (export a good checkpoint again).")
         tensors[name] = t
     rt = BHViTRuntime(manifest, _ReadTracker(tensors), threads)
     _check_structure(rt, mpath, wpath)
