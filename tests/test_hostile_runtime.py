@@ -184,6 +184,46 @@ def test_attention_kernels_define_a_nan_zero_point_like_numpy():
     assert np.abs(outs["numpy"][..., d:]).max() > 0   # head 1: computed as usual
 
 
+def test_rprelu_epilogues_give_numpys_values_for_inf_and_nan():
+    # C's branch-free PReLU, 0.5 (y - |y|), made +-inf NaN where numpy gives +-inf
+    rng = np.random.default_rng(3)
+    n, d = 16, 16
+
+    def vec(*shape, bad=False):
+        a = rng.standard_normal(shape or (n,)).astype(np.float32)
+        if bad:  # inf, -inf and NaN reach the PReLU
+            a.reshape(-1)[[0, 5, 10]] = [np.inf, -np.inf, np.nan]
+        return a
+
+    dot = rng.integers(-20, 20, (5, n)).astype(np.int32)
+    s, m1, slope, m2 = (vec() for _ in range(4))
+    t, sc, res = vec(bad=True), vec(5, n), vec(5, n)
+    slope[5] = -0.5  # -inf times a negative slope: +inf
+    a, b = (K.pack_signs(rng.standard_normal(sh).astype(np.float32)) for sh in ((5, 70), (n, 70)))
+    qb = K.pack_signs(rng.standard_normal((1, 1, 5, d)).astype(np.float32))
+    vb = K.pack_bits(rng.random((1, 1, d, 5)) < 0.5)
+    q, k, v = vec(1, 5, d, bad=True), vec(1, 5, d), vec(1, 5, d)
+    cases = {
+        "epilogue": lambda: K.epilogue(dot, s, t, sc, (m1, slope, m2), residual=res),
+        "binary_linear": lambda: K.binary_linear(a, b, 70, s, t, sc, (m1, slope, m2), residual=res),
+        "attention": lambda: K.attention(qb, qb, vb, d, np.array([0.5], np.float32), np.zeros(1, np.float32), 3,
+                                         0.25, combine=(s, t, q, k, v, (m1, slope, m2))),
+    }
+    prev = K.backend()
+    try:
+        for name, fn in cases.items():
+            outs = {}
+            for be in K.available_backends():
+                K.set_backend(be)
+                with np.errstate(all="ignore"):
+                    outs[be] = fn()
+            assert np.isinf(outs["numpy"]).any(), name
+            for be, o in outs.items():
+                assert np.array_equal(o, outs["numpy"], equal_nan=True), (name, be)
+    finally:
+        K.set_backend(prev)
+
+
 def test_fused_packing_reports_nan_on_every_backend():
     # C's fused epilogue+packing used to pack NaN silently as -1 while numpy raised
     dot = np.arange(-4, 4, dtype=np.int32).reshape(1, 8)

@@ -1050,10 +1050,11 @@ INLINE void epi_loop(const int HAS, const int32_t *restrict d, const float *rest
             if (HAS & 1)
                 x += s[j];
             if (HAS & 2) {
-                /* branch-free PReLU: y - neg = max(y, 0) exactly, neg * slope = min(y, 0) * slope */
+                /* PReLU as numpy's max(y, 0) + min(y, 0) * slope (compare + blend, vectorised);
+                 * NaN stays NaN and +-inf give +-inf like numpy (0.5 (y - |y|) made inf NaN) */
                 const float y = x - a1[j];
-                const float neg = 0.5f * (y - __builtin_fabsf(y)); /* = min(y, 0), exact */
-                x = (y - neg) + neg * a2[j] + a3[j];
+                const float pos = y < 0.0f ? 0.0f : y, neg = y < 0.0f ? y : 0.0f;
+                x = pos + neg * a2[j] + a3[j];
             }
             if (HAS & 4)
                 x = p2[j] + x * p1[j];
@@ -1444,8 +1445,8 @@ INLINE void attn_bh_impl(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
             for (int64_t j = 0; j < d; ++j) {
                 const float x = (((o[j] * a->ns[c0 + j] + a->nt[c0 + j]) + qq[j]) + kk[j]) + vv[j];
                 const float y = x - a->m1[c0 + j];
-                const float neg = 0.5f * (y - __builtin_fabsf(y));
-                o[j] = (y - neg) + neg * a->slope[c0 + j] + a->m2[c0 + j];
+                const float pos = y < 0.0f ? 0.0f : y, neg = y < 0.0f ? y : 0.0f; /* as in epi_loop */
+                o[j] = pos + neg * a->slope[c0 + j] + a->m2[c0 + j];
             }
         }
     }
