@@ -101,6 +101,18 @@ def test_bad_config_values_get_one_line_errors(exp, change, message):
     _refused(exp, "manifest.json: " + message)
 
 
+def test_attention_size_is_bounded(exp):
+    # global attention is quadratic in the tokens: a 512 x 512 image with a 2x2 stem would
+    # attend over 65536 tokens (the position embeddings back it with a 64 MiB file); refused
+    # from the config alone
+    from bhvit.runtime.engine import config_problem
+
+    cfg = dict(_manifest(exp)["config"], img_size=512, hybrid="msmha", msmha=False)
+    assert config_problem(cfg) == ("config stage 1 attends over 65536 tokens (map side 256, window none); "
+                                   "at most 16384")
+    assert config_problem(dict(cfg, img_size=256)) is None
+
+
 def test_missing_config_key(exp):
     cfg = _manifest(exp)["config"]
     del cfg["windows"]

@@ -46,6 +46,7 @@ class RuntimeFormatError(ValueError):
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on its JSON header
 MAX_TENSORS = 100_000
+MAX_ATTENTION_KEYS = 16384     # bhvit_tiny's global-attention ablation at 224 needs 3136
 _INT_LIMITS = {"img_size": (1, 16384), "in_chans": (1, 1024), "num_classes": (1, 1_000_000),
                "stem_stride": (1, 16384), "stem_pad": (0, 16384), "msgdc_groups": (1, 65536),
                "qd_levels": (1, 64)}
@@ -120,6 +121,12 @@ def config_problem(cfg) -> Union[str, None]:
         if mixer == "msmha" and size % cfg["windows"][i]:
             return (f"config windows[{i}] = {cfg['windows'][i]} does not divide the stage-{i + 1} map "
                     f"side {size}")
+        if mixer in ("msmha", "attn"):  # keys per query: the cost is quadratic in it
+            w = cfg["windows"][i]
+            keys = size * size if mixer == "attn" else w * w + (size // w) ** 2
+            if keys > MAX_ATTENTION_KEYS:
+                return (f"config stage {i + 1} attends over {keys} tokens (map side {size}, window "
+                        f"{w if mixer == 'msmha' else 'none'}); at most {MAX_ATTENTION_KEYS}")
     return None
 
 
