@@ -63,6 +63,12 @@ def _json_type(v) -> str:
         type(v), type(v).__name__)
 
 
+def _short(v, n: int = 80) -> str:
+    """repr of a (hostile) manifest value, cut to one short line."""
+    r = repr(v)
+    return r if len(r) <= n else r[:n] + "..."
+
+
 def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -82,18 +88,18 @@ def config_problem(cfg) -> Union[str, None]:
     for k, (lo, hi) in _INT_LIMITS.items():
         v = cfg.get(k)
         if not _is_int(v) or not lo <= v <= hi:
-            return f"config {k} must be an integer in {lo}..{hi}, got {v!r}"
+            return f"config {k} must be an integer in {lo}..{hi}, got {_short(v)}"
     for k, (lo, hi) in _STAGE_LIMITS.items():
         v = cfg.get(k)
         if not (isinstance(v, list) and len(v) == 4 and all(_is_int(x) and lo <= x <= hi for x in v)):
-            return f"config {k} must be a list of 4 integers in {lo}..{hi} (one per stage), got {v!r}"
+            return f"config {k} must be a list of 4 integers in {lo}..{hi} (one per stage), got {_short(v)}"
     for k in _BOOLS:
         if not isinstance(cfg.get(k), bool):
-            return f"config {k} must be true or false, got {cfg.get(k)!r}"
+            return f"config {k} must be true or false, got {_short(cfg.get(k))}"
     if cfg.get("hybrid") not in _HYBRID:
-        return f"config hybrid must be one of {sorted(_HYBRID)}, got {cfg.get('hybrid')!r}"
+        return f"config hybrid must be one of {sorted(_HYBRID)}, got {_short(cfg.get('hybrid'))}"
     if cfg.get("norm", "bn") not in ("bn", "ln"):
-        return f"config norm must be 'bn' or 'ln', got {cfg.get('norm')!r}"
+        return f"config norm must be 'bn' or 'ln', got {_short(cfg.get('norm'))}"
     side, stride = cfg["img_size"] + 2 * cfg["stem_pad"], cfg["stem_stride"]
     if side % (8 * stride):
         return (f"config img_size + 2 * stem_pad = {side} is not a multiple of 8 * stem_stride = "
@@ -101,11 +107,11 @@ def config_problem(cfg) -> Union[str, None]:
     grid = side // stride
     v = cfg.get("msgdc_dilations")
     if not (isinstance(v, list) and 1 <= len(v) <= 16 and all(_is_int(x) and 1 <= x <= 65536 for x in v)):
-        return f"config msgdc_dilations must be a list of 1..16 integers in 1..65536, got {v!r}"
+        return f"config msgdc_dilations must be a list of 1..16 integers in 1..65536, got {_short(v)}"
     v = cfg.get("shift_sizes")
     if not (isinstance(v, list) and len(v) <= 16 and all(_is_int(x) and 1 <= x <= grid for x in v)):
         return (f"config shift_sizes must be a list of at most 16 integers in 1..{grid} (the stage-1 map "
-                f"side), got {v!r}")
+                f"side), got {_short(v)}")
     dims = cfg["dims"]
     for i in range(3):
         if dims[i + 1] % dims[i]:
@@ -132,10 +138,10 @@ def config_problem(cfg) -> Union[str, None]:
 
 def _float_list_problem(name, v, n, positive=False):
     if not (isinstance(v, list) and len(v) == n):
-        return f"data {name} must be a list of {n} numbers (one per input channel), got {v!r}"
+        return f"data {name} must be a list of {n} numbers (one per input channel), got {_short(v)}"
     for i, x in enumerate(v):
         if isinstance(x, bool) or not isinstance(x, (int, float)):
-            return f"data {name}[{i}] must be a number, got {x!r}"
+            return f"data {name}[{i}] must be a number, got {_short(x)}"
         if not math.isfinite(x):
             return f"data {name}[{i}] is {x}, not a finite number"
         if abs(x) > _F32_MAX:
@@ -165,7 +171,7 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
     classes = data.get("classes")
     if classes is not None:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
-            return f"data classes must be a list of strings, got {str(classes)[:80]}"
+            return f"data classes must be a list of strings, got {_short(classes)}"
         if len(classes) != cfg["num_classes"]:
             return (f"data classes has {len(classes)} names for the model's {cfg['num_classes']} classes "
                     "(one name per class)")
@@ -182,7 +188,7 @@ def _kind_problem(name, kind) -> Union[str, None]:
             eps = None
         if eps is not None and math.isfinite(eps) and 0 < eps <= 1:
             return None
-    return f"kinds[{name!r}] is {str(kind)[:40]!r}, not 'affine', 'binary', 'binary+bn' or 'ln:<eps in (0, 1]>'"
+    return f"kinds[{_short(name)}] is {_short(kind, 40)}, not 'affine', 'binary', 'binary+bn' or 'ln:<eps in (0, 1]>'"
 
 
 # --- float ops -------------------------------------------------------------------
@@ -650,14 +656,16 @@ def _tensor_entries_problem(tensors: Dict) -> Union[str, None]:
     if len(tensors) > MAX_TENSORS:
         return f"{len(tensors)} tensors (at most {MAX_TENSORS})"
     for name, v in tensors.items():
+        if not (len(name) <= 200 and name.isprintable() and " " not in name):
+            return f"tensor name {_short(name)} is not a name `bhvit export` writes"
         if not (isinstance(v, dict) and isinstance(v.get("shape"), list) and isinstance(v.get("dtype"), str)):
-            return f"malformed 'tensors' entry {name!r} (each needs a dtype and a shape)"
+            return f"malformed 'tensors' entry {_short(name)} (each needs a dtype and a shape)"
         dt, shape = v["dtype"], v["shape"]
         if dt not in _TENSOR_DTYPES or (dt == "int64") != name.endswith(".wbits"):
-            return (f"tensor {name} has dtype {str(dt)[:20]!r}; packed signs (.wbits) are int64, "
+            return (f"tensor {name} has dtype {_short(dt, 20)}; packed signs (.wbits) are int64, "
                     "every other tensor float32 or float16")
         if not (1 <= len(shape) <= 8 and all(_is_int(n) and 0 <= n < 2 ** 31 for n in shape)):
-            return f"tensor {name} has shape {str(shape)[:60]}, not a list of 1..8 sizes in 0..2**31-1"
+            return f"tensor {name} has shape {_short(shape, 60)}, not a list of 1..8 sizes in 0..2**31-1"
     return None
 
 
@@ -743,9 +751,9 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
         raise RuntimeFormatError(f"{path}: no manifest.json (expected the directory written by `bhvit export`).")
     manifest = _read_manifest(mpath)
     if manifest.get("format") != EXPORT_FORMAT:
-        raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {str(manifest.get('format'))[:40]!r}).")
+        raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {_short(manifest.get('format'), 40)}).")
     if manifest.get("version") != EXPORT_VERSION:
-        raise RuntimeFormatError(f"{mpath}: export version {str(manifest.get('version'))[:40]} is not supported "
+        raise RuntimeFormatError(f"{mpath}: export version {_short(manifest.get('version'), 40)} is not supported "
                                  f"(this runtime reads version {EXPORT_VERSION}).")
     try:
         digest = manifest_digest(manifest)
@@ -785,11 +793,11 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     name = info.get("name", "model.safetensors")
     if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
             and "\\" not in name and "\0" not in name):
-        raise bad(f"file name {str(name)[:80]!r} is not a plain file name next to the manifest")
+        raise bad(f"file name {_short(name)} is not a plain file name next to the manifest")
     nbytes, sha = info.get("bytes"), info.get("sha256")
     if not (_is_int(nbytes) and isinstance(sha, str) and len(sha) == 64):
-        raise bad(f"'file' needs an integer 'bytes' and a 64-digit 'sha256', got {str(nbytes)[:20]!r} "
-                  f"and {str(sha)[:70]!r}")
+        raise bad(f"'file' needs an integer 'bytes' and a 64-digit 'sha256', got {_short(nbytes, 20)} "
+                  f"and {_short(sha, 70)}")
     data_bytes = sum(_TENSOR_DTYPES[v["dtype"]] * math.prod(v["shape"]) for v in expected.values())
     if not data_bytes + 8 <= nbytes <= data_bytes + 8 + MAX_HEADER_BYTES:
         raise bad(f"'file' says {nbytes} bytes, the tensors it lists take {data_bytes} (plus a header)")
