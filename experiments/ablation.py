@@ -150,7 +150,7 @@ def _train_config(args, data_dir: str, out: Path, model: str, overrides: Dict, s
     from bhvit.train import TrainConfig
 
     return TrainConfig(model=model, data=args.data, data_dir=data_dir, out=str(out), epochs=epochs,
-                       batch_size=args.batch_size, lr=lr, teacher=teacher, resume=True,
+                       batch_size=args.batch_size, lr=lr, teacher=teacher, resume="auto",
                        test_subset=args.test_subset, seed=seed, device=args.device,
                        threads=args.threads, overrides=dict(overrides), cache_dir=args.cache_dir,
                        progress=not args.no_progress)

@@ -803,7 +803,8 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
         raise bad(f"'file' says {nbytes} bytes, the tensors it lists take {data_bytes} (plus a header)")
     wpath = mpath.parent / name
     if not wpath.is_file():
-        raise RuntimeFormatError(f"{wpath}: missing weights file (export the checkpoint again).")
+        what = "not a regular file" if wpath.exists() else "missing weights file"
+        raise RuntimeFormatError(f"{wpath}: {what} (export the checkpoint again).")
     blob = _read_limited(wpath, nbytes, "weights")
     if hashlib.sha256(blob).hexdigest() != sha:
         raise RuntimeFormatError(f"{wpath}: SHA-256 does not match the manifest; the file was modified.")
