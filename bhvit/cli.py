@@ -439,7 +439,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except TrainingDiverged as e:
         print(f"bhvit: error: {e}", file=sys.stderr)
         return 3
-    except (BhvitError, ValueError, OSError) as e:
+    except (BhvitError, OSError) as e:
         print(f"bhvit: error: {e}", file=sys.stderr)
         return 2
 

@@ -30,6 +30,7 @@ from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
 from .runtime.engine import EXPORT_FORMAT, EXPORT_VERSION, config_problem, data_problem, manifest_digest
+from .errors import ConfigError
 
 __all__ = ["export_model", "EXPORT_FORMAT", "EXPORT_VERSION", "pack_sign_bits"]
 
@@ -83,14 +84,14 @@ def _norm(w: _Writer, prefix: str, norm: nn.Module, kinds: Dict[str, str]) -> No
         w.f(prefix + ".bias", norm.bias)
         kinds[prefix] = f"ln:{norm.eps}"
     else:
-        raise ValueError(f"cannot export norm {type(norm).__name__} at {prefix}.")
+        raise ConfigError(f"cannot export norm {type(norm).__name__} at {prefix}.")
 
 
 def _binary(w: _Writer, prefix: str, layer: nn.Module, kinds: Dict[str, str],
             follow: Optional[nn.Module] = None) -> None:
     """Packed signs + per-channel affine ``dot * scale + shift`` (+ folded BN ``follow``)."""
     if not getattr(layer, "is_binary", False):
-        raise ValueError(f"{prefix}: only fully binary layers (binary weights and activations) can be "
+        raise ConfigError(f"{prefix}: only fully binary layers (binary weights and activations) can be "
                          "exported to the XNOR runtime; this model has a full-precision or "
                          "weight-only binary layer here.")
     alpha, _ = layer.kernel_quantizer.scale_and_sign(layer.weight)
@@ -179,14 +180,14 @@ def _collect(model: BHViT, float16: bool):
                 w.f(b + ".mixer.qkv_bias", mx.qkv_bias)
                 core = mx.core
                 if core.act_quantizer is None or core.qd is None:
-                    raise ValueError(f"{b}: attention without binary activations cannot be exported.")
+                    raise ConfigError(f"{b}: attention without binary activations cannot be exported.")
                 w.f(b + ".mixer.core.qd.step", core.qd.step)
                 w.f(b + ".mixer.core.qd.zero_point", core.qd.zero_point)
                 _norm(w, b + ".mixer.ctx_norm", mx.ctx_norm, kinds)
                 _rprelu(w, b + ".mixer.ctx_act", mx.ctx_act)
                 _layerscale(w, b + ".mixer.layer_scale", mx.layer_scale)
             else:
-                raise ValueError(f"{b}: cannot export mixer {type(mx).__name__}.")
+                raise ConfigError(f"{b}: cannot export mixer {type(mx).__name__}.")
             _residual(w, b + ".mlp.up", blk.mlp.up, kinds)
             _residual(w, b + ".mlp.down", blk.mlp.down, kinds)
             _layerscale(w, b + ".mlp.layer_scale", blk.mlp.layer_scale)
@@ -208,32 +209,32 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
     ``bhvit predict`` refuses an export without mean and std.
     """
     if not isinstance(model, BHViT):
-        raise ValueError(f"export_model needs a bhvit BHViT model, got {type(model).__name__}.")
+        raise ConfigError(f"export_model needs a bhvit BHViT model, got {type(model).__name__}.")
     if model.cfg.qd_levels < 1:
-        raise ValueError("export needs qd_levels >= 1.")
+        raise ConfigError("export needs qd_levels >= 1.")
     q = model.cfg.quant
     if not (q.weights and q.acts):
-        raise ValueError("only fully binary models can be exported to the XNOR runtime; this one has "
+        raise ConfigError("only fully binary models can be exported to the XNOR runtime; this one has "
                          f"binary weights {q.weights}, binary activations {q.acts} (binary / "
                          "binary_weights / binary_acts in its config). Export the binary student.")
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"{out} is a file; give a directory for the export.")
+        raise ConfigError(f"{out} is a file; give a directory for the export.")
     # what bhvit.runtime.load would refuse is not written: the same checks, before any file
     cfg = json.loads(json.dumps(model.cfg.to_dict()))
     problem = config_problem(cfg)
     if problem:
-        raise ValueError(f"cannot export to {out}: the runtime does not accept this model ({problem}).")
+        raise ConfigError(f"cannot export to {out}: the runtime does not accept this model ({problem}).")
     if data is not None and not isinstance(data, dict):
-        raise ValueError(f"cannot export to {out}: data must be a dict (mean, std, classes), "
+        raise ConfigError(f"cannot export to {out}: data must be a dict (mean, std, classes), "
                          f"got {type(data).__name__}.")
     try:
         data = json.loads(json.dumps(data or {}, allow_nan=True))
     except (TypeError, ValueError) as e:
-        raise ValueError(f"cannot export to {out}: data is not JSON-serialisable ({e}).") from None
+        raise ConfigError(f"cannot export to {out}: data is not JSON-serialisable ({e}).") from None
     problem = data_problem(data, cfg)
     if problem:
-        raise ValueError(f"cannot export to {out}: {problem}.")
+        raise ConfigError(f"cannot export to {out}: {problem}.")
     was_training = model.training
     model.eval()
     try:
@@ -248,10 +249,10 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
             n_bad = int((~torch.isfinite(t)).sum())
             why = (" (they overflow float16, which holds up to 65504: export without float16)"
                    if name in w.f16_overflow else "")
-            raise ValueError(f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
+            raise ConfigError(f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
                              "the runtime refuses them (did training diverge?).")
         if name.endswith(".core.qd.step") and not bool(t.all()):
-            raise ValueError(f"cannot export to {out}: {name} (the QD step) has a zero value; the QD "
+            raise ConfigError(f"cannot export to {out}: {name} (the QD step) has a zero value; the QD "
                              "levels divide by it.")
     out.mkdir(parents=True, exist_ok=True)
     wpath = out / "model.safetensors"

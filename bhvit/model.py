@@ -11,6 +11,7 @@ from torch import nn
 from .blocks import (MSGDC, MSMHA, BHViTBlock, BinaryDownsample, FPDownsample, QuantSpec,
                      Stem)
 from .layers import make_norm
+from .errors import ConfigError
 
 __all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_models", "get_config"]
 
@@ -80,7 +81,7 @@ class BHViTConfig:
 
     def validate(self) -> None:
         def bad(msg):
-            raise ValueError(msg)
+            raise ConfigError(msg)
 
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
@@ -143,7 +144,7 @@ class BHViTConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown BHViT config keys {unknown}; allowed: {sorted(names)}.")
+            raise ConfigError(f"unknown BHViT config keys {unknown}; allowed: {sorted(names)}.")
         d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
         return cls(**d)
 
@@ -205,13 +206,13 @@ class BHViT(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.cfg
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"BHViT expects a float tensor of shape (B, {cfg.in_chans}, "
+            raise ConfigError(f"BHViT expects a float tensor of shape (B, {cfg.in_chans}, "
                              f"{cfg.img_size}, {cfg.img_size}), got {getattr(x, 'dtype', type(x))}.")
         if x.dim() != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise ValueError(f"BHViT expects input of shape (B, {cfg.in_chans}, {cfg.img_size}, "
+            raise ConfigError(f"BHViT expects input of shape (B, {cfg.in_chans}, {cfg.img_size}, "
                              f"{cfg.img_size}), got {tuple(x.shape)}.")
         if x.shape[0] == 0:
-            raise ValueError("BHViT got an empty batch (B = 0).")
+            raise ConfigError("BHViT got an empty batch (B = 0).")
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)
@@ -242,12 +243,12 @@ def list_models() -> List[str]:
 
 def get_config(name: str, **overrides):
     if name not in _REGISTRY:
-        raise ValueError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
+        raise ConfigError(f"unknown model {name!r}; available: {', '.join(list_models())}.")
     cfg = _REGISTRY[name]()
     names = {f.name for f in dataclasses.fields(cfg)}
     unknown = sorted(set(overrides) - names)
     if unknown:
-        raise ValueError(f"unknown override(s) {unknown} for {name}; allowed: {sorted(names)}.")
+        raise ConfigError(f"unknown override(s) {unknown} for {name}; allowed: {sorted(names)}.")
     cfg = dataclasses.replace(cfg, **overrides)
     cfg.validate()
     return cfg

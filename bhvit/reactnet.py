@@ -33,6 +33,7 @@ from torch import nn
 
 from .blocks import QuantSpec
 from .layers import BinaryConv2d, LayerwiseResidual, NHWCConv, make_norm
+from .errors import ConfigError
 
 __all__ = ["ReActNetConfig", "ReActNet"]
 
@@ -66,23 +67,23 @@ class ReActNetConfig:
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
             if f.type == "bool" and not isinstance(v, bool):
-                raise ValueError(f"{f.name} must be true or false, got {v!r}.")
+                raise ConfigError(f"{f.name} must be true or false, got {v!r}.")
             if f.type == "Optional[bool]" and v is not None and not isinstance(v, bool):
-                raise ValueError(f"{f.name} must be true, false or None, got {v!r}.")
+                raise ConfigError(f"{f.name} must be true, false or None, got {v!r}.")
             if f.type == "int" and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-                raise ValueError(f"{f.name} must be a positive integer, got {v!r}.")
+                raise ConfigError(f"{f.name} must be a positive integer, got {v!r}.")
         for name in ("dims", "depths"):
             v = getattr(self, name)
             if len(v) != 4 or any(isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v):
-                raise ValueError(f"{name} must be 4 positive integers (one per stage), got {v!r}.")
+                raise ConfigError(f"{name} must be 4 positive integers (one per stage), got {v!r}.")
         if self.norm not in ("bn", "ln"):
-            raise ValueError(f"norm must be 'bn' or 'ln', got {self.norm!r}.")
+            raise ConfigError(f"norm must be 'bn' or 'ln', got {self.norm!r}.")
         if self.img_size % (self.stem_stride * 8):
-            raise ValueError(f"img_size {self.img_size} must be a multiple of 8*stem_stride = "
+            raise ConfigError(f"img_size {self.img_size} must be a multiple of 8*stem_stride = "
                              f"{8 * self.stem_stride} so that all four stages have integer map sizes.")
         for i in range(3):
             if self.dims[i + 1] % self.dims[i]:
-                raise ValueError(f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
+                raise ConfigError(f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
                                  f"{self.dims[i]} (the downsampling shortcut tiles channels).")
 
     def to_dict(self) -> Dict:
@@ -93,7 +94,7 @@ class ReActNetConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
-            raise ValueError(f"unknown ReActNet config keys {unknown}; allowed: {sorted(names)}.")
+            raise ConfigError(f"unknown ReActNet config keys {unknown}; allowed: {sorted(names)}.")
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def build(self) -> "ReActNet":
@@ -154,7 +155,7 @@ class ReActNet(nn.Module):
         cfg = self.cfg
         if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4
                 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size) or x.shape[0] == 0):
-            raise ValueError(f"ReActNet expects a float tensor of shape (B, {cfg.in_chans}, "
+            raise ConfigError(f"ReActNet expects a float tensor of shape (B, {cfg.in_chans}, "
                              f"{cfg.img_size}, {cfg.img_size}) with B >= 1, got "
                              f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x))}.")
 

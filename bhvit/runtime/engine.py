@@ -23,6 +23,7 @@ from typing import Dict, Union
 import numpy as np
 
 from . import kernels as K
+from ..errors import BhvitError, ConfigError
 
 __all__ = ["load", "BHViTRuntime", "RuntimeFormatError"]
 
@@ -36,7 +37,7 @@ def manifest_digest(manifest: Dict) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-class RuntimeFormatError(ValueError):
+class RuntimeFormatError(BhvitError, ValueError):
     """An export is missing, truncated, tampered with or of another version."""
 
 
@@ -520,25 +521,25 @@ class BHViTRuntime:
         if hasattr(x, "detach") and hasattr(x, "cpu"):  # torch tensor (torch is not imported here)
             x = _torch_to_numpy(x)
         if not isinstance(x, np.ndarray):
-            raise ValueError(f"expected a numpy array or torch tensor, got {type(x).__name__}.")
+            raise ConfigError(f"expected a numpy array or torch tensor, got {type(x).__name__}.")
         if x.dtype.kind != "f":
-            raise ValueError(f"expected float images (normalised like the training data), got dtype {x.dtype}.")
+            raise ConfigError(f"expected float images (normalised like the training data), got dtype {x.dtype}.")
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ValueError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}), "
+            raise ConfigError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}), "
                              f"got {tuple(x.shape)}.")
         if x.shape[0] == 0:
-            raise ValueError("got an empty batch (B = 0).")
+            raise ConfigError("got an empty batch (B = 0).")
         finite = np.isfinite(x)
         if not finite.all():
             idx = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise ValueError(f"input contains NaN or infinite pixels ({int(x.size - finite.sum())} of them, "
+            raise ConfigError(f"input contains NaN or infinite pixels ({int(x.size - finite.sum())} of them, "
                              f"the first at index {idx}: {x[idx]}).")
         with np.errstate(over="ignore"):
             y = np.ascontiguousarray(x, dtype=np.float32)
         if x.dtype.itemsize > 4 and not np.isfinite(y).all():
-            raise ValueError(f"input values overflow float32 (largest |x| = {float(np.abs(x).max()):.4g}; "
+            raise ConfigError(f"input values overflow float32 (largest |x| = {float(np.abs(x).max()):.4g}; "
                              f"float32 holds up to {_F32_MAX:.4g}); normalise the images like the training data.")
         return y
 
@@ -563,7 +564,7 @@ class BHViTRuntime:
         except K.NonFiniteError:
             out = None
         if out is None or not np.isfinite(out).all():
-            raise ValueError(f"the network's values overflowed to inf/NaN on this input (largest |x| = "
+            raise ConfigError(f"the network's values overflowed to inf/NaN on this input (largest |x| = "
                              f"{float(np.abs(x).max()):.4g}); normalise the images like the training data.")
         return out
 
@@ -579,15 +580,15 @@ def _torch_to_numpy(x) -> np.ndarray:
     dtype = str(getattr(x, "dtype", "")).replace("torch.", "")
     device = getattr(getattr(x, "device", None), "type", None)
     if getattr(x, "is_meta", False) or device == "meta":
-        raise ValueError(f"got a torch tensor on the meta device (shape {tuple(x.shape)}), which holds no "
+        raise ConfigError(f"got a torch tensor on the meta device (shape {tuple(x.shape)}), which holds no "
                          "values; pass real images.")
     if dtype == "bfloat16":
-        raise ValueError("got a torch.bfloat16 tensor, which numpy cannot represent; pass x.float().")
+        raise ConfigError("got a torch.bfloat16 tensor, which numpy cannot represent; pass x.float().")
     try:
         return x.detach().cpu().numpy()
     except (TypeError, RuntimeError, NotImplementedError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"cannot read the torch tensor (dtype {dtype}, device {device}) as a numpy "
+        raise ConfigError(f"cannot read the torch tensor (dtype {dtype}, device {device}) as a numpy "
                          f"array: {msg}; pass a CPU float32 tensor.") from None
 
 
@@ -632,13 +633,13 @@ def _check_structure(rt: BHViTRuntime, mpath: Path, wpath: Path = None) -> None:
                                      "image; its parameters are corrupt or out of range (export a good "
                                      "checkpoint again).")
         if logits.shape[-1] != cfg["num_classes"]:
-            raise ValueError(f"num_classes is {cfg['num_classes']}, the head has {logits.shape[-1]} outputs")
+            raise ConfigError(f"num_classes is {cfg['num_classes']}, the head has {logits.shape[-1]} outputs")
         for i, (dim, ratio) in enumerate(zip(cfg["dims"], cfg["mlp_ratios"])):
             b = f"stages.{i}.blocks.0"
             width = _first_tensor(t, b + ".norm1", ("scale", "weight")).shape[0]
             hidden = t[b + ".mlp.up.op.wbits"].shape[0]
             if (width, hidden) != (dim, dim * ratio):
-                raise ValueError(f"dims[{i}] = {dim} and mlp_ratios[{i}] = {ratio}, the tensors have "
+                raise ConfigError(f"dims[{i}] = {dim} and mlp_ratios[{i}] = {ratio}, the tensors have "
                                  f"{width} channels and an MLP of {hidden}")
     except RuntimeFormatError:
         raise
@@ -729,7 +730,7 @@ def _check_threads(threads) -> int:
     try:
         return K._threads(threads)
     except ValueError as e:
-        raise ValueError(f"bad threads argument: {e} (it is the number of CPU threads, not part of the "
+        raise ConfigError(f"bad threads argument: {e} (it is the number of CPU threads, not part of the "
                          "export).") from None
 
 

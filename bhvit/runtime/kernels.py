@@ -36,6 +36,7 @@ import weakref
 from pathlib import Path
 
 import numpy as np
+from ..errors import ConfigError
 
 __all__ = [
     "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
@@ -153,12 +154,12 @@ def set_backend(name: str = "auto") -> str:
     if name == "c":
         name = "auto"
     if name != "auto" and not name.startswith("c-"):
-        raise ValueError(f"unknown kernel backend {name!r}; choose from {available_backends()} or 'auto'")
+        raise ConfigError(f"unknown kernel backend {name!r}; choose from {available_backends()} or 'auto'")
     if _lib is None:
         raise RuntimeError(f"compiled kernels not available: {_lib_error}")
     rc = _lib.bhv_select(name.encode())
     if rc == -1:
-        raise ValueError(f"unknown kernel backend {name!r}; choose from {available_backends()} or 'auto'")
+        raise ConfigError(f"unknown kernel backend {name!r}; choose from {available_backends()} or 'auto'")
     if rc == -2:
         raise RuntimeError(f"kernel backend {name!r} is not supported by this CPU")
     _use_c = True
@@ -244,10 +245,10 @@ MAX_THREADS = 4096
 
 def _threads(threads) -> int:
     if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
-        raise ValueError(f"threads must be an integer >= 0 (0: all cores), got {threads!r}")
+        raise ConfigError(f"threads must be an integer >= 0 (0: all cores), got {threads!r}")
     threads = int(threads)
     if not 0 <= threads <= MAX_THREADS:
-        raise ValueError(f"threads must be >= 0 (0: all cores) and at most {MAX_THREADS}, got {threads}")
+        raise ConfigError(f"threads must be >= 0 (0: all cores) and at most {MAX_THREADS}, got {threads}")
     return threads
 
 
