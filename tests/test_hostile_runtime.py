@@ -8,11 +8,14 @@ import math
 import os
 import pickle
 import shutil
+import subprocess
+import sys
 import time
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.numpy import load_file
 
 import bhvit
@@ -274,6 +277,19 @@ def test_bad_data_entry_is_refused_by_load_and_by_export(exp, tmp_path, data, me
     with pytest.raises(ValueError, match="cannot export to .*: " + message):
         export_model(_model(), tmp_path / "new", data=data)
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("data", [None, {"mean": None, "std": None}], ids=["null", "null-stats"])
+def test_null_data_loads_without_normalisation_and_predict_says_so(exp, tmp_path, data):
+    # was: "data": null passed the check, then load crashed with AttributeError on None.get
+    _edit(exp, data=data)
+    rt = runtime.load(exp)
+    assert rt.classes is None and rt(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 10)
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    r = subprocess.run([sys.executable, "-m", "bhvit", "predict", str(exp), str(tmp_path / "x.png")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "records no input normalisation (mean/std)" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
 
 
 def test_export_refuses_nan_parameters(tmp_path):

@@ -229,8 +229,8 @@ class BHViTRuntime:
         self.kinds = manifest["kinds"]
         self.t = tensors
         self.threads = _check_threads(threads)
-        self.classes = manifest.get("data", {}).get("classes")
-        self.data = manifest.get("data", {})
+        self.data = manifest.get("data") or {}  # absent and null: no normalisation, no class names
+        self.classes = self.data.get("classes")
         self._cache = {}
         K.pin(tensors.values())
 
