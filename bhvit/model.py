@@ -24,7 +24,7 @@ class BHViTConfig:
     """Everything that defines a BHViT. Named models are instances of this; overrides
     passed to :func:`create_model` replace fields.
 
-    Ablation switches (SPEC / paper ablation): ``msgdc=False`` (single plain binary
+    Ablation switches (the paper's ablation): ``msgdc=False`` (single plain binary
     3x3 conv mixer instead of MSGDC), ``msmha=False`` (plain global attention without
     windows or pooled tokens), ``qd=False`` (single-plane 1-bit attention instead of
     three QD planes), ``shift=False`` (no shift branches), ``hybrid='msgdc'`` or
@@ -264,7 +264,7 @@ def create_model(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
     return BHViT(cfg) if isinstance(cfg, BHViTConfig) else cfg.build()
 
 
-# ImageNet-size models (SPEC section 2, 224x224, 4x4 stem, windows 7).
+# ImageNet-size models (Gao et al., CVPR 2025, and the authors' release: 224x224, 4x4 stem, windows 7).
 @register_model
 def bhvit_tiny() -> BHViTConfig:
     return BHViTConfig(depths=(2, 2, 6, 2))

@@ -17,8 +17,8 @@ subset, the whole test set, the same epochs and the same seeds:
     reactnet    the ReActNet-style binary ResNet (``--baseline``, default reactnet_c32),
                 sized to the BHViT's BOPs and OPs
 
-Run (about 1 h 10 min on one core of a 2-core Xeon; CIFAR-10 extracted first with
-``mkdir -p data && tar -xzf /work/shared/data/cifar10-jpeg.tar.gz -C data/``)::
+Run (CIFAR-10 extracted first with ``mkdir -p data && tar -xzf "$CIFAR10_TAR" -C data/``, a
+tarball holding ``cifar10/{train,test}/<class>/*.jpg``; times in docs/ABLATION.md)::
 
     python experiments/ablation.py --data-dir data/cifar10 --out runs/ablation --threads 1
 

@@ -35,9 +35,9 @@ def test_tiny_counts_exact():
     assert c["params"] == 13_783_096
     assert c["binary_params"] == 12_630_016
     assert c["binary_macs"] == _tiny_binary_macs() == 2_499_543_040
-    # stem conv 3->64 4x4 at 56x56 plus classifier: SPEC's 0.010 G
+    # stem conv 3->64 4x4 at 56x56 plus classifier: the paper's 0.010 G
     assert c["flops"] == 3 * 64 * 16 * 56 * 56 + 512 * 1000
-    # attention matmuls (QK^T and AV): SPEC's 0.040 G
+    # attention matmuls (QK^T and AV): the paper's 0.040 G
     attn = 6 * 2 * 4 * 53 * 53 * 256 + 2 * 2 * 50 * 50 * 512
     assert c["attn_macs"] == attn
     assert round(attn / 1e9, 3) == 0.040

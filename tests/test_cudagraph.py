@@ -1,6 +1,6 @@
 """The CUDA-graph training step (``--cuda-graph``), its bookkeeping run on the CPU.
 
-A CUDA graph needs a GPU (benchmarks/gpu_checks.py compares graphed and eager steps
+A CUDA graph needs a GPU (tests/test_gpu.py compares graphed and eager steps
 there). Here the graph is replaced by a stand-in with the same contract: capturing runs
 nothing, and each replay runs the step on the static input buffers and writes its results
 into the output tensors the capture returned.

@@ -1,7 +1,7 @@
 """The commands the docs show use options that exist.
 
-Every ``bhvit SUBCOMMAND ...`` and ``python benchmarks/NAME.py ...`` command in README.md,
-docs/*.md (fenced code blocks and inline code) and the benchmark scripts' docstrings is
+Every ``bhvit SUBCOMMAND ...`` and ``python benchmarks|experiments/NAME.py ...`` command in
+README.md, docs/*.md (fenced code blocks and inline code) and the scripts' docstrings is
 checked: each ``--option`` in it must be one that command's argument parser defines,
 spelled out in full.
 """
@@ -20,7 +20,8 @@ from bhvit.cli import build_parser
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
-_CMD = re.compile(r"\b(?:bhvit (?P<sub>[a-z]+)|python (?P<bench>benchmarks/\w+\.py))\b")
+SCRIPT_DIRS = ("benchmarks", "experiments")
+_CMD = re.compile(r"\b(?:bhvit (?P<sub>[a-z]+)|python (?P<bench>(?:benchmarks|experiments)/\w+\.py))\b")
 _OPT = re.compile(r"(?<![\w-])--[a-z][a-z0-9-]*")
 
 
@@ -46,8 +47,8 @@ def _segments(text: str):
 
 
 def doc_commands(text: str):
-    """``(line, command key, options)`` for each bhvit / benchmark command in ``text``;
-    the key is ``bhvit SUB`` or ``benchmarks/NAME.py``."""
+    """``(line, command key, options)`` for each bhvit / script command in ``text``;
+    the key is ``bhvit SUB`` or ``benchmarks/NAME.py`` (``experiments/NAME.py``)."""
     for lineno, seg in _segments(text):
         starts = list(_CMD.finditer(seg))
         for j, m in enumerate(starts):
@@ -56,9 +57,6 @@ def doc_commands(text: str):
             body = re.split(r"&&|\|\||;|\|", seg[m.end():end], maxsplit=1)[0]
             key = f"bhvit {m['sub']}" if m["sub"] else m["bench"]
             yield lineno, key, _OPT.findall(body)
-        # gpu_session.sh passes RECIPE_ARGS on to budget_recipe.py.
-        for args in re.findall(r'RECIPE_ARGS="([^"]*)"', seg):
-            yield lineno, "benchmarks/budget_recipe.py", _OPT.findall(args)
 
 
 class _Parsed(Exception):
@@ -67,8 +65,8 @@ class _Parsed(Exception):
 
 
 def _benchmark_parser(rel: str) -> argparse.ArgumentParser:
-    """The parser a benchmark script's ``main()`` builds (caught at ``parse_args``)."""
-    mod = load_benchmark(Path(rel).stem)
+    """The parser a script's ``main()`` builds (caught at ``parse_args``)."""
+    mod = load_benchmark(Path(rel).stem, Path(rel).parent.name)
 
     def catch(self, *a, **k):
         raise _Parsed(self)
@@ -92,9 +90,10 @@ def _known_options() -> dict:
     top = build_parser()
     subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
     known = {f"bhvit {name}": _options(p) for name, p in subs.choices.items()}
-    for f in sorted((ROOT / "benchmarks").glob("*.py")):
-        rel = f"benchmarks/{f.name}"
-        known[rel] = _options(_benchmark_parser(rel))
+    for folder in SCRIPT_DIRS:
+        for f in sorted((ROOT / folder).glob("*.py")):
+            rel = f"{folder}/{f.name}"
+            known[rel] = _options(_benchmark_parser(rel))
     return known
 
 
@@ -102,20 +101,21 @@ def test_doc_commands_parser_finds_commands_and_options():
     text = ("```bash\nbhvit train --model m --epochs 3 \\\n    --out r   # --not-this\n```\n"
             "Run `bhvit eval RUN --data-dir D` or `python benchmarks/train_speed.py --runs 5 && "
             "bhvit list`; and --prose-flag.\n"
-            '```\nRECIPE_ARGS="--fm-model m --no-step-flips" bash benchmarks/gpu_session.sh OUT\n```\n')
+            "```\npython experiments/ablation.py --seeds 0 --epochs 1\n```\n")
     got = [(k, o) for _, k, o in doc_commands(text)]
     assert got == [("bhvit train", ["--model", "--epochs", "--out"]),
                    ("bhvit eval", ["--data-dir"]),
                    ("benchmarks/train_speed.py", ["--runs"]),
                    ("bhvit list", []),
-                   ("benchmarks/budget_recipe.py", ["--fm-model", "--no-step-flips"])]
+                   ("experiments/ablation.py", ["--seeds", "--epochs"])]
 
 
 def _doc_texts():
     for doc in DOCS:
         yield doc.name, doc.read_text()
-    for f in sorted((ROOT / "benchmarks").glob("*.py")):
-        yield f.name, "```\n" + (ast.get_docstring(ast.parse(f.read_text())) or "") + "\n```"
+    for folder in SCRIPT_DIRS:
+        for f in sorted((ROOT / folder).glob("*.py")):
+            yield f"{folder}/{f.name}", "```\n" + (ast.get_docstring(ast.parse(f.read_text())) or "") + "\n```"
 
 
 def test_documented_commands_use_existing_options():

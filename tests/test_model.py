@@ -5,7 +5,7 @@ import bhvit
 from bhvit import binary_layers, create_model, list_models
 from bhvit.blocks import MSMHA, QuantSpec
 
-# SPEC section 2: counted from the authors' release (BatchNorm, shifts k=1,2, QD).
+# The paper's parameter counts (Gao et al., CVPR 2025), counted from the authors' release (BatchNorm, shifts k=1,2, QD).
 RELEASE_PARAMS = [
     ("bhvit_tiny", 1000, False, 13_783_096),
     ("bhvit_tiny", 10, False, 13_275_226),
