@@ -111,7 +111,8 @@ def gemm(args):
     for h in hs:
         h.remove()
     print(f"\nbinary GEMM ({kernels.backend()}) vs torch.matmul float32, bhvit_tiny linear shapes, batch 1")
-    print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'+pack ms':>9} {'fp32 ms':>9} {'speedup':>8} {'w/ pack':>8}")
+    print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'+pack ms':>9} {'fp32 ms':>9} "
+          f"{'speedup':>8} {'w/ pack':>8}")
     for M, K, N in sorted(set(shapes)):
         a = torch.randn(M, K)
         w = torch.randn(K, N)

@@ -35,7 +35,8 @@ FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
 
 __all__ = ["atomic_save_safetensors", "atomic_write_json", "save_checkpoint", "read_checkpoint_json",
-           "load_model", "load_weights", "load_training_state", "resolve_checkpoint", "strip_checkpoint", "CheckpointError"]
+           "load_model", "load_weights", "load_training_state", "resolve_checkpoint", "strip_checkpoint",
+           "CheckpointError"]
 
 
 class CheckpointError(BhvitError, ValueError):

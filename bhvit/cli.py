@@ -319,7 +319,8 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
                    help="linear learning-rate warm-up, in epochs (fractions allowed; default 0)")
     p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule (default 0)")
     p.add_argument("--kd-lambda", type=float, default=0.8, help="KD weight lambda, with a teacher (default 0.8)")
-    p.add_argument("--re-beta", type=float, default=0.1, help="weight beta of the regularization loss L_re (default 0.1)")
+    p.add_argument("--re-beta", type=float, default=0.1,
+                   help="weight beta of the regularization loss L_re (default 0.1)")
     p.add_argument("--re-last-frac", type=float, default=0.1,
                    help="L_re is on in this last fraction of the epochs (default 0.1)")
     resume_help = ("skip the finished stages in --out and continue the unfinished one (a stage not "
@@ -332,7 +333,8 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     p.add_argument("--test-subset", type=test_subset_arg, default=None, metavar="N|all",
                    help="evaluate each epoch on a fixed random subset of N test images, or 'all' "
                         "(default: as many as --subset, all of them without --subset)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initialisation, subsets, batch order and augmentation (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the initialisation, subsets, batch order and augmentation (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda if available)")
     p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
     p.add_argument("--deterministic", action="store_true",

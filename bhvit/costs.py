@@ -181,7 +181,8 @@ def summary(model: nn.Module, input_size=None) -> List[Dict]:
 
 
 def format_summary(rows: List[Dict]) -> str:
-    head = f"{'part':<22} {'binary params':>14} {'float params':>13} {'memory (KiB)':>13} {'BOPs (M)':>10} {'FLOPs (M)':>10}"
+    head = (f"{'part':<22} {'binary params':>14} {'float params':>13} {'memory (KiB)':>13} "
+            f"{'BOPs (M)':>10} {'FLOPs (M)':>10}")
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["part"] == "total":

@@ -470,7 +470,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     """
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     if world_env > 1 and not dist.is_initialized():
-        backend = "nccl" if (cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())) else "gloo"
+        on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
+        backend = "nccl" if on_cuda else "gloo"
         dist.init_process_group(backend=backend)
     rank, world = _dist_info()
     if cfg.device == "auto":
@@ -811,7 +812,8 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
         last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
                 "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
                 "test_top1": ev["top1"], "test_top5": ev["top5"], "lr": lr, "beta": beta,
-                "kd_lambda": lam, "flip_frac": flips, "step_flip_frac": step_flips, "epoch_time_s": time.perf_counter() - t0,
+                "kd_lambda": lam, "flip_frac": flips, "step_flip_frac": step_flips,
+                "epoch_time_s": time.perf_counter() - t0,
                 "train_images_per_s": sums[2].item() / train_time}
         history.append(last)
         is_best = ev["top1"] > best

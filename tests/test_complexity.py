@@ -72,7 +72,8 @@ def test_small_c32_and_input_size_argument():
     assert complexity(m, (2, 3, 32, 32))["bops"] == 2 * a["bops"]
     with pytest.raises(ValueError, match="input_size must be"):
         complexity(m, (32, 32))
-    with pytest.raises(ValueError, match=r"takes 3x32x32 images, got input_size \(1, 3, 64, 64\); build it with img_size=64"):
+    with pytest.raises(ValueError,
+                       match=r"takes 3x32x32 images, got input_size \(1, 3, 64, 64\); build it with img_size=64"):
         complexity(m, 64)
 
 

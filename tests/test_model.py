@@ -80,7 +80,8 @@ def test_binary_layers_see_exactly_binary_inputs_in_eval():
     def hook(mod, inputs, output):
         x = inputs[0]
         if mod.input_bias is not None:
-            x = x + mod.input_bias.view(-1, *([1] * (x.dim() - 2))) if isinstance(mod, torch.nn.Conv2d) else x + mod.input_bias
+            conv = isinstance(mod, torch.nn.Conv2d)
+            x = x + mod.input_bias.view(-1, *([1] * (x.dim() - 2))) if conv else x + mod.input_bias
         q = mod.input_quantizer(x) if mod.input_quantizer is not None else x
         seen.append(set(q.unique().tolist()))
         w = mod.effective_weight().reshape(mod.weight.shape[0], -1)

@@ -142,7 +142,8 @@ def test_export_keeps_the_model_mode_and_refuses_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="afile is a file; give a directory"):
         export_model(m, tmp_path / "afile")
-    with pytest.raises(RuntimeFormatError, match="expected the export directory or its manifest.json, not model.safetensors"):
+    with pytest.raises(RuntimeFormatError,
+                       match="expected the export directory or its manifest.json, not model.safetensors"):
         runtime.load(tmp_path / "exp" / "model.safetensors")
 
 
@@ -219,7 +220,8 @@ def test_self_consistent_but_malformed_exports(tmp_path):
             t[name][:, -1] |= np.int64(1) << np.int64(40)
             _rewrite(d, t)
             # found by the load-time run of one image, which prepares every layer
-            with pytest.raises(RuntimeFormatError, match=f"{name}: 1 words per row with bits set past the layer's 32 inputs"):
+            with pytest.raises(RuntimeFormatError,
+                               match=f"{name}: 1 words per row with bits set past the layer's 32 inputs"):
                 runtime.load(d)
     export_model(m, tmp_path / "ok")
     _rewrite(tmp_path / "ok", load_file(str(tmp_path / "ok" / "model.safetensors")))  # unchanged: loads and runs
@@ -229,10 +231,12 @@ def test_self_consistent_but_malformed_exports(tmp_path):
 @pytest.mark.parametrize("change,message", [
     ({"depths": [1, 1, 3, 1]}, r"does not fit its tensors \(no tensor 'stages.2.blocks.2.norm1"),
     ({"depths": [1, 1, 1, 1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.2.blocks.1."),
-    ({"shift_sizes": [1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.0.blocks.0.shift.scales.3"),
+    ({"shift_sizes": [1]},
+     r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.0.blocks.0.shift.scales.3"),
     ({"msgdc_dilations": [1, 3]}, r"does not use, e.g. \['stages.0.blocks.0.mixer.acts.2"),
     ({"dims": [32, 64, 128, 128]}, r"tensor head.weight has shape \[10, 256\], the config .*implies \[10, 128\]"),
-    ({"mlp_ratios": [8, 8, 4, 2]}, r"dims\[3\] = 256 and mlp_ratios\[3\] = 2, the tensors have 256 channels and an MLP of 1024"),
+    ({"mlp_ratios": [8, 8, 4, 2]},
+     r"dims\[3\] = 256 and mlp_ratios\[3\] = 2, the tensors have 256 channels and an MLP of 1024"),
     ({"num_classes": 5}, r"tensor head.weight has shape \[10, 256\], the config .*num_classes 5\) implies \[5, 256\]"),
     ({"img_size": 64}, r"does not fit its tensors \(tensor stem.pos_embed has shape \[16, 16, 32\], the config "
                        r"\(img_size 64.*implies \[32, 32, 32\]"),
