@@ -17,7 +17,8 @@ _LAZY = {
     "QuantizationDecomposition": "qd",
     "ReActNet": "reactnet", "ReActNetConfig": "reactnet",
     "ApproxSign": "quantizers", "SignActivation": "quantizers", "WeightBinarizer": "quantizers",
-    "binary_sign": "quantizers", "regularization_loss": "quantizers",
+    "binary_sign": "quantizers", "kd_loss": "losses", "recipe_loss": "losses",
+    "regularization_loss": "losses",
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -28,7 +28,7 @@ from typing import Any, Dict, Optional, Tuple, Union
 import torch
 
 from .errors import BhvitError, ConfigError
-from .quantizers import binary_sign
+from .quantizers import centred_signs
 from .rundir import CHECKPOINT_NAME
 
 FORMAT = "bhvit-checkpoint"
@@ -521,8 +521,7 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
 
 def _centred_signs(w: torch.Tensor) -> torch.Tensor:
     """The signs a binary layer uses: ``sign(W - mean(W))`` per output channel (rows of the view)."""
-    flat = w.float().reshape(w.shape[0], -1)
-    return binary_sign(flat - flat.mean(1, keepdim=True))
+    return centred_signs(w.float()).reshape(w.shape[0], -1)
 
 
 def _keep_binary_signs(v: torch.Tensor, h: torch.Tensor, tries: int = 4):
@@ -537,7 +536,7 @@ def _keep_binary_signs(v: torch.Tensor, h: torch.Tensor, tries: int = 4):
     for _ in range(tries):
         hf = flat.float()
         mean = hf.mean(1, keepdim=True)
-        bad = binary_sign(hf - mean) != want
+        bad = centred_signs(hf) != want
         if not bad.any():
             return flat.view_as(h), moved
         moved += int(bad.sum())

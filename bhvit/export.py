@@ -29,7 +29,7 @@ from .checkpoint import atomic_save_safetensors, atomic_write_json
 from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
-from .runtime.engine import EXPORT_FORMAT, EXPORT_VERSION, config_problem, data_problem, manifest_digest
+from .runtime.format import EXPORT_FORMAT, EXPORT_VERSION, config_problem, data_problem, manifest_digest
 from .errors import ConfigError
 
 __all__ = ["export_model", "EXPORT_FORMAT", "EXPORT_VERSION", "pack_sign_bits"]
@@ -94,13 +94,10 @@ def _binary(w: _Writer, prefix: str, layer: nn.Module, kinds: Dict[str, str],
         raise ConfigError(f"{prefix}: only fully binary layers (binary weights and activations) can be "
                          "exported to the XNOR runtime; this model has a full-precision or "
                          "weight-only binary layer here.")
-    alpha, _ = layer.kernel_quantizer.scale_and_sign(layer.weight)
-    wt = layer.weight.detach()
-    flat = wt.reshape(wt.shape[0], -1)
-    centred = wt - flat.mean(1).view(-1, *([1] * (wt.dim() - 1)))
+    alpha, sign = layer.kernel_quantizer.scale_and_sign(layer.weight)
     if isinstance(layer, BinaryConv2d):
-        centred = centred.permute(0, 2, 3, 1)  # (out, kh, kw, cin/groups): reduction innermost
-    w.packed(prefix + ".wbits", pack_sign_bits(centred), wt.numel())
+        sign = sign.permute(0, 2, 3, 1)  # (out, kh, kw, cin/groups): reduction innermost
+    w.packed(prefix + ".wbits", pack_sign_bits(sign), layer.weight.numel())
     scale = alpha.clone()
     shift = layer.bias.detach().clone() if layer.bias is not None else torch.zeros_like(alpha)
     if isinstance(follow, ChannelBatchNorm):

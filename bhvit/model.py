@@ -12,11 +12,11 @@ from .blocks import (MSGDC, MSMHA, BHViTBlock, BinaryDownsample, FPDownsample, Q
                      Stem)
 from .layers import make_norm
 from .errors import ConfigError
+from .layout import HYBRID_MIXERS, stage_mixers
 
 __all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_models", "get_config"]
 
-MIXERS = ("msgdc", "conv", "msmha", "attn")
-HYBRID = ("hybrid", "msgdc", "msmha")
+HYBRID = tuple(HYBRID_MIXERS)  # ("hybrid", "msgdc", "msmha")
 
 
 @dataclass
@@ -73,11 +73,7 @@ class BHViTConfig:
         return [self.grid >> i for i in range(4)]
 
     def stage_mixers(self) -> List[str]:
-        base = {"hybrid": ["msgdc", "msgdc", "msmha", "msmha"],
-                "msgdc": ["msgdc"] * 4, "msmha": ["msmha"] * 4}[self.hybrid]
-        swap = {"msgdc": "msgdc" if self.msgdc else "conv",
-                "msmha": "msmha" if self.msmha else "attn"}
-        return [swap[m] for m in base]
+        return stage_mixers(self.hybrid, self.msgdc, self.msmha)
 
     def validate(self) -> None:
         def bad(msg):

@@ -14,14 +14,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import ConfigError
 
 __all__ = [
     "binary_sign",
+    "centred_signs",
     "ApproxSign",
     "SignActivation",
     "WeightBinarizer",
-    "regularization_loss",
 ]
 
 
@@ -64,6 +63,16 @@ class SignActivation(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _ApproxSignFn.apply(x)
+
+
+def centred_signs(w: torch.Tensor, as_bool: bool = False) -> torch.Tensor:
+    """The signs a binary layer's kernel uses: ``sign(W - mean(W))`` per output channel
+    (the mean over each channel's fan-in), with ``sign(0) = +1``, in ``w``'s shape. This
+    is the one definition the binarizer, the sign-flip counts, 16-bit checkpoint copies
+    and the export share. ``as_bool``: ``True`` where the sign is +1 (cheaper)."""
+    flat = w.reshape(w.shape[0], -1)
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    return (centred >= 0 if as_bool else binary_sign(centred)).view(w.shape)
 
 
 class _WeightBinarizeFn(torch.autograd.Function):
@@ -110,24 +119,5 @@ class WeightBinarizer(nn.Module):
     @torch.no_grad()
     def scale_and_sign(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-output-channel ``alpha`` (shape ``[out]``) and the +-1 sign tensor."""
-        flat = w.reshape(w.shape[0], -1)
-        shape = (w.shape[0],) + (1,) * (w.dim() - 1)
-        alpha = flat.abs().mean(dim=1)
-        sign = binary_sign(w - flat.mean(dim=1).reshape(shape))
-        return alpha, sign
-
-
-def regularization_loss(model: nn.Module) -> torch.Tensor:
-    """BHViT's ``L_re``: mean over binary layers of ``mean(| |w| - 1 |)``.
-
-    Under Adam, a latent weight that oscillates around 0 sees gradients of alternating
-    sign: the first moment cancels while the second keeps growing, so its step shrinks
-    and it stays stuck flipping. Pulling latent weights towards +-1 moves them out of
-    that zone. Only layers whose kernel is binarized count.
-    """
-    from .layers import binary_layers  # local import: layers imports this module
-
-    terms = [(layer.weight.abs() - 1.0).abs().mean() for layer in binary_layers(model)]
-    if not terms:
-        raise ConfigError("regularization_loss: the model has no layer with binarized weights.")
-    return torch.stack(terms).mean()
+        alpha = w.reshape(w.shape[0], -1).abs().mean(dim=1)
+        return alpha, centred_signs(w)

@@ -6,7 +6,7 @@ the teacher. Stage 2 trains the binary student with
     L = (1 - lambda - beta) * CE + lambda * KD + beta * L_re
 
 where KD is the soft cross-entropy to the teacher's softmax (no temperature) and
-``L_re`` (:func:`bhvit.regularization_loss`) is switched on in the last
+``L_re`` (:func:`bhvit.regularization_loss`; both in :mod:`bhvit.losses`) is switched on in the last
 ``re_last_frac`` of the epochs. AdamW, lr ``5e-4 * global_batch / 512``, weight
 decay 0, cosine schedule with optional linear warm-up, all per step.
 
@@ -42,8 +42,9 @@ from .data import DataError, Dataset, augment_batch, load_dataset, normalize
 from .errors import ConfigError, TrainingDiverged
 from .layers import binary_layers
 from .model import BHViT, get_config
-from .quantizers import regularization_loss
+from .losses import kd_loss, recipe_loss
 from .rundir import RunLock, RunLocked, check_out_dir, remove_stale_temp
+from .quantizers import centred_signs
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "kd_loss", "sign_snapshot"]
 
@@ -120,20 +121,10 @@ def read_metrics(run) -> List[Dict]:
     return [json.loads(line) for line in f.read_text().splitlines()] if f.is_file() else []
 
 
-def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Soft cross-entropy between the teacher's softmax and the student's log-softmax."""
-    return -(teacher_logits.softmax(-1) * student_logits.log_softmax(-1)).sum(-1).mean()
-
-
 @torch.no_grad()
 def sign_snapshot(model: nn.Module) -> List[torch.Tensor]:
     """The binarized sign of every binary layer's latent weights (as bool tensors)."""
-    out = []
-    for layer in binary_layers(model):
-        w = layer.weight
-        flat = w.reshape(w.shape[0], -1)
-        out.append((flat - flat.mean(1, keepdim=True)) >= 0)
-    return out
+    return [centred_signs(layer.weight, as_bool=True) for layer in binary_layers(model)]
 
 
 class InPlaceFlipCount:
@@ -677,17 +668,11 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
     def forward_loss(x, y, lam: float, beta: float, eager: bool = False):
         with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
             logits = (model if eager else fwd)(x)
-            loss = (1.0 - lam - beta) * F.cross_entropy(logits.float(), y)
+            t_logits = None
             if lam:
                 with torch.no_grad():
                     t_logits = t_fwd(x).float()
-                if t_logits.shape != logits.shape:
-                    raise ConfigError(f"the teacher returned logits of shape {tuple(t_logits.shape)}, "
-                                     f"the student {tuple(logits.shape)}; it must predict the "
-                                     "same classes.")
-                loss = loss + lam * kd_loss(logits.float(), t_logits)
-            if beta:
-                loss = loss + beta * regularization_loss(_unwrap(model))
+            loss = recipe_loss(logits, y, lam, beta, t_logits, _unwrap(model))
         return loss, logits
 
     def backward_step(loss) -> None:

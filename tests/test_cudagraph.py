@@ -150,7 +150,7 @@ def test_training_step_has_no_host_sync_after_the_first(name, binary, over):
     import torch.nn.functional as F
 
     from bhvit import create_model
-    from bhvit.quantizers import regularization_loss
+    from bhvit.losses import regularization_loss
     from bhvit.train import InPlaceFlipCount, kd_loss
 
     torch.manual_seed(0)

@@ -77,7 +77,7 @@ def test_graphed_steps_equal_eager_steps(name, over):
     from the same start on the same batches. Where eager steps repeat exactly the graphed
     ones must equal them; otherwise they must stay within 10x the eager repeat's noise."""
     from bhvit.cudagraph import GraphedStep
-    from bhvit.quantizers import regularization_loss
+    from bhvit.losses import regularization_loss
     from bhvit.train import InPlaceFlipCount, kd_loss, make_optimizer, set_deterministic, set_lr
 
     set_deterministic()

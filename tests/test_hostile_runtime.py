@@ -22,7 +22,7 @@ import bhvit
 from bhvit import runtime
 from bhvit.export import export_model
 from bhvit.runtime import RuntimeFormatError, kernels as K
-from bhvit.runtime.engine import manifest_digest
+from bhvit.runtime.format import manifest_digest
 from test_runtime import _rewrite
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -108,7 +108,7 @@ def test_attention_size_is_bounded(exp):
     # global attention is quadratic in the tokens: a 512 x 512 image with a 2x2 stem would
     # attend over 65536 tokens (the position embeddings back it with a 64 MiB file); refused
     # from the config alone
-    from bhvit.runtime.engine import config_problem
+    from bhvit.runtime.format import config_problem
 
     cfg = dict(_manifest(exp)["config"], img_size=512, hybrid="msmha", msmha=False)
     assert config_problem(cfg) == ("config stage 1 attends over 65536 tokens (map side 256, window none); "

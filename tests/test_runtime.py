@@ -180,7 +180,7 @@ def _rewrite(d, tensors=None, **manifest_changes):
 
     from safetensors.numpy import save_file
 
-    from bhvit.runtime.engine import manifest_digest
+    from bhvit.runtime.format import manifest_digest
 
     man = json.loads((d / "manifest.json").read_text())
     if tensors is not None:

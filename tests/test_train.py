@@ -47,11 +47,10 @@ def test_resume_after_sigkill_matches_uninterrupted_run(fmnist, tmp_path):
     run = tmp_path / "killed"
     p = _run(args + ["--out", str(run)])
     deadline = time.time() + 300
-    while not (run / "last.json").exists():  # first epoch checkpoint written
+    while not (run / "last.json").exists():  # the first epoch's checkpoint: kill at that event
         assert p.poll() is None and time.time() < deadline
-        time.sleep(0.02)
-    time.sleep(0.3)  # now inside the second epoch
-    p.send_signal(signal.SIGKILL)
+        time.sleep(0.005)
+    p.send_signal(signal.SIGKILL)  # a whole epoch of work lies between two checkpoints
     p.wait()
     killed_at = json.loads((run / "last.json").read_text())["epoch"]
     assert killed_at < 2, "the kill should land before the last epoch finished"
@@ -256,7 +255,7 @@ def test_train_cli_rejects_mismatched_model(fmnist, tmp_path, capsys):
 
 def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29571",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            "-m", "bhvit.cli"] + COMMON + ["--data-dir", str(fmnist), "--epochs", "2",
                                                     "--subset", "128", "--out", str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -274,7 +273,7 @@ def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
 def test_ddp_nan_on_one_rank_stops_every_rank(fmnist, tmp_path):
     out = tmp_path / "ddp_nan"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
            str(Path(__file__).with_name("ddp_nan.py")), str(fmnist), str(out)]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
