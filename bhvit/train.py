@@ -127,19 +127,41 @@ def sign_snapshot(model: nn.Module) -> List[torch.Tensor]:
     return [centred_signs(layer.weight, as_bool=True) for layer in binary_layers(model)]
 
 
-class InPlaceFlipCount:
-    """Sign flips of the binary layers' latent weights from step to step, counted in fixed
-    buffers that ``update`` changes in place, so that a CUDA graph can record it: the
-    previous step's signs (``prev``) and the running ``count`` (an int64 tensor)."""
+class FlipCounter:
+    """Sign flips of the binary layers' latent weights (the quantity Larq's ``FlipRatio``
+    tracks): per epoch (net, start against end) and, with ``per_step``, summed over the
+    optimizer steps, where a weight that oscillates across zero counts at every flip.
+    The per-step count lives in fixed buffers that :meth:`update` changes in place, so
+    that a CUDA graph can record it: the previous step's signs (``prev``) and the
+    running ``count`` (an int64 tensor on the device; no host synchronisation)."""
 
-    def __init__(self, model: nn.Module, device):
-        self.prev = sign_snapshot(model)
+    def __init__(self, model: nn.Module, device, per_step: bool = True):
+        self.per_step = per_step
+        self.prev = sign_snapshot(model) if per_step else []
         self.count = torch.zeros((), dtype=torch.int64, device=device)
+        self.start: List[torch.Tensor] = []
+
+    def begin_epoch(self, model: nn.Module) -> None:
+        self.start = sign_snapshot(model)
+        self.count.zero_()
 
     def update(self, model: nn.Module) -> None:
+        if not self.per_step:
+            return
         for prev, now in zip(self.prev, sign_snapshot(model)):
             self.count.add_((prev != now).sum())
             prev.copy_(now)
+
+    def epoch_fractions(self, model: nn.Module):
+        """``(flip_frac, step_flip_frac)`` of the epoch so far, as fractions of the binary
+        weights (``step_flip_frac`` None without ``per_step``)."""
+        after = sign_snapshot(model)
+        n = max(sum(a.numel() for a in after), 1)
+        net = sum(int((a != b).sum()) for a, b in zip(self.start, after)) / n
+        return net, (int(self.count) / n if self.per_step else None)
+
+
+InPlaceFlipCount = FlipCounter  # the name the CUDA-graph checks use
 
 
 def _tf32_switches():
@@ -465,18 +487,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         backend = "nccl" if on_cuda else "gloo"
         dist.init_process_group(backend=backend)
     rank, world = _dist_info()
-    if cfg.device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    else:
-        device = cfg.device
-    if device.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ConfigError(f"--device {cfg.device}: CUDA is not available on this machine.")
-        if world > 1:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
-            torch.cuda.set_device(device)
-    elif device != "cpu":
-        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {cfg.device!r}.")
+    device = _resolve_device(cfg.device, rank, world)
     if cfg.cuda_graph:
         _check_cuda_graph(cfg, device, world)
         if device.startswith("cuda"):
@@ -485,16 +496,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         set_deterministic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    if cfg.epochs < 1 or cfg.batch_size < 1:
-        raise ConfigError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
-    if cfg.subset is not None and cfg.subset < 1:
-        raise ConfigError(f"subset must be None (all images) or >= 1, got {cfg.subset}.")
-    if cfg.test_subset is not None and cfg.test_subset < 0:
-        raise ConfigError(f"test_subset must be None (follow subset), 0 (all test images) or >= 1, "
-                          f"got {cfg.test_subset}.")
+    _check_counts(cfg)
     out = check_out_dir(cfg.out)
-    if cfg.resume not in (False, True, "auto"):
-        raise ConfigError(f"resume must be False, True or 'auto', got {cfg.resume!r}.")
     if cfg.resume is True and not (out / "last.json").is_file():
         raise ConfigError(f"--resume: {out} holds no run to continue (no last.json); check the path, "
                           "or pass --resume auto to start a fresh run when there is none.")
@@ -504,6 +507,32 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         return _train(cfg, teacher, model, out, rank, world, device)
     finally:
         lock.release()
+
+
+def _resolve_device(name: str, rank: int, world: int) -> str:
+    """'auto' -> cuda when present, else cpu; under DDP on CUDA each rank takes its LOCAL_RANK GPU."""
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"--device {name}: CUDA is not available on this machine.")
+        if world > 1:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
+            torch.cuda.set_device(device)
+    elif device != "cpu":
+        raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}.")
+    return device
+
+
+def _check_counts(cfg: TrainConfig) -> None:
+    if cfg.epochs < 1 or cfg.batch_size < 1:
+        raise ConfigError(f"epochs and batch_size must be >= 1, got {cfg.epochs} and {cfg.batch_size}.")
+    if cfg.subset is not None and cfg.subset < 1:
+        raise ConfigError(f"subset must be None (all images) or >= 1, got {cfg.subset}.")
+    if cfg.test_subset is not None and cfg.test_subset < 0:
+        raise ConfigError(f"test_subset must be None (follow subset), 0 (all test images) or >= 1, "
+                          f"got {cfg.test_subset}.")
+    if cfg.resume not in (False, True, "auto"):
+        raise ConfigError(f"resume must be False, True or 'auto', got {cfg.resume!r}.")
 
 
 def _lock_run_dir(out: Path, rank: int, world: int, device: str) -> RunLock:
@@ -551,31 +580,10 @@ def _check_out_state(out: Path, resume: bool) -> None:
 def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Module], out: Path,
            rank: int, world: int, device: str) -> Dict:
     _check_out_state(out, cfg.resume)  # again, now that this run holds the lock
-
-    # --- data --------------------------------------------------------------------
     model_cfg = get_config(cfg.model, **cfg.overrides)
-    load_kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, skip_bad=cfg.skip_bad,
-                   cache_dir=cfg.cache_dir, progress=cfg.progress and rank == 0)
-    # --test-subset follows --subset unless given (0: the whole test set); the resolved
-    # value is the one the run records and a resume compares.
-    cfg = dataclasses.replace(cfg, test_subset=resolve_test_subset(cfg.subset, cfg.test_subset))
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, subset=cfg.test_subset,
-                           seed=cfg.seed, **load_kw)
-    if train_ds.skipped or test_ds.skipped:
-        _log(f"skipped unreadable images: train {train_ds.skipped}, test {test_ds.skipped}", rank)
-    for split, ds in (("training", train_ds), ("test", test_ds)):
-        if len(ds) == 0:
-            raise DataError(f"{ds.source or cfg.data}: the {split} set has no images.")
-    want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
-    if train_ds.image_shape != want:
-        c, h, w = train_ds.image_shape
-        raise ConfigError(f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
-                         f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
-                         "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size.")
+    cfg, train_ds, test_ds = _load_data(cfg, model_cfg, rank)
     mean, std = train_ds.channel_stats()
 
-    # --- model, teacher, optimizer ------------------------------------------------
     torch.manual_seed(cfg.seed)
     if model is None:
         model = BHViT(dataclasses.replace(model_cfg, num_classes=train_ds.num_classes))
@@ -584,215 +592,44 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
         _log(f"initialised {n_init} of {n_all} tensors from {cfg.init_from}", rank)
     model = model.to(device)
     if teacher is None and cfg.teacher:
-        teacher, tdoc = load_model(cfg.teacher, map_location=device)
-        tc = teacher.cfg
-        if (tc.num_classes, tc.in_chans, tc.img_size) != (train_ds.num_classes, model_cfg.in_chans,
-                                                          model_cfg.img_size):
-            raise ConfigError(
-                f"--teacher {cfg.teacher}: it takes {tc.in_chans}x{tc.img_size}x{tc.img_size} images and "
-                f"predicts {tc.num_classes} classes, but this run has {model_cfg.in_chans}x"
-                f"{model_cfg.img_size}x{model_cfg.img_size} images and {train_ds.num_classes} classes; "
-                "distil from a teacher trained on this dataset.")
-        tdata = tdoc.get("data", {})
-        t_mean, t_std = tdata.get("mean"), tdata.get("std")
-        if t_mean and t_std and len(t_mean) == len(mean) == len(t_std):
-            # The teacher sees the student's inputs, so they are normalised the way it was
-            # trained (its statistics differ from these when e.g. --subset changes them).
-            diff = max(abs(a - b) for a, b in zip(t_mean + t_std, mean + std))
-            if diff > 5e-7:  # printed to 6 decimals: a difference shows in the numbers
-                _log(f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
-                     f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)}; largest "
-                     f"difference {diff:.2g})", rank)
-            mean, std = list(t_mean), list(t_std)
+        teacher, mean, std = _load_teacher(cfg, model_cfg, train_ds.num_classes, mean, std, device, rank)
     if teacher is not None:
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
     is_binary = any(True for _ in binary_layers(model))
-    global_batch = cfg.batch_size * world
-    base_lr = cfg.lr if cfg.lr is not None else 5e-4 * global_batch / 512
-    optimizer = make_optimizer(model.parameters(), base_lr, cfg.weight_decay, device,
+    plan = _Plan.of(cfg, len(train_ds), world, model_cfg.img_size)
+    optimizer = make_optimizer(model.parameters(), plan.base_lr, cfg.weight_decay, device,
                                capturable=cfg.cuda_graph)
-    n_local = math.ceil(len(train_ds) / world)
-    drop_last = bool(cfg.compile or cfg.cuda_graph) and n_local >= cfg.batch_size
-    steps_per_epoch = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    re_start = cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0 else cfg.epochs
-    crop_pad = cfg.crop_pad if cfg.crop_pad is not None else model_cfg.img_size // 8
-
-    use_amp = cfg.amp
-    check_every = _nonfinite_check_steps(device)
-    amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
-    scaler = torch.amp.GradScaler("cuda") if (use_amp and device.startswith("cuda")) else None
-    start_epoch, history, best = 0, [], -1.0
-    if cfg.resume and (out / "last.json").exists():
-        doc, _ = read_checkpoint_json(out / "last.json")
-        _check_resume(doc, _unwrap(model), cfg, out, world)
-        load_training_state(doc, out, model, optimizer)
-        if scaler is not None and doc.get("scaler"):
-            scaler.load_state_dict(doc["scaler"])
-        if "rng" in doc:
-            set_rng_state(doc["rng"], out / "last.json")
-        start_epoch = doc["epoch"] + 1
-        history = doc.get("history", [])
-        best = doc.get("best_top1", -1.0)
-        if rank == 0:
-            _repair_after_kill(out, doc, history)
-        _log(f"resumed {out} at epoch {start_epoch} (best top-1 {best:.2f})", rank)
-    elif cfg.resume:
-        _log(f"--resume: no checkpoint in {out}, starting fresh", rank)
-
+    scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.startswith("cuda")) else None
+    start_epoch, history, best = _resume(cfg, out, model, optimizer, scaler, world, rank)
     if world > 1:
         ddp_kw = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
         model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
     meta_base = {
-        "train_config": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        "train_config": dataclasses.asdict(cfg),
         "data": {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std,
                  "train_size": len(train_ds), "test_size": len(test_ds)},
         "world_size": world,
     }
     _log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "
          f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
-         f"lr {base_lr:.2e}, {steps_per_epoch} steps/epoch", rank)
-
-    fwd, t_fwd = model, teacher
-    if cfg.compile:
-        # One fixed shape (dynamic=False, no partial batches): compiled once. Evaluation
-        # and checkpoints use the module itself.
-        fwd = torch.compile(model, dynamic=False, backend=cfg.compile)
-        if teacher is not None:
-            t_fwd = torch.compile(teacher, dynamic=False, backend=cfg.compile)
-        _log(f"torch.compile (backend {cfg.compile}): the first steps include compilation", rank)
-
-    def forward_loss(x, y, lam: float, beta: float, eager: bool = False):
-        with torch.autocast(device_type=torch.device(device).type, dtype=amp_dtype, enabled=use_amp):
-            logits = (model if eager else fwd)(x)
-            t_logits = None
-            if lam:
-                with torch.no_grad():
-                    t_logits = t_fwd(x).float()
-            loss = recipe_loss(logits, y, lam, beta, t_logits, _unwrap(model))
-        return loss, logits
-
-    def backward_step(loss) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-
-    # With --cuda-graph the per-step sign flips are counted inside the graph: the previous
-    # step's signs and the count are fixed buffers, updated in place.
-    graph_flips = InPlaceFlipCount(_unwrap(model), device) if (cfg.cuda_graph and is_binary
-                                                               and cfg.step_flips) else None
-
-    def whole_step(x, y, lam: float, beta: float):
-        loss, logits = forward_loss(x, y, lam, beta)
-        backward_step(loss)
-        if graph_flips is not None:
-            graph_flips.update(_unwrap(model))
-        return loss.detach(), logits.detach()
+         f"lr {plan.base_lr:.2e}, {plan.steps_per_epoch} steps/epoch", rank)
+    stepper = _Stepper(cfg, model, teacher, optimizer, scaler, device, is_binary, rank)
 
     last = history[-1] if history else {}
-    graphed, graphed_for, graph_failed = None, None, False
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
-        beta = cfg.re_beta if (is_binary and epoch >= re_start) else 0.0
+        beta = cfg.re_beta if (is_binary and epoch >= plan.re_start) else 0.0
         lam = cfg.kd_lambda if teacher is not None else 0.0
-        if cfg.cuda_graph and not graph_failed and graphed_for != (lam, beta):
-            # The loss weights are part of the graph: a new graph when they change (L_re's
-            # epochs), after one eager step (three before the run's first capture).
-            graphed = GraphedStep(functools.partial(whole_step, lam=lam, beta=beta),
-                                  warmup=3 if graphed is None else 1)
-            graphed_for = (lam, beta)
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
-        batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
-        batches = batches[:steps_per_epoch]  # drop_last: the partial batch
-        n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
-        signs_before = sign_snapshot(_unwrap(model)) if is_binary else []
-        signs_prev = signs_before
-        step_flip_count = (graph_flips.count.zero_() if graph_flips is not None else
-                           torch.zeros((), dtype=torch.int64, device=device))
-        bad_step = torch.full((), -1, dtype=torch.int64, device=device)
-        bad_loss = torch.zeros((), dtype=torch.float32, device=device)
-        model.train()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
-        bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
-        for i, idx in enumerate(batches):
-            step = epoch * steps_per_epoch + i
-            lr = _lr_at(step, total_steps, warmup_steps, base_lr, cfg.min_lr)
-            set_lr(optimizer, lr)
-            x = augment_batch(train_ds.images[idx], crop_pad, cfg.flip, gen)
-            x = normalize(x, mean, std).to(device, non_blocking=True)
-            y = train_ds.labels[idx].to(device, non_blocking=True)
-            if graphed is not None:
-                # Forward, loss, backward and optimizer step, replayed (after warm-up steps).
-                try:
-                    loss, logits = graphed(x, y)
-                except GraphCaptureError as e:
-                    # Nothing of the captured step ran: this step and the rest go eager.
-                    _log(f"warning: {e} Training goes on without CUDA graphs.", rank)
-                    graphed, graph_failed = None, True
-            if graphed is None:
-                # The run's first step is eager: it initialises QD from data (host-side
-                # control flow), which would otherwise compile a throw-away graph.
-                loss, logits = forward_loss(x, y, lam, beta, eager=(epoch == start_epoch and i == 0))
-            # A non-finite loss is noted on the device and read every `check_every` steps
-            # (every step on the CPU), so that the host need not wait for each step.
-            first_bad = torch.isfinite(loss.detach()).logical_not() & (bad_step < 0)
-            bad_step = torch.where(first_bad, i, bad_step)
-            bad_loss = torch.where(first_bad, loss.detach().float(), bad_loss)
-            if (i + 1) % check_every == 0 or i + 1 == len(batches):
-                first = bad_step.clone()
-                if world > 1:  # every rank stops at the same check (none waits in a collective)
-                    first = torch.where(first >= 0, first, torch.iinfo(torch.int64).max)
-                    dist.all_reduce(first, op=dist.ReduceOp.MIN)
-                    first = torch.where(first == torch.iinfo(torch.int64).max, -1, first)
-                if int(first) >= 0:
-                    where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
-                    what = bad_loss.item() if int(bad_step) >= 0 else "non-finite on another rank"
-                    # The bad step's forward ran in train mode (BatchNorm statistics) and, with a
-                    # deferred check, optimizer steps ran after it: put the checkpoint back.
-                    note = _restore_last_good(model, out, history)
-                    raise TrainingDiverged(
-                        f"loss became {what} at epoch {epoch + 1}, step {int(first) + 1}; "
-                        f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
-            if graphed is None:
-                backward_step(loss)
-                if graph_flips is not None:  # after a failed capture: the same count, eager
-                    graph_flips.update(_unwrap(model))
-            if is_binary and cfg.step_flips and graph_flips is None:
-                # Oscillating weights flip back and forth within an epoch; only a per-step
-                # count sees that (the epoch-level count sees net changes).
-                # Counted on the device: no host synchronisation per layer and step.
-                now = sign_snapshot(_unwrap(model))
-                for a, b in zip(signs_prev, now):
-                    step_flip_count += (a != b).sum()
-                signs_prev = now
-            # The batch's samples that are not padding. Top-1 counts exactly these; the loss is the
-            # batch mean weighted by k (a rank's last batch holds at most one repeat when n >= world).
-            k = min(len(idx), max(0, n_real - seen))
-            seen += len(idx)
-            sums[0] += loss.detach().double() * k
-            sums[1] += (logits.detach().argmax(1)[:k] == y[:k]).sum()
-            sums[2] += k
-            if bar.due(i + 1):
-                s_loss, s_correct, s_count = sums.tolist()
-                bar.update(i + 1, int(s_count), loss=s_loss / s_count, acc=100 * s_correct / s_count)
+        sums, lr = _train_epoch(cfg, plan, stepper, train_ds, mean, std, epoch, lam, beta,
+                                first_epoch=epoch == start_epoch, out=out, history=history,
+                                rank=rank, world=world, device=device)
         train_time = time.perf_counter() - t0
         if world > 1:
             dist.all_reduce(sums)
             _average_buffers(model, world)
-        flips = step_flips = None
-        if is_binary:
-            after = sign_snapshot(_unwrap(model))
-            n_w = max(sum(a.numel() for a in after), 1)
-            flips = sum(int((a != b).sum()) for a, b in zip(signs_before, after)) / n_w
-            step_flips = int(step_flip_count) / n_w if cfg.step_flips else None
+        flips, step_flips = stepper.flips.epoch_fractions(_unwrap(model)) if is_binary else (None, None)
         ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device)
         last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
                 "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
@@ -812,7 +649,258 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
              f"{last['train_top1']:.2f} | test loss {ev['loss']:.4f} top-1 {ev['top1']:.2f} top-5 "
              f"{ev['top5']:.2f} | beta {beta} flips {flips if flips is None else round(flips, 5)} | "
              f"{last['epoch_time_s']:.0f}s", rank)
+    return _finish(cfg, out, model, last, best, history, rank, world)
 
+
+def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds: Dataset, mean, std,
+                 epoch: int, lam: float, beta: float, first_epoch: bool, out: Path, history: List[Dict],
+                 rank: int, world: int, device: str):
+    """One epoch of optimizer steps. Returns the summed (loss, correct, count) of the
+    samples that are not DistributedSampler padding, and the last step's learning rate."""
+    model = stepper.model
+    stepper.begin_epoch(lam, beta)
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
+    batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
+    batches = batches[:plan.steps_per_epoch]  # drop_last: the partial batch
+    n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
+    guard = _NonFiniteGuard(device, world)
+    model.train()
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, correct, count
+    bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
+    lr = plan.base_lr
+    for i, idx in enumerate(batches):
+        lr = _lr_at(epoch * plan.steps_per_epoch + i, plan.total_steps, plan.warmup_steps, plan.base_lr,
+                    cfg.min_lr)
+        set_lr(stepper.optimizer, lr)
+        x = augment_batch(train_ds.images[idx], plan.crop_pad, cfg.flip, gen)
+        x = normalize(x, mean, std).to(device, non_blocking=True)
+        y = train_ds.labels[idx].to(device, non_blocking=True)
+        # The run's first step is eager: it initialises QD from data (host-side control flow).
+        loss, logits = stepper.forward(x, y, eager=first_epoch and i == 0)
+        guard.note(i, loss)
+        if (i + 1) % guard.every == 0 or i + 1 == len(batches):
+            first = guard.first_bad()
+            if first >= 0:
+                where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
+                what = guard.bad_loss.item() if int(guard.bad_step) >= 0 else "non-finite on another rank"
+                # The bad step's forward ran in train mode (BatchNorm statistics) and, with a
+                # deferred check, optimizer steps ran after it: put the checkpoint back.
+                note = _restore_last_good(model, out, history)
+                raise TrainingDiverged(
+                    f"loss became {what} at epoch {epoch + 1}, step {first + 1}; "
+                    f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
+        stepper.finish(loss)
+        # The batch's samples that are not padding. Top-1 counts exactly these; the loss is the
+        # batch mean weighted by k (a rank's last batch holds at most one repeat when n >= world).
+        k = min(len(idx), max(0, n_real - seen))
+        seen += len(idx)
+        sums[0] += loss.detach().double() * k
+        sums[1] += (logits.detach().argmax(1)[:k] == y[:k]).sum()
+        sums[2] += k
+        if bar.due(i + 1):
+            s_loss, s_correct, s_count = sums.tolist()
+            bar.update(i + 1, int(s_count), loss=s_loss / s_count, acc=100 * s_correct / s_count)
+    return sums, lr
+
+
+@dataclass
+class _Plan:
+    """Steps, schedule and augmentation of a run, from its config and data size."""
+    base_lr: float
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    re_start: int  # first epoch with L_re
+    crop_pad: int
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, n_train: int, world: int, img_size: int) -> "_Plan":
+        base_lr = cfg.lr if cfg.lr is not None else 5e-4 * cfg.batch_size * world / 512
+        n_local = math.ceil(n_train / world)
+        # compiled and graphed steps take one fixed shape: no partial batch
+        drop_last = bool(cfg.compile or cfg.cuda_graph) and n_local >= cfg.batch_size
+        steps = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)
+        re_start = (cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0
+                    else cfg.epochs)
+        return cls(base_lr, steps, steps * cfg.epochs, int(round(cfg.warmup_epochs * steps)), re_start,
+                   cfg.crop_pad if cfg.crop_pad is not None else img_size // 8)
+
+
+class _Stepper:
+    """The training step: forward with the recipe loss, backward, AdamW step and the
+    per-step sign-flip count; eager, compiled (``--compile``) or replayed as one CUDA
+    graph (``--cuda-graph``, falling back to eager if capture fails)."""
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, teacher: Optional[nn.Module], optimizer,
+                 scaler, device: str, is_binary: bool, rank: int):
+        self.cfg, self.model, self.teacher, self.optimizer, self.scaler = cfg, model, teacher, optimizer, scaler
+        self.device, self.rank = device, rank
+        self.amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
+        self.fwd, self.t_fwd = model, teacher
+        if cfg.compile:
+            # One fixed shape (dynamic=False, no partial batches): compiled once. Evaluation
+            # and checkpoints use the module itself.
+            self.fwd = torch.compile(model, dynamic=False, backend=cfg.compile)
+            if teacher is not None:
+                self.t_fwd = torch.compile(teacher, dynamic=False, backend=cfg.compile)
+            _log(f"torch.compile (backend {cfg.compile}): the first steps include compilation", rank)
+        # Sign flips per step, counted in fixed buffers updated in place (also inside a graph).
+        self.flips = FlipCounter(_unwrap(model), device, per_step=is_binary and cfg.step_flips)
+        self.graphed, self.graphed_for, self.graph_failed = None, None, False
+        self.lam = self.beta = 0.0
+
+    def begin_epoch(self, lam: float, beta: float) -> None:
+        self.lam, self.beta = lam, beta
+        self.flips.begin_epoch(_unwrap(self.model))
+        if self.cfg.cuda_graph and not self.graph_failed and self.graphed_for != (lam, beta):
+            # The loss weights are part of the graph: a new graph when they change (L_re's
+            # epochs), after one eager step (three before the run's first capture).
+            self.graphed = GraphedStep(functools.partial(self._whole_step, lam=lam, beta=beta),
+                                       warmup=3 if self.graphed is None else 1)
+            self.graphed_for = (lam, beta)
+
+    def _forward_loss(self, x, y, lam: float, beta: float, eager: bool = False):
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=self.amp_dtype,
+                            enabled=self.cfg.amp):
+            logits = (self.model if eager else self.fwd)(x)
+            t_logits = None
+            if lam:
+                with torch.no_grad():
+                    t_logits = self.t_fwd(x).float()
+            loss = recipe_loss(logits, y, lam, beta, t_logits, _unwrap(self.model))
+        return loss, logits
+
+    def _backward_step(self, loss) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.flips.update(_unwrap(self.model))
+
+    def _whole_step(self, x, y, lam: float, beta: float):
+        loss, logits = self._forward_loss(x, y, lam, beta)
+        self._backward_step(loss)
+        return loss.detach(), logits.detach()
+
+    def forward(self, x, y, eager: bool = False):
+        """Loss and logits of a batch. A graphed step has also stepped the optimizer; an
+        eager one steps in :meth:`finish`, after the caller's non-finite check."""
+        if self.graphed is not None:
+            try:
+                return self.graphed(x, y)
+            except GraphCaptureError as e:
+                # Nothing of the captured step ran: this step and the rest go eager.
+                _log(f"warning: {e} Training goes on without CUDA graphs.", self.rank)
+                self.graphed, self.graph_failed = None, True
+        return self._forward_loss(x, y, self.lam, self.beta, eager=eager)
+
+    def finish(self, loss) -> None:
+        if self.graphed is None:
+            self._backward_step(loss)
+
+
+class _NonFiniteGuard:
+    """A non-finite loss is noted on the device and read every ``every`` steps (every step
+    on the CPU), so that the host need not wait for each step; under DDP every rank stops
+    at the same check (none waits in a collective)."""
+
+    def __init__(self, device: str, world: int):
+        self.every, self.world = _nonfinite_check_steps(device), world
+        self.bad_step = torch.full((), -1, dtype=torch.int64, device=device)
+        self.bad_loss = torch.zeros((), dtype=torch.float32, device=device)
+
+    def note(self, i: int, loss: torch.Tensor) -> None:
+        first = torch.isfinite(loss.detach()).logical_not() & (self.bad_step < 0)
+        self.bad_step = torch.where(first, i, self.bad_step)
+        self.bad_loss = torch.where(first, loss.detach().float(), self.bad_loss)
+
+    def first_bad(self) -> int:
+        """The first step with a non-finite loss on any rank, or -1."""
+        first = self.bad_step.clone()
+        if self.world > 1:
+            big = torch.iinfo(torch.int64).max
+            first = torch.where(first >= 0, first, big)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == big, -1, first)
+        return int(first)
+
+
+def _load_data(cfg: TrainConfig, model_cfg, rank: int):
+    """The training and test sets the run uses, checked against the model; ``cfg`` with its
+    test subset resolved (the value the run records and a resume compares)."""
+    load_kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, skip_bad=cfg.skip_bad,
+                   cache_dir=cfg.cache_dir, progress=cfg.progress and rank == 0)
+    # --test-subset follows --subset unless given (0: the whole test set)
+    cfg = dataclasses.replace(cfg, test_subset=resolve_test_subset(cfg.subset, cfg.test_subset))
+    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
+    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, subset=cfg.test_subset,
+                           seed=cfg.seed, **load_kw)
+    if train_ds.skipped or test_ds.skipped:
+        _log(f"skipped unreadable images: train {train_ds.skipped}, test {test_ds.skipped}", rank)
+    for split, ds in (("training", train_ds), ("test", test_ds)):
+        if len(ds) == 0:
+            raise DataError(f"{ds.source or cfg.data}: the {split} set has no images.")
+    want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
+    if train_ds.image_shape != want:
+        c, h, w = train_ds.image_shape
+        raise ConfigError(f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
+                          f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
+                          "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size.")
+    return cfg, train_ds, test_ds
+
+
+def _load_teacher(cfg: TrainConfig, model_cfg, num_classes: int, mean, std, device: str, rank: int):
+    """The ``--teacher`` checkpoint, checked against this run's data, and the input
+    normalisation to use: the teacher's, since it sees the student's inputs."""
+    teacher, tdoc = load_model(cfg.teacher, map_location=device)
+    tc = teacher.cfg
+    if (tc.num_classes, tc.in_chans, tc.img_size) != (num_classes, model_cfg.in_chans, model_cfg.img_size):
+        raise ConfigError(
+            f"--teacher {cfg.teacher}: it takes {tc.in_chans}x{tc.img_size}x{tc.img_size} images and "
+            f"predicts {tc.num_classes} classes, but this run has {model_cfg.in_chans}x"
+            f"{model_cfg.img_size}x{model_cfg.img_size} images and {num_classes} classes; "
+            "distil from a teacher trained on this dataset.")
+    tdata = tdoc.get("data", {})
+    t_mean, t_std = tdata.get("mean"), tdata.get("std")
+    if t_mean and t_std and len(t_mean) == len(mean) == len(t_std):
+        # (its statistics differ from these when e.g. --subset changes them)
+        diff = max(abs(a - b) for a, b in zip(t_mean + t_std, mean + std))
+        if diff > 5e-7:  # printed to 6 decimals: a difference shows in the numbers
+            _log(f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
+                 f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)}; largest "
+                 f"difference {diff:.2g})", rank)
+        mean, std = list(t_mean), list(t_std)
+    return teacher, mean, std
+
+
+def _resume(cfg: TrainConfig, out: Path, model: nn.Module, optimizer, scaler, world: int, rank: int):
+    """``(start epoch, history, best top-1)``: of the run in ``out`` when resuming one (its
+    weights, optimizer, scaler and RNG state restored), else of a fresh run."""
+    if not (cfg.resume and (out / "last.json").exists()):
+        if cfg.resume:
+            _log(f"--resume: no checkpoint in {out}, starting fresh", rank)
+        return 0, [], -1.0
+    doc, _ = read_checkpoint_json(out / "last.json")
+    _check_resume(doc, _unwrap(model), cfg, out, world)
+    load_training_state(doc, out, model, optimizer)
+    if scaler is not None and doc.get("scaler"):
+        scaler.load_state_dict(doc["scaler"])
+    if "rng" in doc:
+        set_rng_state(doc["rng"], out / "last.json")
+    history, best = doc.get("history", []), doc.get("best_top1", -1.0)
+    if rank == 0:
+        _repair_after_kill(out, doc, history)
+    _log(f"resumed {out} at epoch {doc['epoch'] + 1} (best top-1 {best:.2f})", rank)
+    return doc["epoch"] + 1, history, best
+
+
+def _finish(cfg: TrainConfig, out: Path, model: nn.Module, last: Dict, best: float, history: List[Dict],
+            rank: int, world: int) -> Dict:
+    """final.json (with the ranks' weight checksums under DDP) and curves.png."""
     result = dict(last, best_top1=best, run_dir=str(out), world_size=world)
     if world > 1:
         sums = [None] * world
