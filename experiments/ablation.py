@@ -26,8 +26,10 @@ The training subset is written to ``OUT/data`` as symbolic links (``train/<class
 the chosen images, ``test`` to the whole test folder), so every run, whatever its seed,
 trains on the same images. Each run lives in ``OUT/<variant>/seed<k>`` and is trained with
 ``resume``: run the same command again after a kill and it skips finished runs and
-continues the unfinished one from its last epoch. Seed 0 of every variant runs before
-seed 1, so a study cut short still covers every variant. The results go to
+continues the unfinished one from its last epoch. Several processes can share one study
+(e.g. ``--seeds 0`` and ``--seeds 1`` on two cores): a run another process holds is
+skipped. Seed 0 of every variant runs before seed 1, so a study cut short still covers
+every variant. The results go to
 ``OUT/results.json``, ``OUT/results.md`` (mean and spread of the final-epoch test top-1
 per variant, with params, BOPs, FLOPs and OPs from :func:`bhvit.complexity`) and
 ``OUT/ablation.png``; ``--report-only`` rewrites them from the finished runs.
@@ -167,7 +169,13 @@ def run_one(cfg, model=None) -> Dict:
     t0 = time.time()
     print(f"[ablation] {cfg.out}: training ({cfg.model}, overrides {cfg.overrides}, seed {cfg.seed})",
           flush=True)
-    res = train(cfg, model=model)
+    from bhvit.rundir import RunLocked
+
+    try:
+        res = train(cfg, model=model)
+    except RunLocked as e:  # another process of the same study trains it: go on to the next
+        print(f"[ablation] {cfg.out}: skipped, {e}", flush=True)
+        return None
     print(f"[ablation] {cfg.out}: top-1 {res['test_top1']:.2f} in {time.time() - t0:.0f} s", flush=True)
     return res
 
@@ -192,7 +200,8 @@ def run_study(args) -> Dict:
     teacher_dir = out / "teacher"
     tcfg = _train_config(args, data_dir, teacher_dir, args.model, {"binary": False}, args.seeds[0],
                          args.teacher_epochs, args.teacher_lr)
-    run_one(tcfg)
+    while run_one(tcfg) is None:  # another process trains the teacher: wait for it
+        time.sleep(30)
     for seed in args.seeds:
         for name in args.variants:
             model_name, over = variant_model(args, name)

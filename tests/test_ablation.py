@@ -90,3 +90,20 @@ def test_documented_commands_use_existing_options():
     assert cmds
     bad = [o for c in cmds for o in re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", c) if o not in known]
     assert not bad
+
+
+def test_a_run_another_process_holds_is_skipped(tmp_path, capsys):
+    from bhvit.rundir import RunLock
+
+    ab = _load()
+    args = ab.build_parser().parse_args(["--out", str(tmp_path)])
+    cfg = ab._train_config(args, str(tmp_path / "data"), tmp_path / "full" / "seed0", "bhvit_nano_c32", {}, 0,
+                           1, 1e-3)
+    (tmp_path / "full" / "seed0").mkdir(parents=True)
+    lock = RunLock(tmp_path / "full" / "seed0")
+    lock.acquire()
+    try:
+        assert ab.run_one(cfg) is None
+    finally:
+        lock.release()
+    assert re.search(r"seed0: skipped, .* in use by another bhvit run", capsys.readouterr().out)
