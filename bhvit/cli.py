@@ -7,47 +7,9 @@ import os
 import sys
 from typing import List, Optional
 
+from .config import (add_train_arguments, parse_overrides, positive_int,
+                     train_config_from_args)
 from .errors import ConfigError
-
-
-def parse_overrides(items: List[str]) -> dict:
-    """``--set KEY=VALUE`` items as a dict: true/false/none words, JSON values (lists as
-    tuples), anything else as the string."""
-    out = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set expects KEY=VALUE, got {item!r}.")
-        k, v = item.split("=", 1)
-        if k == "num_classes":
-            raise ConfigError("--set num_classes is not allowed: use --num-classes with `info`; "
-                             "training takes the class count from the dataset.")
-        words = {"true": True, "false": False, "none": None, "null": None}
-        if v.strip().lower() in words:
-            out[k] = words[v.strip().lower()]
-            continue
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-        if isinstance(out[k], list):
-            out[k] = tuple(out[k])
-    return out
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
-    return v
-
-
-def test_subset_arg(text: str) -> int:
-    """argparse type of --test-subset: 'all' (0) or a positive integer."""
-    return 0 if text.strip().lower() == "all" else positive_int(text)
 
 
 def cmd_info(args) -> int:
@@ -78,24 +40,7 @@ def cmd_list(args) -> int:
 
 
 def _train_config(args, **changes):
-    from .train import TrainConfig
-
-    cfg = TrainConfig(
-        model=args.model, data=args.data, data_dir=args.data_dir, out=args.out, epochs=args.epochs,
-        batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-        warmup_epochs=args.warmup_epochs, min_lr=args.min_lr, kd_lambda=args.kd_lambda,
-        re_beta=args.re_beta, re_last_frac=args.re_last_frac,
-        teacher=getattr(args, "teacher", None), init_from=getattr(args, "init_from", None),
-        resume={"yes": True, "auto": "auto"}.get(args.resume, False), subset=args.subset,
-        test_subset=args.test_subset, seed=args.seed, device=args.device, amp=args.amp,
-        deterministic=args.deterministic, compile=args.compile, cuda_graph=args.cuda_graph,
-        threads=args.threads, overrides=parse_overrides(args.set), skip_bad=args.skip_bad,
-        cache_dir=args.cache_dir, crop_pad=args.crop_pad, flip=not args.no_flip,
-        progress=not args.no_progress, step_flips=not args.no_step_flips,
-        eval_batch_size=args.eval_batch_size)
-    for k, v in changes.items():
-        setattr(cfg, k, v)
-    return cfg
+    return train_config_from_args(args, **changes)
 
 
 def cmd_train(args) -> int:
@@ -115,7 +60,7 @@ def cmd_recipe(args) -> int:
     from .train import train
 
     out = Path(args.out)
-    t_over = dict(parse_overrides(args.set), binary=False)
+    t_over = dict(parse_overrides(args.overrides), binary=False)
     if args.resume:  # each stage continues where it stopped, or starts if it never did
         args.resume = "auto"
     t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
@@ -137,7 +82,7 @@ def cmd_recipe(args) -> int:
         acts = out / "student_acts"
         a_cfg = _train_config(args, out=str(acts), teacher=t_best, init_from=init_from,
                               epochs=args.act_epochs,
-                              overrides=dict(parse_overrides(args.set), binary_weights=False))
+                              overrides=dict(parse_overrides(args.overrides), binary_weights=False))
         if args.resume and (acts / "final.json").exists():
             print(f"stage 2/3: binary-activation step already trained in {acts}", flush=True)
             a_result = json.loads((acts / "final.json").read_text())
@@ -291,14 +236,7 @@ def cmd_predict(args) -> int:
 
 
 def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
-    p.add_argument("--model", default="bhvit_micro_c28", help="model name (default bhvit_micro_c28)")
-    p.add_argument("--data", default="fashion-mnist", choices=["fashion-mnist", "cifar10", "imagefolder"],
-                   help="dataset (default fashion-mnist)")
-    p.add_argument("--data-dir", default=None,
-                   help="dataset directory (default for fashion-mnist: /usr/share/datasets/fashion-mnist)")
-    p.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl, curves.png)")
-    p.add_argument("--epochs", type=positive_int, default=10,
-                   help="epochs (of the binary student, with recipe; default 10)")
+    add_train_arguments(p, recipe=recipe)  # every TrainConfig field (bhvit.config)
     if recipe:
         p.add_argument("--teacher-epochs", type=int, default=None,
                        help="epochs of the full-precision teacher (default: --epochs)")
@@ -307,60 +245,6 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
         p.add_argument("--act-epochs", type=int, default=0, metavar="N",
                        help="two-step binarization: first train N epochs with binary activations and "
                             "float weights (RUN/student_acts), then --epochs fully binary from there")
-    else:
-        p.add_argument("--teacher", default=None, help="teacher checkpoint (run dir or .json) for KD")
-        p.add_argument("--init-from", default=None, metavar="CKPT",
-                       help="start from this checkpoint's weights (every tensor whose name and shape "
-                            "match, e.g. a full-precision twin's); ignored when --resume continues a run")
-    p.add_argument("--batch-size", type=positive_int, default=128, help="batch size per process (default 128)")
-    p.add_argument("--lr", type=float, default=None, help="default 5e-4 * global batch / 512")
-    p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default 0)")
-    p.add_argument("--warmup-epochs", type=float, default=0.0,
-                   help="linear learning-rate warm-up, in epochs (fractions allowed; default 0)")
-    p.add_argument("--min-lr", type=float, default=0.0, help="end of the cosine schedule (default 0)")
-    p.add_argument("--kd-lambda", type=float, default=0.8, help="KD weight lambda, with a teacher (default 0.8)")
-    p.add_argument("--re-beta", type=float, default=0.1,
-                   help="weight beta of the regularization loss L_re (default 0.1)")
-    p.add_argument("--re-last-frac", type=float, default=0.1,
-                   help="L_re is on in this last fraction of the epochs (default 0.1)")
-    resume_help = ("skip the finished stages in --out and continue the unfinished one (a stage not "
-                   "started yet starts)" if recipe else
-                   "continue the run in --out, which must hold one; --resume auto: continue it if "
-                   "there is one, else start it")
-    p.add_argument("--resume", nargs="?", const="yes", default=None, choices=["yes", "auto"],
-                   metavar="auto", help=resume_help)
-    p.add_argument("--subset", type=positive_int, default=None, help="train on a fixed random subset of N images")
-    p.add_argument("--test-subset", type=test_subset_arg, default=None, metavar="N|all",
-                   help="evaluate each epoch on a fixed random subset of N test images, or 'all' "
-                        "(default: as many as --subset, all of them without --subset)")
-    p.add_argument("--seed", type=int, default=0,
-                   help="seed of the initialisation, subsets, batch order and augmentation (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto: cuda if available)")
-    p.add_argument("--amp", action="store_true", help="mixed precision (fp16 on CUDA, bf16 on CPU)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="CUDA: deterministic kernels and no TF32, so that a resumed run repeats an "
-                        "uninterrupted one (slower; CPU runs are deterministic anyway)")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="torch.compile the training step (backend default inductor). Compiling "
-                        "takes minutes at the start; the last partial batch of each epoch is dropped")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="CUDA: record the whole training step (forward, backward, optimizer) once "
-                        "as a CUDA graph and replay it, which removes the per-operator launch "
-                        "cost; one process, not with --amp or --compile; the last partial batch "
-                        "of each epoch is dropped")
-    p.add_argument("--threads", type=positive_int, default=None, help="torch CPU threads")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model config override, e.g. --set qd=false (repeatable)")
-    p.add_argument("--skip-bad", action="store_true", help="skip (and count) unreadable images")
-    p.add_argument("--cache-dir", default=None, help="decoded-image cache (default $BHVIT_CACHE, else ~/.cache/bhvit)")
-    p.add_argument("--crop-pad", type=int, default=None, help="random-crop padding (default img_size//8)")
-    p.add_argument("--no-flip", action="store_true", help="no random horizontal flips")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (epoch summaries stay)")
-    p.add_argument("--eval-batch-size", type=positive_int, default=256,
-                   help="batch size of the per-epoch test-set evaluation (default 256)")
-    p.add_argument("--no-step-flips", action="store_true",
-                   help="do not count binary-weight sign flips after every optimizer step "
-                        "(step_flip_frac in metrics.jsonl; the per-epoch net flips stay)")
 
 
 def build_parser() -> argparse.ArgumentParser:

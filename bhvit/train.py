@@ -25,15 +25,16 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .config import RESUME_KEYS, TrainConfig
 from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_weights, load_model,
                          load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
                          set_rng_state)
@@ -47,48 +48,6 @@ from .rundir import RunLock, RunLocked, check_out_dir, remove_stale_temp
 from .quantizers import centred_signs
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "kd_loss", "sign_snapshot"]
-
-
-@dataclass
-class TrainConfig:
-    model: str = "bhvit_micro_c28"
-    data: str = "fashion-mnist"
-    data_dir: Optional[str] = None
-    out: str = "runs/bhvit"
-    epochs: int = 10
-    batch_size: int = 128  # per process
-    lr: Optional[float] = None  # default 5e-4 * global batch / 512
-    weight_decay: float = 0.0
-    warmup_epochs: float = 0.0
-    min_lr: float = 0.0
-    kd_lambda: float = 0.8
-    re_beta: float = 0.1
-    re_last_frac: float = 0.1
-    teacher: Optional[str] = None
-    init_from: Optional[str] = None  # checkpoint whose matching tensors initialise the model
-    resume: Union[bool, str] = False  # True: continue the run in out (it must exist); "auto": if present
-    subset: Optional[int] = None  # a fixed random subset of the training images
-    test_subset: Optional[int] = None  # None: as many as subset (all if no subset); 0: all
-    seed: int = 0
-    device: str = "auto"
-    amp: bool = False
-    deterministic: bool = False  # CUDA: deterministic kernels, so a resumed run repeats exactly
-    threads: Optional[int] = None
-    overrides: Dict = field(default_factory=dict)
-    skip_bad: bool = False
-    cache_dir: Optional[str] = None
-    crop_pad: Optional[int] = None  # default: img_size // 8
-    flip: bool = True
-    eval_batch_size: int = 256
-    progress: bool = True
-    step_flips: bool = True  # count binary-weight sign flips after every optimizer step
-    # torch.compile backend ("inductor") for the training forward/backward and the teacher;
-    # shapes are kept fixed, so the last partial batch of an epoch is dropped.
-    compile: Optional[str] = None
-    # CUDA: capture the whole step (forward, backward, optimizer) as one CUDA graph and
-    # replay it (bhvit.cudagraph); single process, no amp/compile; the last partial batch
-    # of an epoch is dropped.
-    cuda_graph: bool = False
 
 
 # On an accelerator the loss is checked for NaN/inf on the host every this many steps (the
@@ -383,11 +342,6 @@ def _checksum(model: nn.Module) -> float:
 
 
 # Training settings that must not change when a run is resumed (they change the result).
-RESUME_KEYS = ("model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
-               "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
-               "crop_pad", "flip", "amp", "test_subset")
-
-
 def _same_checkpoint(a: Optional[str], b: Optional[str]) -> bool:
     """Whether two spellings name one checkpoint (a run directory and its best.json)."""
     from .checkpoint import CheckpointError, resolve_checkpoint

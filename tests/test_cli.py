@@ -57,3 +57,38 @@ def test_recipe_rejects_negative_act_epochs(tmp_path, capsys):
     assert main(["recipe", "--out", str(tmp_path / "r"), "--act-epochs", "-1"]) == 2
     assert "--act-epochs must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()
+
+
+def test_every_train_option_is_a_config_field_and_back():
+    """The parser is generated from TrainConfig: defaults agree, every field but the
+    recipe's own has an option, and a changed value of each field reaches the config."""
+    import argparse
+    import dataclasses
+
+    from bhvit.cli import _train_config, build_parser
+    from bhvit.config import RESUME_KEYS, TrainConfig
+
+    top = build_parser()
+    subs = next(a for a in top._actions if isinstance(a, argparse._SubParsersAction))
+    train_dests = {a.dest for a in subs.choices["train"]._actions} - {"help"}
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert train_dests == fields
+    recipe_dests = {a.dest for a in subs.choices["recipe"]._actions} - {"help"}
+    assert recipe_dests == fields - {"teacher", "init_from"} | {"teacher_epochs", "init_from_teacher", "act_epochs"}
+    # defaults: the parser with only --out gives TrainConfig's defaults
+    assert _train_config(top.parse_args(["train", "--out", "runs/bhvit"])) == TrainConfig()
+    argv = ["train", "--out", "o", "--model", "m", "--data", "cifar10", "--data-dir", "d", "--epochs", "3",
+            "--batch-size", "7", "--lr", "0.5", "--weight-decay", "0.1", "--warmup-epochs", "0.5", "--min-lr",
+            "1e-6", "--kd-lambda", "0.5", "--re-beta", "0.2", "--re-last-frac", "0.3", "--teacher", "t",
+            "--init-from", "i", "--resume", "auto", "--subset", "9", "--test-subset", "all", "--seed", "4",
+            "--device", "cpu", "--amp", "--deterministic", "--threads", "2", "--set", "qd=false", "--skip-bad",
+            "--cache-dir", "c", "--crop-pad", "2", "--no-flip", "--eval-batch-size", "8", "--no-progress",
+            "--no-step-flips", "--compile", "--cuda-graph"]
+    cfg = _train_config(top.parse_args(argv))
+    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != f.default
+               and not (f.name == "overrides" and cfg.overrides == {})}
+    assert changed == fields
+    assert (cfg.resume, cfg.test_subset, cfg.overrides, cfg.compile) == ("auto", 0, {"qd": False}, "inductor")
+    assert set(RESUME_KEYS) == {"model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
+                                "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
+                                "crop_pad", "flip", "amp", "test_subset"}
