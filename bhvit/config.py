@@ -126,6 +126,18 @@ class TrainConfig:
                            resume_check=True, factory=dict, action="append", default=[], metavar="KEY=VALUE",
                            convert=parse_overrides)
     skip_bad: bool = _opt(False, "skip (and count) unreadable images")
+    data_in_memory: str = _opt("auto", "decode an ImageFolder once into RAM (yes) or per sample in --workers "
+                                       "processes (no); auto: in RAM when its decoded images take at most "
+                                       "4 GiB and --augment is pad-crop (default auto)",
+                               choices=["auto", "yes", "no"])
+    workers: int = _opt(0, "DataLoader processes that decode a streamed dataset (default 0: the training "
+                           "process decodes)", type=int)
+    augment: str = _opt("pad-crop", "training augmentation: pad-crop (random crop with zero padding, flip) or "
+                                    "rrc (RandomResizedCrop and flip, the ImageNet recipe; streamed data; "
+                                    "evaluation then centre-crops at 0.875) (default pad-crop)",
+                        resume_check=True, choices=["pad-crop", "rrc"])
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps in all (a smoke run); the "
+                                          "last, partial epoch is evaluated and saved", type=positive_int)
     cache_dir: Optional[str] = _opt(None, "decoded-image cache (default $BHVIT_CACHE, else ~/.cache/bhvit)")
     crop_pad: Optional[int] = _opt(None, "random-crop padding (default img_size//8)", resume_check=True, type=int)
     flip: bool = _opt(True, "no random horizontal flips", negate=True, resume_check=True)

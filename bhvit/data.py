@@ -341,6 +341,33 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("BHVIT_CACHE", Path.home() / ".cache" / "bhvit"))
 
 
+def _cifar_pickles(root: Path) -> List[Path]:
+    return [c for c in (root, root / "cifar-10-batches-py")
+            if (c / "batches.meta").exists() or (c / "test_batch").exists()]
+
+
+def image_folder_root(name: str, data_dir: Optional[str]) -> Optional[Path]:
+    """The ImageFolder root a dataset reads (``imagefolder``, or ``cifar10`` given as JPEG
+    folders), or None for the sets read from their own files (IDX, CIFAR pickles)."""
+    if name == "imagefolder":
+        return Path(data_dir) if data_dir is not None else None
+    if name != "cifar10" or data_dir is None:
+        return None
+    root = Path(data_dir)
+    if _cifar_pickles(root):
+        return None
+    folder = next((c for c in (root, root / "cifar10") if (c / "train").is_dir()), None)
+    if folder is None and root.is_dir():
+        raise DataError(f"{root}: neither cifar-10-batches-py/ (python release) nor an "
+                        "ImageFolder with train/ and test/.")
+    return folder
+
+
+def count_images(root: Path, split: str) -> int:
+    """Image files of an ImageFolder split (listed, not opened)."""
+    return len(_list_images(_split_dir(root, split), None)[1])
+
+
 def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, channels: int = 3,
                  size: Optional[int] = None, skip_bad: bool = False, cache_dir: Optional[str] = None,
                  classes: Optional[List[str]] = None, progress: bool = False,
@@ -367,21 +394,13 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, chann
     if not root.is_dir():
         raise DataError(f"data directory {root} does not exist.")
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    folder = None
+    folder = image_folder_root(name, data_dir)
     if name == "fashion-mnist":
         ds = load_fashion_mnist(root, split)
     elif name == "cifar10":
-        pickles = [c for c in (root, root / "cifar-10-batches-py")
-                   if (c / "batches.meta").exists() or (c / "test_batch").exists()]
-        folder = next((c for c in (root, root / "cifar10") if (c / "train").is_dir()), None)
-        if pickles:
-            ds, folder = load_cifar_pickle(pickles[0], split), None
-        elif folder is None:
-            raise DataError(f"{root}: neither cifar-10-batches-py/ (python release) nor an "
-                            "ImageFolder with train/ and test/.")
+        if folder is None:
+            ds = load_cifar_pickle(_cifar_pickles(root)[0], split)
         channels = 3
-    else:
-        folder = root
     if folder is not None:  # decodes only the subset's files
         return load_imagefolder(folder, split, channels, size, skip_bad, cache, classes, progress,
                                 subset, seed)

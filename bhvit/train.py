@@ -39,12 +39,13 @@ from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_wei
                          load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
                          set_rng_state)
 from .cudagraph import GraphCaptureError, GraphedStep
-from .data import DataError, Dataset, augment_batch, load_dataset, normalize
+from .data import DataError, Dataset, augment_batch, count_images, image_folder_root, load_dataset, normalize
 from .errors import ConfigError, TrainingDiverged
 from .layers import binary_layers
 from .model import BHViT, get_config
 from .losses import kd_loss, recipe_loss
 from .rundir import RunLock, RunLocked, check_out_dir, remove_stale_temp
+from .stream import StreamingImageFolder, StreamLoader, fits_in_memory
 from .quantizers import centred_signs
 
 __all__ = ["TrainConfig", "train", "evaluate", "TrainingDiverged", "kd_loss", "sign_snapshot"]
@@ -268,18 +269,21 @@ def exact_float32(enabled: bool = True):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
-             device: str = "cpu", progress: bool = False, return_logits: bool = False) -> Dict[str, float]:
+             device: str = "cpu", progress: bool = False, return_logits: bool = False,
+             loader: Optional[StreamLoader] = None) -> Dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` on ``ds``.
 
     Under torch.distributed each rank evaluates a strided shard and the sums are reduced.
     ``return_logits``: also return this rank's logits (float32, on the CPU) as ``"logits"``.
-    On CUDA it runs without TF32 (:func:`exact_float32`).
+    On CUDA it runs without TF32 (:func:`exact_float32`). A streamed ``ds``
+    (:class:`bhvit.stream.StreamingImageFolder`) is read through ``loader`` (default: one
+    without worker processes).
     """
     with exact_float32(str(device).startswith("cuda")):
-        return _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits)
+        return _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits, loader)
 
 
-def _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits):
+def _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits, loader):
     rank, world = _dist_info()
     was = model.training
     model.eval()
@@ -287,8 +291,11 @@ def _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits)
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, top1, top5, count
     bar = Progress(math.ceil(len(idx) / batch_size), "eval", progress and rank == 0)
     kept: List[torch.Tensor] = []
+    stream = None
+    if getattr(ds, "streaming", False):
+        stream = (loader or StreamLoader(ds, train=False, workers=0)).epoch(0, idx.split(batch_size))
     for i, b in enumerate(idx.split(batch_size)):
-        x = normalize(ds.images[b], mean, std).to(device)
+        x = normalize(next(stream)[0] if stream is not None else ds.images[b], mean, std).to(device)
         y = ds.labels[b].to(device)
         logits = model(x).float()
         if return_logits:
@@ -570,21 +577,31 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
          f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
          f"lr {plan.base_lr:.2e}, {plan.steps_per_epoch} steps/epoch", rank)
     stepper = _Stepper(cfg, model, teacher, optimizer, scaler, device, is_binary, rank)
+    train_loader = test_loader = None
+    if getattr(train_ds, "streaming", False):
+        pin = device.startswith("cuda")
+        train_loader = StreamLoader(train_ds, True, cfg.workers, cfg.seed, plan.crop_pad, cfg.flip, pin)
+        test_loader = StreamLoader(test_ds, False, cfg.workers, pin_memory=pin)
 
     last = history[-1] if history else {}
     for epoch in range(start_epoch, cfg.epochs):
         t0 = time.perf_counter()
         beta = cfg.re_beta if (is_binary and epoch >= plan.re_start) else 0.0
         lam = cfg.kd_lambda if teacher is not None else 0.0
-        sums, lr = _train_epoch(cfg, plan, stepper, train_ds, mean, std, epoch, lam, beta,
-                                first_epoch=epoch == start_epoch, out=out, history=history,
+        steps = plan.steps_per_epoch
+        if cfg.max_steps is not None:
+            steps = min(steps, cfg.max_steps - epoch * plan.steps_per_epoch)
+            if steps <= 0:
+                break
+        sums, lr = _train_epoch(cfg, plan, stepper, train_ds, train_loader, mean, std, epoch, lam, beta,
+                                steps, first_epoch=epoch == start_epoch, out=out, history=history,
                                 rank=rank, world=world, device=device)
         train_time = time.perf_counter() - t0
         if world > 1:
             dist.all_reduce(sums)
             _average_buffers(model, world)
         flips, step_flips = stepper.flips.epoch_fractions(_unwrap(model)) if is_binary else (None, None)
-        ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device)
+        ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device, loader=test_loader)
         last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
                 "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
                 "test_top1": ev["top1"], "test_top5": ev["top5"], "lr": lr, "beta": beta,
@@ -603,19 +620,25 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
              f"{last['train_top1']:.2f} | test loss {ev['loss']:.4f} top-1 {ev['top1']:.2f} top-5 "
              f"{ev['top5']:.2f} | beta {beta} flips {flips if flips is None else round(flips, 5)} | "
              f"{last['epoch_time_s']:.0f}s", rank)
+        if steps < plan.steps_per_epoch:
+            _log(f"stopped after --max-steps {cfg.max_steps} optimizer steps", rank)
+            break
     return _finish(cfg, out, model, last, best, history, rank, world)
 
 
-def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds: Dataset, mean, std,
-                 epoch: int, lam: float, beta: float, first_epoch: bool, out: Path, history: List[Dict],
-                 rank: int, world: int, device: str):
-    """One epoch of optimizer steps. Returns the summed (loss, correct, count) of the
-    samples that are not DistributedSampler padding, and the last step's learning rate."""
+def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds: Dataset,
+                 loader: Optional[StreamLoader], mean, std, epoch: int, lam: float, beta: float, steps: int,
+                 first_epoch: bool, out: Path, history: List[Dict], rank: int, world: int, device: str):
+    """``steps`` optimizer steps of an epoch. Returns the summed (loss, correct, count) of
+    the samples that are not DistributedSampler padding, and the last step's learning rate.
+    In-memory data is augmented here as batched tensor ops; streamed data arrives augmented
+    from ``loader``'s workers (per-sample, seeded by (seed, epoch, index))."""
     model = stepper.model
     stepper.begin_epoch(lam, beta)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
     batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
-    batches = batches[:plan.steps_per_epoch]  # drop_last: the partial batch
+    batches = batches[:steps]  # drop_last: the partial batch; --max-steps
+    stream = loader.epoch(epoch, batches) if loader is not None else None
     n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
     guard = _NonFiniteGuard(device, world)
     model.train()
@@ -626,7 +649,10 @@ def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds:
         lr = _lr_at(epoch * plan.steps_per_epoch + i, plan.total_steps, plan.warmup_steps, plan.base_lr,
                     cfg.min_lr)
         set_lr(stepper.optimizer, lr)
-        x = augment_batch(train_ds.images[idx], plan.crop_pad, cfg.flip, gen)
+        if stream is not None:
+            x = next(stream)[0]
+        else:
+            x = augment_batch(train_ds.images[idx], plan.crop_pad, cfg.flip, gen)
         x = normalize(x, mean, std).to(device, non_blocking=True)
         y = train_ds.labels[idx].to(device, non_blocking=True)
         # The run's first step is eager: it initialises QD from data (host-side control flow).
@@ -790,9 +816,18 @@ def _load_data(cfg: TrainConfig, model_cfg, rank: int):
                    cache_dir=cfg.cache_dir, progress=cfg.progress and rank == 0)
     # --test-subset follows --subset unless given (0: the whole test set)
     cfg = dataclasses.replace(cfg, test_subset=resolve_test_subset(cfg.subset, cfg.test_subset))
-    train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
-    test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes, subset=cfg.test_subset,
-                           seed=cfg.seed, **load_kw)
+    folder = image_folder_root(cfg.data, cfg.data_dir)
+    stream = _streams(cfg, folder, model_cfg)
+    if stream:
+        kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, seed=cfg.seed, skip_bad=cfg.skip_bad,
+                  augment=cfg.augment)
+        train_ds = StreamingImageFolder(folder, "train", subset=cfg.subset, **kw)
+        test_ds = StreamingImageFolder(folder, "test", classes=train_ds.classes, subset=cfg.test_subset, **kw)
+        _log(f"streaming {folder}: decoding per sample in {cfg.workers or 'the training'} process(es)", rank)
+    else:
+        train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
+        test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes,
+                               subset=cfg.test_subset, seed=cfg.seed, **load_kw)
     if train_ds.skipped or test_ds.skipped:
         _log(f"skipped unreadable images: train {train_ds.skipped}, test {test_ds.skipped}", rank)
     for split, ds in (("training", train_ds), ("test", test_ds)):
@@ -805,6 +840,28 @@ def _load_data(cfg: TrainConfig, model_cfg, rank: int):
                           f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
                           "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size.")
     return cfg, train_ds, test_ds
+
+
+def _streams(cfg: TrainConfig, folder: Optional[Path], model_cfg) -> bool:
+    """Whether the run streams its data (``--data-in-memory``, ``--augment``, the set's size)."""
+    if cfg.workers < 0:
+        raise ConfigError(f"workers must be >= 0, got {cfg.workers}.")
+    if cfg.data_in_memory not in ("auto", "yes", "no"):
+        raise ConfigError(f"data_in_memory must be 'auto', 'yes' or 'no', got {cfg.data_in_memory!r}.")
+    if folder is None:
+        if cfg.data_in_memory == "no" or cfg.augment == "rrc":
+            raise ConfigError(f"{cfg.data} is read whole into memory (only ImageFolder datasets stream), "
+                              "so --data-in-memory no and --augment rrc do not apply to it.")
+        return False
+    if cfg.augment == "rrc":
+        if cfg.data_in_memory == "yes":
+            raise ConfigError("--augment rrc crops the full-size images, so it streams them: "
+                              "pass --data-in-memory auto or no.")
+        return True
+    if cfg.data_in_memory != "auto":
+        return cfg.data_in_memory == "no"
+    n = count_images(folder, "train") if cfg.subset is None else cfg.subset
+    return not fits_in_memory(n, model_cfg.in_chans, model_cfg.img_size)
 
 
 def _load_teacher(cfg: TrainConfig, model_cfg, num_classes: int, mean, std, device: str, rank: int):

@@ -52,16 +52,14 @@ def _to_8bit(im):
     return im
 
 
-def decode_image(path: Path, channels: int, size: Optional[int], max_pixels: Optional[int] = None,
-                 info: Optional[dict] = None) -> np.ndarray:
-    """Decode an image file to uint8 ``(C, H, W)``, greyscale for ``channels == 1``.
-
-    With ``size``: the shorter side is resized to ``size`` (bilinear), then centre-cropped
-    to ``size x size``. 16-bit images are scaled to 8 bits. An image of more than
-    ``max_pixels`` pixels (default :func:`max_image_pixels`) raises :class:`ImageTooLarge`
-    before it is decoded. ``info``, if given, receives the file's ``mode`` and ``size``.
-    Raises OSError (Pillow's) for unreadable files.
-    """
+def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info: Optional[dict] = None,
+               draft=None):
+    """Open an image file as an 8-bit Pillow image, greyscale (``L``) for ``channels == 1``
+    else RGB. An image of more than ``max_pixels`` pixels (default :func:`max_image_pixels`)
+    raises :class:`ImageTooLarge` before it is decoded; 16-bit images are scaled to 8 bits.
+    ``draft(w, h)``, if given, returns the smallest ``(w, h)`` the caller needs: a JPEG is
+    then decoded at a reduced size (1/2, 1/4 or 1/8, by the DCT) no smaller than that.
+    ``info`` receives the file's ``mode`` and ``size``. Raises OSError for unreadable files."""
     from PIL import Image
 
     limit = max_image_pixels() if max_pixels is None else max_pixels
@@ -77,18 +75,47 @@ def decode_image(path: Path, channels: int, size: Optional[int], max_pixels: Opt
                                 "(set BHVIT_MAX_IMAGE_PIXELS to allow larger images).")
         if info is not None:
             info.update(mode=im.mode, size=(w, h))
+        if draft is not None and im.format == "JPEG":
+            im.draft("L" if channels == 1 else "RGB", draft(w, h))
         im.load()
-        im = _to_8bit(im).convert("L" if channels == 1 else "RGB")
-        if size is not None and im.size != (size, size):
-            # shorter side to `size`, then centre crop
-            w, h = im.size
-            s = size / min(w, h)
-            im = im.resize((max(size, round(w * s)), max(size, round(h * s))), Image.BILINEAR)
-            w, h = im.size
-            left, top = (w - size) // 2, (h - size) // 2
-            im = im.crop((left, top, left + size, top + size))
-        arr = np.asarray(im, dtype=np.uint8)
-    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+        return _to_8bit(im).convert("L" if channels == 1 else "RGB")
+
+
+def resize_centre_crop(im, size: int, crop_ratio: float = 1.0):
+    """Shorter side to ``round(size / crop_ratio)`` (bilinear), then the centre ``size x size``."""
+    from PIL import Image
+
+    short = max(size, round(size / crop_ratio))
+    if im.size == (size, size) and short == size:
+        return im
+    w, h = im.size
+    s = short / min(w, h)
+    im = im.resize((max(short, round(w * s)), max(short, round(h * s))), Image.BILINEAR)
+    w, h = im.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return im.crop((left, top, left + size, top + size))
+
+
+def to_chw(im) -> np.ndarray:
+    """A Pillow image as a writable, contiguous uint8 ``(C, H, W)`` array."""
+    arr = np.asarray(im, dtype=np.uint8)
+    return np.array(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1), order="C")  # a writable copy
+
+
+def decode_image(path: Path, channels: int, size: Optional[int], max_pixels: Optional[int] = None,
+                 info: Optional[dict] = None, crop_ratio: float = 1.0) -> np.ndarray:
+    """Decode an image file to uint8 ``(C, H, W)``, greyscale for ``channels == 1``.
+
+    With ``size``: the shorter side is resized to ``size / crop_ratio`` (bilinear), then
+    centre-cropped to ``size x size``. 16-bit images are scaled to 8 bits. An image of more
+    than ``max_pixels`` pixels (default :func:`max_image_pixels`) raises
+    :class:`ImageTooLarge` before it is decoded. ``info``, if given, receives the file's
+    ``mode`` and ``size``. Raises OSError (Pillow's) for unreadable files.
+    """
+    im = open_image(path, channels, max_pixels, info)
+    if size is not None:
+        im = resize_centre_crop(im, size, crop_ratio)
+    return to_chw(im)
 
 
 def normalize_images(x: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
