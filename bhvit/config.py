@@ -99,6 +99,14 @@ class TrainConfig:
                                resume_check=True)
     teacher: Optional[str] = _opt(None, "teacher checkpoint (run dir or .json) for KD", recipe=False,
                                   resume_check=True)
+    teacher_module: Optional[str] = _opt(None, "a teacher built by your code: PACKAGE.MODULE:FACTORY, called "
+                                              "without arguments, returning a module that maps the student's "
+                                              "normalised images to logits (e.g. a timm DeiT); with "
+                                              "--teacher-weights", recipe=False, resume_check=True,
+                                         metavar="MODULE:FACTORY")
+    teacher_weights: Optional[str] = _opt(None, "the --teacher-module's state dict as a .safetensors file (no "
+                                               "pickle), loaded strictly", recipe=False, resume_check=True,
+                                          metavar="FILE")
     # checkpoint whose matching tensors initialise the model
     init_from: Optional[str] = _opt(None, "start from this checkpoint's weights (every tensor whose name and "
                                           "shape match, e.g. a full-precision twin's); ignored when --resume "

@@ -458,6 +458,8 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _check_counts(cfg)
+    if cfg.teacher and cfg.teacher_module:
+        raise ConfigError("give one of --teacher (a bhvit run) and --teacher-module (your own model).")
     out = check_out_dir(cfg.out)
     if cfg.resume is True and not (out / "last.json").is_file():
         raise ConfigError(f"--resume: {out} holds no run to continue (no last.json); check the path, "
@@ -554,6 +556,9 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
     model = model.to(device)
     if teacher is None and cfg.teacher:
         teacher, mean, std = _load_teacher(cfg, model_cfg, train_ds.num_classes, mean, std, device, rank)
+    elif teacher is None and cfg.teacher_module:
+        teacher = load_external_teacher(cfg.teacher_module, cfg.teacher_weights)
+        _log(f"teacher: {cfg.teacher_module} with {cfg.teacher_weights}", rank)
     if teacher is not None:
         teacher = teacher.to(device).eval()
         for p in teacher.parameters():
@@ -886,6 +891,41 @@ def _load_teacher(cfg: TrainConfig, model_cfg, num_classes: int, mean, std, devi
                  f"difference {diff:.2g})", rank)
         mean, std = list(t_mean), list(t_std)
     return teacher, mean, std
+
+
+def load_external_teacher(spec: str, weights: Optional[str]) -> nn.Module:
+    """``PACKAGE.MODULE:FACTORY`` called without arguments, with the state dict of the
+    safetensors file ``weights`` loaded strictly (``--teacher-module``, ``--teacher-weights``)."""
+    import importlib
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    mod_name, _, fn_name = spec.partition(":")
+    if not mod_name or not fn_name.isidentifier():
+        raise ConfigError(f"--teacher-module {spec!r}: expected PACKAGE.MODULE:FACTORY, e.g. myteachers:deit_small.")
+    if not weights:
+        raise ConfigError(f"--teacher-module {spec}: needs --teacher-weights FILE.safetensors (the trained "
+                          "teacher's state dict).")
+    try:
+        factory = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"--teacher-module {spec}: cannot import it ({e}).") from None
+    model = factory()
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"--teacher-module {spec}: the factory returned a {type(model).__name__}, not a "
+                          "torch.nn.Module.")
+    try:
+        state = load_file(weights)
+    except (OSError, SafetensorError) as e:
+        raise ConfigError(f"--teacher-weights {weights}: cannot read it as safetensors ({e}).") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ConfigError(f"--teacher-weights {weights} does not fit {spec}: "
+                          f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
+    return model
 
 
 def _resume(cfg: TrainConfig, out: Path, model: nn.Module, optimizer, scaler, world: int, rank: int):

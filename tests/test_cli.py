@@ -74,7 +74,8 @@ def test_every_train_option_is_a_config_field_and_back():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert train_dests == fields
     recipe_dests = {a.dest for a in subs.choices["recipe"]._actions} - {"help"}
-    assert recipe_dests == fields - {"teacher", "init_from"} | {"teacher_epochs", "init_from_teacher", "act_epochs"}
+    assert recipe_dests == (fields - {"teacher", "init_from", "teacher_module", "teacher_weights"}
+                            | {"teacher_epochs", "init_from_teacher", "act_epochs"})
     # defaults: the parser with only --out gives TrainConfig's defaults
     assert _train_config(top.parse_args(["train", "--out", "runs/bhvit"])) == TrainConfig()
     argv = ["train", "--out", "o", "--model", "m", "--data", "cifar10", "--data-dir", "d", "--epochs", "3",
@@ -83,7 +84,8 @@ def test_every_train_option_is_a_config_field_and_back():
             "--init-from", "i", "--resume", "auto", "--subset", "9", "--test-subset", "all", "--seed", "4",
             "--device", "cpu", "--amp", "--deterministic", "--threads", "2", "--set", "qd=false", "--skip-bad",
             "--cache-dir", "c", "--crop-pad", "2", "--no-flip", "--eval-batch-size", "8", "--no-progress",
-            "--no-step-flips", "--compile", "--cuda-graph"]
+            "--no-step-flips", "--compile", "--cuda-graph", "--data-in-memory", "no", "--workers", "2",
+            "--augment", "rrc", "--max-steps", "5", "--teacher-module", "m:f", "--teacher-weights", "w"]
     cfg = _train_config(top.parse_args(argv))
     changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != f.default
                and not (f.name == "overrides" and cfg.overrides == {})}
@@ -91,4 +93,5 @@ def test_every_train_option_is_a_config_field_and_back():
     assert (cfg.resume, cfg.test_subset, cfg.overrides, cfg.compile) == ("auto", 0, {"qd": False}, "inductor")
     assert set(RESUME_KEYS) == {"model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
                                 "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
-                                "crop_pad", "flip", "amp", "test_subset"}
+                                "crop_pad", "flip", "amp", "test_subset", "augment", "teacher_module",
+                                "teacher_weights"}
