@@ -127,3 +127,30 @@ def test_streaming_choices_are_checked(folder, tmp_path):
         train(_cfg(folder, tmp_path, data="fashion-mnist", data_dir=None, model="bhvit_micro_c28"))
     with pytest.raises(ConfigError, match="workers must be >= 0"):
         train(_cfg(folder, tmp_path, workers=-1))
+
+
+@pytest.mark.slow
+def test_two_ranks_with_two_workers_each_resume_exactly(folder, tmp_path):
+    """torchrun, 2 ranks (gloo), 2 decoding workers per rank: a run cut by --max-steps after
+    its first epoch and resumed ends exactly like an uninterrupted one."""
+    import os
+    import subprocess
+    import sys
+
+    def run(out, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "bhvit.cli", "train", "--model", "bhvit_micro_c32", "--data", "imagefolder", "--data-dir",
+               str(folder), "--data-in-memory", "no", "--workers", "2", "--epochs", "2", "--batch-size", "8",
+               "--lr", "2e-3", "--threads", "1", "--no-progress", "--out", str(tmp_path / out), *extra]
+        p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                           timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return json.loads((tmp_path / out / "final.json").read_text())
+
+    ref = run("ref")
+    first = run("cut", "--max-steps", "3")  # 48 images, 2 ranks x batch 8: 3 steps per epoch
+    assert first["epoch"] == 1 and first["world_size"] == 2
+    done = run("cut", "--resume")
+    assert done["ranks_identical"] and ref["ranks_identical"]
+    for k in ("train_loss", "train_top1", "test_loss", "test_top1"):
+        assert done[k] == ref[k], k
