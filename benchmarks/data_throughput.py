@@ -5,9 +5,10 @@ Generates synthetic ImageFolders of real JPEGs (256-500 px sides, quality 90) un
 ``--work``, then prints
 
 - images/s of decode + RandomResizedCrop + flip to ``--size`` for each decoder: Pillow
-  decoding the whole JPEG, Pillow with ``draft()`` (the DCT-reduced decode bhvit's ``rrc``
-  path uses) and, if installed, simplejpeg (libjpeg-turbo, reduced-size decode), single
-  process; and through bhvit's StreamLoader with 1 and 2 workers (median of ``--runs``);
+  decoding the whole JPEG, and bhvit's ``rrc`` path with Pillow's ``draft()`` and, if
+  installed, with simplejpeg (libjpeg-turbo), both decoding at a DCT-reduced size where the
+  crop allows, single process; then bhvit's StreamLoader with 1 and 2 workers (median of
+  ``--runs``);
 - the peak RSS of ``bhvit train --data-in-memory no --workers 2 --max-steps N`` on
   ``--small`` and on ``--large`` images (bhvit_tiny at 224x224; memory must not grow with
   the number of images).
@@ -62,31 +63,29 @@ def pillow_full(path: Path, size: int, gen: torch.Generator):
     return np.asarray(im)
 
 
-def simplejpeg_reduced(path: Path, size: int, gen: torch.Generator):
-    import simplejpeg
-    from PIL import Image
+def _bhvit_rrc(ds, turbo: bool):
+    """bhvit's own rrc path, with libjpeg-turbo (simplejpeg) or with Pillow's draft()."""
+    import bhvit.stream as st
 
-    from bhvit.stream import rrc_box
+    saved = st._simplejpeg
 
-    data = path.read_bytes()
-    w, h, _, _ = simplejpeg.decode_jpeg_header(data)
-    left, top, cw, ch = rrc_box(w, h, gen)
-    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=int(w * size / cw) + 1,
-                                 min_height=int(h * size / ch) + 1)
-    sx, sy = arr.shape[1] / w, arr.shape[0] / h
-    im = Image.fromarray(arr).resize((size, size), Image.BILINEAR,
-                                     box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
-    return np.asarray(im)
+    def fn(i, g):
+        st._simplejpeg = saved if turbo else None
+        try:
+            return ds.train_image(i, 0, int(g.initial_seed()), 0, True)
+        finally:
+            st._simplejpeg = saved
+    return fn
 
 
 def decoders(ds, size):
-    out = {"pillow (full decode)": lambda i, g: pillow_full(Path(ds.items[i][0]), size, g),
-           "pillow draft (bhvit rrc)": lambda i, g: ds.train_image(i, 0, 0, 0, True)}
-    try:
-        import simplejpeg  # noqa: F401
+    import bhvit.stream as st
 
-        out["simplejpeg (reduced)"] = lambda i, g: simplejpeg_reduced(Path(ds.items[i][0]), size, g)
-    except ImportError:
+    out = {"pillow, full decode": lambda i, g: pillow_full(Path(ds.items[i][0]), size, g),
+           "pillow draft (bhvit rrc)": _bhvit_rrc(ds, turbo=False)}
+    if st._simplejpeg is not None:
+        out["simplejpeg (bhvit rrc)"] = _bhvit_rrc(ds, turbo=True)
+    else:
         print("simplejpeg is not installed (pip install simplejpeg): not measured")
     return out
 
@@ -96,16 +95,21 @@ def throughput(args, root: Path) -> None:
 
     ds = StreamingImageFolder(root, "train", channels=3, size=args.size, augment="rrc")
     n = min(args.images, len(ds))
-    print(f"decode + RandomResizedCrop + flip to {args.size}x{args.size}, {n} images, median of {args.runs}:")
-    for name, fn in decoders(ds, args.size).items():
-        rates = []
-        for r in range(args.runs):
+    print(f"decode + RandomResizedCrop + flip to {args.size}x{args.size}, {n} images, median of {args.runs} "
+          "(the decoders take turns in each run):")
+    fns = decoders(ds, args.size)
+    rates = {name: [] for name in fns}
+    for r in range(args.runs):
+        for name, fn in fns.items():
             g = torch.Generator().manual_seed(r)
             t = time.perf_counter()
             for i in range(n):
                 fn(i, g)
-            rates.append(n / (time.perf_counter() - t))
-        print(f"  {name:<28} 1 process   {statistics.median(rates):7.1f} images/s")
+            rates[name].append(n / (time.perf_counter() - t))
+    base = statistics.median(rates["pillow, full decode"])
+    for name, v in rates.items():
+        m = statistics.median(v)
+        print(f"  {name:<28} 1 process   {m:7.1f} images/s  ({m / base:.2f}x pillow, full decode)")
     for workers in (1, 2):
         loader = StreamLoader(ds, True, workers, seed=0, flip=True)
         batches = [list(range(i, min(i + 32, n))) for i in range(0, n, 32)]
@@ -115,7 +119,7 @@ def throughput(args, root: Path) -> None:
             for _ in loader.epoch(r, batches):
                 pass
             rates.append(n / (time.perf_counter() - t))
-        print(f"  {'StreamLoader (pillow draft)':<28} {workers} worker(s) {statistics.median(rates):7.1f} images/s")
+        print(f"  {'StreamLoader (bhvit rrc)':<28} {workers} worker(s) {statistics.median(rates):7.1f} images/s")
         del loader
 
 
