@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # bhvit set-up: torch 2.13.0 (the CPU build where pip's package source holds it), the
-# package with its test tools and simplejpeg, and (where apt is available) Debian's Fashion-MNIST
+# package with its test tools, and (where apt is available) Debian's Fashion-MNIST
 # package for the default training job.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -14,6 +14,6 @@ if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ] && comm
 fi
 # editable_mode=compat puts the checkout on sys.path, so that a script in the folder that
 # holds the clone (a folder named bhvit beside it) still imports the installed package.
-python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev,fast]" \
+python -m pip install --quiet --disable-pip-version-check torch==2.13.0 -e ".[dev]" \
   --config-settings editable_mode=compat
 python -c "import bhvit, torch; print('bhvit', bhvit.__version__, 'torch', torch.__version__)"

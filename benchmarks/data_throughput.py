@@ -5,19 +5,21 @@ Generates synthetic ImageFolders of real JPEGs (256-500 px sides, quality 90) un
 ``--work``, then prints
 
 - images/s of decode + RandomResizedCrop + flip to ``--size`` for each decoder: Pillow
-  decoding the whole JPEG, and bhvit's ``rrc`` path with Pillow's ``draft()`` and, if
-  installed, with simplejpeg (libjpeg-turbo), both decoding at a DCT-reduced size where the
-  crop allows, single process; then bhvit's StreamLoader with 1 and 2 workers (median of
-  ``--runs``);
+  decoding the whole JPEG, bhvit's ``rrc`` path (Pillow's ``draft()``: a DCT-reduced decode
+  where the crop allows) and, if installed, simplejpeg (libjpeg-turbo) with the same
+  reduced decode, single process; then bhvit's StreamLoader with 1 and 2 workers (median
+  of ``--runs``);
 - the peak RSS of ``bhvit train --data-in-memory no --workers 2 --max-steps N`` on
   ``--small`` and on ``--large`` images (bhvit_tiny at 224x224; memory must not grow with
   the number of images).
 
     python benchmarks/data_throughput.py --work runs/data_bench --small 4000 --large 16000
+    python benchmarks/data_throughput.py --small 300 --images 300 --sides 1000 1600 --skip-rss
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import subprocess
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 
 
-def make_folder(root: Path, n: int, seed: int = 0) -> Path:
+def make_folder(root: Path, n: int, seed: int = 0, sides=(256, 500)) -> Path:
     """``root/{train,test}/c<k>/*.jpg``: n training JPEGs in 10 classes (and 64 test ones)."""
     from PIL import Image
 
@@ -41,7 +43,7 @@ def make_folder(root: Path, n: int, seed: int = 0) -> Path:
         for i in range(count):
             d = root / split / f"c{i % 10}"
             d.mkdir(parents=True, exist_ok=True)
-            w, h = (int(v) for v in rng.integers(256, 501, 2))
+            w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
             # smooth content (a gradient plus noise) compresses like a photograph, not like noise
             yy, xx = np.mgrid[0:h, 0:w]
             base = (np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
@@ -63,29 +65,34 @@ def pillow_full(path: Path, size: int, gen: torch.Generator):
     return np.asarray(im)
 
 
-def _bhvit_rrc(ds, turbo: bool):
-    """bhvit's own rrc path, with libjpeg-turbo (simplejpeg) or with Pillow's draft()."""
-    import bhvit.stream as st
+def simplejpeg_rrc(ds, i: int, g: torch.Generator):
+    """bhvit's rrc transform with libjpeg-turbo through simplejpeg instead of Pillow: the
+    same box, the JPEG decoded at the smallest DCT-reduced size that leaves the crop
+    ``--size`` pixels."""
+    import simplejpeg
+    from PIL import Image
 
-    saved = st._simplejpeg
+    from bhvit.stream import rrc_box
 
-    def fn(i, g):
-        st._simplejpeg = saved if turbo else None
-        try:
-            return ds.train_image(i, 0, int(g.initial_seed()), 0, True)
-        finally:
-            st._simplejpeg = saved
-    return fn
+    data = Path(ds.items[i][0]).read_bytes()
+    w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+    left, top, cw, ch = rrc_box(w, h, g)
+    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(w * ds.size / cw),
+                                 min_height=math.ceil(h * ds.size / ch))
+    sx, sy = arr.shape[1] / w, arr.shape[0] / h
+    im = Image.fromarray(arr).resize((ds.size, ds.size), Image.BILINEAR,
+                                     box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+    return np.asarray(im)[:, ::-1] if float(torch.rand((), generator=g)) < 0.5 else np.asarray(im)
 
 
 def decoders(ds, size):
-    import bhvit.stream as st
-
     out = {"pillow, full decode": lambda i, g: pillow_full(Path(ds.items[i][0]), size, g),
-           "pillow draft (bhvit rrc)": _bhvit_rrc(ds, turbo=False)}
-    if st._simplejpeg is not None:
-        out["simplejpeg (bhvit rrc)"] = _bhvit_rrc(ds, turbo=True)
-    else:
+           "pillow draft (bhvit rrc)": lambda i, g: ds.train_image(i, 0, int(g.initial_seed()), 0, True)}
+    try:
+        import simplejpeg  # noqa: F401
+
+        out["simplejpeg, reduced decode"] = lambda i, g: simplejpeg_rrc(ds, i, g)
+    except ImportError:
         print("simplejpeg is not installed (pip install simplejpeg): not measured")
     return out
 
@@ -148,17 +155,20 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400, help="images per throughput run")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="--max-steps of each training process")
+    p.add_argument("--sides", type=int, nargs=2, default=[256, 500], metavar=("MIN", "MAX"),
+                   help="range of the JPEGs' side lengths in pixels")
     p.add_argument("--skip-rss", action="store_true", help="throughput only")
     args = p.parse_args()
     work = Path(args.work)
     t = time.perf_counter()
-    small = make_folder(work / f"folder{args.small}", args.small)
+    tag = "" if args.sides == [256, 500] else f"_{args.sides[0]}-{args.sides[1]}px"
+    small = make_folder(work / f"folder{args.small}{tag}", args.small, sides=args.sides)
     print(f"ImageFolders ready in {time.perf_counter() - t:.0f} s")
     torch.set_num_threads(1)
     throughput(args, small)
     if args.skip_rss:
         return
-    large = make_folder(work / f"folder{args.large}", args.large, seed=1)
+    large = make_folder(work / f"folder{args.large}{tag}", args.large, seed=1, sides=args.sides)
     rss_small = peak_rss_mb(args, small, work / "run_small")
     rss_large = peak_rss_mb(args, large, work / "run_large")
     print(f"peak RSS of the training process: {args.small} images {rss_small:.0f} MiB, {args.large} images "

@@ -11,7 +11,7 @@ exactly, with any number of workers:
   centre-cropped to ``img_size``, then a random crop with zero padding and a horizontal flip;
 - ``rrc`` (the ImageNet recipe of the BHViT release, without torchvision): RandomResizedCrop
   (area 0.08-1 of the image, aspect ratio 3/4-4/3, bilinear) to ``img_size`` and a horizontal
-  flip; JPEGs are decoded at a reduced DCT size where the crop allows it.
+  flip; JPEGs are decoded at a reduced DCT size (Pillow's ``draft()``) where the crop allows.
 
 Evaluation: shorter side to ``img_size / crop_ratio``, centre crop (``crop_ratio`` 0.875 with
 ``rrc``, 1 otherwise: exactly the in-memory path's and ``bhvit predict``'s pixels).
@@ -150,9 +150,7 @@ class StreamingImageFolder:
             _, _, cw, ch = box["crop"]
             return (max(1, math.ceil(w * self.size / cw)), max(1, math.ceil(h * self.size / ch)))
 
-        im = _turbo_rrc(self.items[i][0], self.channels, draft)
-        if im is None:
-            im = self._open(i, draft=draft)
+        im = self._open(i, draft=draft)
         if "crop" not in box:  # not a JPEG: the box is drawn in the decoded image
             draft(*im.size)
         (left, top, cw, ch), (w0, h0) = box["crop"], box["size"]
@@ -180,39 +178,6 @@ class StreamingImageFolder:
         mean = s / count
         std = (s2 / count - mean * mean).clamp_min(0).sqrt().clamp_min(1e-3)
         return mean.tolist(), std.tolist()
-
-
-def _turbo_rrc(path: str, channels: int, draft):
-    """A JPEG decoded by libjpeg-turbo (simplejpeg, if installed) at the smallest DCT-reduced
-    size ``draft(w, h)`` allows, as a Pillow image; None where simplejpeg is missing or the
-    file is not a JPEG it reads (then Pillow decodes it)."""
-    if _simplejpeg is None or not path.lower().endswith((".jpg", ".jpeg")):
-        return None
-    from PIL import Image
-
-    from .runtime.image import ImageTooLarge, max_image_pixels
-
-    try:
-        data = Path(path).read_bytes()
-        w, h, _, _ = _simplejpeg.decode_jpeg_header(data)
-    except (OSError, ValueError):
-        return None
-    if w * h > max_image_pixels():
-        raise ImageTooLarge(f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {max_image_pixels():,} "
-                            "(set BHVIT_MAX_IMAGE_PIXELS to allow larger images).")
-    mw, mh = draft(w, h)
-    try:
-        arr = _simplejpeg.decode_jpeg(data, colorspace="GRAY" if channels == 1 else "RGB", min_width=mw,
-                                      min_height=mh)
-    except ValueError:  # e.g. CMYK or a lossless JPEG: Pillow decodes it
-        return None
-    return Image.fromarray(arr[..., 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
-
-
-try:  # libjpeg-turbo's reduced-size decoding, when installed (pip install simplejpeg)
-    import simplejpeg as _simplejpeg
-except ImportError:  # Pillow's draft() does the same, somewhat slower
-    _simplejpeg = None
 
 
 class _Samples(torch.utils.data.Dataset):
