@@ -19,8 +19,26 @@ __all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_model
 HYBRID = tuple(HYBRID_MIXERS)  # ("hybrid", "msgdc", "msmha")
 
 
+class DictConfig:
+    """A config dataclass's JSON form: ``to_dict``, and ``from_dict`` that names unknown keys
+    and turns JSON lists back into tuples. ``KIND`` names the config in messages."""
+
+    KIND = "model"
+
+    def to_dict(self) -> Dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict):
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown {cls.KIND} config keys {unknown}; allowed: {sorted(names)}.")
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
 @dataclass
-class BHViTConfig:
+class BHViTConfig(DictConfig):
     """Everything that defines a BHViT. Named models are instances of this; overrides
     passed to :func:`create_model` replace fields.
 
@@ -30,6 +48,8 @@ class BHViTConfig:
     three QD planes), ``shift=False`` (no shift branches), ``hybrid='msgdc'`` or
     ``'msmha'`` (one mixer in all four stages).
     """
+
+    KIND = "BHViT"
 
     img_size: int = 224
     in_chans: int = 3
@@ -132,17 +152,6 @@ class BHViTConfig:
                 bad(f"windows[{i}]={self.windows[i]} must divide the stage-{i + 1} map size "
                     f"{size}x{size} (img_size={self.img_size}); allowed: divisors of {size}.")
 
-    def to_dict(self) -> Dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict) -> "BHViTConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown BHViT config keys {unknown}; allowed: {sorted(names)}.")
-        d = {k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}
-        return cls(**d)
 
 
 class BHViTStage(nn.Module):

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -34,13 +34,16 @@ from torch import nn
 from .blocks import QuantSpec
 from .layers import BinaryConv2d, LayerwiseResidual, NHWCConv, make_norm
 from .errors import ConfigError
+from .model import DictConfig
 
 __all__ = ["ReActNetConfig", "ReActNet"]
 
 
 @dataclass
-class ReActNetConfig:
+class ReActNetConfig(DictConfig):
     """Everything that defines a :class:`ReActNet`; registered names are instances."""
+
+    KIND = "ReActNet"
 
     img_size: int = 32
     in_chans: int = 3
@@ -86,16 +89,6 @@ class ReActNetConfig:
                 raise ConfigError(f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
                                  f"{self.dims[i]} (the downsampling shortcut tiles channels).")
 
-    def to_dict(self) -> Dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict) -> "ReActNetConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"unknown ReActNet config keys {unknown}; allowed: {sorted(names)}.")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
     def build(self) -> "ReActNet":
         return ReActNet(self)
