@@ -2,6 +2,7 @@
 per-sample augmentation, resume equality with workers, --max-steps, and the choice between
 streaming and decoding into memory."""
 import json
+from pathlib import Path
 from dataclasses import replace
 
 import numpy as np
@@ -40,6 +41,12 @@ def test_eval_images_equal_the_in_memory_decode(folder, tmp_path):
     assert all(np.array_equal(ds.eval_image(i), mem.images[i].numpy()) for i in range(len(ds)))
     batches = list(StreamLoader(ds, train=False, workers=2).epoch(0, [range(0, 10), range(10, 16)]))
     assert torch.equal(torch.cat([b[0] for b in batches]), mem.images)
+    # training batches without random augmentation are the in-memory images too
+    train = StreamingImageFolder(folder, "train", channels=3, size=32)
+    mem_train = load_imagefolder(folder, "train", 3, 32, cache_dir=tmp_path)
+    order = [[5, 0, 17], [40, 3]]
+    got = [x for x, _ in StreamLoader(train, True, workers=1, seed=3, pad=0, flip=False).epoch(4, order)]
+    assert all(torch.equal(g, mem_train.images[b]) for g, b in zip(got, order))
     mean, std = ds.channel_stats()
     ref_mean, ref_std = mem.channel_stats()
     assert np.allclose(mean, ref_mean, atol=1e-6) and np.allclose(std, ref_std, atol=1e-4)
@@ -144,3 +151,23 @@ def test_two_ranks_with_two_workers_each_resume_exactly(folder, tmp_path):
     assert done["ranks_identical"] and ref["ranks_identical"]
     for k in ("train_loss", "train_top1", "test_loss", "test_top1"):
         assert done[k] == ref[k], k
+
+
+def _rss() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs /proc (Linux)")
+def test_iterating_a_folder_does_not_hold_it(tmp_path):
+    """Streaming 600 images of 224x224 (90 MB decoded) holds a few batches at a time: the
+    resident memory grows by far less than the decoded set (holding the batches: +83 MB)."""
+    root = make_imagefolder(tmp_path / "f", classes=("a", "b", "c"), per_class=200, size=256, splits=("train",))
+    ds = StreamingImageFolder(root, "train", channels=3, size=224)
+    batches = [list(range(i, i + 10)) for i in range(0, 600, 10)]
+    base, grew, n = _rss(), 0, 0
+    for x, _ in StreamLoader(ds, True, workers=0, pad=8).epoch(0, batches):
+        n += len(x)
+        grew = max(grew, _rss() - base)
+    assert n == 600
+    assert grew < 30 * 2**20, grew
