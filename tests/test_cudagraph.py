@@ -246,6 +246,7 @@ def fmnist(tmp_path_factory):
     return make_fashion_mnist(tmp_path_factory.mktemp("fm"), n_train=320, n_test=64)
 
 
+@pytest.mark.slow
 def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch, capsys):
     # The training loop with the stand-in graph against the same loop eager, both with the
     # capturable optimizer (its float32 learning rate rounds differently from a float's).

@@ -38,6 +38,7 @@ def test_kd_loss_formula():
     assert kd_loss(t, t) > 0  # soft CE is the teacher's entropy at the optimum, not 0
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_matches_uninterrupted_run(fmnist, tmp_path):
     args = COMMON + ["--data-dir", str(fmnist), "--epochs", "3"]
     ref = _run(args + ["--out", str(tmp_path / "ref")])
@@ -253,6 +254,7 @@ def test_train_cli_rejects_mismatched_model(fmnist, tmp_path, capsys):
     assert "dataset images are 1x28x28 but bhvit_micro_c32 expects 3x32x32" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
@@ -270,6 +272,7 @@ def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
     assert (hist[-1]["test_top1"] * 64 / 100) == pytest.approx(round(hist[-1]["test_top1"] * 64 / 100))
 
 
+@pytest.mark.slow
 def test_ddp_nan_on_one_rank_stops_every_rank(fmnist, tmp_path):
     out = tmp_path / "ddp_nan"
     out.mkdir()
@@ -354,6 +357,7 @@ def test_step_flips_count_every_step(fmnist, tmp_path):
     assert off["step_flip_frac"] is None and off["flip_frac"] == four["flip_frac"]
 
 
+@pytest.mark.slow
 def test_deterministic_flag_runs_and_matches_default_on_cpu(fmnist, tmp_path):
     args = COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "64", "--test-subset", "32"]
     finals = []
@@ -407,6 +411,7 @@ def test_strip_checkpoint_half_precision(fmnist, tmp_path, capsys):
     assert "already holds" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_compile_eager_backend_matches_and_keeps_one_graph(fmnist, tmp_path, capsys):
     # backend "eager" runs dynamo's captured graphs with the same kernels: a compiled run
     # must match the plain one bit for bit, in one graph per module (no graph breaks).
