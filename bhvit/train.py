@@ -91,12 +91,13 @@ class FlipCounter:
     """Sign flips of the binary layers' latent weights (the quantity Larq's ``FlipRatio``
     tracks): per epoch (net, start against end) and, with ``per_step``, summed over the
     optimizer steps, where a weight that oscillates across zero counts at every flip.
-    The per-step count lives in fixed buffers that :meth:`update` changes in place, so
-    that a CUDA graph can record it: the previous step's signs (``prev``) and the
-    running ``count`` (an int64 tensor on the device; no host synchronisation)."""
+    With ``in_place`` the per-step count lives in fixed buffers that :meth:`update` changes
+    in place, so that a CUDA graph can record it: the previous step's signs (``prev``) and
+    the running ``count`` (an int64 tensor on the device; no host synchronisation).
+    Eager steps keep the new snapshot instead of copying it."""
 
-    def __init__(self, model: nn.Module, device, per_step: bool = True):
-        self.per_step = per_step
+    def __init__(self, model: nn.Module, device, per_step: bool = True, in_place: bool = True):
+        self.per_step, self.in_place = per_step, in_place
         self.prev = sign_snapshot(model) if per_step else []
         self.count = torch.zeros((), dtype=torch.int64, device=device)
         self.start: List[torch.Tensor] = []
@@ -108,9 +109,13 @@ class FlipCounter:
     def update(self, model: nn.Module) -> None:
         if not self.per_step:
             return
-        for prev, now in zip(self.prev, sign_snapshot(model)):
-            self.count.add_((prev != now).sum())
-            prev.copy_(now)
+        now = sign_snapshot(model)
+        for prev, cur in zip(self.prev, now):
+            self.count.add_((prev != cur).sum())
+            if self.in_place:  # a CUDA graph replays into the same buffers
+                prev.copy_(cur)
+        if not self.in_place:  # eager: keep the new snapshot instead of copying it
+            self.prev = now
 
     def epoch_fractions(self, model: nn.Module):
         """``(flip_frac, step_flip_frac)`` of the epoch so far, as fractions of the binary
@@ -730,7 +735,8 @@ class _Stepper:
                 self.t_fwd = torch.compile(teacher, dynamic=False, backend=cfg.compile)
             _log(f"torch.compile (backend {cfg.compile}): the first steps include compilation", rank)
         # Sign flips per step, counted in fixed buffers updated in place (also inside a graph).
-        self.flips = FlipCounter(_unwrap(model), device, per_step=is_binary and cfg.step_flips)
+        self.flips = FlipCounter(_unwrap(model), device, per_step=is_binary and cfg.step_flips,
+                                 in_place=cfg.cuda_graph)
         self.graphed, self.graphed_for, self.graph_failed = None, None, False
         self.lam = self.beta = 0.0
 
