@@ -31,6 +31,8 @@
 #include <omp.h>
 #endif
 
+#include "kernels.h"
+
 #if defined(__x86_64__)
 #define BHV_X86 1
 #include <immintrin.h>
@@ -38,8 +40,7 @@
 #define BHV_X86 0
 #endif
 
-#define BHV_ABI_VERSION 4
-#define EXPORT __attribute__((visibility("default")))
+#define BHV_ABI_VERSION 5
 #define INLINE static inline __attribute__((always_inline))
 
 /* Bytes of packed B panels per column block (kept in L2 while A rows stream). */
@@ -696,22 +697,51 @@ static void gemm_serial(const variant_t *v, const uint64_t *A, int64_t lda, int6
         v->block(A, lda, M, Bp, p0, min64(np, p0 + cbp), N, W, is_and, kconst, out, ldo);
 }
 
-/* out[m, n] = kconst - 2 * popcount(a[m] ^ b[n])  (is_and = 0)
- *           = popcount(a[m] & b[n])                (is_and = 1)
- * a: M x W, b: N x W (row-major, contiguous), out: M x N. 0 = ok, -1 = out of memory. */
-static int gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W,
-                int is_and, int64_t kconst, int32_t *out, int threads)
+/* --- pre-packed weight panels -------------------------------------------------- */
+
+EXPORT int bhv_panels_pack(bhv_panels *p, const uint64_t *b, int64_t N, int64_t W)
 {
     const variant_t *v = g_variant;
-    if (M <= 0 || N <= 0)
-        return 0;
-    const int64_t nr = v->nr, mr = v->mr;
-    const int64_t np = cdiv(N, nr);
-    uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, np * W * nr) * sizeof(uint64_t));
+    const int64_t np = cdiv(max64(N, 1), v->nr);
+    uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, np * max64(W, 1) * v->nr) * sizeof(uint64_t));
     if (!Bp)
         return -1;
-    pack_panels(b, W, N, W, (int)nr, Bp);
+    if (N > 0)
+        pack_panels(b, W, N, W, v->nr, Bp);
+    p->variant = v;
+    p->N = N;
+    p->W = W;
+    p->Bp = Bp;
+    return 0;
+}
 
+EXPORT void bhv_panels_free(bhv_panels *p)
+{
+    if (p != NULL) {
+        free(p->Bp);
+        p->Bp = NULL;
+        p->variant = NULL;
+    }
+}
+
+EXPORT int bhv_panels_current(const bhv_panels *p) { return p->Bp != NULL && p->variant == (const void *)g_variant; }
+
+/* out[m, n] = kconst - 2 * popcount(a[m] ^ b[n])  (is_and = 0)
+ *           = popcount(a[m] & b[n])                (is_and = 1)
+ * a: M x W (row-major, contiguous), panels of b: N x W, out: M x N. 0 = ok, -3 = the panels were
+ * packed for another variant. */
+static int gemm_pp(const uint64_t *a, const bhv_panels *pp, int64_t M, int is_and, int64_t kconst,
+                   int32_t *out, int threads)
+{
+    const variant_t *v = g_variant;
+    const int64_t N = pp->N, W = pp->W;
+    if (M <= 0 || N <= 0)
+        return 0;
+    if (pp->variant != (const void *)v)
+        return -3;
+    const uint64_t *Bp = pp->Bp;
+    const int64_t mr = v->mr;
+    const int64_t np = cdiv(N, v->nr);
     int nt = resolve_threads(threads);
     if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
         nt = 1;
@@ -734,8 +764,26 @@ static int gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int6
         const int64_t p0 = cb * cbp, p1 = min64(np, p0 + cbp);
         v->block(a + r0 * W, W, r1 - r0, Bp, p0, p1, N, W, is_and, kconst, out + r0 * N, N);
     }
-    free(Bp);
     return 0;
+}
+
+static int gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W,
+                int is_and, int64_t kconst, int32_t *out, int threads)
+{
+    if (M <= 0 || N <= 0)
+        return 0;
+    bhv_panels pp;
+    if (bhv_panels_pack(&pp, b, N, W))
+        return -1;
+    const int rc = gemm_pp(a, &pp, M, is_and, kconst, out, threads);
+    bhv_panels_free(&pp);
+    return rc;
+}
+
+EXPORT int bhv_xnor_gemm_pp(const uint64_t *a, const bhv_panels *pp, int64_t M, int64_t k, int32_t *out,
+                            int threads)
+{
+    return gemm_pp(a, pp, M, 0, k, out, threads);
 }
 
 EXPORT int bhv_xnor_gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W,
@@ -788,30 +836,39 @@ static inline void bits_append(uint64_t *dst, int64_t dst_words, int64_t bitpos,
  * afterwards by - cpg + 2 * popcount(w_tap) per padded tap.  Padding bits of
  * x and w beyond cpg are ignored.
  */
-EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int64_t H,
-                           int64_t Wd, int64_t G, int64_t Wg, int64_t Cout, int64_t KH,
-                           int64_t KW, int64_t cpg, int64_t stride, int64_t pad,
-                           int64_t dil, int64_t Ho, int64_t Wo, int32_t *out, int threads)
+EXPORT void bhv_conv_free(bhv_conv *c)
+{
+    if (c != NULL) {
+        free(c->Bp);
+        free(c->pwt);
+        c->Bp = NULL;
+        c->pwt = NULL;
+        c->variant = NULL;
+    }
+}
+
+/* Pack the weights w (Cout x KH x KW x Wg words, cpg bits per tap) once: bit-dense rows per
+ * output channel in panels per group, and 2 * popcount of every tap for the padding
+ * correction.  0 = ok, -1 = out of memory, -2 = bad shape. */
+EXPORT int bhv_conv_prepare(bhv_conv *c, const uint64_t *w, int64_t G, int64_t Wg, int64_t Cout, int64_t KH,
+                            int64_t KW, int64_t cpg)
 {
     const variant_t *v = g_variant;
-    if (B <= 0 || Ho <= 0 || Wo <= 0 || Cout <= 0)
-        return 0;
-    if (G <= 0 || Cout % G != 0 || stride <= 0 || dil <= 0)
+    memset(c, 0, sizeof(*c));
+    if (G <= 0 || Cout <= 0 || Cout % G != 0 || KH <= 0 || KW <= 0 || cpg <= 0 || Wg < cdiv(cpg, 64))
         return -2;
     const int64_t cpo = Cout / G;
     const int64_t KK = KH * KW;
     const int64_t Kw = cdiv(KK * cpg, 64); /* words per bit-dense im2col row */
     const int64_t nr = v->nr;
     const int64_t npg = cdiv(cpo, nr); /* panels per group */
-    const int64_t P = B * Ho * Wo;
-
     uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, G * npg * Kw * nr) * sizeof(uint64_t));
     uint64_t *wd = (uint64_t *)calloc((size_t)max64(1, Cout * Kw), sizeof(uint64_t));
-    int32_t *pw = (int32_t *)malloc((size_t)max64(1, Cout * KK) * sizeof(int32_t));
-    if (!Bp || !wd || !pw) {
+    int32_t *pwt = (int32_t *)malloc((size_t)max64(1, Cout * KK) * sizeof(int32_t));
+    if (!Bp || !wd || !pwt) {
         free(Bp);
         free(wd);
-        free(pw);
+        free(pwt);
         return -1;
     }
     for (int64_t o = 0; o < Cout; ++o)
@@ -825,22 +882,43 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
                     wv &= (~(uint64_t)0) >> (64 - (cpg & 63));
                 s += __builtin_popcountll(wv);
             }
-            pw[o * KK + t] = s;
+            pwt[t * Cout + o] = 2 * s; /* 2 * popcount of each tap's weights, tap-major */
         }
     for (int64_t g = 0; g < G; ++g)
         pack_panels(wd + g * cpo * Kw, Kw, cpo, Kw, (int)nr, Bp + g * npg * Kw * nr);
     free(wd);
-    /* 2 * popcount of each tap's weights, tap-major, for the padding correction */
-    int32_t *pwt = (int32_t *)malloc((size_t)max64(1, Cout * KK) * sizeof(int32_t));
-    if (!pwt) {
-        free(Bp);
-        free(pw);
-        return -1;
-    }
-    for (int64_t o = 0; o < Cout; ++o)
-        for (int64_t t = 0; t < KK; ++t)
-            pwt[t * Cout + o] = 2 * pw[o * KK + t];
+    c->variant = v;
+    c->Bp = Bp;
+    c->pwt = pwt;
+    c->G = G;
+    c->Wg = Wg;
+    c->Cout = Cout;
+    c->KH = KH;
+    c->KW = KW;
+    c->cpg = cpg;
+    return 0;
+}
 
+EXPORT int bhv_conv_current(const bhv_conv *c) { return c->Bp != NULL && c->variant == (const void *)g_variant; }
+
+/* x: B x H x Wd x G x Wg words; out: B x Ho x Wo x Cout int32 (see bhv_xnor_conv2d).
+ * -3: prepared for another variant. */
+EXPORT int bhv_xnor_conv2d_pp(const uint64_t *x, const bhv_conv *c, int64_t B, int64_t H, int64_t Wd,
+                              int64_t stride, int64_t pad, int64_t dil, int64_t Ho, int64_t Wo, int32_t *out,
+                              int threads)
+{
+    const variant_t *v = g_variant;
+    if (B <= 0 || Ho <= 0 || Wo <= 0)
+        return 0;
+    if (stride <= 0 || dil <= 0)
+        return -2;
+    if (c->variant != (const void *)v)
+        return -3;
+    const int64_t G = c->G, Wg = c->Wg, Cout = c->Cout, KH = c->KH, KW = c->KW, cpg = c->cpg;
+    const int64_t cpo = Cout / G, KK = KH * KW, Kw = cdiv(KK * cpg, 64), nr = v->nr, npg = cdiv(cpo, nr);
+    const int64_t P = B * Ho * Wo;
+    const uint64_t *Bp = c->Bp;
+    const int32_t *pwt = c->pwt;
     int nt = resolve_threads(threads);
     if (P * Cout * max64(Kw, 1) < BHV_PAR_MIN_WORK)
         nt = 1;
@@ -957,10 +1035,25 @@ EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int6
         free(npadded);
         free(tapsrc);
     }
-    free(Bp);
-    free(pw);
-    free(pwt);
     return failed ? -1 : 0;
+}
+
+EXPORT int bhv_xnor_conv2d(const uint64_t *x, const uint64_t *w, int64_t B, int64_t H,
+                           int64_t Wd, int64_t G, int64_t Wg, int64_t Cout, int64_t KH,
+                           int64_t KW, int64_t cpg, int64_t stride, int64_t pad,
+                           int64_t dil, int64_t Ho, int64_t Wo, int32_t *out, int threads)
+{
+    if (B <= 0 || Ho <= 0 || Wo <= 0 || Cout <= 0)
+        return 0;
+    if (G <= 0 || Cout % G != 0 || stride <= 0 || dil <= 0)
+        return -2;
+    bhv_conv c;
+    const int rc = bhv_conv_prepare(&c, w, G, Wg, Cout, KH, KW, cpg);
+    if (rc)
+        return rc;
+    const int rr = bhv_xnor_conv2d_pp(x, &c, B, H, Wd, stride, pad, dil, Ho, Wo, out, threads);
+    bhv_conv_free(&c);
+    return rr;
 }
 
 /* ------------------------------------------------------------------------ */
@@ -1506,38 +1599,33 @@ EXPORT int bhv_attention(const uint64_t *qb, const uint64_t *kb, const uint64_t 
  */
 #define BHV_LINEAR_ROWS 32
 
-EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k, const uint64_t *b,
-                             int64_t N, const float *scale, const float *shift, const float *sc,
-                             int64_t sc_c, const float *m1, const float *slope, const float *m2,
-                             const float *ps, const float *pb, const float *res, float *out,
-                             const float *nb, uint64_t *bits, int64_t pool_k, float *pool,
-                             int threads)
+EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const bhv_panels *pp,
+                                const bhv_transform *t, int threads)
 {
+    const int64_t N = pp->N, W = pp->W;
     epi_args base;
-    if (epi_init(&base, NULL, N, scale, shift, sc, sc_c, m1, slope, m2, ps, pb))
+    if (epi_init(&base, NULL, N, t->scale, t->shift, t->sc, t->sc_c, t->m1, t->slope, t->m2, t->ps, t->pb))
         return -2;
-    if ((out == NULL) == (bits == NULL))
+    if ((t->out == NULL) == (t->bits == NULL))
         return -2;
-    if (pool != NULL && (bits == NULL || pool_k < 1 || N % pool_k != 0))
+    if (t->pool != NULL && (t->bits == NULL || t->pool_k < 1 || N % t->pool_k != 0))
         return -2;
-    base.res = res;
-    base.out = out;
-    base.nb = nb;
-    base.bits = bits;
-    base.pool = pool;
-    base.pool_k = pool_k;
-    base.pool_inv = 1.0f / (float)max64(pool_k, 1);
+    base.res = t->res;
+    base.out = t->out;
+    base.nb = t->nb;
+    base.bits = t->bits;
+    base.pool = t->pool;
+    base.pool_k = t->pool_k;
+    base.pool_inv = 1.0f / (float)max64(t->pool_k, 1);
     if (M <= 0 || N <= 0)
         return 0;
     const variant_t *v = g_variant;
-    const int64_t np = cdiv(N, v->nr);
-    uint64_t *Bp = (uint64_t *)malloc((size_t)max64(1, np * W * v->nr) * sizeof(uint64_t));
-    if (!Bp)
-        return -1;
-    pack_panels(b, W, N, W, (int)v->nr, Bp);
+    if (pp->variant != (const void *)v)
+        return -3;
+    const uint64_t *Bp = pp->Bp;
     void (*row)(const epi_args *, int64_t, float *, int *) = glue_fast() ? epi_row_fast : epi_row_base;
     const int64_t mc = BHV_LINEAR_ROWS, nchunks = cdiv(M, mc), Wn = cdiv(N, 64);
-    const int64_t pc = pool != NULL ? N / pool_k : 0;
+    const int64_t pc = t->pool != NULL ? N / t->pool_k : 0;
     int nt = resolve_threads(threads);
     if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
         nt = 1;
@@ -1557,19 +1645,37 @@ EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k,
             gemm_serial(v, a + r0 * W, W, rows, Bp, N, W, 0, k, dot, N);
             epi_args c = base; /* this chunk's rows */
             c.dot = dot;
-            c.sc = sc != NULL ? sc + r0 * sc_c : NULL;
-            c.res = res != NULL ? res + r0 * N : NULL;
-            c.out = out != NULL ? out + r0 * N : NULL;
-            c.bits = bits != NULL ? bits + r0 * Wn : NULL;
-            c.pool = pool != NULL ? pool + r0 * pc : NULL;
+            c.sc = t->sc != NULL ? t->sc + r0 * t->sc_c : NULL;
+            c.res = t->res != NULL ? t->res + r0 * N : NULL;
+            c.out = t->out != NULL ? t->out + r0 * N : NULL;
+            c.bits = t->bits != NULL ? t->bits + r0 * Wn : NULL;
+            c.pool = t->pool != NULL ? t->pool + r0 * pc : NULL;
             for (int64_t r = 0; r < rows; ++r)
                 row(&c, r, buf, &bad);
         }
         free(dot);
         free(buf);
     }
-    free(Bp);
     return failed ? -1 : bad; /* 1: a packed value was NaN (bits != NULL) */
+}
+
+/* The flat form of bhv_binary_linear_pp for ctypes: packs b's panels for this call. */
+EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k, const uint64_t *b,
+                             int64_t N, const float *scale, const float *shift, const float *sc,
+                             int64_t sc_c, const float *m1, const float *slope, const float *m2,
+                             const float *ps, const float *pb, const float *res, float *out,
+                             const float *nb, uint64_t *bits, int64_t pool_k, float *pool,
+                             int threads)
+{
+    const bhv_transform t = {scale, shift, sc, sc_c, m1, slope, m2, ps, pb, res, out, nb, bits, pool_k, pool};
+    if (M <= 0 || N <= 0)
+        return ((out == NULL) == (bits == NULL)) ? -2 : 0;
+    bhv_panels pp;
+    if (bhv_panels_pack(&pp, b, N, W))
+        return -1;
+    const int rc = bhv_binary_linear_pp(a, M, k, &pp, &t, threads);
+    bhv_panels_free(&pp);
+    return rc;
 }
 
 /* --- LayerNorm over the last dim -------------------------------------------- */

@@ -1,0 +1,41 @@
+# libbhvit: the bit-packed BHViT runtime as a C library, and its demo program.
+#
+#   make                      build/libbhvit.so, build/libbhvit.a, build/bhvit_run (this machine)
+#   make CROSS=aarch64-linux-gnu-   the same for ARM64 (Debian: gcc-aarch64-linux-gnu) in build/aarch64/
+#   make clean
+#
+# Needs only a C compiler (OpenMP used when the compiler has it: OPENMP= to build without).
+# SIMD paths are chosen at run time; do not add -march=native.
+
+CROSS    ?=
+CC       := $(CROSS)gcc
+AR       := $(CROSS)ar
+OPENMP   ?= -fopenmp
+CFLAGS   ?= -O3
+CFLAGS   += -std=gnu11 -fPIC -ffp-contract=off -fvisibility=hidden -Wall -Wextra $(OPENMP)
+LDLIBS   := -lm
+SRC      := bhvit/runtime/csrc
+OBJS_SRC := kernels.c model.c json.c sha256.c
+OUT      := build$(if $(CROSS),/$(patsubst %-,%,$(CROSS)),)
+OBJS     := $(addprefix $(OUT)/,$(OBJS_SRC:.c=.o))
+HEADERS  := $(wildcard $(SRC)/*.h)
+
+all: $(OUT)/libbhvit.so $(OUT)/libbhvit.a $(OUT)/bhvit_run
+
+$(OUT)/%.o: $(SRC)/%.c $(HEADERS)
+	@mkdir -p $(OUT)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(OUT)/libbhvit.so: $(OBJS)
+	$(CC) -shared $(OPENMP) -o $@ $^ $(LDLIBS)
+
+$(OUT)/libbhvit.a: $(OBJS)
+	$(AR) rcs $@ $^
+
+$(OUT)/bhvit_run: $(SRC)/bhvit_run.c $(OUT)/libbhvit.a
+	$(CC) $(CFLAGS) -static-libgcc -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
+
+clean:
+	rm -rf build
+
+.PHONY: all clean
