@@ -1,7 +1,8 @@
 """Build of the optional compiled kernels of bhvit.runtime (metadata lives in pyproject.toml).
 
-``bhvit/runtime/_bitops.c`` is plain C (no Python API) loaded with ctypes by
-``bhvit/runtime/kernels.py``.  The extension is optional: if it does not compile,
+``bhvit/runtime/csrc/`` is plain C (no Python API): the kernels and the whole-network
+plan of libbhvit, loaded with ctypes by ``bhvit/runtime/kernels.py`` (the ``Makefile``
+builds the same sources as a standalone C library).  The extension is optional: if it does not compile,
 the install still succeeds and the kernels fall back to numpy.  It is built
 without -march=native (SIMD paths are chosen at run time), with OpenMP when the
 compiler supports it.  Rebuild in place with ``python setup.py build_ext --inplace``.
@@ -31,8 +32,8 @@ setup(
     ext_modules=[
         Extension(
             "bhvit.runtime._bitops",
-            sources=["bhvit/runtime/_bitops.c"],
-            extra_compile_args=["-O3", "-ffp-contract=off", *OPENMP],
+            sources=[f"bhvit/runtime/csrc/{f}.c" for f in ("kernels", "model", "json", "sha256")],
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", *OPENMP],
             extra_link_args=OPENMP,
             libraries=["m"],
             optional=True,

@@ -61,13 +61,18 @@ def _edit(d, **changes):
 
 
 def _refused(d, match, **kw):
-    """load(d) raises a one-line RuntimeFormatError naming a file of the export, quickly."""
+    """load(d) raises a one-line RuntimeFormatError naming a file of the export, quickly, and
+    libbhvit's own loader (the C API, without Python's checks first) refuses it too."""
     t = time.perf_counter()
     with pytest.raises(RuntimeFormatError, match=match) as e:
         runtime.load(d, **kw)
     assert time.perf_counter() - t < 5
     msg = str(e.value)
     assert "\n" not in msg and str(d) in msg
+    if K.plan_available() and not kw:
+        with pytest.raises(K.PlanError) as ce:
+            K.Plan(d, 10)
+        assert ce.value.code in (K.PlanError.IO, K.PlanError.FORMAT) and str(ce.value)
     return msg
 
 

@@ -323,3 +323,20 @@ def test_runtime_import_needs_no_torch():
             "('bhvit.model', 'bhvit.train', 'bhvit.data')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.skipif(not kernels.plan_available(), reason="needs the compiled library")
+@pytest.mark.parametrize("name,over", VARIANTS[:10], ids=[f"{n}-{o}" for n, o in VARIANTS[:10]])
+def test_prepared_plan_equals_the_graph_walker(name, over, tmp_path):
+    # libbhvit's plan (one C call per forward) computes what engine.py's walker computes, op
+    # for op with the same kernels: equal logits, not merely close ones
+    torch.manual_seed(2)
+    m = _trained_like(name, **over)
+    export_model(m, tmp_path, float16=name.endswith("c28"))
+    rt = runtime.load(tmp_path)
+    assert rt.plan is not None
+    x = np.random.default_rng(0).standard_normal((5, 3, m.cfg.img_size, m.cfg.img_size)).astype(np.float32)
+    planned = rt(x)
+    walked = rt._run(x)
+    assert np.abs(planned - walked).max() <= 1e-6 * (float(np.abs(walked).max()) + 1)
+    assert np.array_equal(rt(x[:2]), planned[:2])  # a smaller batch after a larger one: same values

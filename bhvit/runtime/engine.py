@@ -10,6 +10,11 @@ inside the sign packing, the shift branches, the attention core with softmax, La
 GELU and the float stem/head. Window partition and token pooling are numpy. Float32,
 channels-last ``(B, H, W, C)`` throughout, as in the training model. Importing this
 module does not import torch.
+
+This graph walker is the readable reference. With the compiled library active, a loaded
+runtime runs the same network through libbhvit's prepared plan instead (``csrc/model.c``:
+one C call per forward pass, weights packed once, op for op the same computation);
+``BHViTRuntime.plan`` is None where it falls back to the walker (the numpy backend).
 """
 from __future__ import annotations
 
@@ -70,6 +75,7 @@ class BHViTRuntime:
         self.data = manifest.get("data") or {}  # absent and null: no normalisation, no class names
         self.classes = self.data.get("classes")
         self._cache = {}
+        self.plan = None  # a K.Plan once load() has prepared one
         K.pin(tensors.values())
 
     # -- parameters
@@ -396,11 +402,18 @@ class BHViTRuntime:
 
     def _checked_run(self, x, features: bool = False) -> np.ndarray:
         x = self.check_input(x)
+        out = None
         try:
-            with np.errstate(over="ignore", invalid="ignore"):
-                out = self._run(x, features)
+            if self.plan is not None and not features and K.plan_available():
+                out = self.plan.run(x, self.threads)
+            else:
+                with np.errstate(over="ignore", invalid="ignore"):
+                    out = self._run(x, features)
         except K.NonFiniteError:
-            out = None
+            pass
+        except K.PlanError as e:
+            if e.code != K.PlanError.NONFINITE:
+                raise ConfigError(str(e)) from None
         if out is None or not np.isfinite(out).all():
             raise ConfigError(f"the network's values overflowed to inf/NaN on this input (largest |x| = "
                              f"{float(np.abs(x).max()):.4g}); normalise the images like the training data.")
@@ -647,4 +660,9 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     rt = BHViTRuntime(manifest, _ReadTracker(tensors), threads)
     _check_structure(rt, mpath, wpath)
     rt.t = dict(rt.t)
+    if K.plan_available():
+        try:
+            rt.plan = K.Plan(mpath, manifest["config"]["num_classes"], threads)
+        except K.PlanError as e:
+            raise RuntimeFormatError(str(e)) from None
     return rt

@@ -1,7 +1,7 @@
 """Bit-packed binary kernels of the BHViT inference runtime.
 
-The compiled library ``_bitops*.so`` (plain C, built from ``_bitops.c`` by
-``setup.py`` and loaded with ctypes) does the work; where it is missing or
+The compiled library ``_bitops*.so`` (plain C, built from ``csrc/`` by
+``setup.py`` and loaded with ctypes; the same code as the standalone libbhvit) does the work; where it is missing or
 fails to load, a pure-numpy implementation with the same results takes over
 silently (:func:`backend` tells which one is active).
 
@@ -45,7 +45,7 @@ __all__ = [
     "NonFiniteError",
 ]
 
-_ABI_VERSION = 4  # 4: bhv_epilogue_pack / bhv_binary_linear(bits) return 1 for a NaN they pack
+_ABI_VERSION = 5  # 5: prepared panels and the whole-network plan (bhvit_load / bhvit_run)
 _HERE = Path(__file__).resolve().parent
 
 _lib = None            # ctypes.CDLL or None
@@ -96,6 +96,11 @@ def _setup(lib):
                           + [vp] * 9 + [i32]),
         "bhv_layer_norm": (None, [vp, i64, i64, vp, vp, ctypes.c_float, vp, i32]),
         "bhv_dense": (None, [vp, i64, i64, vp, i64, vp, vp, i32]),
+        "bhvit_load": (i32, [ctypes.c_char_p, i32, ctypes.POINTER(vp)]),
+        "bhvit_run": (i32, [vp, vp, i64, vp]),
+        "bhvit_free": (None, [vp]),
+        "bhvit_set_threads": (i32, [vp, i32]),
+        "bhvit_last_error": (ctypes.c_char_p, []),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -861,3 +866,53 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, c
         y = (((out * ns + nt) + q) + k) + v - m1
         out = np.maximum(y, 0) + np.minimum(y, 0) * slope + m2
     return out
+
+
+# --------------------------------------------------------------------------- whole-network plan
+
+class PlanError(Exception):
+    """libbhvit refused an export or a run: ``code`` is the BHVIT_E_* code of bhvit.h."""
+
+    IO, FORMAT, INPUT, NOMEM, NONFINITE = 1, 2, 3, 4, 5
+
+    def __init__(self, code: int, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+def plan_available() -> bool:
+    """True when the compiled library (with its whole-network plan) is the active backend."""
+    return _use_c
+
+
+class Plan:
+    """An export loaded and prepared by libbhvit (``bhvit_load``): one C call per forward pass.
+
+    ``run(x)`` takes a C-contiguous float32 ``(B, C, H, W)`` array and returns float32 logits
+    ``(B, num_classes)``. The weights are packed for the active kernel variant and packed again
+    after :func:`set_backend` switches it.
+    """
+
+    def __init__(self, path, num_classes: int, threads: int = 0):
+        if _lib is None:
+            raise PlanError(PlanError.INPUT, f"the compiled library is not loaded ({_lib_error})")
+        handle = ctypes.c_void_p()
+        rc = _lib.bhvit_load(os.fsencode(str(path)), _threads(threads), ctypes.byref(handle))
+        if rc:
+            raise PlanError(rc, _lib.bhvit_last_error().decode("utf-8", "replace"))
+        self._h, self._free = handle, _lib.bhvit_free
+        self.num_classes = int(num_classes)
+
+    def run(self, x: np.ndarray, threads: int = 0) -> np.ndarray:
+        out = np.empty((x.shape[0], self.num_classes), dtype=np.float32)
+        _lib.bhvit_set_threads(self._h, _threads(threads))
+        rc = _lib.bhvit_run(self._h, _ptr(x), x.shape[0], _ptr(out))
+        if rc:
+            raise PlanError(rc, _lib.bhvit_last_error().decode("utf-8", "replace"))
+        return out
+
+    def __del__(self):
+        h = getattr(self, "_h", None)
+        if h is not None and h.value:
+            self._free(h)
+            self._h = None

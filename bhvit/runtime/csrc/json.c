@@ -327,3 +327,229 @@ const jval *json_get(const jval *obj, const char *key)
             return &obj->items[i];
     return NULL;
 }
+
+/* ------------------------------------------------------------------ canonical dump */
+
+typedef struct {
+    char *s;
+    size_t n, cap;
+    int bad;
+} sbuf;
+
+static void put(sbuf *b, const char *s, size_t n)
+{
+    if (b->bad)
+        return;
+    if (b->n + n + 1 > b->cap) {
+        size_t nc = b->cap ? b->cap : 4096;
+        while (b->n + n + 1 > nc)
+            nc *= 2;
+        char *p = (char *)realloc(b->s, nc);
+        if (!p) {
+            b->bad = 1;
+            return;
+        }
+        b->s = p;
+        b->cap = nc;
+    }
+    memcpy(b->s + b->n, s, n);
+    b->n += n;
+    b->s[b->n] = 0;
+}
+
+static void puts_(sbuf *b, const char *s) { put(b, s, strlen(s)); }
+
+/* Python's repr of a finite double: the shortest digits that round-trip, in exponent form
+ * when the decimal exponent is < -4 or >= 16, else positional with at least one decimal. */
+static void put_float(sbuf *b, double x)
+{
+    char tmp[64];
+    if (isnan(x)) {
+        puts_(b, "NaN");
+        return;
+    }
+    if (isinf(x)) {
+        puts_(b, x > 0 ? "Infinity" : "-Infinity");
+        return;
+    }
+    int p;
+    for (p = 1; p <= 17; ++p) {
+        snprintf(tmp, sizeof(tmp), "%.*e", p - 1, x);
+        if (strtod(tmp, NULL) == x)
+            break;
+    }
+    /* tmp: [-]d[.ddd]e[+-]XX */
+    char digits[32];
+    int nd = 0, neg = tmp[0] == '-';
+    const char *q = tmp + neg;
+    for (; *q && *q != 'e'; ++q)
+        if (*q >= '0' && *q <= '9')
+            digits[nd++] = *q;
+    while (nd > 1 && digits[nd - 1] == '0')
+        --nd;
+    const int e = atoi(q + 1);
+    char out[64];
+    int k = 0;
+    if (neg)
+        out[k++] = '-';
+    if (e < -4 || e >= 16) {
+        out[k++] = digits[0];
+        if (nd > 1) {
+            out[k++] = '.';
+            for (int i = 1; i < nd; ++i)
+                out[k++] = digits[i];
+        }
+        k += snprintf(out + k, sizeof(out) - (size_t)k, "e%c%02d", e < 0 ? '-' : '+', e < 0 ? -e : e);
+    } else if (e < 0) {
+        out[k++] = '0';
+        out[k++] = '.';
+        for (int i = 0; i < -e - 1; ++i)
+            out[k++] = '0';
+        for (int i = 0; i < nd; ++i)
+            out[k++] = digits[i];
+    } else {
+        for (int i = 0; i <= e; ++i)
+            out[k++] = i < nd ? digits[i] : '0';
+        out[k++] = '.';
+        if (nd > e + 1)
+            for (int i = e + 1; i < nd; ++i)
+                out[k++] = digits[i];
+        else
+            out[k++] = '0';
+    }
+    put(b, out, (size_t)k);
+}
+
+static void put_u16(sbuf *b, unsigned u)
+{
+    char t[16];
+    snprintf(t, sizeof(t), "\\u%04x", u);
+    put(b, t, 6);
+}
+
+static void put_string(sbuf *b, const char *s)
+{
+    const unsigned char *p = (const unsigned char *)s;
+    put(b, "\"", 1);
+    while (*p) {
+        unsigned c = *p;
+        if (c < 0x80) {
+            p++;
+            switch (c) {
+            case '"': puts_(b, "\\\""); break;
+            case '\\': puts_(b, "\\\\"); break;
+            case '\n': puts_(b, "\\n"); break;
+            case '\r': puts_(b, "\\r"); break;
+            case '\t': puts_(b, "\\t"); break;
+            case '\b': puts_(b, "\\b"); break;
+            case '\f': puts_(b, "\\f"); break;
+            default:
+                if (c < 0x20) {
+                    put_u16(b, c);
+                } else {
+                    const char ch = (char)c;
+                    put(b, &ch, 1);
+                }
+            }
+            continue;
+        }
+        int len = c >= 0xF0 ? 4 : c >= 0xE0 ? 3 : c >= 0xC0 ? 2 : 0;
+        if (!len) {
+            b->bad = 1; /* not UTF-8: Python could not have read it either */
+            return;
+        }
+        unsigned cp = c & (0x7F >> len);
+        for (int i = 1; i < len; ++i) {
+            if ((p[i] & 0xC0) != 0x80) {
+                b->bad = 1;
+                return;
+            }
+            cp = (cp << 6) | (p[i] & 0x3F);
+        }
+        p += len;
+        if (cp >= 0x10000) {
+            cp -= 0x10000;
+            put_u16(b, 0xD800 + (cp >> 10));
+            put_u16(b, 0xDC00 + (cp & 0x3FF));
+        } else {
+            put_u16(b, cp);
+        }
+    }
+    put(b, "\"", 1);
+}
+
+static _Thread_local const jval *sort_obj; /* qsort context (single-threaded use while dumping) */
+
+static int key_order(const void *a, const void *b)
+{
+    const size_t i = *(const size_t *)a, j = *(const size_t *)b;
+    return strcmp(sort_obj->keys[i], sort_obj->keys[j]);
+}
+
+static void dump(sbuf *b, const jval *v, const char *skip)
+{
+    char tmp[32];
+    switch (v->type) {
+    case J_NULL: puts_(b, "null"); break;
+    case J_BOOL: puts_(b, v->boolean ? "true" : "false"); break;
+    case J_NUM:
+        if (v->is_int) {
+            snprintf(tmp, sizeof(tmp), "%lld", (long long)v->i);
+            puts_(b, tmp);
+        } else {
+            put_float(b, v->num);
+        }
+        break;
+    case J_STR: put_string(b, v->str); break;
+    case J_ARR:
+        put(b, "[", 1);
+        for (size_t i = 0; i < v->n; ++i) {
+            if (i)
+                put(b, ",", 1);
+            dump(b, &v->items[i], NULL);
+        }
+        put(b, "]", 1);
+        break;
+    case J_OBJ: {
+        /* the last of repeated keys (as Python's dict), sorted */
+        size_t *idx = (size_t *)malloc((v->n ? v->n : 1) * sizeof(size_t)), m = 0;
+        if (!idx) {
+            b->bad = 1;
+            return;
+        }
+        for (size_t i = 0; i < v->n; ++i) {
+            if (skip && strcmp(v->keys[i], skip) == 0)
+                continue;
+            int later = 0;
+            for (size_t j = i + 1; j < v->n && !later; ++j)
+                later = strcmp(v->keys[i], v->keys[j]) == 0;
+            if (!later)
+                idx[m++] = i;
+        }
+        sort_obj = v;
+        qsort(idx, m, sizeof(size_t), key_order);
+        put(b, "{", 1);
+        for (size_t t = 0; t < m; ++t) {
+            if (t)
+                put(b, ",", 1);
+            put_string(b, v->keys[idx[t]]);
+            put(b, ":", 1);
+            dump(b, &v->items[idx[t]], NULL);
+        }
+        put(b, "}", 1);
+        free(idx);
+        break;
+    }
+    }
+}
+
+char *json_canonical(const jval *v, const char *skip)
+{
+    sbuf b = {NULL, 0, 0, 0};
+    dump(&b, v, skip);
+    if (b.bad) {
+        free(b.s);
+        return NULL;
+    }
+    return b.s;
+}

@@ -25,4 +25,10 @@ void json_free(jval *v);
 /* The value of key in an object (the last one if repeated, as Python's json), or NULL. */
 const jval *json_get(const jval *obj, const char *key);
 
+/* The canonical form Python's json.dumps(v, sort_keys=True, separators=(",", ":")) writes
+ * (ASCII only, floats as Python's repr), leaving out the top-level key skip (or NULL).
+ * Returns a malloc'ed NUL-terminated string, or NULL (out of memory, or a value that form
+ * cannot hold). */
+char *json_canonical(const jval *v, const char *skip);
+
 #endif

@@ -1515,6 +1515,46 @@ void bhvit_free(bhvit_model *m)
     free(m);
 }
 
+/* manifest_sha256: the SHA-256 of the manifest's canonical JSON without that field */
+static int check_digest(const jval *man, const char *mpath)
+{
+    const jval *d = json_get(man, "manifest_sha256");
+    char *canon = json_canonical(man, "manifest_sha256");
+    char hex[65] = "";
+    if (canon)
+        bhv_sha256_hex((const uint8_t *)canon, strlen(canon), hex);
+    free(canon);
+    if (!d || d->type != J_STR || strcmp(d->str, hex) != 0)
+        return seterr(BHVIT_E_FORMAT, "%s: SHA-256 of the manifest does not match; it was modified (export the "
+                      "checkpoint again instead of editing it)", mpath);
+    return 0;
+}
+
+/* The manifest's tensor list names exactly the weights file's tensors, with their dtypes and shapes. */
+static int check_tensor_list(bhvit_model *m, const jval *list, const char *mpath)
+{
+    int64_t n = 0;
+    if (!list || list->type != J_OBJ)
+        return seterr(BHVIT_E_FORMAT, "%s: the manifest has no 'tensors' object", mpath);
+    for (size_t i = 0; i < list->n; ++i) {
+        const jval *e = &list->items[i], *dt = json_get(e, "dtype"), *sh = json_get(e, "shape");
+        tensor_t *t = find(m, list->keys[i]);
+        int ok = t && dt && dt->type == J_STR && sh && sh->type == J_ARR && (int)sh->n == t->ndim &&
+                 (t->dtype == 2 ? strcmp(dt->str, "int64") == 0
+                                : (strcmp(dt->str, "float32") == 0 || strcmp(dt->str, "float16") == 0));
+        for (size_t d = 0; ok && d < sh->n; ++d)
+            ok = sh->items[d].type == J_NUM && sh->items[d].is_int && sh->items[d].i == t->shape[d];
+        if (!ok)
+            return seterr(BHVIT_E_FORMAT, "%s: the manifest's entry for tensor %.80s does not match the weights file",
+                          mpath, list->keys[i]);
+        n++;
+    }
+    if (n != m->nt)
+        return seterr(BHVIT_E_FORMAT, "%s: the manifest lists %lld tensors, the weights file holds %lld", mpath,
+                      (long long)n, (long long)m->nt);
+    return 0;
+}
+
 static int load_into(bhvit_model *m, const char *path)
 {
     char mpath[4096], wpath[4096];
@@ -1549,6 +1589,8 @@ static int load_into(bhvit_model *m, const char *path)
                     EXPORT_VERSION);
         goto done;
     }
+    if ((rc = check_digest(&man, mpath)))
+        goto done;
     if ((rc = read_config(m, json_get(&man, "config"))) || (rc = read_data(m, json_get(&man, "data")))) {
         char msg[1024];
         snprintf(msg, sizeof(msg), "%s", g_err);
@@ -1586,7 +1628,7 @@ static int load_into(bhvit_model *m, const char *path)
         rc = seterr(BHVIT_E_FORMAT, "%s: SHA-256 does not match the manifest; the file was modified", wpath);
         goto done;
     }
-    if ((rc = read_tensors(m, wpath, blob, wlen)))
+    if ((rc = read_tensors(m, wpath, blob, wlen)) || (rc = check_tensor_list(m, json_get(&man, "tensors"), mpath)))
         goto done;
     free(blob);
     blob = NULL;
@@ -1618,7 +1660,19 @@ int bhvit_load(const char *path, int threads, bhvit_model **out)
         return seterr(BHVIT_E_NOMEM, "out of memory");
     m->threads = threads;
     m->kinds.type = J_NULL;
-    const int rc = load_into(m, path);
+    int rc = load_into(m, path);
+    if (!rc) {
+        /* one zero image through the network, as bhvit.runtime.load does: parameters that are finite
+         * but overflow the network are refused here, and the arena is sized for batch 1 */
+        const int64_t n = m->chans * m->img * m->img;
+        float *x = (float *)calloc((size_t)n, sizeof(float)), *y = (float *)malloc((size_t)m->classes * sizeof(float));
+        rc = (x && y) ? bhvit_run(m, x, 1, y) : seterr(BHVIT_E_NOMEM, "out of memory");
+        if (rc == BHVIT_E_NONFINITE)
+            rc = seterr(BHVIT_E_FORMAT, "%s: the network's values overflow to inf/NaN on a zero image; its parameters "
+                        "are corrupt or out of range (export a good checkpoint again)", path);
+        free(x);
+        free(y);
+    }
     if (rc) {
         bhvit_free(m);
         return rc;
