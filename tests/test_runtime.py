@@ -335,7 +335,8 @@ def test_prepared_plan_equals_the_graph_walker(name, over, tmp_path):
     export_model(m, tmp_path, float16=name.endswith("c28"))
     rt = runtime.load(tmp_path)
     assert rt.plan is not None
-    x = np.random.default_rng(0).standard_normal((5, 3, m.cfg.img_size, m.cfg.img_size)).astype(np.float32)
+    c = m.cfg
+    x = np.random.default_rng(0).standard_normal((5, c.in_chans, c.img_size, c.img_size)).astype(np.float32)
     planned = rt(x)
     walked = rt._run(x)
     assert np.abs(planned - walked).max() <= 1e-6 * (float(np.abs(walked).max()) + 1)
