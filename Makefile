@@ -2,6 +2,7 @@
 #
 #   make                      build/libbhvit.so, build/libbhvit.a, build/bhvit_run (this machine)
 #   make CROSS=aarch64-linux-gnu-   the same for ARM64 (Debian: gcc-aarch64-linux-gnu) in build/aarch64/
+#   make check                run the kernels' self-check (RUN="qemu-aarch64 -L /usr/aarch64-linux-gnu" for ARM64)
 #   make clean
 #
 # Needs only a C compiler (OpenMP used when the compiler has it: OPENMP= to build without).
@@ -16,11 +17,16 @@ CFLAGS   += -std=gnu11 -fPIC -ffp-contract=off -fvisibility=hidden -Wall -Wextra
 LDLIBS   := -lm
 SRC      := bhvit/runtime/csrc
 OBJS_SRC := kernels.c model.c json.c sha256.c
-OUT      := build$(if $(CROSS),/$(patsubst %-,%,$(CROSS)),)
+BUILD    ?= build
+OUT      := $(BUILD)$(if $(CROSS),/$(patsubst %-,%,$(CROSS)),)
 OBJS     := $(addprefix $(OUT)/,$(OBJS_SRC:.c=.o))
 HEADERS  := $(wildcard $(SRC)/*.h)
 
 all: $(OUT)/libbhvit.so $(OUT)/libbhvit.a $(OUT)/bhvit_run
+
+# the kernels' self-check: every variant this CPU runs against a plain reference
+check: $(OUT)/kernel_check
+	$(RUN) $(OUT)/kernel_check
 
 $(OUT)/%.o: $(SRC)/%.c $(HEADERS)
 	@mkdir -p $(OUT)
@@ -35,7 +41,10 @@ $(OUT)/libbhvit.a: $(OBJS)
 $(OUT)/bhvit_run: $(SRC)/bhvit_run.c $(OUT)/libbhvit.a
 	$(CC) $(CFLAGS) -static-libgcc -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
 
-clean:
-	rm -rf build
+$(OUT)/kernel_check: tests/c/kernel_check.c $(OUT)/libbhvit.a
+	$(CC) $(CFLAGS) -I$(SRC) -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
 
-.PHONY: all clean
+clean:
+	rm -rf $(BUILD)
+
+.PHONY: all check clean

@@ -15,7 +15,7 @@
  * prepares an execution plan: packed weight panels for the active kernel variant and the
  * model's tensors resolved once.  bhvit_run then does no allocation once a batch of that
  * size has run.  Images must be normalised like the training data (bhvit_normalize does
- * it with the export's mean and std).
+ * it for 0..255 pixel values with the export's mean and std).
  *
  * Thread safety: one bhvit_run at a time per model (each model has its own buffers);
  * different models may run concurrently.  Errors: every function returns a BHVIT_*
@@ -68,7 +68,8 @@ BHVIT_API int64_t bhvit_in_chans(const bhvit_model *model);
 BHVIT_API int64_t bhvit_img_size(const bhvit_model *model);
 /* The class name of logit i, or NULL when the export has no class names. */
 const char *bhvit_class_name(const bhvit_model *model, int64_t i);
-/* x = (x - mean[c]) / std[c] in place, for n images; BHVIT_E_INPUT if the export has no mean/std. */
+/* Normalise n images of pixel values 0..255 in place like training: x = (x - 255 mean[c]) / (255 std[c]),
+ * with the export's mean and std of [0, 1] pixels.  BHVIT_E_INPUT if the export has none. */
 BHVIT_API int bhvit_normalize(const bhvit_model *model, float *x, int64_t n);
 /* The kernel variant in use: "c-avx512-vpopcntdq", "c-avx2", "c-popcnt", "c-neon" or "c-portable". */
 const char *bhvit_kernel_variant(void);

@@ -6,8 +6,9 @@
  *
  * IMAGES (default: standard input) holds raw little-endian float32 images, each
  * in_chans x img_size x img_size, back to back.  Prints one line of logits per image
- * (or, with --classes, the index and name of the top class); --normalize first applies
- * the export's mean and std.  --repeat N runs every batch N times and prints the median
+ * (or, with --classes, the index and name of the top class).  The images must be normalised
+ * like the training data, or hold pixel values 0..255 and --normalize applies the export's
+ * mean and std.  --repeat N runs every batch N times and prints the median
  * time per batch to standard error (a benchmark, not part of the output).
  */
 #include "bhvit.h"

@@ -1562,7 +1562,10 @@ static int load_into(bhvit_model *m, const char *path)
     const size_t pl = strlen(path);
     if (pl > 4000)
         return seterr(BHVIT_E_INPUT, "path too long");
-    if (stat(path, &st) == 0 && S_ISDIR(st.st_mode))
+    if (stat(path, &st) != 0)
+        return seterr(BHVIT_E_IO, "%s: no such export (expected the directory written by `bhvit export`, or its "
+                      "manifest.json)", path);
+    if (S_ISDIR(st.st_mode))
         snprintf(mpath, sizeof(mpath), "%s/manifest.json", path);
     else
         snprintf(mpath, sizeof(mpath), "%s", path);
@@ -1736,9 +1739,11 @@ int bhvit_normalize(const bhvit_model *m, float *x, int64_t n)
     const int64_t hw = m->img * m->img;
     for (int64_t b = 0; b < n; ++b)
         for (int64_t c = 0; c < m->chans; ++c) {
+            /* as bhvit.data.normalize: mean and std are of [0, 1] pixels, x holds 0..255 */
+            const float mu = m->mean[c] * 255.0f, sd = m->std[c] * 255.0f;
             float *p = x + (b * m->chans + c) * hw;
             for (int64_t i = 0; i < hw; ++i)
-                p[i] = (p[i] - m->mean[c]) / m->std[c];
+                p[i] = (p[i] - mu) / sd;
         }
     return BHVIT_OK;
 }

@@ -1,0 +1,146 @@
+"""libbhvit without Python: the Makefile build, the kernels' self-check, the bhvit_run demo
+against bhvit.runtime and PyTorch, and (where Debian's cross compiler and qemu-user are
+installed) the same on ARM64 under emulation."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import bhvit
+from bhvit import runtime
+from bhvit.export import export_model
+from test_runtime import VARIANTS, _check, _trained_like
+
+ROOT = Path(__file__).resolve().parents[1]
+CROSS = "aarch64-linux-gnu-"
+QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
+HAVE_ARM = shutil.which(CROSS + "gcc") is not None and shutil.which(QEMU[0]) is not None
+pytestmark = pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
+                                reason="needs make and gcc")
+
+
+def _make(build, *args):
+    out = subprocess.run(["make", "-s", f"BUILD={build}", *args], cwd=ROOT, capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return out.stdout
+
+
+@pytest.fixture(scope="module")
+def build(tmp_path_factory):
+    b = tmp_path_factory.mktemp("build")
+    _make(b)
+    return b
+
+
+def _demo(cmd, export, x, *args, check=True):
+    out = subprocess.run([*cmd, str(export), "-", *args], input=np.ascontiguousarray(x, np.float32).tobytes(),
+                         capture_output=True, timeout=300)
+    if check:
+        assert out.returncode == 0, out.stderr.decode()
+    return out
+
+
+def _logits(out):
+    return np.array([[float(v) for v in line.split()] for line in out.stdout.decode().splitlines()], np.float32)
+
+
+def test_kernel_self_check(build):
+    out = _make(build, "check")
+    assert "ok c-portable" in out and "FAIL" not in out
+
+
+@pytest.mark.parametrize("name,over", VARIANTS, ids=[f"{n}-{o}" for n, o in VARIANTS])
+def test_demo_matches_the_python_runtime_and_pytorch(build, name, over, tmp_path):
+    torch.manual_seed(3)
+    m = _trained_like(name, **over)
+    export_model(m, tmp_path)
+    c = m.cfg
+    x = torch.randn(5, c.in_chans, c.img_size, c.img_size)
+    with torch.no_grad():
+        ref = m(x).numpy()
+    out = _logits(_demo([str(build / "bhvit_run")], tmp_path, x.numpy(), "--batch", "2"))
+    assert out.shape == (5, 10)
+    py = runtime.load(tmp_path)(x.numpy())
+    assert np.abs(out - py).max() <= 1e-6 * (float(np.abs(py).max()) + 1)  # printed with 9 digits
+    _check(out, ref)
+
+
+def test_demo_classes_normalize_and_errors(build, tmp_path):
+    torch.manual_seed(0)
+    m = bhvit.create_model("bhvit_micro_c32", num_classes=10).eval()
+    data = {"mean": [0.5, 0.4, 0.3], "std": [0.25, 0.2, 0.3], "classes": [f"class {i}" for i in range(10)]}
+    export_model(m, tmp_path / "exp", data=data)
+    exp = tmp_path / "exp"
+    demo = [str(build / "bhvit_run")]
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 3, 32, 32)).astype(np.float32)
+    from bhvit.runtime.image import normalize_images
+
+    want = runtime.load(exp)(normalize_images(pixels.astype(np.uint8), data["mean"], data["std"])).argmax(1)
+    lines = _demo(demo, exp, pixels, "--normalize", "--classes").stdout.decode().splitlines()
+    assert lines == [f"{k} class {k}" for k in want]
+    # errors: one line on stderr and a nonzero exit, never a crash
+    bad = _demo(demo, tmp_path / "missing", pixels, check=False)
+    assert bad.returncode == 2 and b"missing: no such export" in bad.stderr
+    bad = _demo(demo, exp, pixels[:, :, :10], check=False)
+    assert bad.returncode == 2 and b"expected whole float32 images of 3 x 32 x 32" in bad.stderr
+    nan = pixels.copy()
+    nan[1, 0, 3, 4] = np.nan
+    bad = _demo(demo, exp, nan, "--batch", "3", check=False)
+    assert bad.returncode == 1 and b"NaN or infinite pixels" in bad.stderr
+    bad = _demo(demo, exp, pixels, "--threads", "-1", check=False)
+    assert bad.returncode == 2 and b"usage" in bad.stderr
+    (exp / "model.safetensors").write_bytes(b"\0" * (exp / "model.safetensors").stat().st_size)
+    bad = _demo(demo, exp, pixels, check=False)
+    assert bad.returncode == 2 and b"SHA-256 does not match" in bad.stderr
+    no_norm = tmp_path / "nonorm"
+    export_model(m, no_norm)
+    bad = _demo(demo, no_norm, pixels, "--normalize", check=False)
+    assert bad.returncode == 2 and b"no data mean and std" in bad.stderr
+
+
+def test_demo_accuracy_on_a_trained_checkpoint_equals_pytorch(build, tmp_path, capsys):
+    from bhvit.cli import main
+    from bhvit.data import load_dataset, normalize
+    from bhvit.train import TrainConfig, train
+    from synth import make_fashion_mnist
+
+    fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
+    run = tmp_path / "run"
+    train(TrainConfig(model="bhvit_micro_c28", data_dir=str(fm), out=str(run), epochs=2, batch_size=32,
+                      lr=2e-3, progress=False, threads=1))
+    assert main(["export", str(run), str(tmp_path / "exp")]) == 0
+    model, doc = bhvit.checkpoint.load_model(run)
+    ds = load_dataset("fashion-mnist", "test", str(fm))
+    with torch.no_grad():
+        tpred = model(normalize(ds.images, doc["data"]["mean"], doc["data"]["std"])).argmax(1).numpy()
+    lines = _demo([str(build / "bhvit_run")], tmp_path / "exp", ds.images.numpy().astype(np.float32),
+                  "--normalize", "--classes", "--batch", "32").stdout.decode().splitlines()
+    pred = np.array([int(line.split()[0]) for line in lines])
+    labels = ds.labels.numpy()
+    assert (pred == tpred).all()
+    assert (pred == labels).mean() == (tpred == labels).mean()
+
+
+@pytest.mark.skipif(not HAVE_ARM, reason="needs gcc-aarch64-linux-gnu and qemu-user (apt)")
+def test_aarch64_neon_under_qemu(build, tmp_path):
+    arm = tmp_path / "arm"
+    _make(arm, f"CROSS={CROSS}")
+    out = _make(arm, f"CROSS={CROSS}", "check", "RUN=" + " ".join(QEMU))
+    assert "ok c-neon" in out and "ok c-portable" in out
+    demo = QEMU + [str(arm / "aarch64-linux-gnu" / "bhvit_run")]
+    for name, over in [("bhvit_micro_c32", {}), ("bhvit_micro_c32", {"norm": "ln"}),
+                       ("bhvit_micro_c32", {"hybrid": "msmha", "qd": False})]:
+        torch.manual_seed(4)
+        m = _trained_like(name, **over)
+        export_model(m, tmp_path / "exp", float16=True)
+        x = torch.randn(4, 3, 32, 32).numpy()
+        x86 = _logits(_demo([str(build / "bhvit_run")], tmp_path / "exp", x, "--batch", "4"))
+        for kernels in ("c-neon", "c-portable"):
+            got = _logits(_demo(demo, tmp_path / "exp", x, "--batch", "4", "--kernels", kernels))
+            assert (got.argmax(1) == x86.argmax(1)).all()
+            _check(got, x86)
