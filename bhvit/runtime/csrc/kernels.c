@@ -1704,11 +1704,16 @@ EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const b
         return -3;
     const uint64_t *Bp = pp->Bp;
     void (*row)(const epi_args *, int64_t, float *, int *) = glue_fast() ? epi_row_fast : epi_row_base;
-    const int64_t mc = BHV_LINEAR_ROWS, nchunks = cdiv(M, mc), Wn = cdiv(N, 64);
-    const int64_t pc = t->pool != NULL ? N / t->pool_k : 0;
     int nt = resolve_threads(threads);
     if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
         nt = 1;
+    /* chunks of rows: BHV_LINEAR_ROWS, or fewer so that every thread gets a few (batch 1 at
+     * 7 x 7 tokens is 49 rows) */
+    int64_t mc = BHV_LINEAR_ROWS;
+    if (nt > 1)
+        mc = min64(mc, max64(4, cdiv(cdiv(M, 3 * (int64_t)nt), 4) * 4));
+    const int64_t nchunks = cdiv(M, mc), Wn = cdiv(N, 64);
+    const int64_t pc = t->pool != NULL ? N / t->pool_k : 0;
     int failed = 0, bad = 0;
     (void)nt;
 #pragma omp parallel num_threads(nt) if (nt > 1 && nchunks > 1) reduction(| : failed, bad)

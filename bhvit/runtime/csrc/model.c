@@ -1247,14 +1247,16 @@ static void attention(run_t *r, const block_t *k, const float *q, const float *k
     }
     memset(vb, 0, (size_t)(Bw * h * d * Wm) * 8);
     const float *vbias = k->qkv_bias + 2 * C;
-    for (int64_t b = 0; b < Bw; ++b)
+    for (int64_t b = 0; b < Bw; ++b) /* bits of v + bias >= 0 along the keys: (Bw, h, d, Wm) */
         for (int64_t n = 0; n < L; ++n) {
             const float *vr = v + (b * L + n) * C;
-            for (int64_t c = 0; c < C; ++c)
-                if (vr[c] + vbias[c] >= 0.0f) {
-                    const int64_t hd = c / d, j = c % d;
-                    vb[((b * h + hd) * d + j) * Wm + n / 64] |= (uint64_t)1 << (n % 64);
-                }
+            const int sh = (int)(n % 64);
+            for (int64_t hd = 0; hd < h; ++hd) {
+                uint64_t *dst = vb + (b * h + hd) * d * Wm + n / 64;
+                const float *vv = vr + hd * d, *bb = vbias + hd * d;
+                for (int64_t j = 0; j < d; ++j)
+                    dst[j * Wm] |= (uint64_t)(vv[j] + bb[j] >= 0.0f) << sh;
+            }
         }
     if (r->rc)
         return;
@@ -1303,25 +1305,31 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
                         memcpy(tok + (((b * nwin + wi * nb + wj) * L) + i * w) * C,
                                n + ((b * H + wi * w + i) * H + wj * w) * C, (size_t)(w * C) * sizeof(float));
         const float inv = (float)(w * w);
+        float *mx = fbuf(r, C);
+        if (!mx)
+            return;
         for (int64_t b = 0; b < B; ++b) /* pooled global tokens: max and mean over padded w x w blocks */
             for (int64_t bi = 0; bi < nb; ++bi)
                 for (int64_t bj = 0; bj < nb; ++bj) {
-                    float *gr = g + ((b * G) + bi * nb + bj) * C;
-                    for (int64_t c = 0; c < C; ++c) {
-                        float mx = -INFINITY, sm = 0.0f;
-                        for (int64_t i = 0; i < w; ++i) {
-                            const int64_t hh = bi * w + i - pad;
-                            for (int64_t j = 0; j < w; ++j) {
-                                const int64_t ww = bj * w + j - pad;
-                                const float val = (hh >= 0 && hh < H && ww >= 0 && ww < H)
-                                                      ? n[((b * H + hh) * H + ww) * C + c] : 0.0f;
-                                if (hh >= 0 && hh < H && ww >= 0 && ww < H)
-                                    mx = val > mx ? val : mx;
-                                sm += val;
+                    float *gr = g + ((b * G) + bi * nb + bj) * C; /* the sums first, then the mix */
+                    for (int64_t c = 0; c < C; ++c)
+                        mx[c] = -INFINITY, gr[c] = 0.0f;
+                    for (int64_t i = 0; i < w; ++i) {
+                        const int64_t hh = bi * w + i - pad;
+                        for (int64_t j = 0; j < w; ++j) {
+                            const int64_t ww = bj * w + j - pad;
+                            if (hh < 0 || hh >= H || ww < 0 || ww >= H)
+                                continue; /* padding: 0 for the sum, -inf for the max */
+                            const float *src = n + ((b * H + hh) * H + ww) * C;
+                            for (int64_t c = 0; c < C; ++c) {
+                                gr[c] += src[c];
+                                mx[c] = src[c] > mx[c] ? src[c] : mx[c];
                             }
                         }
-                        const float av = sm / inv;
-                        gr[c] = av + k->pool_mix[c] * (mx - av);
+                    }
+                    for (int64_t c = 0; c < C; ++c) {
+                        const float av = gr[c] / inv;
+                        gr[c] = av + k->pool_mix[c] * (mx[c] - av);
                     }
                 }
         for (int64_t b = 0; b < B; ++b)
@@ -1349,14 +1357,17 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
         float *glob = fbuf(r, B * G * C);
         if (!glob)
             return;
+        memset(glob, 0, (size_t)(B * G * C) * sizeof(float));
         for (int64_t b = 0; b < B; ++b) /* global tokens averaged over the windows */
-            for (int64_t gi = 0; gi < G; ++gi)
-                for (int64_t c = 0; c < C; ++c) {
-                    float s = 0.0f;
-                    for (int64_t t2 = 0; t2 < nwin; ++t2)
-                        s += ctx[((b * nwin + t2) * L + nloc + gi) * C + c];
-                    glob[(b * G + gi) * C + c] = s / (float)nwin;
+            for (int64_t t2 = 0; t2 < nwin; ++t2)
+                for (int64_t gi = 0; gi < G; ++gi) {
+                    float *gl = glob + (b * G + gi) * C;
+                    const float *src = ctx + ((b * nwin + t2) * L + nloc + gi) * C;
+                    for (int64_t c = 0; c < C; ++c)
+                        gl[c] += src[c];
                 }
+        for (int64_t i = 0; i < B * G * C; ++i)
+            glob[i] /= (float)nwin;
         for (int64_t b = 0; b < B; ++b) /* mix and window reverse */
             for (int64_t wi = 0; wi < nb; ++wi)
                 for (int64_t wj = 0; wj < nb; ++wj) {
