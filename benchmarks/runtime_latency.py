@@ -1,10 +1,13 @@
 """Latency of the bit-packed runtime vs PyTorch, binary GEMM throughput, peak memory.
 
 For each model, batch size and thread count, times (interleaved, median of --runs):
-  runtime  - bhvit.runtime on the exported binary model (XNOR/popcount kernels)
+  runtime  - bhvit.runtime on the exported binary model: libbhvit's prepared plan, one C call
+  walker   - bhvit.runtime's Python graph walker over the same C kernels (the reference)
+  capi     - the bhvit_run demo (C only, no Python), its own median of --runs (needs `make`)
   fp32     - the same architecture in PyTorch float32 (binary=False), eval, no_grad
+  onnxrt   - ONNX Runtime float32 on the same FP twin (if onnxruntime is installed)
   binsim   - the PyTorch binary model (float tensors holding +-1), eval, no_grad
-and prints fp32/runtime and binsim/runtime. Then the binary GEMM kernel against
+and prints fp32/runtime and onnxrt/runtime, and the 2-thread speed-up. Then the binary GEMM kernel against
 torch.matmul float32 on the model's own binary-linear shapes, and the peak resident
 memory of a fresh process that loads and runs each variant once.
 
@@ -12,10 +15,12 @@ memory of a fresh process that loads and runs each variant once.
 
 ``--set KEY=VALUE`` changes the binary model of the latency table (e.g. ``fp_downsample=true``);
 models named ``*_c28``/``*_c32`` get 10 classes, the others 1000.
+Build the C demo first (``make``) for the capi column and its memory.
 """
 from __future__ import annotations
 
 import argparse
+import ctypes
 import platform
 import statistics
 import subprocess
@@ -23,6 +28,7 @@ import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
 
 import bhvit
@@ -30,6 +36,8 @@ from bhvit import runtime
 from bhvit.cli import parse_overrides
 from bhvit.export import export_model
 from bhvit.runtime import kernels
+
+ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def _cpu_name() -> str:
@@ -65,6 +73,33 @@ def _time(fn, runs):
     return ts
 
 
+def _onnx_session(fpm, x, threads):
+    """An ONNX Runtime session of the FP twin for inputs shaped like x, or None."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    path = tempfile.mktemp(suffix=".onnx")
+    try:
+        torch.onnx.export(fpm, (x,), path, input_names=["x"], output_names=["y"], dynamo=False)
+    except Exception as e:  # the exporter's own error types
+        print(f"ONNX export failed ({type(e).__name__}: {str(e).splitlines()[0][:120]}); no onnxrt column")
+        return None
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.inter_op_num_threads = 1
+    return ort.InferenceSession(path, so, providers=["CPUExecutionProvider"])
+
+
+def _capi_ms(export, x, threads, runs):
+    demo = ROOT / "build" / "bhvit_run"
+    if not demo.exists():
+        return float("nan")
+    out = subprocess.run([str(demo), str(export), "-", "--batch", str(x.shape[0]), "--threads", str(threads),
+                          "--repeat", str(runs)], input=x.tobytes(), capture_output=True, check=True)
+    return float(out.stderr.decode().split("median ")[1].split(" ms")[0])
+
+
 def latency(args, rows):
     for name in args.models:
         binm = _binary_model(name, **args.overrides)
@@ -79,8 +114,11 @@ def latency(args, rows):
             for batch in args.batches:
                 x = torch.randn(batch, c.in_chans, c.img_size, c.img_size)
                 xn = x.numpy()
-                res = {"runtime": [], "fp32": [], "binsim": []}
-                fns = {"runtime": lambda: rt(xn), "fp32": lambda: fpm(x), "binsim": lambda: binm(x)}
+                sess = _onnx_session(fpm, x, threads)
+                fns = {"runtime": lambda: rt(xn), "walker": lambda: rt._run(xn), "fp32": lambda: fpm(x)}
+                if sess is not None:
+                    fns["onnxrt"] = lambda: sess.run(None, {"x": xn})
+                res = {k: [] for k in fns}
                 with torch.no_grad():
                     for f in fns.values():
                         f()  # warm-up
@@ -90,10 +128,17 @@ def latency(args, rows):
                             f()
                             res[k].append(time.perf_counter() - t)
                 med = {k: statistics.median(v) * 1e3 for k, v in res.items()}
-                rows.append((name, threads, batch, med["runtime"], med["fp32"], med["binsim"]))
-                print(f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:9.1f} ms | "
-                      f"fp32 {med['fp32']:9.1f} ms ({med['fp32'] / med['runtime']:.2f}x) | binsim "
-                      f"{med['binsim']:9.1f} ms ({med['binsim'] / med['runtime']:.2f}x)", flush=True)
+                med["capi"] = _capi_ms(d, np.ascontiguousarray(xn), threads, max(args.runs, 5))
+                med.setdefault("onnxrt", float("nan"))
+                rows.append((name, threads, batch, med))
+                print(f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:8.1f} ms | capi "
+                      f"{med['capi']:8.1f} | walker {med['walker']:8.1f} | fp32 {med['fp32']:8.1f} "
+                      f"({med['fp32'] / med['runtime']:.2f}x) | onnxrt {med['onnxrt']:8.1f} "
+                      f"({med['onnxrt'] / med['runtime']:.2f}x)", flush=True)
+    one = {(n, t, b): m["runtime"] for n, t, b, m in rows}
+    for (n, t, b), ms in one.items():
+        if t == 2 and (n, 1, b) in one:
+            print(f"{n:<16} batch {b:>2}: 2 threads {one[(n, 1, b)] / ms:.2f}x faster than 1")
 
 
 def gemm(args):
@@ -110,22 +155,39 @@ def gemm(args):
         m(torch.randn(1, 3, 224, 224))
     for h in hs:
         h.remove()
-    print(f"\nbinary GEMM ({kernels.backend()}) vs torch.matmul float32, bhvit_tiny linear shapes, batch 1")
-    print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'+pack ms':>9} {'fp32 ms':>9} "
-          f"{'speedup':>8} {'w/ pack':>8}")
+    print(f"\nbinary GEMM ({kernels.backend()}, weights packed once) vs torch.matmul float32, bhvit_tiny linear "
+          "shapes, batch 1; bit-MACs per cycle per thread at the /proc/cpuinfo clock")
+    print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'fp32 ms':>9} {'speedup':>8} {'MAC/cyc':>8}")
+    lib, mhz = kernels._lib, _cpu_mhz()
     for M, K, N in sorted(set(shapes)):
         a = torch.randn(M, K)
         w = torch.randn(K, N)
         ap = kernels.pack_signs(a.numpy())
         wp = kernels.pack_signs(w.t().contiguous().numpy())
+        pan = _Panels()
+        lib.bhv_panels_pack(ctypes.byref(pan), wp.ctypes.data, N, wp.shape[1])
+        out = np.empty((M, N), np.int32)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            tx = statistics.median(_time(lambda: kernels.xnor_gemm(ap, wp, K, threads), args.runs * 3))
-            tp = statistics.median(_time(lambda: kernels.xnor_gemm(kernels.pack_signs(a.numpy()), wp, K, threads),
-                                         args.runs * 3))
-            tf = statistics.median(_time(lambda: torch.matmul(a, w), args.runs * 3))
-            print(f"{f'{M}x{K}x{N}':>20} {threads:>7} {tx * 1e3:>9.3f} {tp * 1e3:>9.3f} {tf * 1e3:>9.3f} "
-                  f"{tf / tx:>7.2f}x {tf / tp:>7.2f}x", flush=True)
+            tx = statistics.median(_time(lambda: lib.bhv_xnor_gemm_pp(ap.ctypes.data, ctypes.byref(pan), M, K,
+                                                                       out.ctypes.data, threads), args.runs * 5))
+            tf = statistics.median(_time(lambda: torch.matmul(a, w), args.runs * 5))
+            rate = M * K * N / tx / (mhz * 1e6) / threads
+            print(f"{f'{M}x{K}x{N}':>20} {threads:>7} {tx * 1e3:>9.3f} {tf * 1e3:>9.3f} {tf / tx:>7.2f}x "
+                  f"{rate:>8.1f}", flush=True)
+        lib.bhv_panels_free(ctypes.byref(pan))
+
+
+class _Panels(ctypes.Structure):
+    _fields_ = [("variant", ctypes.c_void_p), ("N", ctypes.c_int64), ("W", ctypes.c_int64),
+                ("Bp", ctypes.c_void_p)]
+
+
+def _cpu_mhz() -> float:
+    try:
+        return max(float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz"))
+    except (OSError, ValueError):
+        return float("nan")
 
 
 RSS_SNIPPET = r"""
@@ -174,7 +236,16 @@ def peak_rss(args):
         export_model(_binary_model(name), d)
         vals = {kind: _vmhwm(RSS_SNIPPET, kind, name, d, str(_classes(name)))
                 for kind in ("runtime", "fp32", "binsim")}
-        print(f"{name:<16} runtime {vals['runtime']:8.1f} | fp32 {vals['fp32']:8.1f} | binsim {vals['binsim']:8.1f}")
+        demo, capi = ROOT / "build" / "bhvit_run", float("nan")
+        if demo.exists():
+            c = bhvit.create_model(name, num_classes=_classes(name)).cfg
+            img = np.zeros((1, c.in_chans, c.img_size, c.img_size), np.float32).tobytes()
+            t = subprocess.run(["/usr/bin/time", "-f", "%M", str(demo), d, "-", "--threads", "1"], input=img,
+                               capture_output=True, check=True)
+            capi = int(t.stderr.decode().split()[-1]) / 1024
+        loads = _time(lambda: runtime.load(d, threads=1), 5)
+        print(f"{name:<16} runtime {vals['runtime']:8.1f} | capi {capi:8.1f} | fp32 {vals['fp32']:8.1f} | binsim "
+              f"{vals['binsim']:8.1f} | load {statistics.median(loads) * 1e3:.1f} ms (Python, incl. the C plan)")
 
 
 def main():
