@@ -35,6 +35,7 @@ import bhvit
 from bhvit import runtime
 from bhvit.cli import parse_overrides
 from bhvit.export import export_model
+from bhvit.layout import stage_mixers
 from bhvit.runtime import kernels
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -143,22 +144,25 @@ def latency(args, rows):
 
 def gemm(args):
     """xnor_gemm vs torch.matmul float32 on bhvit_tiny's binary linear shapes at 224."""
-    m = _binary_model("bhvit_tiny")
-    shapes = []
-
-    def hook(mod, inp, out):
-        x = inp[0]
-        shapes.append((x.numel() // x.shape[-1], mod.in_features, mod.out_features))
-
-    hs = [l.register_forward_hook(hook) for l in bhvit.binary_layers(m) if isinstance(l, torch.nn.Linear)]
-    with torch.no_grad():
-        m(torch.randn(1, 3, 224, 224))
-    for h in hs:
-        h.remove()
+    c = bhvit.create_model("bhvit_tiny", num_classes=1000).cfg
+    shapes = []  # (rows, in, out) of every binary linear at batch 1, from the config
+    grid = (c.img_size + 2 * c.stem_pad) // c.stem_stride
+    for i, mixer in enumerate(stage_mixers(c.hybrid, c.msgdc, c.msmha)):
+        side, dim = grid >> i, c.dims[i]
+        rows = side * side
+        if mixer in ("msmha", "attn"):
+            w = c.windows[i] if mixer == "msmha" else side
+            tokens = rows + (side // w) ** 4 if mixer == "msmha" else rows  # windows x (w*w + globals)
+            shapes += [(tokens, dim, dim), (rows, dim, dim)]
+        shapes += [(rows, dim, dim * c.mlp_ratios[i]), (rows, dim * c.mlp_ratios[i], dim)]
     print(f"\nbinary GEMM ({kernels.backend()}, weights packed once) vs torch.matmul float32, bhvit_tiny linear "
           "shapes, batch 1; bit-MACs per cycle per thread at the /proc/cpuinfo clock")
     print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'fp32 ms':>9} {'speedup':>8} {'MAC/cyc':>8}")
     lib, mhz = kernels._lib, _cpu_mhz()
+    vp, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.bhv_panels_pack.argtypes = [ctypes.POINTER(_Panels), vp, i64, i64]
+    lib.bhv_panels_free.argtypes = [ctypes.POINTER(_Panels)]
+    lib.bhv_xnor_gemm_pp.argtypes = [vp, ctypes.POINTER(_Panels), i64, i64, vp, ctypes.c_int]
     for M, K, N in sorted(set(shapes)):
         a = torch.randn(M, K)
         w = torch.randn(K, N)
