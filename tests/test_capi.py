@@ -106,6 +106,7 @@ def test_demo_classes_normalize_and_errors(build, tmp_path):
     assert bad.returncode == 2 and b"no data mean and std" in bad.stderr
 
 
+@pytest.mark.slow
 def test_demo_accuracy_on_a_trained_checkpoint_equals_pytorch(build, tmp_path, capsys):
     from bhvit.cli import main
     from bhvit.data import load_dataset, normalize
