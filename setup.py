@@ -33,6 +33,7 @@ setup(
         Extension(
             "bhvit.runtime._bitops",
             sources=[f"bhvit/runtime/csrc/{f}.c" for f in ("kernels", "model", "json", "sha256")],
+            depends=[f"bhvit/runtime/csrc/{f}.h" for f in ("kernels", "bhvit", "json", "sha256")],
             extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", *OPENMP],
             extra_link_args=OPENMP,
             libraries=["m"],
