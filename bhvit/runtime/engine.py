@@ -7,7 +7,7 @@ AND/popcount products with the packed ``sign(V)``. The float work around them ru
 fused C kernels too (``kernels.py``): each binary layer's epilogue (folded BatchNorm,
 shortcut, RPReLU, LayerScale, residual) with its GEMM, folded norms and input biases
 inside the sign packing, the shift branches, the attention core with softmax, LayerNorm,
-GELU and the float stem/head. Window partition and token pooling are numpy. Float32,
+GELU and the float stem/head. Here window partition and token pooling are numpy. Float32,
 channels-last ``(B, H, W, C)`` throughout, as in the training model. Importing this
 module does not import torch.
 

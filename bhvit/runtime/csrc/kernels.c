@@ -1,7 +1,8 @@
 /*
- * _bitops.c -- bit-packed binary kernels of the BHViT inference runtime.
+ * kernels.c -- the bit-packed binary kernels of libbhvit, the BHViT inference runtime.
  *
- * Plain C (no Python headers); loaded with ctypes by bhvit/runtime/kernels.py.
+ * Plain C (no Python headers): used by the plan (model.c), and through ctypes by
+ * bhvit/runtime/kernels.py.
  *
  * Conventions (see kernels.py):
  *   sign(x) = +1 if x >= 0 (-0.0 included) else -1; bit = 1 for +1.
