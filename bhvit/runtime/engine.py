@@ -550,22 +550,8 @@ def _check_threads(threads) -> int:
                          "export).") from None
 
 
-def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
-    """Load and validate an export directory (or its manifest.json).
-
-    Checks the manifest's own SHA-256, its config (types, bounds, consistency), data and
-    tensor list, the weights file's size (before reading it) and SHA-256, the tensors
-    against the manifest (all float parameters finite, QD steps nonzero), and the config
-    against the tensors (one zero image through the network). Every problem raises
-    RuntimeFormatError (a ValueError) naming the file; a bad ``threads`` a ValueError."""
-    threads = _check_threads(threads)
-    p = Path(path)
-    mpath = p / "manifest.json" if p.is_dir() else p
-    if mpath.is_file() and mpath.suffix != ".json":
-        raise RuntimeFormatError(f"{path}: expected the export directory or its manifest.json, "
-                                 f"not {mpath.name}.")
-    if not mpath.is_file():
-        raise RuntimeFormatError(f"{path}: no manifest.json (expected the directory written by `bhvit export`).")
+def _checked_manifest_and_weights(mpath: Path):
+    """The manifest (checks 1-9 of docs/EXPORT_FORMAT.md) and the weights file's bytes (check 10)."""
     manifest = _read_manifest(mpath)
     if manifest.get("format") != EXPORT_FORMAT:
         raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {_short(manifest.get('format'), 40)}).")
@@ -625,6 +611,11 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     blob = _read_limited(wpath, nbytes, "weights")
     if hashlib.sha256(blob).hexdigest() != sha:
         raise RuntimeFormatError(f"{wpath}: SHA-256 does not match the manifest; the file was modified.")
+    return manifest, wpath, blob
+
+
+def _checked_tensors(wpath: Path, blob: bytes, expected: Dict) -> Dict[str, np.ndarray]:
+    """The tensors of the weights file, as listed in the manifest, finite and with nonzero QD steps."""
     from safetensors.numpy import load as st_load
 
     try:
@@ -657,6 +648,27 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
             raise RuntimeFormatError(f"{wpath}: tensor {name} (the QD step) has a zero value; the QD "
                                      "levels divide by it (export a good checkpoint again).")
         tensors[name] = t
+    return tensors
+
+
+def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
+    """Load and validate an export directory (or its manifest.json).
+
+    Checks the manifest's own SHA-256, its config (types, bounds, consistency), data and
+    tensor list, the weights file's size (before reading it) and SHA-256, the tensors
+    against the manifest (all float parameters finite, QD steps nonzero), and the config
+    against the tensors (one zero image through the network). Every problem raises
+    RuntimeFormatError (a ValueError) naming the file; a bad ``threads`` a ValueError."""
+    threads = _check_threads(threads)
+    p = Path(path)
+    mpath = p / "manifest.json" if p.is_dir() else p
+    if mpath.is_file() and mpath.suffix != ".json":
+        raise RuntimeFormatError(f"{path}: expected the export directory or its manifest.json, "
+                                 f"not {mpath.name}.")
+    if not mpath.is_file():
+        raise RuntimeFormatError(f"{path}: no manifest.json (expected the directory written by `bhvit export`).")
+    manifest, wpath, blob = _checked_manifest_and_weights(mpath)
+    tensors = _checked_tensors(wpath, blob, manifest["tensors"])
     rt = BHViTRuntime(manifest, _ReadTracker(tensors), threads)
     _check_structure(rt, mpath, wpath)
     rt.t = dict(rt.t)
