@@ -1634,6 +1634,24 @@ static int load_into(bhvit_model *m, const char *path)
         rc = seterr(BHVIT_E_FORMAT, "%s: 'file' bytes out of range", mpath);
         goto done;
     }
+    /* the size the listed tensors imply, before the file is opened (a claim of gigabytes for a
+     * few tensors is refused without reading them) */
+    const jval *list = json_get(&man, "tensors");
+    int64_t data_bytes = 0;
+    for (size_t i = 0; list && list->type == J_OBJ && i < list->n && data_bytes <= MAX_WEIGHTS_BYTES; ++i) {
+        const jval *dt = json_get(&list->items[i], "dtype"), *sh = json_get(&list->items[i], "shape");
+        int64_t n = dt && dt->type == J_STR ? (strcmp(dt->str, "int64") == 0 ? 8 : strcmp(dt->str, "float16") == 0 ? 2 : 4)
+                                            : 4;
+        for (size_t d = 0; sh && sh->type == J_ARR && d < sh->n && n <= MAX_WEIGHTS_BYTES; ++d)
+            n *= (sh->items[d].type == J_NUM && sh->items[d].is_int && sh->items[d].i >= 0 &&
+                  sh->items[d].i < ((int64_t)1 << 31)) ? sh->items[d].i : 0;
+        data_bytes += n;
+    }
+    if (!(data_bytes + 8 <= fbytes->i && fbytes->i <= data_bytes + 8 + MAX_HEADER_BYTES)) {
+        rc = seterr(BHVIT_E_FORMAT, "%s: 'file' says %lld bytes, the tensors it lists take %lld (plus a header)", mpath,
+                    (long long)fbytes->i, (long long)data_bytes);
+        goto done;
+    }
     if ((rc = read_file(wpath, MAX_WEIGHTS_BYTES, fbytes->i, &blob, &wlen)))
         goto done;
     char hex[65];
