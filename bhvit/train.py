@@ -486,6 +486,16 @@ def _resolve_device(name: str, rank: int, world: int) -> str:
         if world > 1:
             device = f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}"
             torch.cuda.set_device(device)
+        else:  # an explicit index: torch.cuda.set_device and the CUDA graph need one
+            try:
+                index = torch.device(device).index
+            except RuntimeError:
+                raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}.") from None
+            index = torch.cuda.current_device() if index is None else index
+            if not 0 <= index < torch.cuda.device_count():
+                raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                                  f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+            device = f"cuda:{index}"
     elif device != "cpu":
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}.")
     return device

@@ -52,8 +52,11 @@ def _common(subset: int = 4096, lr: str = "1e-3"):
 @pytest.mark.parametrize("name,binary", [("bhvit_micro_c28", True), ("bhvit_tiny_c32", True),
                                          ("bhvit_tiny_c32", False)])
 def test_eval_forward_matches_cpu_without_tf32(name, binary):
-    """Eval mode, TF32 off (as ``evaluate`` runs): CUDA equals the CPU to float32 rounding
-    (measured on an H100: relative L2 error 3e-7 to 4e-7, every argmax equal)."""
+    """Eval mode, TF32 off (as ``evaluate`` runs): CUDA equals the CPU to float32 rounding,
+    sample by sample, except where a binarizer's input lies within that rounding of its
+    threshold and its sign flips. On an H200 (torch 2.11, cuDNN 9.19) that was 1 sample of 64
+    for micro_c28 (a downsampling conv's input sign) and 2 for tiny_c32 (the attention's
+    Quantization Decomposition), the others within 4e-7, every argmax equal."""
     from bhvit.train import exact_float32
 
     torch.manual_seed(0)
@@ -64,8 +67,8 @@ def test_eval_forward_matches_cpu_without_tf32(name, binary):
         ref = m(x).double()
         with exact_float32():
             got = m.to(DEVICE)(x.to(DEVICE)).double().cpu()
-    rel = float((got - ref).norm() / ref.norm())
-    assert rel < 1e-4, rel
+    per_sample = (got - ref).norm(dim=1) / ref.norm(dim=1)
+    assert int((per_sample < 1e-5).sum()) >= 60, per_sample
     assert float((got.argmax(1) == ref.argmax(1)).double().mean()) >= 0.98
 
 

@@ -706,3 +706,21 @@ def test_buffer_averaging_leaves_constant_buffers_alone(tmp_path):
     assert all(torch.equal(before[k], after[k]) for k in taps)
     var = "stages.0.blocks.0.norm2.running_var"
     assert torch.equal(after[var], before[var] / 4)
+
+
+def test_cuda_device_names_resolve_to_an_explicit_index(monkeypatch):
+    """'cuda' becomes 'cuda:<current>' (torch.cuda.set_device and CUDA graphs need an index);
+    an index past the devices present and a malformed name are refused with the choices."""
+    from bhvit.errors import ConfigError
+    from bhvit.train import _resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert _resolve_device("cuda", 0, 1) == "cuda:1"
+    assert _resolve_device("auto", 0, 1) == "cuda:1"
+    assert _resolve_device("cuda:0", 0, 1) == "cuda:0"
+    with pytest.raises(ConfigError, match=r"2 CUDA device\(s\) \(cuda:0 to cuda:1\)"):
+        _resolve_device("cuda:2", 0, 1)
+    with pytest.raises(ConfigError, match="'cuda:x'"):
+        _resolve_device("cuda:x", 0, 1)
