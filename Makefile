@@ -13,10 +13,12 @@ CC       := $(CROSS)gcc
 AR       := $(CROSS)ar
 OPENMP   ?= -fopenmp
 CFLAGS   ?= -O3
-CFLAGS   += -std=gnu11 -fPIC -ffp-contract=off -fvisibility=hidden -Wall -Wextra $(OPENMP)
+# what the library needs, kept when CFLAGS is given on the command line
+BHVCFLAGS := -std=gnu11 -fPIC -ffp-contract=off -fvisibility=hidden -Wall -Wextra $(OPENMP)
 LDLIBS   := -lm
 SRC      := bhvit/runtime/csrc
-OBJS_SRC := kernels.c model.c json.c sha256.c
+# every source but the demo: the kernels (see csrc/core.h), the model, json, sha256
+OBJS_SRC := $(filter-out bhvit_run.c,$(notdir $(wildcard $(SRC)/*.c)))
 BUILD    ?= build
 OUT      := $(BUILD)$(if $(CROSS),/$(patsubst %-,%,$(CROSS)),)
 OBJS     := $(addprefix $(OUT)/,$(OBJS_SRC:.c=.o))
@@ -30,7 +32,7 @@ check: $(OUT)/kernel_check
 
 $(OUT)/%.o: $(SRC)/%.c $(HEADERS)
 	@mkdir -p $(OUT)
-	$(CC) $(CFLAGS) -c $< -o $@
+	$(CC) $(BHVCFLAGS) $(CFLAGS) -c $< -o $@
 
 $(OUT)/libbhvit.so: $(OBJS)
 	$(CC) -shared $(OPENMP) -o $@ $^ $(LDLIBS)
@@ -39,10 +41,10 @@ $(OUT)/libbhvit.a: $(OBJS)
 	$(AR) rcs $@ $^
 
 $(OUT)/bhvit_run: $(SRC)/bhvit_run.c $(OUT)/libbhvit.a
-	$(CC) $(CFLAGS) -static-libgcc -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
+	$(CC) $(BHVCFLAGS) $(CFLAGS) -static-libgcc -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
 
 $(OUT)/kernel_check: tests/c/kernel_check.c $(OUT)/libbhvit.a
-	$(CC) $(CFLAGS) -I$(SRC) -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
+	$(CC) $(BHVCFLAGS) $(CFLAGS) -I$(SRC) -o $@ $< $(OUT)/libbhvit.a $(OPENMP) $(LDLIBS)
 
 clean:
 	rm -rf $(BUILD)

@@ -7,6 +7,8 @@ the install still succeeds and the kernels fall back to numpy.  It is built
 without -march=native (SIMD paths are chosen at run time), with OpenMP when the
 compiler supports it.  Rebuild in place with ``python setup.py build_ext --inplace``.
 """
+from glob import glob
+
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
@@ -32,9 +34,9 @@ setup(
     ext_modules=[
         Extension(
             "bhvit.runtime._bitops",
-            sources=[f"bhvit/runtime/csrc/{f}.c" for f in ("kernels", "model", "json", "sha256")],
-            depends=[f"bhvit/runtime/csrc/{f}.h" for f in ("kernels", "bhvit", "json", "sha256")],
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", *OPENMP],
+            sources=sorted(f for f in glob("bhvit/runtime/csrc/*.c") if not f.endswith("bhvit_run.c")),
+            depends=sorted(glob("bhvit/runtime/csrc/*.h")),
+            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden", *OPENMP],
             extra_link_args=OPENMP,
             libraries=["m"],
             optional=True,

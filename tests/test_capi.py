@@ -106,6 +106,38 @@ def test_demo_classes_normalize_and_errors(build, tmp_path):
     assert bad.returncode == 2 and b"no data mean and std" in bad.stderr
 
 
+@pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
+def test_shared_library_exports_the_header_and_links(build, tmp_path):
+    """Every function bhvit.h declares is exported by libbhvit.so, no bhvit_ symbol beyond
+    them and none of the internals (bhvi_, json_, sha256_); the demo linked against the
+    shared library instead of the static one gives the same logits."""
+    import re
+
+    header = (ROOT / "bhvit/runtime/csrc/bhvit.h").read_text()
+    declared = set(re.findall(r"\b(bhvit_[a-z_]+)\(", header)) - {"bhvit_model"}
+    nm = subprocess.run(["nm", "-D", "--defined-only", str(build / "libbhvit.so")], capture_output=True,
+                        text=True, check=True).stdout
+    exported = {line.split()[-1] for line in nm.splitlines() if line.split()[1:2] == ["T"]}
+    assert declared == {e for e in exported if e.startswith("bhvit_")}
+    assert not {e for e in exported if e.startswith(("bhvi_", "json_", "sha256_"))}
+    assert {"bhv_xnor_gemm_pp", "bhv_binary_linear_pp", "bhv_select"} <= exported  # the ctypes kernels
+    dyn = tmp_path / "bhvit_run_dyn"
+    subprocess.run(["gcc", "-O1", "-o", str(dyn), str(ROOT / "bhvit/runtime/csrc/bhvit_run.c"), f"-L{build}",
+                    "-lbhvit", "-lm"], check=True, timeout=120)
+    torch.manual_seed(1)
+    m = bhvit.create_model("bhvit_micro_c32", num_classes=10).eval()
+    export_model(m, tmp_path / "exp")
+    x = torch.randn(3, 3, 32, 32).numpy()
+    import os
+
+    env = {**os.environ, "LD_LIBRARY_PATH": str(build)}
+    out = subprocess.run([str(dyn), str(tmp_path / "exp"), "-", "--classes"], input=x.tobytes(), env=env,
+                         capture_output=True, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    static = _demo([str(build / "bhvit_run")], tmp_path / "exp", x, "--classes")
+    assert out.stdout == static.stdout and len(out.stdout.splitlines()) == 3
+
+
 @pytest.mark.slow
 def test_demo_accuracy_on_a_trained_checkpoint_equals_pytorch(build, tmp_path, capsys):
     from bhvit.cli import main

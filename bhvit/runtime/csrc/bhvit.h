@@ -59,7 +59,7 @@ BHVIT_API int bhvit_run(bhvit_model *model, const float *x, int64_t batch, float
 BHVIT_API void bhvit_free(bhvit_model *model);
 
 /* The message of this thread's last failed call ("" if none). */
-const char *bhvit_last_error(void);
+BHVIT_API const char *bhvit_last_error(void);
 
 BHVIT_API int bhvit_set_threads(bhvit_model *model, int threads);
 BHVIT_API int64_t bhvit_num_classes(const bhvit_model *model);
@@ -67,12 +67,12 @@ BHVIT_API int64_t bhvit_num_classes(const bhvit_model *model);
 BHVIT_API int64_t bhvit_in_chans(const bhvit_model *model);
 BHVIT_API int64_t bhvit_img_size(const bhvit_model *model);
 /* The class name of logit i, or NULL when the export has no class names. */
-const char *bhvit_class_name(const bhvit_model *model, int64_t i);
+BHVIT_API const char *bhvit_class_name(const bhvit_model *model, int64_t i);
 /* Normalise n images of pixel values 0..255 in place like training: x = (x - 255 mean[c]) / (255 std[c]),
  * with the export's mean and std of [0, 1] pixels.  BHVIT_E_INPUT if the export has none. */
 BHVIT_API int bhvit_normalize(const bhvit_model *model, float *x, int64_t n);
 /* The kernel variant in use: "c-avx512-vpopcntdq", "c-avx2", "c-popcnt", "c-neon" or "c-portable". */
-const char *bhvit_kernel_variant(void);
+BHVIT_API const char *bhvit_kernel_variant(void);
 /* Choose a kernel variant by name ("auto": the best this CPU supports).  Models re-prepare their
  * weights for it on their next run.  BHVIT_E_INPUT for an unknown or unsupported name. */
 BHVIT_API int bhvit_select_kernels(const char *name);
