@@ -38,6 +38,7 @@ $(OUT)/libbhvit.so: $(OBJS)
 	$(CC) -shared $(OPENMP) -o $@ $^ $(LDLIBS)
 
 $(OUT)/libbhvit.a: $(OBJS)
+	rm -f $@  # no members left over from sources since removed
 	$(AR) rcs $@ $^
 
 $(OUT)/bhvit_run: $(SRC)/bhvit_run.c $(OUT)/libbhvit.a
