@@ -7,6 +7,7 @@ the install still succeeds and the kernels fall back to numpy.  It is built
 without -march=native (SIMD paths are chosen at run time), with OpenMP when the
 compiler supports it.  Rebuild in place with ``python setup.py build_ext --inplace``.
 """
+
 from glob import glob
 
 from setuptools import Extension, setup

@@ -16,6 +16,7 @@ Generates synthetic ImageFolders of real JPEGs (256-500 px sides, quality 90) un
     python benchmarks/data_throughput.py --work runs/data_bench --small 4000 --large 16000
     python benchmarks/data_throughput.py --small 300 --images 300 --sides 1000 1600 --skip-rss
 """
+
 from __future__ import annotations
 
 import argparse
@@ -46,8 +47,7 @@ def make_folder(root: Path, n: int, seed: int = 0, sides=(256, 500)) -> Path:
             w, h = (int(v) for v in rng.integers(sides[0], sides[1] + 1, 2))
             # smooth content (a gradient plus noise) compresses like a photograph, not like noise
             yy, xx = np.mgrid[0:h, 0:w]
-            base = (np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1)
-                    + rng.normal(0, 12, (h, w, 3)))
+            base = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h)], -1) + rng.normal(0, 12, (h, w, 3))
             Image.fromarray(np.clip(base, 0, 255).astype(np.uint8)).save(d / f"{i:06d}.jpg", quality=90)
     done.write_text(str(n))
     return root
@@ -77,17 +77,21 @@ def simplejpeg_rrc(ds, i: int, g: torch.Generator):
     data = Path(ds.items[i][0]).read_bytes()
     w, h, _, _ = simplejpeg.decode_jpeg_header(data)
     left, top, cw, ch = rrc_box(w, h, g)
-    arr = simplejpeg.decode_jpeg(data, colorspace="RGB", min_width=math.ceil(w * ds.size / cw),
-                                 min_height=math.ceil(h * ds.size / ch))
+    arr = simplejpeg.decode_jpeg(
+        data, colorspace="RGB", min_width=math.ceil(w * ds.size / cw), min_height=math.ceil(h * ds.size / ch)
+    )
     sx, sy = arr.shape[1] / w, arr.shape[0] / h
-    im = Image.fromarray(arr).resize((ds.size, ds.size), Image.BILINEAR,
-                                     box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+    im = Image.fromarray(arr).resize(
+        (ds.size, ds.size), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+    )
     return np.asarray(im)[:, ::-1] if float(torch.rand((), generator=g)) < 0.5 else np.asarray(im)
 
 
 def decoders(ds, size):
-    out = {"pillow, full decode": lambda i, g: pillow_full(Path(ds.items[i][0]), size, g),
-           "pillow draft (bhvit rrc)": lambda i, g: ds.train_image(i, 0, int(g.initial_seed()), 0, True)}
+    out = {
+        "pillow, full decode": lambda i, g: pillow_full(Path(ds.items[i][0]), size, g),
+        "pillow draft (bhvit rrc)": lambda i, g: ds.train_image(i, 0, int(g.initial_seed()), 0, True),
+    }
     try:
         import simplejpeg  # noqa: F401
 
@@ -102,8 +106,10 @@ def throughput(args, root: Path) -> None:
 
     ds = StreamingImageFolder(root, "train", channels=3, size=args.size, augment="rrc")
     n = min(args.images, len(ds))
-    print(f"decode + RandomResizedCrop + flip to {args.size}x{args.size}, {n} images, median of {args.runs} "
-          "(the decoders take turns in each run):")
+    print(
+        f"decode + RandomResizedCrop + flip to {args.size}x{args.size}, {n} images, median of {args.runs} "
+        "(the decoders take turns in each run):"
+    )
     fns = decoders(ds, args.size)
     rates = {name: [] for name in fns}
     for r in range(args.runs):
@@ -131,15 +137,46 @@ def throughput(args, root: Path) -> None:
 
 
 def peak_rss_mb(args, root: Path, out: Path) -> float:
-    cmd = [sys.executable, "-m", "bhvit", "train", "--data", "imagefolder", "--data-dir", str(root),
-           "--model", "bhvit_tiny", "--set", f"img_size={args.size}", "--out", str(out),
-           "--data-in-memory", "no", "--augment", "rrc", "--workers", "2", "--max-steps", str(args.steps),
-           "--batch-size", "8", "--test-subset", "16", "--threads", "1", "--no-progress", "--no-step-flips",
-           "--cache-dir", str(out.parent / "cache")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "bhvit",
+        "train",
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(root),
+        "--model",
+        "bhvit_tiny",
+        "--set",
+        f"img_size={args.size}",
+        "--out",
+        str(out),
+        "--data-in-memory",
+        "no",
+        "--augment",
+        "rrc",
+        "--workers",
+        "2",
+        "--max-steps",
+        str(args.steps),
+        "--batch-size",
+        "8",
+        "--test-subset",
+        "16",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--no-step-flips",
+        "--cache-dir",
+        str(out.parent / "cache"),
+    ]
     # a fresh wrapper per run: RUSAGE_CHILDREN's maximum then covers this training process only
-    wrap = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-            "sys.stderr.write(p.stdout[-2000:] + p.stderr[-2000:]) if p.returncode else None; "
-            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)")
+    wrap = (
+        "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stderr.write(p.stdout[-2000:] + p.stderr[-2000:]) if p.returncode else None; "
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(p.returncode)"
+    )
     r = subprocess.run([sys.executable, "-c", wrap, *cmd], capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"training failed:\n{r.stderr[-4000:]}")
@@ -155,8 +192,14 @@ def main() -> None:
     p.add_argument("--images", type=int, default=400, help="images per throughput run")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="--max-steps of each training process")
-    p.add_argument("--sides", type=int, nargs=2, default=[256, 500], metavar=("MIN", "MAX"),
-                   help="range of the JPEGs' side lengths in pixels")
+    p.add_argument(
+        "--sides",
+        type=int,
+        nargs=2,
+        default=[256, 500],
+        metavar=("MIN", "MAX"),
+        help="range of the JPEGs' side lengths in pixels",
+    )
     p.add_argument("--skip-rss", action="store_true", help="throughput only")
     args = p.parse_args()
     work = Path(args.work)
@@ -171,8 +214,10 @@ def main() -> None:
     large = make_folder(work / f"folder{args.large}{tag}", args.large, seed=1, sides=args.sides)
     rss_small = peak_rss_mb(args, small, work / "run_small")
     rss_large = peak_rss_mb(args, large, work / "run_large")
-    print(f"peak RSS of the training process: {args.small} images {rss_small:.0f} MiB, {args.large} images "
-          f"{rss_large:.0f} MiB, difference {rss_large - rss_small:+.0f} MiB")
+    print(
+        f"peak RSS of the training process: {args.small} images {rss_small:.0f} MiB, {args.large} images "
+        f"{rss_large:.0f} MiB, difference {rss_large - rss_small:+.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

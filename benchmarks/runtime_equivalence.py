@@ -9,6 +9,7 @@ on; its images must be the same test set in the same order).
     python benchmarks/runtime_equivalence.py exp/fm --checkpoint runs/fm/student
     python benchmarks/runtime_equivalence.py exp/c10 --logits logits_cuda.npz --data-dir data/cifar10
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,10 +43,13 @@ def main() -> None:
     cfg, data = rt.cfg, rt.data
     name = args.data or data.get("name")
     if not name or not data.get("mean") or not data.get("std"):
-        raise SystemExit(f"{args.export}: the export records no dataset name or input normalisation "
-                         "(mean/std); export with `bhvit export CKPT`, which records them.")
-    ds = load_dataset(name, args.split, args.data_dir, channels=cfg["in_chans"], size=cfg["img_size"],
-                      classes=data.get("classes"))
+        raise SystemExit(
+            f"{args.export}: the export records no dataset name or input normalisation "
+            "(mean/std); export with `bhvit export CKPT`, which records them."
+        )
+    ds = load_dataset(
+        name, args.split, args.data_dir, channels=cfg["in_chans"], size=cfg["img_size"], classes=data.get("classes")
+    )
     if args.limit:
         ds = Dataset(ds.images[: args.limit], ds.labels[: args.limit], ds.classes, source=ds.source)
     images, labels = ds.images.numpy(), ds.labels.numpy()
@@ -64,18 +68,23 @@ def main() -> None:
         ref_logits = evaluate(model, ds, mean, std, args.batch, return_logits=True)["logits"].numpy()
 
     t = time.perf_counter()
-    got = np.concatenate([rt(normalize_images(images[i:i + args.batch], mean, std))
-                          for i in range(0, len(images), args.batch)])
+    got = np.concatenate(
+        [rt(normalize_images(images[i : i + args.batch], mean, std)) for i in range(0, len(images), args.batch)]
+    )
     wall = time.perf_counter() - t
     diff = np.abs(got.astype(np.float64) - ref_logits)
     res = {
-        "export": args.export, "reference": args.logits or args.checkpoint, "images": int(len(labels)),
+        "export": args.export,
+        "reference": args.logits or args.checkpoint,
+        "images": int(len(labels)),
         "runtime_top1": round(float(100 * (got.argmax(1) == labels).mean()), 4),
         "reference_top1": round(float(100 * (ref_logits.argmax(1) == labels).mean()), 4),
         "differing_predictions": int((got.argmax(1) != ref_logits.argmax(1)).sum()),
-        "max_logit_diff": float(diff.max()), "median_logit_diff": float(np.median(diff)),
+        "max_logit_diff": float(diff.max()),
+        "median_logit_diff": float(np.median(diff)),
         "images_with_logit_diff_over_0.01": int((diff.max(1) > 0.01).sum()),
-        "runtime_images_per_s": len(labels) / wall, "kernels": kernels.backend(),
+        "runtime_images_per_s": len(labels) / wall,
+        "kernels": kernels.backend(),
     }
     print(json.dumps(res, indent=1))
 

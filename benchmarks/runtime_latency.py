@@ -17,6 +17,7 @@ memory of a fresh process that loads and runs each variant once.
 models named ``*_c28``/``*_c32`` get 10 classes, the others 1000.
 Build the C demo first (``make``) for the capi column and its memory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -96,8 +97,12 @@ def _capi_ms(export, x, threads, runs):
     demo = ROOT / "build" / "bhvit_run"
     if not demo.exists():
         return float("nan")
-    out = subprocess.run([str(demo), str(export), "-", "--batch", str(x.shape[0]), "--threads", str(threads),
-                          "--repeat", str(runs)], input=x.tobytes(), capture_output=True, check=True)
+    out = subprocess.run(
+        [str(demo), str(export), "-", "--batch", str(x.shape[0]), "--threads", str(threads), "--repeat", str(runs)],
+        input=x.tobytes(),
+        capture_output=True,
+        check=True,
+    )
     return float(out.stderr.decode().split("median ")[1].split(" ms")[0])
 
 
@@ -132,10 +137,13 @@ def latency(args, rows):
                 med["capi"] = _capi_ms(d, np.ascontiguousarray(xn), threads, max(args.runs, 5))
                 med.setdefault("onnxrt", float("nan"))
                 rows.append((name, threads, batch, med))
-                print(f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:8.1f} ms | capi "
-                      f"{med['capi']:8.1f} | walker {med['walker']:8.1f} | fp32 {med['fp32']:8.1f} "
-                      f"({med['fp32'] / med['runtime']:.2f}x) | onnxrt {med['onnxrt']:8.1f} "
-                      f"({med['onnxrt'] / med['runtime']:.2f}x)", flush=True)
+                print(
+                    f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:8.1f} ms | capi "
+                    f"{med['capi']:8.1f} | walker {med['walker']:8.1f} | fp32 {med['fp32']:8.1f} "
+                    f"({med['fp32'] / med['runtime']:.2f}x) | onnxrt {med['onnxrt']:8.1f} "
+                    f"({med['onnxrt'] / med['runtime']:.2f}x)",
+                    flush=True,
+                )
     one = {(n, t, b): m["runtime"] for n, t, b, m in rows}
     for (n, t, b), ms in one.items():
         if t == 2 and (n, 1, b) in one:
@@ -155,8 +163,10 @@ def gemm(args):
             tokens = rows + (side // w) ** 4 if mixer == "msmha" else rows  # windows x (w*w + globals)
             shapes += [(tokens, dim, dim), (rows, dim, dim)]
         shapes += [(rows, dim, dim * c.mlp_ratios[i]), (rows, dim * c.mlp_ratios[i], dim)]
-    print(f"\nbinary GEMM ({kernels.backend()}, weights packed once) vs torch.matmul float32, bhvit_tiny linear "
-          "shapes, batch 1; bit-MACs per cycle per thread at the /proc/cpuinfo clock")
+    print(
+        f"\nbinary GEMM ({kernels.backend()}, weights packed once) vs torch.matmul float32, bhvit_tiny linear "
+        "shapes, batch 1; bit-MACs per cycle per thread at the /proc/cpuinfo clock"
+    )
     print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'fp32 ms':>9} {'speedup':>8} {'MAC/cyc':>8}")
     lib, mhz = kernels._lib, _cpu_mhz()
     vp, i64 = ctypes.c_void_p, ctypes.c_int64
@@ -173,18 +183,23 @@ def gemm(args):
         out = np.empty((M, N), np.int32)
         for threads in args.threads:
             torch.set_num_threads(threads)
-            tx = statistics.median(_time(lambda: lib.bhv_xnor_gemm_pp(ap.ctypes.data, ctypes.byref(pan), M, K,
-                                                                       out.ctypes.data, threads), args.runs * 5))
+            tx = statistics.median(
+                _time(
+                    lambda: lib.bhv_xnor_gemm_pp(ap.ctypes.data, ctypes.byref(pan), M, K, out.ctypes.data, threads),
+                    args.runs * 5,
+                )
+            )
             tf = statistics.median(_time(lambda: torch.matmul(a, w), args.runs * 5))
             rate = M * K * N / tx / (mhz * 1e6) / threads
-            print(f"{f'{M}x{K}x{N}':>20} {threads:>7} {tx * 1e3:>9.3f} {tf * 1e3:>9.3f} {tf / tx:>7.2f}x "
-                  f"{rate:>8.1f}", flush=True)
+            print(
+                f"{f'{M}x{K}x{N}':>20} {threads:>7} {tx * 1e3:>9.3f} {tf * 1e3:>9.3f} {tf / tx:>7.2f}x {rate:>8.1f}",
+                flush=True,
+            )
         lib.bhv_panels_free(ctypes.byref(pan))
 
 
 class _Panels(ctypes.Structure):
-    _fields_ = [("variant", ctypes.c_void_p), ("N", ctypes.c_int64), ("W", ctypes.c_int64),
-                ("Bp", ctypes.c_void_p)]
+    _fields_ = [("variant", ctypes.c_void_p), ("N", ctypes.c_int64), ("W", ctypes.c_int64), ("Bp", ctypes.c_void_p)]
 
 
 def _cpu_mhz() -> float:
@@ -231,25 +246,32 @@ def _vmhwm(code, *argv):
 
 
 def peak_rss(args):
-    print("\npeak resident memory (VmHWM) of a process that loads and runs one image (MiB); the runtime "
-          "process imports numpy + bhvit.runtime only, the PyTorch ones torch + bhvit")
+    print(
+        "\npeak resident memory (VmHWM) of a process that loads and runs one image (MiB); the runtime "
+        "process imports numpy + bhvit.runtime only, the PyTorch ones torch + bhvit"
+    )
     floors = {k: _vmhwm(BASE_SNIPPET, k) for k in ("runtime", "torch")}
     print(f"import-only floors: numpy + bhvit.runtime {floors['runtime']:.1f} | torch + bhvit {floors['torch']:.1f}")
     for name in args.models:
         d = tempfile.mkdtemp()
         export_model(_binary_model(name), d)
-        vals = {kind: _vmhwm(RSS_SNIPPET, kind, name, d, str(_classes(name)))
-                for kind in ("runtime", "fp32", "binsim")}
+        vals = {kind: _vmhwm(RSS_SNIPPET, kind, name, d, str(_classes(name))) for kind in ("runtime", "fp32", "binsim")}
         demo, capi = ROOT / "build" / "bhvit_run", float("nan")
         if demo.exists():
             c = bhvit.create_model(name, num_classes=_classes(name)).cfg
             img = np.zeros((1, c.in_chans, c.img_size, c.img_size), np.float32).tobytes()
-            t = subprocess.run(["/usr/bin/time", "-f", "%M", str(demo), d, "-", "--threads", "1"], input=img,
-                               capture_output=True, check=True)
+            t = subprocess.run(
+                ["/usr/bin/time", "-f", "%M", str(demo), d, "-", "--threads", "1"],
+                input=img,
+                capture_output=True,
+                check=True,
+            )
             capi = int(t.stderr.decode().split()[-1]) / 1024
         loads = _time(lambda: runtime.load(d, threads=1), 5)
-        print(f"{name:<16} runtime {vals['runtime']:8.1f} | capi {capi:8.1f} | fp32 {vals['fp32']:8.1f} | binsim "
-              f"{vals['binsim']:8.1f} | load {statistics.median(loads) * 1e3:.1f} ms (Python, incl. the C plan)")
+        print(
+            f"{name:<16} runtime {vals['runtime']:8.1f} | capi {capi:8.1f} | fp32 {vals['fp32']:8.1f} | binsim "
+            f"{vals['binsim']:8.1f} | load {statistics.median(loads) * 1e3:.1f} ms (Python, incl. the C plan)"
+        )
 
 
 def main():
@@ -259,9 +281,13 @@ def main():
     p.add_argument("--threads", nargs="+", type=int, default=[1, 2])
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--skip", nargs="*", default=[], choices=["latency", "gemm", "rss"])
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model setting of the binary model in the latency table (repeatable), "
-                        "e.g. fp_downsample=true")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="model setting of the binary model in the latency table (repeatable), e.g. fp_downsample=true",
+    )
     args = p.parse_args()
     try:
         args.overrides = parse_overrides(args.set)

@@ -11,6 +11,7 @@ process, interleaved run by run, so machine noise hits them alike.
     python benchmarks/train_speed.py --models bhvit_tiny_c32 --shift-reference  # shift branches as rolls
     python benchmarks/train_speed.py --models bhvit_tiny_c28 --count-ops   # PyTorch ops per step
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,28 @@ from bhvit.blocks import ShiftBranches
 
 
 # Operators that only re-describe memory: no kernel runs for them.
-_VIEW_OPS = {"view", "_unsafe_view", "reshape", "alias", "detach", "t", "transpose", "permute",
-             "expand", "as_strided", "slice", "select", "unsqueeze", "squeeze", "split",
-             "split_with_sizes", "chunk", "unbind", "narrow", "lift_fresh"}
+_VIEW_OPS = {
+    "view",
+    "_unsafe_view",
+    "reshape",
+    "alias",
+    "detach",
+    "t",
+    "transpose",
+    "permute",
+    "expand",
+    "as_strided",
+    "slice",
+    "select",
+    "unsqueeze",
+    "squeeze",
+    "split",
+    "split_with_sizes",
+    "chunk",
+    "unbind",
+    "narrow",
+    "lift_fresh",
+}
 
 
 def count_ops(fn) -> "collections.Counter":
@@ -60,23 +80,43 @@ def main() -> None:
     p.add_argument("--num-classes", type=int, default=10)
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="autocast (fp16 on CUDA, bf16 on CPU)")
-    p.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
-                   help="also time each model under torch.compile (as `bhvit train --compile`), "
-                        "side by side with eager, and print the compile time and the speed-up")
-    p.add_argument("--cuda-graph", action="store_true",
-                   help="also time each model's step (with an optimizer step, as `bhvit train "
-                        "--cuda-graph`) replayed as a CUDA graph, side by side with the same step "
-                        "eager, and print the speed-up")
-    p.add_argument("--shift-reference", action="store_true",
-                   help="also time each model with its shift branches computed by their definition "
-                        "(rolls, ShiftBranches.forward_reference) instead of the depthwise "
-                        "convolutions, side by side, and print the speed-up")
-    p.add_argument("--count-ops", action="store_true",
-                   help="also print the PyTorch operators one training step dispatches (forward "
-                        "and backward, views left out): in eager mode on a GPU each is a kernel "
-                        "launch, and at these model sizes launches bound the step time")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="config override for every model, e.g. binary=false")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        default=None,
+        metavar="BACKEND",
+        help="also time each model under torch.compile (as `bhvit train --compile`), "
+        "side by side with eager, and print the compile time and the speed-up",
+    )
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="also time each model's step (with an optimizer step, as `bhvit train "
+        "--cuda-graph`) replayed as a CUDA graph, side by side with the same step "
+        "eager, and print the speed-up",
+    )
+    p.add_argument(
+        "--shift-reference",
+        action="store_true",
+        help="also time each model with its shift branches computed by their definition "
+        "(rolls, ShiftBranches.forward_reference) instead of the depthwise "
+        "convolutions, side by side, and print the speed-up",
+    )
+    p.add_argument(
+        "--count-ops",
+        action="store_true",
+        help="also print the PyTorch operators one training step dispatches (forward "
+        "and backward, views left out): in eager mode on a GPU each is a kernel "
+        "launch, and at these model sizes launches bound the step time",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override for every model, e.g. binary=false",
+    )
     args = p.parse_args()
     cuda = args.device.startswith("cuda")
     if args.cuda_graph and (not cuda or args.amp or args.compile):
@@ -84,6 +124,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     from bhvit.cli import parse_overrides
+
     over = parse_overrides(args.set)
 
     setups = []
@@ -128,6 +169,7 @@ def main() -> None:
                 loss.backward()
                 opt.step()
                 return (loss.detach(),)
+
             return fn
 
         for name, m, x, y in list(setups):
@@ -179,24 +221,27 @@ def main() -> None:
             times[name].append(time.perf_counter() - t)
 
     where = torch.cuda.get_device_name() if cuda else f"{args.threads} threads"
-    print(f"forward+backward, batch {args.batch}, {where}{', autocast' if args.amp else ''}, median of "
-          f"{args.runs} (torch {torch.__version__})")
+    print(
+        f"forward+backward, batch {args.batch}, {where}{', autocast' if args.amp else ''}, median of "
+        f"{args.runs} (torch {torch.__version__})"
+    )
     print(f"{'model':<20} {'ms/image':>10} {'images/s':>10} {'min..max ms/image':>20}")
     for name, ts in times.items():
         med = statistics.median(ts) / args.batch
-        print(f"{name:<20} {med * 1e3:>10.2f} {1 / med:>10.1f} "
-              f"{min(ts) / args.batch * 1e3:>9.2f}..{max(ts) / args.batch * 1e3:.2f}")
+        print(
+            f"{name:<20} {med * 1e3:>10.2f} {1 / med:>10.1f} "
+            f"{min(ts) / args.batch * 1e3:>9.2f}..{max(ts) / args.batch * 1e3:.2f}"
+        )
     for name, sec in compile_s.items():
         ratio = statistics.median(times[name]) / statistics.median(times[f"{name}+compile"])
-        print(f"{name}: torch.compile ({args.compile}) took {sec:.0f}s; compiled step {ratio:.2f}x "
-              f"as fast as eager")
+        print(f"{name}: torch.compile ({args.compile}) took {sec:.0f}s; compiled step {ratio:.2f}x as fast as eager")
     for name in times:
-        if name.endswith("+graph") and f"{name[:-len('+graph')]}+opt" in times:
-            base = name[:-len("+graph")]
+        if name.endswith("+graph") and f"{name[: -len('+graph')]}+opt" in times:
+            base = name[: -len("+graph")]
             ratio = statistics.median(times[f"{base}+opt"]) / statistics.median(times[name])
             print(f"{base}: training step with optimizer as one CUDA graph: {ratio:.2f}x as fast as eager")
         if name.endswith("+rolls"):
-            base = name[:-len("+rolls")]
+            base = name[: -len("+rolls")]
             ratio = statistics.median(times[name]) / statistics.median(times[base])
             print(f"{base}: shift branches as convolutions: step {ratio:.3f}x as fast as with rolls")
 

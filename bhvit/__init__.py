@@ -3,21 +3,36 @@
 The training-side names below are imported lazily, so ``import bhvit.runtime`` (the
 bit-packed inference runtime) loads neither PyTorch nor the model code.
 """
+
 import importlib
 
 __version__ = "0.1.0"
 
 _LAZY = {
     "complexity": "costs",
-    "BinaryConv2d": "layers", "BinaryLinear": "layers", "ChannelBatchNorm": "layers",
-    "LayerScale": "layers", "LayerwiseResidual": "layers", "RPReLU": "layers",
-    "binary_layers": "layers", "channel_shortcut": "layers",
-    "BHViT": "model", "BHViTConfig": "model", "create_model": "model", "get_config": "model",
-    "list_models": "model", "register_model": "model",
+    "BinaryConv2d": "layers",
+    "BinaryLinear": "layers",
+    "ChannelBatchNorm": "layers",
+    "LayerScale": "layers",
+    "LayerwiseResidual": "layers",
+    "RPReLU": "layers",
+    "binary_layers": "layers",
+    "channel_shortcut": "layers",
+    "BHViT": "model",
+    "BHViTConfig": "model",
+    "create_model": "model",
+    "get_config": "model",
+    "list_models": "model",
+    "register_model": "model",
     "QuantizationDecomposition": "qd",
-    "ReActNet": "reactnet", "ReActNetConfig": "reactnet",
-    "ApproxSign": "quantizers", "SignActivation": "quantizers", "WeightBinarizer": "quantizers",
-    "binary_sign": "quantizers", "kd_loss": "losses", "recipe_loss": "losses",
+    "ReActNet": "reactnet",
+    "ReActNetConfig": "reactnet",
+    "ApproxSign": "quantizers",
+    "SignActivation": "quantizers",
+    "WeightBinarizer": "quantizers",
+    "binary_sign": "quantizers",
+    "kd_loss": "losses",
+    "recipe_loss": "losses",
     "regularization_loss": "losses",
 }
 

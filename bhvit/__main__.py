@@ -1,4 +1,5 @@
 """``python -m bhvit ...``: the same as the ``bhvit`` command."""
+
 import sys
 
 from .cli import main

@@ -4,6 +4,7 @@ Every block takes and returns channels-last maps ``(B, H, W, C)``.
 Quantizers are passed in by a ``QuantSpec`` so that the binary student, the
 full-precision teacher and every ablation are built from the same classes.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,14 +16,23 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import ConfigError
-from .layers import (BinaryConv2d, BinaryLinear, LayerScale, LayerwiseResidual, NHWCConv,
-                     RPReLU, make_norm)
+from .layers import BinaryConv2d, BinaryLinear, LayerScale, LayerwiseResidual, NHWCConv, RPReLU, make_norm
 from .qd import QuantizationDecomposition
 from .quantizers import SignActivation, WeightBinarizer
 
 __all__ = [
-    "QuantSpec", "Stem", "MSGDC", "AttentionCore", "MSMHA", "BinaryMLP", "ShiftBranches",
-    "BHViTBlock", "BinaryDownsample", "FPDownsample", "window_partition", "window_reverse",
+    "QuantSpec",
+    "Stem",
+    "MSGDC",
+    "AttentionCore",
+    "MSMHA",
+    "BinaryMLP",
+    "ShiftBranches",
+    "BHViTBlock",
+    "BinaryDownsample",
+    "FPDownsample",
+    "window_partition",
+    "window_reverse",
 ]
 
 
@@ -46,8 +56,7 @@ class QuantSpec:
         return SignActivation() if self.acts else None
 
     def linear(self, in_dim: int, out_dim: int, bias: bool = False) -> BinaryLinear:
-        return BinaryLinear(in_dim, out_dim, bias=bias, input_quantizer=self.act(),
-                            kernel_quantizer=self.kernel())
+        return BinaryLinear(in_dim, out_dim, bias=bias, input_quantizer=self.act(), kernel_quantizer=self.kernel())
 
     def residual_linear(self, in_dim: int, out_dim: int) -> LayerwiseResidual:
         return LayerwiseResidual(self.linear(in_dim, out_dim), in_dim, out_dim, norm=self.norm)
@@ -82,18 +91,28 @@ class MSGDC(nn.Module):
     the ablation.
     """
 
-    def __init__(self, dim: int, q: QuantSpec, dilations: Sequence[int] = (1, 3, 5),
-                 groups: int = 4):
+    def __init__(self, dim: int, q: QuantSpec, dilations: Sequence[int] = (1, 3, 5), groups: int = 4):
         super().__init__()
         if dim % groups:
             raise ConfigError(f"MSGDC needs channels divisible by groups={groups}, got {dim}.")
         self.input_bias = nn.Parameter(torch.zeros(dim))
         self.input_quantizer = q.act()
         self.convs = nn.ModuleList(
-            BinaryConv2d(dim, dim, 3, padding=d, dilation=d, groups=groups, bias=True,
-                         input_quantizer=None, kernel_quantizer=q.kernel(), input_bias=False,
-                         binary_input=q.acts)
-            for d in dilations)
+            BinaryConv2d(
+                dim,
+                dim,
+                3,
+                padding=d,
+                dilation=d,
+                groups=groups,
+                bias=True,
+                input_quantizer=None,
+                kernel_quantizer=q.kernel(),
+                input_bias=False,
+                binary_input=q.acts,
+            )
+            for d in dilations
+        )
         self.acts = nn.ModuleList(RPReLU(dim) for _ in dilations)
         self.norm = make_norm(q.norm, dim)
 
@@ -173,8 +192,7 @@ class MSMHA(nn.Module):
     with no pooled tokens.
     """
 
-    def __init__(self, dim: int, heads: int, q: QuantSpec, window: Optional[int] = 7,
-                 qd_levels: Optional[int] = 3):
+    def __init__(self, dim: int, heads: int, q: QuantSpec, window: Optional[int] = 7, qd_levels: Optional[int] = 3):
         super().__init__()
         self.window = window
         if window is not None:
@@ -280,8 +298,7 @@ class ShiftBranches(nn.Module):
         self.sizes = tuple(sizes)
         if not self.sizes or any(k < 0 for k in self.sizes):
             raise ConfigError(f"shift sizes must be a non-empty list of integers >= 0, got {list(sizes)}.")
-        self.scales = nn.ModuleList(
-            LayerScale(dim, init=0.0) for _ in range(3 * len(self.sizes)))
+        self.scales = nn.ModuleList(LayerScale(dim, init=0.0) for _ in range(3 * len(self.sizes)))
         self.reach = max(self.sizes)
         # Constants, not state: non-persistent (checkpoints hold only the LayerScales, and
         # training leaves them out of the cross-rank buffer averaging). Small integers, so
@@ -300,7 +317,7 @@ class ShiftBranches(nn.Module):
         taps = torch.zeros(3 * len(self.sizes), 4, 2 * P + 1)
         for i, k in enumerate(self.sizes):
             mean = 3 * i if along_h else 3 * i + 1
-            taps[mean, :, P - k:P + k + 1] = 1.0
+            taps[mean, :, P - k : P + k + 1] = 1.0
             # roll(a, +k): out[i] = a[i - k], offset -k; roll(b, -k): offset +k.
             first = 0 if along_h else 2
             taps[3 * i + 2, first, P - k] = 1.0
@@ -319,22 +336,22 @@ class ShiftBranches(nn.Module):
     def channel_mix(x: torch.Tensor, k: int) -> torch.Tensor:
         """Reference: the four channel quarters rolled ``+k H, -k H, +k W, -k W``."""
         a, b, c, d = x.chunk(4, dim=-1)
-        return torch.cat([torch.roll(a, k, dims=1), torch.roll(b, -k, dims=1),
-                          torch.roll(c, k, dims=2), torch.roll(d, -k, dims=2)], dim=-1)
+        return torch.cat(
+            [torch.roll(a, k, dims=1), torch.roll(b, -k, dims=1), torch.roll(c, k, dims=2), torch.roll(d, -k, dims=2)],
+            dim=-1,
+        )
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """The branches by definition: rolls summed through their LayerScales (slower;
         for tests and benchmarks). Equals :meth:`forward` up to float rounding."""
         out = None
         for i, k in enumerate(self.sizes):
-            for j, y in enumerate((self.roll_mean(x, k, 1), self.roll_mean(x, k, 2),
-                                   self.channel_mix(x, k))):
+            for j, y in enumerate((self.roll_mean(x, k, 1), self.roll_mean(x, k, 2), self.channel_mix(x, k))):
                 y = self.scales[3 * i + j](y)
                 out = y if out is None else out + y
         return out
 
-    def _cyclic_conv(self, x: torch.Tensor, scales: torch.Tensor, taps: torch.Tensor,
-                     axis: int) -> torch.Tensor:
+    def _cyclic_conv(self, x: torch.Tensor, scales: torch.Tensor, taps: torch.Tensor, axis: int) -> torch.Tensor:
         """``sum_l K[c, l] x[.., (i + l - reach) mod n, ..]`` along ``axis`` (1: H, 2: W) of a
         ``(B, H, W, C)`` map, ``K = sum_j scales[j] taps[j]``; returns NCHW (channels-last memory)."""
         C, n, P = x.shape[-1], x.shape[axis], self.reach
@@ -365,8 +382,7 @@ class ShiftBranches(nn.Module):
 class BHViTBlock(nn.Module):
     """Pre-norm block: ``x + mixer(norm(x))``, then ``x + MLP(n) + shifts(n)``, ``n = norm(x)``."""
 
-    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: int, q: QuantSpec,
-                 shift_sizes: Sequence[int] = (1, 2)):
+    def __init__(self, dim: int, mixer: nn.Module, mlp_ratio: int, q: QuantSpec, shift_sizes: Sequence[int] = (1, 2)):
         super().__init__()
         self.norm1 = make_norm(q.norm, dim)
         self.mixer = mixer
@@ -393,10 +409,10 @@ class BinaryDownsample(nn.Module):
     def __init__(self, in_dim: int, out_dim: int, grid: int, q: QuantSpec):
         super().__init__()
         self.norm0 = make_norm(q.norm, in_dim)
-        conv = BinaryConv2d(in_dim, out_dim, 2, stride=2, bias=False,
-                            input_quantizer=q.act(), kernel_quantizer=q.kernel())
-        self.reduce = LayerwiseResidual(NHWCConv(conv), in_dim, out_dim, norm=q.norm,
-                                        shortcut_pool=2)
+        conv = BinaryConv2d(
+            in_dim, out_dim, 2, stride=2, bias=False, input_quantizer=q.act(), kernel_quantizer=q.kernel()
+        )
+        self.reduce = LayerwiseResidual(NHWCConv(conv), in_dim, out_dim, norm=q.norm, shortcut_pool=2)
         self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, out_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
 

@@ -14,6 +14,7 @@ complete checkpoint loadable. The JSON records the SHA-256 of both tensor files,
 every load checks it, so a corrupted or swapped file is an error, not a silent NaN.
 Pruning deletes only checkpoint files that a bhvit run wrote (:mod:`bhvit.rundir`).
 """
+
 from __future__ import annotations
 
 import base64
@@ -34,9 +35,18 @@ from .rundir import CHECKPOINT_NAME
 FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
 
-__all__ = ["atomic_save_safetensors", "atomic_write_json", "save_checkpoint", "read_checkpoint_json",
-           "load_model", "load_weights", "load_training_state", "resolve_checkpoint", "strip_checkpoint",
-           "CheckpointError"]
+__all__ = [
+    "atomic_save_safetensors",
+    "atomic_write_json",
+    "save_checkpoint",
+    "read_checkpoint_json",
+    "load_model",
+    "load_weights",
+    "load_training_state",
+    "resolve_checkpoint",
+    "strip_checkpoint",
+    "CheckpointError",
+]
 
 
 class CheckpointError(BhvitError, ValueError):
@@ -75,8 +85,9 @@ def _atomic(path: Path, write) -> None:
         raise
 
 
-def atomic_save_safetensors(tensors: Dict[str, torch.Tensor], path: Union[str, Path],
-                            metadata: Optional[Dict[str, str]] = None) -> str:
+def atomic_save_safetensors(
+    tensors: Dict[str, torch.Tensor], path: Union[str, Path], metadata: Optional[Dict[str, str]] = None
+) -> str:
     """Write ``tensors`` to ``path`` atomically; returns the file's SHA-256 (hex)."""
     from safetensors.torch import save
 
@@ -116,13 +127,16 @@ def _load_safetensors(path: Path, sha256: Optional[str] = None) -> Dict[str, tor
         raise CheckpointError(f"{path}: missing checkpoint file.")
     blob = path.read_bytes()
     if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
-        raise CheckpointError(f"{path}: SHA-256 does not match the checkpoint's record; the file is "
-                              "corrupt or was replaced (resume from, or evaluate, another checkpoint).")
+        raise CheckpointError(
+            f"{path}: SHA-256 does not match the checkpoint's record; the file is "
+            "corrupt or was replaced (resume from, or evaluate, another checkpoint)."
+        )
     try:
         return load(blob)
     except Exception as e:
-        raise CheckpointError(f"{path}: cannot read safetensors ({e.__class__.__name__}: {e}); "
-                              "the file is truncated or corrupt.") from None
+        raise CheckpointError(
+            f"{path}: cannot read safetensors ({e.__class__.__name__}: {e}); the file is truncated or corrupt."
+        ) from None
 
 
 # --- optimizer state <-> flat tensors ----------------------------------------------
@@ -136,8 +150,7 @@ def optimizer_to_tensors(opt: torch.optim.Optimizer) -> Tuple[Dict[str, torch.Te
             else:
                 scalars[f"{idx}.{k}"] = v
     # A capturable optimizer holds its learning rate in a tensor; JSON takes the number.
-    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()}
-              for g in sd["param_groups"]]
+    groups = [{k: (v.item() if torch.is_tensor(v) else v) for k, v in g.items()} for g in sd["param_groups"]]
     return tensors, {"param_groups": groups, "scalars": scalars}
 
 
@@ -166,8 +179,10 @@ def set_rng_state(d: Dict[str, str], source: Union[str, Path] = "checkpoint") ->
                 raise ConfigError(f"{arr.size} bytes, expected {torch.get_rng_state().numel()}")
             torch.set_rng_state(torch.from_numpy(arr))
         except (ValueError, TypeError, RuntimeError) as e:
-            raise CheckpointError(f"{source}: the saved random-number state is corrupt ({e}); the run "
-                                  "cannot be resumed exactly from this checkpoint.") from None
+            raise CheckpointError(
+                f"{source}: the saved random-number state is corrupt ({e}); the run "
+                "cannot be resumed exactly from this checkpoint."
+            ) from None
 
 
 # --- save / load -----------------------------------------------------------------
@@ -175,9 +190,15 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-def save_checkpoint(run_dir: Union[str, Path], epoch: int, model: torch.nn.Module, meta: Dict,
-                    optimizer: Optional[torch.optim.Optimizer] = None, is_best: bool = False,
-                    keep: Tuple[str, ...] = ()) -> Path:
+def save_checkpoint(
+    run_dir: Union[str, Path],
+    epoch: int,
+    model: torch.nn.Module,
+    meta: Dict,
+    optimizer: Optional[torch.optim.Optimizer] = None,
+    is_best: bool = False,
+    keep: Tuple[str, ...] = (),
+) -> Path:
     """Write ``epochNNNN.*`` and update ``last.json`` (and ``best.json``)."""
     run_dir = Path(run_dir)
     stem = f"epoch{epoch:04d}"
@@ -191,8 +212,7 @@ def save_checkpoint(run_dir: Union[str, Path], epoch: int, model: torch.nn.Modul
     if optimizer is not None:
         tensors, opt_meta = optimizer_to_tensors(optimizer)
         doc["optimizer"] = dict(opt_meta, file=f"{stem}.optim.safetensors")
-        doc["optimizer"]["sha256"] = atomic_save_safetensors(tensors, run_dir / doc["optimizer"]["file"],
-                                                             mark)
+        doc["optimizer"]["sha256"] = atomic_save_safetensors(tensors, run_dir / doc["optimizer"]["file"], mark)
     atomic_write_json(doc, run_dir / f"{stem}.json")
     atomic_write_json(doc, run_dir / "last.json")  # first: a run killed in between can resume
     if is_best:
@@ -273,11 +293,15 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
         for name in ("best.json", "last.json"):
             if (p / name).is_file():
                 return p / name
-        stages = [d for d in ("teacher", "student_acts", "student")
-                  if (p / d / "best.json").is_file() or (p / d / "last.json").is_file()]
+        stages = [
+            d
+            for d in ("teacher", "student_acts", "student")
+            if (p / d / "best.json").is_file() or (p / d / "last.json").is_file()
+        ]
         if stages:  # the root of a `bhvit recipe` run
-            raise CheckpointError(f"{p}: a recipe run; its checkpoints are in "
-                                  f"{' and '.join(str(p / d) for d in stages)}.")
+            raise CheckpointError(
+                f"{p}: a recipe run; its checkpoints are in {' and '.join(str(p / d) for d in stages)}."
+            )
         raise CheckpointError(f"{p}: no best.json or last.json in this run directory.")
     if p.suffix == ".safetensors":
         p = p.with_name(p.name.split(".")[0] + ".json")
@@ -288,6 +312,7 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
 
 def _check_doc(doc: Any, p: Path) -> None:
     """The shape of a checkpoint JSON: what loading relies on, with the file named."""
+
     def bad(what):
         raise CheckpointError(f"{p}: {what}; the file is corrupt or was not written by bhvit.")
 
@@ -300,22 +325,29 @@ def _check_doc(doc: Any, p: Path) -> None:
     if doc.get("format") != FORMAT:
         raise CheckpointError(f"{p}: not a bhvit checkpoint (format {doc.get('format')!r}).")
     if doc.get("version") != FORMAT_VERSION:
-        raise CheckpointError(f"{p}: checkpoint version {doc.get('version')} is not supported "
-                              f"(this bhvit reads version {FORMAT_VERSION}).")
+        raise CheckpointError(
+            f"{p}: checkpoint version {doc.get('version')} is not supported "
+            f"(this bhvit reads version {FORMAT_VERSION})."
+        )
     if "weights" not in doc:
         bad("no 'weights' entry")
     file_name(doc["weights"], "weights")
-    if "epoch" in doc and (isinstance(doc["epoch"], bool) or not isinstance(doc["epoch"], int)
-                           or doc["epoch"] < 0):
+    if "epoch" in doc and (isinstance(doc["epoch"], bool) or not isinstance(doc["epoch"], int) or doc["epoch"] < 0):
         bad(f"'epoch' must be a non-negative integer, got {doc['epoch']!r}")
     for key in ("weights_sha256",):
         if key in doc and not (isinstance(doc[key], str) and len(doc[key]) == 64):
             bad(f"{key!r} must be a SHA-256 in hex, got {doc[key]!r}")
-    for key, kind in (("model_config", dict), ("data", dict), ("train_config", dict), ("optimizer", dict),
-                      ("rng", dict), ("history", list), ("metrics", dict)):
+    for key, kind in (
+        ("model_config", dict),
+        ("data", dict),
+        ("train_config", dict),
+        ("optimizer", dict),
+        ("rng", dict),
+        ("history", list),
+        ("metrics", dict),
+    ):
         if key in doc and doc[key] is not None and not isinstance(doc[key], kind):
-            bad(f"{key!r} must be a JSON {'object' if kind is dict else 'array'}, got "
-                f"{type(doc[key]).__name__}")
+            bad(f"{key!r} must be a JSON {'object' if kind is dict else 'array'}, got {type(doc[key]).__name__}")
     opt = doc.get("optimizer")
     if isinstance(opt, dict):
         file_name(opt.get("file"), "optimizer.file")
@@ -328,16 +360,19 @@ def _check_doc(doc: Any, p: Path) -> None:
     data = doc.get("data") or {}
     if "mean" in data or "std" in data:
         mean, std = data.get("mean"), data.get("std")
-        ok = (isinstance(mean, list) and isinstance(std, list) and len(mean) == len(std) >= 1
-              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                      for v in mean + std))
+        ok = (
+            isinstance(mean, list)
+            and isinstance(std, list)
+            and len(mean) == len(std) >= 1
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in mean + std)
+        )
         if not ok:
-            bad(f"the data statistics must be two equally long lists of finite numbers, got mean "
-                f"{mean!r}, std {std!r}")
+            bad(f"the data statistics must be two equally long lists of finite numbers, got mean {mean!r}, std {std!r}")
         if min(std) <= 0:
             bad(f"the data std must be > 0, got {std}")
-    if "classes" in data and not (isinstance(data["classes"], list)
-                                  and all(isinstance(c, str) for c in data["classes"])):
+    if "classes" in data and not (
+        isinstance(data["classes"], list) and all(isinstance(c, str) for c in data["classes"])
+    ):
         bad("'data.classes' must be a list of class names")
 
 
@@ -345,8 +380,10 @@ def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
     p = resolve_checkpoint(path)
     size = p.stat().st_size
     if size > MAX_JSON_BYTES:
-        raise CheckpointError(f"{p}: {size} bytes, more than a checkpoint JSON holds "
-                              f"({MAX_JSON_BYTES >> 20} MiB at most); not a bhvit checkpoint.")
+        raise CheckpointError(
+            f"{p}: {size} bytes, more than a checkpoint JSON holds "
+            f"({MAX_JSON_BYTES >> 20} MiB at most); not a bhvit checkpoint."
+        )
     try:
         doc = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -400,12 +437,13 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> Dict:
     return doc
 
 
-def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
-                        optimizer: torch.optim.Optimizer) -> None:
+def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
     if doc.get("weights_only"):
-        raise CheckpointError(f"{run_dir}: a weights-only copy (bhvit strip) has no optimizer or RNG "
-                              "state; a run cannot be resumed from it. Use it with --teacher or "
-                              "--init-from, or resume from the original run.")
+        raise CheckpointError(
+            f"{run_dir}: a weights-only copy (bhvit strip) has no optimizer or RNG "
+            "state; a run cannot be resumed from it. Use it with --teacher or "
+            "--init-from, or resume from the original run."
+        )
     _load_state(model, run_dir / doc["weights"], doc.get("weights_sha256"))
     if "optimizer" in doc:
         tensors = _load_safetensors(run_dir / doc["optimizer"]["file"], doc["optimizer"].get("sha256"))
@@ -422,8 +460,10 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module,
 # The two kinds of downsampling layer (binary conv with a real-valued shortcut, or the
 # dagger models' float conv) hold a 2x2 conv and a norm of the same shapes under different
 # names; a model with either kind can start from a checkpoint with the other.
-_DOWNSAMPLE_ALIASES = ((".downsample.conv.conv.weight", ".downsample.reduce.op.conv.weight"),
-                       (".downsample.norm.", ".downsample.reduce.norm."))
+_DOWNSAMPLE_ALIASES = (
+    (".downsample.conv.conv.weight", ".downsample.reduce.op.conv.weight"),
+    (".downsample.norm.", ".downsample.reduce.norm."),
+)
 
 
 def _aliases(key: str):
@@ -457,8 +497,7 @@ def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tup
                 hits[k] = state[name]
                 break
     if not hits:
-        raise CheckpointError(f"{file}: no tensor matches the model by name and shape; nothing to "
-                              "initialise from.")
+        raise CheckpointError(f"{file}: no tensor matches the model by name and shape; nothing to initialise from.")
     _unwrap(model).load_state_dict(hits, strict=False)
     return len(hits), len(own)
 
@@ -466,8 +505,7 @@ def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tup
 _HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
-                     dtype: Optional[str] = None) -> Dict[str, Any]:
+def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path], dtype: Optional[str] = None) -> Dict[str, Any]:
     """Write a weights-only copy of a checkpoint to the directory ``dst``.
 
     The copy holds the model weights and the JSON document (config, data statistics,
@@ -510,13 +548,20 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path],
         raise CheckpointError(f"{dst} already holds a checkpoint; choose an empty directory.")
     out_doc = {k: v for k, v in doc.items() if k not in ("optimizer", "rng", "history", "scaler")}
     stem = src_file.name.split(".")[0]
-    out_doc.update(weights=f"{stem}.safetensors", weights_only=True, weights_dtype=dtype or "float32",
-                   stripped_from=str(p))
+    out_doc.update(
+        weights=f"{stem}.safetensors", weights_only=True, weights_dtype=dtype or "float32", stripped_from=str(p)
+    )
     out_doc["weights_sha256"] = atomic_save_safetensors(state, dst / out_doc["weights"])
     atomic_write_json(out_doc, dst / "best.json")
-    return {"out": str(dst), "weights": str(dst / out_doc["weights"]), "dtype": dtype or "float32",
-            "bytes": (dst / out_doc["weights"]).stat().st_size, "source_bytes": src_file.stat().st_size,
-            "kept_float32": kept, "sign_kept_by_nudging": nudged}
+    return {
+        "out": str(dst),
+        "weights": str(dst / out_doc["weights"]),
+        "dtype": dtype or "float32",
+        "bytes": (dst / out_doc["weights"]).stat().st_size,
+        "source_bytes": src_file.stat().st_size,
+        "kept_float32": kept,
+        "sign_kept_by_nudging": nudged,
+    }
 
 
 def _centred_signs(w: torch.Tensor) -> torch.Tensor:
@@ -542,7 +587,7 @@ def _keep_binary_signs(v: torch.Tensor, h: torch.Tensor, tries: int = 4):
         moved += int(bad.sum())
         # 2^-5 of the mean is several 16-bit steps, so the rounded value lands strictly on
         # the wanted side; a zero mean gets the least normal 16-bit value.
-        step = (mean.abs() * 2.0 ** -5).clamp_min(torch.finfo(h.dtype).smallest_normal)
+        step = (mean.abs() * 2.0**-5).clamp_min(torch.finfo(h.dtype).smallest_normal)
         flat = torch.where(bad, (mean + want * step).to(h.dtype), flat)
     return None, moved
 

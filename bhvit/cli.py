@@ -1,4 +1,5 @@
 """Command line: ``bhvit info | list | train | eval | recipe | strip | export | predict``."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import (add_train_arguments, parse_overrides, positive_int,
-                     train_config_from_args)
+from .config import add_train_arguments, parse_overrides, positive_int, train_config_from_args
 from .errors import ConfigError
 
 
@@ -63,8 +63,14 @@ def cmd_recipe(args) -> int:
     t_over = dict(parse_overrides(args.overrides), binary=False)
     if args.resume:  # each stage continues where it stopped, or starts if it never did
         args.resume = "auto"
-    t_cfg = _train_config(args, out=str(out / "teacher"), overrides=t_over, kd_lambda=0.0,
-                          re_beta=0.0, epochs=args.teacher_epochs or args.epochs)
+    t_cfg = _train_config(
+        args,
+        out=str(out / "teacher"),
+        overrides=t_over,
+        kd_lambda=0.0,
+        re_beta=0.0,
+        epochs=args.teacher_epochs or args.epochs,
+    )
     if args.act_epochs < 0:
         raise ConfigError(f"--act-epochs must be >= 0, got {args.act_epochs}.")
     n_stages = 3 if args.act_epochs else 2
@@ -80,26 +86,38 @@ def cmd_recipe(args) -> int:
         # Two-step binarization: 1-bit activations with float weights first, then the
         # fully binary student starts from that step's last weights.
         acts = out / "student_acts"
-        a_cfg = _train_config(args, out=str(acts), teacher=t_best, init_from=init_from,
-                              epochs=args.act_epochs,
-                              overrides=dict(parse_overrides(args.overrides), binary_weights=False))
+        a_cfg = _train_config(
+            args,
+            out=str(acts),
+            teacher=t_best,
+            init_from=init_from,
+            epochs=args.act_epochs,
+            overrides=dict(parse_overrides(args.overrides), binary_weights=False),
+        )
         if args.resume and (acts / "final.json").exists():
             print(f"stage 2/3: binary-activation step already trained in {acts}", flush=True)
             a_result = json.loads((acts / "final.json").read_text())
         else:
-            print(f"stage 2/3: binary activations, float weights, distilled from the teacher -> {acts}",
-                  flush=True)
+            print(f"stage 2/3: binary activations, float weights, distilled from the teacher -> {acts}", flush=True)
             a_result = train(a_cfg)
         summary = {"acts_step_top1": a_result["test_top1"], "acts_step_best_top1": a_result["best_top1"]}
         init_from = str(acts / "last.json")
-    print(f"stage {n_stages}/{n_stages}: binary student distilled from the teacher -> {out / 'student'}",
-          flush=True)
+    print(f"stage {n_stages}/{n_stages}: binary student distilled from the teacher -> {out / 'student'}", flush=True)
     s_cfg = _train_config(args, out=str(out / "student"), teacher=t_best, init_from=init_from)
     result = train(s_cfg)
     teacher_final = json.loads((out / "teacher" / "final.json").read_text())
-    print(json.dumps({"teacher_top1": teacher_final["test_top1"], "teacher_best_top1": teacher_final["best_top1"],
-                      **summary, "student_top1": result["test_top1"], "student_best_top1": result["best_top1"],
-                      "run_dir": str(out)}))
+    print(
+        json.dumps(
+            {
+                "teacher_top1": teacher_final["test_top1"],
+                "teacher_best_top1": teacher_final["best_top1"],
+                **summary,
+                "student_top1": result["test_top1"],
+                "student_best_top1": result["best_top1"],
+                "run_dir": str(out),
+            }
+        )
+    )
     return 0
 
 
@@ -127,8 +145,16 @@ def cmd_eval(args) -> int:
     if name is None:
         raise ConfigError("--data is required: the checkpoint does not name its dataset.")
     cfg = model.cfg
-    ds = load_dataset(name, args.split, args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
-                      skip_bad=args.skip_bad, cache_dir=args.cache_dir, classes=data.get("classes"))
+    ds = load_dataset(
+        name,
+        args.split,
+        args.data_dir,
+        channels=cfg.in_chans,
+        size=cfg.img_size,
+        skip_bad=args.skip_bad,
+        cache_dir=args.cache_dir,
+        classes=data.get("classes"),
+    )
     if args.subset:  # the run's seed: the same images as training's --test-subset N
         ds = ds.subset(args.subset, doc.get("train_config", {}).get("seed", 0))
     if ds.num_classes != cfg.num_classes:
@@ -136,8 +162,15 @@ def cmd_eval(args) -> int:
     if "mean" in data:
         mean, std = data["mean"], data["std"]
     else:
-        mean, std = load_dataset(name, "train", args.data_dir, channels=cfg.in_chans, size=cfg.img_size,
-                                 skip_bad=args.skip_bad, cache_dir=args.cache_dir).channel_stats()
+        mean, std = load_dataset(
+            name,
+            "train",
+            args.data_dir,
+            channels=cfg.in_chans,
+            size=cfg.img_size,
+            skip_bad=args.skip_bad,
+            cache_dir=args.cache_dir,
+        ).channel_stats()
     logits_file = None
     if args.save_logits:
         logits_file = Path(args.save_logits)
@@ -145,8 +178,16 @@ def cmd_eval(args) -> int:
             logits_file = logits_file.with_name(logits_file.name + ".npz")  # as numpy.savez names it
         if not logits_file.parent.is_dir():
             raise ConfigError(f"--save-logits {args.save_logits}: directory {logits_file.parent} does not exist.")
-    res = evaluate(model, ds, mean, std, args.batch_size, device, progress=not args.no_progress,
-                   return_logits=logits_file is not None)
+    res = evaluate(
+        model,
+        ds,
+        mean,
+        std,
+        args.batch_size,
+        device,
+        progress=not args.no_progress,
+        return_logits=logits_file is not None,
+    )
     if logits_file is not None:
         import numpy as np
 
@@ -171,11 +212,14 @@ def cmd_export(args) -> int:
     ckpt_file = resolve_checkpoint(args.checkpoint).parent / doc["weights"]
     ckpt_bytes = ckpt_file.stat().st_size
     report = {
-        "out": str(Path(args.out)), "packed_file_bytes": sz["file_bytes"],
+        "out": str(Path(args.out)),
+        "packed_file_bytes": sz["file_bytes"],
         "float32_checkpoint_bytes": ckpt_bytes,
         "ratio": round(ckpt_bytes / sz["file_bytes"], 2),
-        "binary_weights": sz["binary_weights"], "binary_bytes": sz["packed_bytes"],
-        "float_values": sz["float_values"], "float_bytes": sz["float_bytes"],
+        "binary_weights": sz["binary_weights"],
+        "binary_bytes": sz["packed_bytes"],
+        "float_values": sz["float_values"],
+        "float_bytes": sz["float_bytes"],
     }
     print(json.dumps(report))
     return 0
@@ -214,9 +258,11 @@ def cmd_predict(args) -> int:
     data = rt.data
     mean, std = data.get("mean"), data.get("std")
     if not mean or not std:
-        raise ConfigError(f"{args.export}: the export records no input normalisation (mean/std), so "
-                         "images cannot be prepared as in training; export with `bhvit export CKPT`, "
-                         "or pass data={'mean': [...], 'std': [...]} to export_model.")
+        raise ConfigError(
+            f"{args.export}: the export records no input normalisation (mean/std), so "
+            "images cannot be prepared as in training; export with `bhvit export CKPT`, "
+            "or pass data={'mean': [...], 'std': [...]} to export_model."
+        )
     classes = rt.classes or [str(i) for i in range(rt.cfg["num_classes"])]
     for path in args.images:
         try:
@@ -238,13 +284,22 @@ def cmd_predict(args) -> int:
 def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
     add_train_arguments(p, recipe=recipe)  # every TrainConfig field (bhvit.config)
     if recipe:
-        p.add_argument("--teacher-epochs", type=int, default=None,
-                       help="epochs of the full-precision teacher (default: --epochs)")
-        p.add_argument("--init-from-teacher", action="store_true",
-                       help="start the binary student from the teacher's weights instead of at random")
-        p.add_argument("--act-epochs", type=int, default=0, metavar="N",
-                       help="two-step binarization: first train N epochs with binary activations and "
-                            "float weights (RUN/student_acts), then --epochs fully binary from there")
+        p.add_argument(
+            "--teacher-epochs", type=int, default=None, help="epochs of the full-precision teacher (default: --epochs)"
+        )
+        p.add_argument(
+            "--init-from-teacher",
+            action="store_true",
+            help="start the binary student from the teacher's weights instead of at random",
+        )
+        p.add_argument(
+            "--act-epochs",
+            type=int,
+            default=0,
+            metavar="N",
+            help="two-step binarization: first train N epochs with binary activations and "
+            "float weights (RUN/student_acts), then --epochs fully binary from there",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -255,11 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("name", help="model name (see `bhvit list`)")
     info.add_argument("--img-size", type=int, default=None)
     info.add_argument("--num-classes", type=positive_int, default=1000, help="classes of the head (default 1000)")
-    info.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="config override, e.g. --set binary=false --set qd=false (repeatable)")
+    info.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="config override, e.g. --set binary=false --set qd=false (repeatable)",
+    )
     info.add_argument("--json", action="store_true", help="print a JSON object")
-    info.add_argument("--layers", action="store_true",
-                      help="also print a per-block summary (binary/float params, memory, BOPs, FLOPs)")
+    info.add_argument(
+        "--layers",
+        action="store_true",
+        help="also print a per-block summary (binary/float params, memory, BOPs, FLOPs)",
+    )
     info.set_defaults(func=cmd_info)
 
     lst = sub.add_parser("list", help="list the named models")
@@ -275,21 +338,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint")
     ev.add_argument("checkpoint", help="run directory (best.json), a checkpoint .json or .safetensors")
-    ev.add_argument("--data", default=None, choices=["fashion-mnist", "cifar10", "imagefolder"],
-                    help="default: the dataset the checkpoint was trained on")
+    ev.add_argument(
+        "--data",
+        default=None,
+        choices=["fashion-mnist", "cifar10", "imagefolder"],
+        help="default: the dataset the checkpoint was trained on",
+    )
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--split", default="test", choices=["train", "test"], help="default test")
     ev.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
-    ev.add_argument("--subset", type=positive_int, default=None,
-                    help="a fixed random subset of N images, chosen with the run's seed (the same "
-                         "images as training's --test-subset N on the test split)")
+    ev.add_argument(
+        "--subset",
+        type=positive_int,
+        default=None,
+        help="a fixed random subset of N images, chosen with the run's seed (the same "
+        "images as training's --test-subset N on the test split)",
+    )
     ev.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     ev.add_argument("--threads", type=positive_int, default=None)
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--no-progress", action="store_true")
-    ev.add_argument("--save-logits", default=None, metavar="FILE.npz",
-                    help="also write the logits (float32, N x classes) and labels to an .npz file")
+    ev.add_argument(
+        "--save-logits",
+        default=None,
+        metavar="FILE.npz",
+        help="also write the logits (float32, N x classes) and labels to an .npz file",
+    )
     ev.set_defaults(func=cmd_eval)
 
     ex = sub.add_parser("export", help="export a checkpoint to the bit-packed runtime format")
@@ -298,12 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--float16", action="store_true", help="store the float parts as float16")
     ex.set_defaults(func=cmd_export)
 
-    st = sub.add_parser("strip", help="weights-only copy of a checkpoint (no optimizer state), "
-                                      "optionally in 16 bits, e.g. a teacher to take elsewhere")
+    st = sub.add_parser(
+        "strip",
+        help="weights-only copy of a checkpoint (no optimizer state), "
+        "optionally in 16 bits, e.g. a teacher to take elsewhere",
+    )
     st.add_argument("checkpoint", help="run directory (best.json), a checkpoint .json or .safetensors")
     st.add_argument("out", help="output directory (best.json + weights)")
-    st.add_argument("--dtype", choices=["float16", "bfloat16"], default=None,
-                    help="store floating-point weights in 16 bits (default: keep float32)")
+    st.add_argument(
+        "--dtype",
+        choices=["float16", "bfloat16"],
+        default=None,
+        help="store floating-point weights in 16 bits (default: keep float32)",
+    )
     st.set_defaults(func=cmd_strip)
 
     pr = sub.add_parser("predict", help="top-5 classes of images with an exported model")

@@ -16,6 +16,7 @@ Convention (the one used by Bi-Real, ReActNet and BHViT):
   (BatchNorm running statistics are not parameters: at deployment they fold into
   per-channel affines).
 """
+
 from __future__ import annotations
 
 from typing import Dict, List, Optional, Sequence, Union
@@ -35,9 +36,11 @@ class Complexity(dict):
     per-module counts stay in ``["per_module"]``)."""
 
     def __repr__(self) -> str:
-        return (f"Complexity(params={self['params']:,}, binary_params={self['binary_params']:,}, "
-                f"bops={self['bops'] / 1e6:.2f}M, flops={self['flops'] / 1e6:.2f}M, ops={self['ops'] / 1e6:.2f}M, "
-                f"size={self['size_bytes'] / 1e6:.3f}MB, input={'x'.join(map(str, self['input_size']))})")
+        return (
+            f"Complexity(params={self['params']:,}, binary_params={self['binary_params']:,}, "
+            f"bops={self['bops'] / 1e6:.2f}M, flops={self['flops'] / 1e6:.2f}M, ops={self['ops'] / 1e6:.2f}M, "
+            f"size={self['size_bytes'] / 1e6:.3f}MB, input={'x'.join(map(str, self['input_size']))})"
+        )
 
     __str__ = __repr__
 
@@ -65,9 +68,11 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
     if len(input_size) != 4:
         raise ConfigError(f"complexity: input_size must be an int, (C, H, W) or (B, C, H, W), got {input_size}.")
     if cfg is not None and input_size[1:] != (cfg.in_chans, cfg.img_size, cfg.img_size):
-        raise ConfigError(f"complexity: this model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images, "
-                         f"got input_size {input_size}; build it with img_size={input_size[-1]} to count "
-                         "that size.")
+        raise ConfigError(
+            f"complexity: this model takes {cfg.in_chans}x{cfg.img_size}x{cfg.img_size} images, "
+            f"got input_size {input_size}; build it with img_size={input_size[-1]} to count "
+            "that size."
+        )
 
     counts = {"bops": 0, "flops": 0, "binary_macs": 0, "attn_macs": 0}
     per_module: Dict[str, Dict[str, int]] = {}
@@ -87,6 +92,7 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
                 counts["binary_macs"] += macs
             else:
                 add(name, "flops", macs)
+
         return hook
 
     def attn_hook(name):
@@ -104,6 +110,7 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
                     add(name, "bops", levels * macs)
             else:
                 add(name, "flops", 2 * macs)
+
         return hook
 
     handles = []
@@ -126,20 +133,22 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
     params = sum(p.numel() for p in model.parameters())
     binary_params = sum(layer.weight.numel() for layer in binary_layers(model))
     fp_params = params - binary_params
-    return Complexity({
-        "params": params,
-        "binary_params": binary_params,
-        "fp_params": fp_params,
-        "bops": counts["bops"],
-        "flops": counts["flops"],
-        "binary_macs": counts["binary_macs"],
-        "attn_macs": counts["attn_macs"],
-        "ops": counts["bops"] / 64 + counts["flops"],
-        "size_bytes": binary_params / 8 + fp_params * 4,
-        "fp32_size_bytes": params * 4,
-        "input_size": input_size,
-        "per_module": per_module,
-    })
+    return Complexity(
+        {
+            "params": params,
+            "binary_params": binary_params,
+            "fp_params": fp_params,
+            "bops": counts["bops"],
+            "flops": counts["flops"],
+            "binary_macs": counts["binary_macs"],
+            "attn_macs": counts["attn_macs"],
+            "ops": counts["bops"] / 64 + counts["flops"],
+            "size_bytes": binary_params / 8 + fp_params * 4,
+            "fp32_size_bytes": params * 4,
+            "input_size": input_size,
+            "per_module": per_module,
+        }
+    )
 
 
 def _group(name: str) -> str:
@@ -164,31 +173,39 @@ def summary(model: nn.Module, input_size=None) -> List[Dict]:
             binary_names.add(name + ".weight")
     rows: Dict[str, Dict] = {}
     for name, p in model.named_parameters():
-        r = rows.setdefault(_group(name), {"part": _group(name), "binary_params": 0, "fp_params": 0,
-                                           "bops": 0, "flops": 0})
+        r = rows.setdefault(
+            _group(name), {"part": _group(name), "binary_params": 0, "fp_params": 0, "bops": 0, "flops": 0}
+        )
         r["binary_params" if name in binary_names else "fp_params"] += p.numel()
     for name, mac in c["per_module"].items():
-        r = rows.setdefault(_group(name), {"part": _group(name), "binary_params": 0, "fp_params": 0,
-                                           "bops": 0, "flops": 0})
+        r = rows.setdefault(
+            _group(name), {"part": _group(name), "binary_params": 0, "fp_params": 0, "bops": 0, "flops": 0}
+        )
         r["bops"] += mac["bops"]
         r["flops"] += mac["flops"]
     out = list(rows.values())
     for r in out:
         r["memory_bits"] = r["binary_params"] + 32 * r["fp_params"]
-    total = {"part": "total", **{k: sum(r[k] for r in out) for k in
-                                 ("binary_params", "fp_params", "bops", "flops", "memory_bits")}}
+    total = {
+        "part": "total",
+        **{k: sum(r[k] for r in out) for k in ("binary_params", "fp_params", "bops", "flops", "memory_bits")},
+    }
     return out + [total]
 
 
 def format_summary(rows: List[Dict]) -> str:
-    head = (f"{'part':<22} {'binary params':>14} {'float params':>13} {'memory (KiB)':>13} "
-            f"{'BOPs (M)':>10} {'FLOPs (M)':>10}")
+    head = (
+        f"{'part':<22} {'binary params':>14} {'float params':>13} {'memory (KiB)':>13} "
+        f"{'BOPs (M)':>10} {'FLOPs (M)':>10}"
+    )
     lines = [head, "-" * len(head)]
     for r in rows:
         if r["part"] == "total":
             lines.append("-" * len(head))
-        lines.append(f"{r['part']:<22} {r['binary_params']:>14,} {r['fp_params']:>13,} "
-                     f"{r['memory_bits'] / 8 / 1024:>13.1f} {r['bops'] / 1e6:>10.2f} {r['flops'] / 1e6:>10.2f}")
+        lines.append(
+            f"{r['part']:<22} {r['binary_params']:>14,} {r['fp_params']:>13,} "
+            f"{r['memory_bits'] / 8 / 1024:>13.1f} {r['bops'] / 1e6:>10.2f} {r['flops'] / 1e6:>10.2f}"
+        )
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ launch work, not the GPU's arithmetic, bounds the step. A CUDA graph records the
 kernels once and replays them with one launch. Unlike ``torch.compile`` nothing is
 compiled: capturing costs about one step.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -46,8 +47,9 @@ class GraphedStep:
 
     def __init__(self, fn: Callable[..., Tuple[torch.Tensor, ...]], warmup: int = 3):
         if warmup < 1:
-            raise ConfigError(f"GraphedStep: warmup must be >= 1 (lazy initialisation cannot be "
-                             f"captured), got {warmup}.")
+            raise ConfigError(
+                f"GraphedStep: warmup must be >= 1 (lazy initialisation cannot be captured), got {warmup}."
+            )
         self.fn = fn
         self._eager_left = warmup
         self._graph = None
@@ -65,9 +67,11 @@ class GraphedStep:
         if self._graph is not None:
             for s, v in zip(self._static, inputs):
                 if s.shape != v.shape or s.dtype != v.dtype:
-                    raise ConfigError(f"GraphedStep: the graph was captured for inputs of shape "
-                                     f"{tuple(s.shape)} ({s.dtype}), got {tuple(v.shape)} ({v.dtype}); "
-                                     "a CUDA graph replays fixed shapes (drop partial batches).")
+                    raise ConfigError(
+                        f"GraphedStep: the graph was captured for inputs of shape "
+                        f"{tuple(s.shape)} ({s.dtype}), got {tuple(v.shape)} ({v.dtype}); "
+                        "a CUDA graph replays fixed shapes (drop partial batches)."
+                    )
                 s.copy_(v, non_blocking=True)
             self._replay()
             return self._out
@@ -81,9 +85,11 @@ class GraphedStep:
         try:
             self._out = self._capture(self._static)
         except Exception as e:
-            raise GraphCaptureError(f"capturing the training step as a CUDA graph failed "
-                                    f"({type(e).__name__}: {e}). Something in the step synchronises "
-                                    "with the host or cannot be captured.") from e
+            raise GraphCaptureError(
+                f"capturing the training step as a CUDA graph failed "
+                f"({type(e).__name__}: {e}). Something in the step synchronises "
+                "with the host or cannot be captured."
+            ) from e
         self.captures += 1
         self._replay()
         return self._out

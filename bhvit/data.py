@@ -7,6 +7,7 @@ Augmentations (random crop with zero padding, horizontal flip) are batched tenso
 Bad data raises :class:`DataError` naming the file, unless ``skip_bad=True``, in
 which case unreadable images are skipped and counted in ``Dataset.skipped``.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -27,14 +28,23 @@ import torch.nn.functional as F
 from .errors import BhvitError, ConfigError
 from .runtime.image import decode_image
 
-__all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize",
-           "FASHION_MNIST_DIR"]
+__all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize", "FASHION_MNIST_DIR"]
 
 FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
 DATASETS = ("fashion-mnist", "cifar10", "imagefolder")
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
-FASHION_CLASSES = ["t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                   "sneaker", "bag", "ankle boot"]
+FASHION_CLASSES = [
+    "t-shirt/top",
+    "trouser",
+    "pullover",
+    "dress",
+    "coat",
+    "sandal",
+    "shirt",
+    "sneaker",
+    "bag",
+    "ankle boot",
+]
 
 
 class DataError(BhvitError, ValueError):
@@ -51,8 +61,9 @@ class Dataset:
 
     def __post_init__(self):
         if self.images.dtype != torch.uint8 or self.images.dim() != 4:
-            raise DataError(f"{self.source}: images must be uint8 (N, C, H, W), got "
-                            f"{self.images.dtype} {tuple(self.images.shape)}.")
+            raise DataError(
+                f"{self.source}: images must be uint8 (N, C, H, W), got {self.images.dtype} {tuple(self.images.shape)}."
+            )
         if len(self.images) != len(self.labels):
             raise DataError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels.")
         if len(self.labels) and (int(self.labels.min()) < 0 or int(self.labels.max()) >= len(self.classes)):
@@ -126,24 +137,31 @@ def read_idx(path: Path, max_bytes: Optional[int] = None) -> np.ndarray:
             dims = struct.unpack(">" + "I" * ndim, raw_dims)
             expected = int(np.prod(dims, dtype=object))
             if expected > max_bytes:
-                raise DataError(f"{path}: the IDX header gives shape {dims} ({expected:,} bytes), more "
-                                f"than the {max_bytes:,} bytes allowed (bhvit.data.MAX_IDX_BYTES).")
+                raise DataError(
+                    f"{path}: the IDX header gives shape {dims} ({expected:,} bytes), more "
+                    f"than the {max_bytes:,} bytes allowed (bhvit.data.MAX_IDX_BYTES)."
+                )
             out = np.empty(expected, dtype=np.uint8)
             view, got = memoryview(out), 0
             while got < expected:
-                n = f.readinto(view[got:got + (16 << 20)])
+                n = f.readinto(view[got : got + (16 << 20)])
                 if not n:
                     break
                 got += n
             if got != expected:
-                raise DataError(f"{path}: IDX payload is {got} bytes, expected {expected} for shape "
-                                f"{dims}; the file is truncated or corrupt.")
+                raise DataError(
+                    f"{path}: IDX payload is {got} bytes, expected {expected} for shape "
+                    f"{dims}; the file is truncated or corrupt."
+                )
             if f.read(1):
-                raise DataError(f"{path}: IDX payload is longer than the {expected} bytes its header "
-                                f"gives for shape {dims}; the file is corrupt.")
+                raise DataError(
+                    f"{path}: IDX payload is longer than the {expected} bytes its header "
+                    f"gives for shape {dims}; the file is corrupt."
+                )
     except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
-        raise DataError(f"{path}: cannot read ({e.__class__.__name__}: {e}); the file is "
-                        "truncated or corrupt.") from None
+        raise DataError(
+            f"{path}: cannot read ({e.__class__.__name__}: {e}); the file is truncated or corrupt."
+        ) from None
     return out.reshape(dims)
 
 
@@ -151,9 +169,11 @@ def _find(root: Path, stem: str) -> Path:
     for name in (stem + ".gz", stem):
         if (root / name).is_file():
             return root / name
-    raise DataError(f"{root}: missing {stem}.gz (Fashion-MNIST IDX files; on Debian/Ubuntu "
-                    "`apt-get install dataset-fashion-mnist` puts them in "
-                    f"{FASHION_MNIST_DIR}).")
+    raise DataError(
+        f"{root}: missing {stem}.gz (Fashion-MNIST IDX files; on Debian/Ubuntu "
+        "`apt-get install dataset-fashion-mnist` puts them in "
+        f"{FASHION_MNIST_DIR})."
+    )
 
 
 def load_fashion_mnist(root: Path, split: str) -> Dataset:
@@ -170,17 +190,27 @@ def load_fashion_mnist(root: Path, split: str) -> Dataset:
     if len(labels) and labels.max() >= 10:
         i = int(np.argmax(labels >= 10))
         raise DataError(f"{lbl_path}: label {int(labels[i])} at index {i} out of range 0..9.")
-    return Dataset(torch.from_numpy(images.copy()).unsqueeze(1), torch.from_numpy(labels.astype(np.int64)),
-                   list(FASHION_CLASSES), source=str(img_path))
+    return Dataset(
+        torch.from_numpy(images.copy()).unsqueeze(1),
+        torch.from_numpy(labels.astype(np.int64)),
+        list(FASHION_CLASSES),
+        source=str(img_path),
+    )
 
 
 # --- CIFAR-10 python pickle ------------------------------------------------------
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler that only rebuilds plain containers and numpy arrays (no code)."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
-               ("numpy._core.multiarray", "scalar"), ("builtins", "bytes")}
+    ALLOWED = {
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "scalar"),
+        ("builtins", "bytes"),
+    }
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED:
@@ -195,8 +225,9 @@ def _load_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     except FileNotFoundError:
         raise DataError(f"{path}: missing CIFAR-10 batch file.") from None
     except Exception as e:  # truncated or not a pickle at all
-        raise DataError(f"{path}: cannot unpickle CIFAR-10 batch ({e.__class__.__name__}: {e}); "
-                        "the file is truncated or corrupt.") from None
+        raise DataError(
+            f"{path}: cannot unpickle CIFAR-10 batch ({e.__class__.__name__}: {e}); the file is truncated or corrupt."
+        ) from None
     if not isinstance(d, dict):
         raise DataError(f"{path}: expected a dict, got {type(d).__name__}.")
     d = {k.decode() if isinstance(k, bytes) else k: v for k, v in d.items()}
@@ -205,17 +236,20 @@ def _load_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     data = np.asarray(d["data"])
     if data.dtype != np.uint8:
         if data.dtype.kind not in "iu" or (data.size and (data.min() < 0 or data.max() > 255)):
-            raise DataError(f"{path}: 'data' holds {data.dtype} values"
-                            + (f" from {data.min()} to {data.max()}" if data.dtype.kind in "iuf" and data.size
-                               else "") + "; CIFAR-10 pixels are integers 0..255.")
+            raise DataError(
+                f"{path}: 'data' holds {data.dtype} values"
+                + (f" from {data.min()} to {data.max()}" if data.dtype.kind in "iuf" and data.size else "")
+                + "; CIFAR-10 pixels are integers 0..255."
+            )
         data = data.astype(np.uint8)
     try:
         labels = np.asarray(d["labels"], dtype=np.int64)
     except (TypeError, ValueError, OverflowError) as e:
         raise DataError(f"{path}: 'labels' are not integers ({e}).") from None
     if data.ndim != 2 or data.shape[1] != 3072 or len(data) != len(labels):
-        raise DataError(f"{path}: data of shape {data.shape} with {len(labels)} labels; expected "
-                        "(N, 3072) and N labels.")
+        raise DataError(
+            f"{path}: data of shape {data.shape} with {len(labels)} labels; expected (N, 3072) and N labels."
+        )
     if len(labels) and (labels.min() < 0 or labels.max() >= 10):
         i = int(np.argmax((labels < 0) | (labels >= 10)))
         raise DataError(f"{path}: label {int(labels[i])} at index {i} out of range 0..9.")
@@ -239,8 +273,10 @@ def _split_dir(root: Path, split: str) -> Path:
     for c in cands:
         if (root / c).is_dir():
             return root / c
-    raise DataError(f"{root}: no {' or '.join(cands)}/ directory (ImageFolder layout: "
-                    f"{root}/train/<class>/*, {root}/val|test/<class>/*).")
+    raise DataError(
+        f"{root}: no {' or '.join(cands)}/ directory (ImageFolder layout: "
+        f"{root}/train/<class>/*, {root}/val|test/<class>/*)."
+    )
 
 
 def _list_images(split_dir: Path, classes: Optional[List[str]]) -> Tuple[List[str], List[Tuple[Path, int]]]:
@@ -261,10 +297,18 @@ def _list_images(split_dir: Path, classes: Optional[List[str]]) -> Tuple[List[st
 _decode = decode_image  # the runtime's decoder: training and deployment see the same pixels
 
 
-def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[int] = None,
-                     skip_bad: bool = False, cache_dir: Optional[Path] = None,
-                     classes: Optional[List[str]] = None, progress: bool = False,
-                     subset: Optional[int] = None, seed: int = 0) -> Dataset:
+def load_imagefolder(
+    root: Path,
+    split: str,
+    channels: int = 3,
+    size: Optional[int] = None,
+    skip_bad: bool = False,
+    cache_dir: Optional[Path] = None,
+    classes: Optional[List[str]] = None,
+    progress: bool = False,
+    subset: Optional[int] = None,
+    seed: int = 0,
+) -> Dataset:
     """Decode an ImageFolder split. With ``subset``, only the files of the fixed random
     subset (:meth:`Dataset.subset`'s choice among the listed files) are decoded."""
     split_dir = _split_dir(root, split)
@@ -283,8 +327,10 @@ def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[i
             if skip_bad:
                 unstat += 1
                 continue
-            raise DataError(f"{p}: cannot read ({e.strerror or e}); remove or fix this file, or pass "
-                            "skip_bad / --skip-bad to skip and count such files.") from None
+            raise DataError(
+                f"{p}: cannot read ({e.strerror or e}); remove or fix this file, or pass "
+                "skip_bad / --skip-bad to skip and count such files."
+            ) from None
         stats.append(f"{label}/{p.name}:{st.st_size}:{st.st_mtime_ns}")
         readable.append((p, label))
     items = readable
@@ -307,33 +353,38 @@ def load_imagefolder(root: Path, split: str, channels: int = 3, size: Optional[i
             if skip_bad:
                 skipped += 1
                 continue
-            raise DataError(f"{p}: cannot decode image ({e.__class__.__name__}: {e}); pass "
-                            "skip_bad / --skip-bad to skip and count such files.") from None
+            raise DataError(
+                f"{p}: cannot decode image ({e.__class__.__name__}: {e}); pass "
+                "skip_bad / --skip-bad to skip and count such files."
+            ) from None
         if shape is None:
             shape = a.shape
         elif a.shape != shape:
             if skip_bad:
                 skipped += 1
                 continue
-            raise DataError(f"{p}: image size {a.shape[2]}x{a.shape[1]} differs from "
-                            f"{shape[2]}x{shape[1]} of the first image; set an image size to resize.")
+            raise DataError(
+                f"{p}: image size {a.shape[2]}x{a.shape[1]} differs from "
+                f"{shape[2]}x{shape[1]} of the first image; set an image size to resize."
+            )
         arrays.append(a)
         labels.append(y)
         if progress and (n + 1) % 5000 == 0:
             print(f"decoded {n + 1}/{len(items)} images from {split_dir}", flush=True)
     if not arrays:
         raise DataError(f"{split_dir}: no readable images.")
-    ds = Dataset(torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), found,
-                 skipped, str(split_dir))
+    ds = Dataset(
+        torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), found, skipped, str(split_dir)
+    )
     if cache is not None:
         from .checkpoint import atomic_save_safetensors
 
         try:  # the cache only saves time: a full disk or a read-only directory must not stop a run
-            atomic_save_safetensors({"images": ds.images, "labels": ds.labels,
-                                     "skipped": torch.tensor([skipped])}, cache)
+            atomic_save_safetensors(
+                {"images": ds.images, "labels": ds.labels, "skipped": torch.tensor([skipped])}, cache
+            )
         except OSError as e:
-            print(f"warning: could not write the decoded-image cache ({e}); going on without it",
-                  file=sys.stderr)
+            print(f"warning: could not write the decoded-image cache ({e}); going on without it", file=sys.stderr)
     return ds
 
 
@@ -342,8 +393,9 @@ def default_cache_dir() -> Path:
 
 
 def _cifar_pickles(root: Path) -> List[Path]:
-    return [c for c in (root, root / "cifar-10-batches-py")
-            if (c / "batches.meta").exists() or (c / "test_batch").exists()]
+    return [
+        c for c in (root, root / "cifar-10-batches-py") if (c / "batches.meta").exists() or (c / "test_batch").exists()
+    ]
 
 
 def image_folder_root(name: str, data_dir: Optional[str]) -> Optional[Path]:
@@ -358,8 +410,9 @@ def image_folder_root(name: str, data_dir: Optional[str]) -> Optional[Path]:
         return None
     folder = next((c for c in (root, root / "cifar10") if (c / "train").is_dir()), None)
     if folder is None and root.is_dir():
-        raise DataError(f"{root}: neither cifar-10-batches-py/ (python release) nor an "
-                        "ImageFolder with train/ and test/.")
+        raise DataError(
+            f"{root}: neither cifar-10-batches-py/ (python release) nor an ImageFolder with train/ and test/."
+        )
     return folder
 
 
@@ -368,10 +421,20 @@ def count_images(root: Path, split: str) -> int:
     return len(_list_images(_split_dir(root, split), None)[1])
 
 
-def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, channels: int = 3,
-                 size: Optional[int] = None, skip_bad: bool = False, cache_dir: Optional[str] = None,
-                 classes: Optional[List[str]] = None, progress: bool = False,
-                 subset: Optional[int] = None, seed: int = 0) -> Dataset:
+def load_dataset(
+    name: str,
+    split: str,
+    data_dir: Optional[str] = None,
+    *,
+    channels: int = 3,
+    size: Optional[int] = None,
+    skip_bad: bool = False,
+    cache_dir: Optional[str] = None,
+    classes: Optional[List[str]] = None,
+    progress: bool = False,
+    subset: Optional[int] = None,
+    seed: int = 0,
+) -> Dataset:
     """Load ``split`` ('train' or 'test') of a dataset as uint8 tensors.
 
     ``fashion-mnist``: IDX files in ``data_dir`` (default /usr/share/datasets/fashion-mnist).
@@ -402,8 +465,7 @@ def load_dataset(name: str, split: str, data_dir: Optional[str] = None, *, chann
             ds = load_cifar_pickle(_cifar_pickles(root)[0], split)
         channels = 3
     if folder is not None:  # decodes only the subset's files
-        return load_imagefolder(folder, split, channels, size, skip_bad, cache, classes, progress,
-                                subset, seed)
+        return load_imagefolder(folder, split, channels, size, skip_bad, cache, classes, progress, subset, seed)
     return ds.subset(subset, seed) if subset is not None else ds
 
 

@@ -13,6 +13,7 @@ An export is a directory with two files:
 
 ``bhvit.runtime.load`` validates all of it before running anything.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -87,13 +88,16 @@ def _norm(w: _Writer, prefix: str, norm: nn.Module, kinds: Dict[str, str]) -> No
         raise ConfigError(f"cannot export norm {type(norm).__name__} at {prefix}.")
 
 
-def _binary(w: _Writer, prefix: str, layer: nn.Module, kinds: Dict[str, str],
-            follow: Optional[nn.Module] = None) -> None:
+def _binary(
+    w: _Writer, prefix: str, layer: nn.Module, kinds: Dict[str, str], follow: Optional[nn.Module] = None
+) -> None:
     """Packed signs + per-channel affine ``dot * scale + shift`` (+ folded BN ``follow``)."""
     if not getattr(layer, "is_binary", False):
-        raise ConfigError(f"{prefix}: only fully binary layers (binary weights and activations) can be "
-                         "exported to the XNOR runtime; this model has a full-precision or "
-                         "weight-only binary layer here.")
+        raise ConfigError(
+            f"{prefix}: only fully binary layers (binary weights and activations) can be "
+            "exported to the XNOR runtime; this model has a full-precision or "
+            "weight-only binary layer here."
+        )
     alpha, sign = layer.kernel_quantizer.scale_and_sign(layer.weight)
     if isinstance(layer, BinaryConv2d):
         sign = sign.permute(0, 2, 3, 1)  # (out, kh, kw, cin/groups): reduction innermost
@@ -197,8 +201,7 @@ def _collect(model: BHViT, float16: bool):
     return w, kinds
 
 
-def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] = None,
-                 float16: bool = False) -> Dict:
+def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] = None, float16: bool = False) -> Dict:
     """Write ``out_dir/model.safetensors`` and ``out_dir/manifest.json``; return the manifest.
 
     ``data``: what the runtime needs to prepare inputs, ``{"mean": [...], "std": [...],
@@ -211,9 +214,11 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
         raise ConfigError("export needs qd_levels >= 1.")
     q = model.cfg.quant
     if not (q.weights and q.acts):
-        raise ConfigError("only fully binary models can be exported to the XNOR runtime; this one has "
-                         f"binary weights {q.weights}, binary activations {q.acts} (binary / "
-                         "binary_weights / binary_acts in its config). Export the binary student.")
+        raise ConfigError(
+            "only fully binary models can be exported to the XNOR runtime; this one has "
+            f"binary weights {q.weights}, binary activations {q.acts} (binary / "
+            "binary_weights / binary_acts in its config). Export the binary student."
+        )
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; give a directory for the export.")
@@ -223,8 +228,9 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
     if problem:
         raise ConfigError(f"cannot export to {out}: the runtime does not accept this model ({problem}).")
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"cannot export to {out}: data must be a dict (mean, std, classes), "
-                         f"got {type(data).__name__}.")
+        raise ConfigError(
+            f"cannot export to {out}: data must be a dict (mean, std, classes), got {type(data).__name__}."
+        )
     try:
         data = json.loads(json.dumps(data or {}, allow_nan=True))
     except (TypeError, ValueError) as e:
@@ -244,13 +250,19 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
             continue
         if not torch.isfinite(t).all():
             n_bad = int((~torch.isfinite(t)).sum())
-            why = (" (they overflow float16, which holds up to 65504: export without float16)"
-                   if name in w.f16_overflow else "")
-            raise ConfigError(f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
-                             "the runtime refuses them (did training diverge?).")
+            why = (
+                " (they overflow float16, which holds up to 65504: export without float16)"
+                if name in w.f16_overflow
+                else ""
+            )
+            raise ConfigError(
+                f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
+                "the runtime refuses them (did training diverge?)."
+            )
         if name.endswith(".core.qd.step") and not bool(t.all()):
-            raise ConfigError(f"cannot export to {out}: {name} (the QD step) has a zero value; the QD "
-                             "levels divide by it.")
+            raise ConfigError(
+                f"cannot export to {out}: {name} (the QD step) has a zero value; the QD levels divide by it."
+            )
     out.mkdir(parents=True, exist_ok=True)
     wpath = out / "model.safetensors"
     atomic_save_safetensors(w.tensors, wpath)
@@ -264,13 +276,18 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
         "data": data,
         "kinds": kinds,
         "float16": float16,
-        "tensors": {k: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)}
-                    for k, t in w.tensors.items()},
+        "tensors": {
+            k: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for k, t in w.tensors.items()
+        },
         "file": {"name": wpath.name, "bytes": wpath.stat().st_size, "sha256": digest},
-        "size": {"binary_weights": w.binary_weights, "packed_bytes": packed_bytes,
-                 "float_values": w.float_params, "float_bytes": float_bytes,
-                 "file_bytes": wpath.stat().st_size,
-                 "float32_checkpoint_bytes": 4 * sum(p.numel() for p in model.parameters())},
+        "size": {
+            "binary_weights": w.binary_weights,
+            "packed_bytes": packed_bytes,
+            "float_values": w.float_params,
+            "float_bytes": float_bytes,
+            "file_bytes": wpath.stat().st_size,
+            "float32_checkpoint_bytes": 4 * sum(p.numel() for p in model.parameters()),
+        },
     }
     manifest = json.loads(json.dumps(manifest))  # as it reads back (tuples become lists)
     manifest["manifest_sha256"] = manifest_digest(manifest)

@@ -5,6 +5,7 @@ Token tensors in bhvit are channels-last, ``(..., C)``: a feature map is
 LayerScale act on the last dim directly; convolutions see an NCHW *view* of the same
 memory (``channels_last`` format), so no permute/contiguous round trip is needed.
 """
+
 from __future__ import annotations
 
 from typing import Iterator, Optional
@@ -71,8 +72,17 @@ class BinaryLinear(_BinaryMixin, nn.Linear):
     With both quantizers ``None`` it is the full-precision twin with the same parameters.
     """
 
-    def __init__(self, in_features, out_features, bias=False, *, input_quantizer=None,
-                 kernel_quantizer=None, input_bias=True, binary_input=None):
+    def __init__(
+        self,
+        in_features,
+        out_features,
+        bias=False,
+        *,
+        input_quantizer=None,
+        kernel_quantizer=None,
+        input_bias=True,
+        binary_input=None,
+    ):
         super().__init__(in_features, out_features, bias=bias)
         self._setup(in_features, input_quantizer, kernel_quantizer, input_bias, binary_input)
         nn.init.trunc_normal_(self.weight, std=0.02)
@@ -94,11 +104,32 @@ class BinaryConv2d(_BinaryMixin, nn.Conv2d):
     (neither +1 nor -1), exactly as a float conv on a +-1 map would.
     """
 
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0,
-                 dilation=1, groups=1, bias=False, *, input_quantizer=None,
-                 kernel_quantizer=None, input_bias=True, binary_input=None):
-        super().__init__(in_channels, out_channels, kernel_size, stride=stride,
-                         padding=padding, dilation=dilation, groups=groups, bias=bias)
+    def __init__(
+        self,
+        in_channels,
+        out_channels,
+        kernel_size,
+        stride=1,
+        padding=0,
+        dilation=1,
+        groups=1,
+        bias=False,
+        *,
+        input_quantizer=None,
+        kernel_quantizer=None,
+        input_bias=True,
+        binary_input=None,
+    ):
+        super().__init__(
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=bias,
+        )
         self._setup(in_channels, input_quantizer, kernel_quantizer, input_bias, binary_input)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -187,8 +218,7 @@ def channel_shortcut(x: torch.Tensor, out_dim: int) -> torch.Tensor:
         return x.repeat(*([1] * (x.dim() - 1)), out_dim // in_dim)
     if in_dim % out_dim == 0:
         return x.view(*x.shape[:-1], out_dim, in_dim // out_dim).mean(-1)
-    raise ConfigError(
-        f"channel shortcut needs one channel count to divide the other, got {in_dim} -> {out_dim}.")
+    raise ConfigError(f"channel shortcut needs one channel count to divide the other, got {in_dim} -> {out_dim}.")
 
 
 class LayerwiseResidual(nn.Module):
@@ -201,12 +231,12 @@ class LayerwiseResidual(nn.Module):
     ``(B, H, W, C)`` input by that factor first (the binary downsampling).
     """
 
-    def __init__(self, op: nn.Module, in_dim: int, out_dim: int, norm: str = "bn",
-                 shortcut_pool: int = 1, eps: float = 1e-5):
+    def __init__(
+        self, op: nn.Module, in_dim: int, out_dim: int, norm: str = "bn", shortcut_pool: int = 1, eps: float = 1e-5
+    ):
         super().__init__()
         if not (in_dim == out_dim or out_dim % in_dim == 0 or in_dim % out_dim == 0):
-            raise ConfigError(f"LayerwiseResidual needs one of in_dim={in_dim}, out_dim={out_dim} "
-                             "to divide the other.")
+            raise ConfigError(f"LayerwiseResidual needs one of in_dim={in_dim}, out_dim={out_dim} to divide the other.")
         self.op = op
         self.out_dim = out_dim
         self.shortcut_pool = shortcut_pool

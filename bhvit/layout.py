@@ -1,6 +1,7 @@
 """Facts about a BHViT config's layout that the PyTorch model, the export and the
 bit-packed runtime share (no torch, no numpy: ``bhvit.runtime`` imports it too).
 """
+
 from __future__ import annotations
 
 from typing import List

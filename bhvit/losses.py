@@ -6,6 +6,7 @@ the recipe's combination of both with cross-entropy,
 (Gao et al., CVPR 2025). KD is the soft cross-entropy to the teacher's softmax (no
 temperature); ``L_re`` pulls latent binary weights towards +-1.
 """
+
 from __future__ import annotations
 
 from typing import Optional
@@ -39,8 +40,14 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
-def recipe_loss(logits: torch.Tensor, targets: torch.Tensor, lam: float = 0.0, beta: float = 0.0,
-                teacher_logits: Optional[torch.Tensor] = None, model: Optional[nn.Module] = None) -> torch.Tensor:
+def recipe_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    lam: float = 0.0,
+    beta: float = 0.0,
+    teacher_logits: Optional[torch.Tensor] = None,
+    model: Optional[nn.Module] = None,
+) -> torch.Tensor:
     """``(1 - lam - beta) CE + lam KD + beta L_re``, in float32 whatever the logits' dtype.
     ``teacher_logits`` is needed when ``lam`` is nonzero, ``model`` when ``beta`` is."""
     loss = (1.0 - lam - beta) * F.cross_entropy(logits.float(), targets)
@@ -48,8 +55,10 @@ def recipe_loss(logits: torch.Tensor, targets: torch.Tensor, lam: float = 0.0, b
         if teacher_logits is None:
             raise ConfigError("recipe_loss: lam > 0 needs the teacher's logits.")
         if teacher_logits.shape != logits.shape:
-            raise ConfigError(f"the teacher returned logits of shape {tuple(teacher_logits.shape)}, "
-                              f"the student {tuple(logits.shape)}; it must predict the same classes.")
+            raise ConfigError(
+                f"the teacher returned logits of shape {tuple(teacher_logits.shape)}, "
+                f"the student {tuple(logits.shape)}; it must predict the same classes."
+            )
         loss = loss + lam * kd_loss(logits.float(), teacher_logits.float())
     if beta:
         if model is None:

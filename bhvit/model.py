@@ -1,4 +1,5 @@
 """The BHViT model, its configuration and the registry of named configurations."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from .blocks import (MSGDC, MSMHA, BHViTBlock, BinaryDownsample, FPDownsample, QuantSpec,
-                     Stem)
+from .blocks import MSGDC, MSMHA, BHViTBlock, BinaryDownsample, FPDownsample, QuantSpec, Stem
 from .layers import make_norm
 from .errors import ConfigError
 from .layout import HYBRID_MIXERS, stage_mixers
@@ -123,8 +123,9 @@ class BHViTConfig(DictConfig):
             bad(f"msgdc_groups must be >= 1, got {self.msgdc_groups}.")
         for name in ("msgdc_dilations", "shift_sizes"):
             v = getattr(self, name)
-            if not isinstance(v, (tuple, list)) or any(isinstance(x, bool) or not isinstance(x, int) or x < 1
-                                                       for x in v):
+            if not isinstance(v, (tuple, list)) or any(
+                isinstance(x, bool) or not isinstance(x, int) or x < 1 for x in v
+            ):
                 bad(f"{name} must be a list of positive integers, got {v!r}.")
         if not self.msgdc_dilations:
             bad("msgdc_dilations must name at least one dilation, e.g. [1, 3, 5].")
@@ -134,13 +135,17 @@ class BHViTConfig(DictConfig):
             bad(f"stem_stride must be >= 1 and stem_pad >= 0, got {self.stem_stride}, {self.stem_pad}.")
         side = self.img_size + 2 * self.stem_pad
         if self.img_size < 1 or side % (self.stem_stride * 8):
-            bad(f"img_size {self.img_size} is not supported: img_size + 2*stem_pad "
+            bad(
+                f"img_size {self.img_size} is not supported: img_size + 2*stem_pad "
                 f"({side}) must be a multiple of 8*stem_stride = {8 * self.stem_stride} "
-                "so that all four stages have integer map sizes.")
+                "so that all four stages have integer map sizes."
+            )
         for i in range(3):
             if self.dims[i + 1] % self.dims[i]:
-                bad(f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
-                    f"{self.dims[i]} (the downsampling shortcut repeats channels).")
+                bad(
+                    f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
+                    f"{self.dims[i]} (the downsampling shortcut repeats channels)."
+                )
         for i, (dim, mixer, size) in enumerate(zip(self.dims, self.stage_mixers(), self.map_sizes())):
             if self.shift and self.shift_sizes and dim % 4:
                 bad(f"dims[{i}]={dim} must be divisible by 4 for the shift channel mix.")
@@ -149,9 +154,10 @@ class BHViTConfig(DictConfig):
             if mixer in ("msmha", "attn") and dim % self.heads[i]:
                 bad(f"dims[{i}]={dim} must be divisible by heads[{i}]={self.heads[i]}.")
             if mixer == "msmha" and size % self.windows[i]:
-                bad(f"windows[{i}]={self.windows[i]} must divide the stage-{i + 1} map size "
-                    f"{size}x{size} (img_size={self.img_size}); allowed: divisors of {size}.")
-
+                bad(
+                    f"windows[{i}]={self.windows[i]} must divide the stage-{i + 1} map size "
+                    f"{size}x{size} (img_size={self.img_size}); allowed: divisors of {size}."
+                )
 
 
 class BHViTStage(nn.Module):
@@ -188,8 +194,10 @@ class BHViT(nn.Module):
             if i > 0:
                 cls = FPDownsample if cfg.fp_downsample else BinaryDownsample
                 down = cls(cfg.dims[i - 1], dim, sizes[i], q)
-            blocks = [BHViTBlock(dim, self._mixer(mixer_name, i, q), cfg.mlp_ratios[i], q, shifts)
-                      for _ in range(cfg.depths[i])]
+            blocks = [
+                BHViTBlock(dim, self._mixer(mixer_name, i, q), cfg.mlp_ratios[i], q, shifts)
+                for _ in range(cfg.depths[i])
+            ]
             stages.append(BHViTStage(down, blocks))
         self.stages = nn.ModuleList(stages)
         self.norm = make_norm(cfg.norm, cfg.dims[-1])
@@ -211,11 +219,15 @@ class BHViT(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.cfg
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ConfigError(f"BHViT expects a float tensor of shape (B, {cfg.in_chans}, "
-                             f"{cfg.img_size}, {cfg.img_size}), got {getattr(x, 'dtype', type(x))}.")
+            raise ConfigError(
+                f"BHViT expects a float tensor of shape (B, {cfg.in_chans}, "
+                f"{cfg.img_size}, {cfg.img_size}), got {getattr(x, 'dtype', type(x))}."
+            )
         if x.dim() != 4 or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size):
-            raise ConfigError(f"BHViT expects input of shape (B, {cfg.in_chans}, {cfg.img_size}, "
-                             f"{cfg.img_size}), got {tuple(x.shape)}.")
+            raise ConfigError(
+                f"BHViT expects input of shape (B, {cfg.in_chans}, {cfg.img_size}, "
+                f"{cfg.img_size}), got {tuple(x.shape)}."
+            )
         if x.shape[0] == 0:
             raise ConfigError("BHViT got an empty batch (B = 0).")
 
@@ -284,8 +296,7 @@ def bhvit_small() -> BHViTConfig:
 # stage 3 (4x4) and 4 (2x2) attend within one window plus one pooled token.
 def _c32(depths, dims=(64, 128, 256, 512), heads=(1, 2, 4, 8), **kw) -> BHViTConfig:
     kw.setdefault("img_size", 32)
-    return BHViTConfig(stem_stride=2, dims=dims, depths=depths, heads=heads,
-                       windows=(8, 8, 4, 2), **kw)
+    return BHViTConfig(stem_stride=2, dims=dims, depths=depths, heads=heads, windows=(8, 8, 4, 2), **kw)
 
 
 @register_model
@@ -312,8 +323,7 @@ def bhvit_tiny_c28() -> BHViTConfig:
 
 @register_model
 def bhvit_micro_c28() -> BHViTConfig:
-    return _c32((1, 1, 2, 1), dims=(32, 64, 128, 256), heads=(1, 1, 2, 4), img_size=28,
-                in_chans=1, stem_pad=2)
+    return _c32((1, 1, 2, 1), dims=(32, 64, 128, 256), heads=(1, 1, 2, 4), img_size=28, in_chans=1, stem_pad=2)
 
 
 @register_model
@@ -321,8 +331,14 @@ def bhvit_nano_c32() -> BHViTConfig:
     """bhvit_micro_c32 with a 4x4 stem (maps 8, 4, 2, 1, as the 224 models' 56 ... 7 scaled
     down), windows (4, 2, 2, 1): about a quarter of micro_c32's cost, for CPU ablation studies
     (experiments/ablation.py)."""
-    return BHViTConfig(img_size=32, stem_stride=4, dims=(32, 64, 128, 256), depths=(1, 1, 2, 1),
-                       heads=(1, 1, 2, 4), windows=(4, 2, 2, 1))
+    return BHViTConfig(
+        img_size=32,
+        stem_stride=4,
+        dims=(32, 64, 128, 256),
+        depths=(1, 1, 2, 1),
+        heads=(1, 1, 2, 4),
+        windows=(4, 2, 2, 1),
+    )
 
 
 # Binary-CNN baseline (bhvit.reactnet): a ReActNet-style binary ResNet at the BOPs of bhvit_nano_c32.

@@ -1,4 +1,5 @@
 """Learning-curve PNG drawn with Pillow (no plotting library needed)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -56,10 +57,20 @@ def plot_history(history: List[Dict], path, title: str = "") -> Path:
     d = ImageDraw.Draw(img)
     d.text((10, 6), title, fill=(0, 0, 0))
     xs = [h["epoch"] for h in history]
-    _panel(d, (60, 40, 430, 340), [("train loss", [h["train_loss"] for h in history]),
-                                    ("test loss", [h["test_loss"] for h in history])], xs, "loss")
-    _panel(d, (510, 40, 880, 340), [("train top-1", [h["train_top1"] for h in history]),
-                                     ("test top-1", [h["test_top1"] for h in history])], xs, "top-1 (%)")
+    _panel(
+        d,
+        (60, 40, 430, 340),
+        [("train loss", [h["train_loss"] for h in history]), ("test loss", [h["test_loss"] for h in history])],
+        xs,
+        "loss",
+    )
+    _panel(
+        d,
+        (510, 40, 880, 340),
+        [("train top-1", [h["train_top1"] for h in history]), ("test top-1", [h["test_top1"] for h in history])],
+        xs,
+        "top-1 (%)",
+    )
     path = Path(path)
     tmp = path.with_name("." + path.name + ".tmp")
     img.save(tmp, format="PNG")

@@ -15,6 +15,7 @@ the +-1 values by AND/popcount. BHViT uses ``levels = 3`` (2 bits, three planes)
 As in the BHViT release, ``A_q`` approximates ``levels * A`` (the softmax scaled by
 the number of levels), not ``A``; the norm that follows the context removes the scale.
 """
+
 from __future__ import annotations
 
 import math
@@ -74,13 +75,12 @@ class QuantizationDecomposition(nn.Module):
             dist.all_reduce(both)
             both /= dist.get_world_size()
             self.step.copy_(both[: self.num_heads])
-            self.zero_point.copy_(both[self.num_heads:])
+            self.zero_point.copy_(both[self.num_heads :])
         self.initialized.fill_(1)
 
     def _check(self, attn: torch.Tensor) -> None:
         if attn.dim() != 4 or attn.shape[1] != self.num_heads:
-            raise ConfigError(f"QD expects attention of shape (B, {self.num_heads}, N, M), "
-                             f"got {tuple(attn.shape)}.")
+            raise ConfigError(f"QD expects attention of shape (B, {self.num_heads}, N, M), got {tuple(attn.shape)}.")
 
     def levels_of(self, attn: torch.Tensor) -> torch.Tensor:
         """Integer levels ``q`` in ``{0..levels}`` (as float) of an attention matrix."""

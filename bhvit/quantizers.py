@@ -9,6 +9,7 @@ Convention used everywhere in bhvit, training model and runtime alike:
 ``sign(0) = +1``. ``torch.sign`` maps 0 to 0, which would make the float simulation
 ternary and unreproducible by XNOR/popcount kernels, so it is never used directly.
 """
+
 from __future__ import annotations
 
 import torch

@@ -22,6 +22,7 @@ and ``bhvit.train.train(cfg, model=create_model("reactnet_c32", num_classes=10))
 (with ``cfg.model = "reactnet_c32"``) all work with it. ``bhvit eval``, ``bhvit export``
 and ``--teacher`` load BHViT checkpoints only: they do not load a ReActNet run.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,13 +83,16 @@ class ReActNetConfig(DictConfig):
         if self.norm not in ("bn", "ln"):
             raise ConfigError(f"norm must be 'bn' or 'ln', got {self.norm!r}.")
         if self.img_size % (self.stem_stride * 8):
-            raise ConfigError(f"img_size {self.img_size} must be a multiple of 8*stem_stride = "
-                             f"{8 * self.stem_stride} so that all four stages have integer map sizes.")
+            raise ConfigError(
+                f"img_size {self.img_size} must be a multiple of 8*stem_stride = "
+                f"{8 * self.stem_stride} so that all four stages have integer map sizes."
+            )
         for i in range(3):
             if self.dims[i + 1] % self.dims[i]:
-                raise ConfigError(f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
-                                 f"{self.dims[i]} (the downsampling shortcut tiles channels).")
-
+                raise ConfigError(
+                    f"dims[{i + 1}]={self.dims[i + 1]} must be a multiple of dims[{i}]="
+                    f"{self.dims[i]} (the downsampling shortcut tiles channels)."
+                )
 
     def build(self) -> "ReActNet":
         return ReActNet(self)
@@ -96,8 +100,9 @@ class ReActNetConfig(DictConfig):
 
 def binary_conv_unit(in_dim: int, out_dim: int, stride: int, q: QuantSpec) -> LayerwiseResidual:
     """``RPReLU(BN(BinaryConv3x3(sign(x + b))) + shortcut(x))`` on a ``(B, H, W, C)`` map."""
-    conv = BinaryConv2d(in_dim, out_dim, 3, stride=stride, padding=1,
-                        input_quantizer=q.act(), kernel_quantizer=q.kernel())
+    conv = BinaryConv2d(
+        in_dim, out_dim, 3, stride=stride, padding=1, input_quantizer=q.act(), kernel_quantizer=q.kernel()
+    )
     return LayerwiseResidual(NHWCConv(conv), in_dim, out_dim, norm=q.norm, shortcut_pool=stride)
 
 
@@ -146,11 +151,18 @@ class ReActNet(nn.Module):
 
     def check_input(self, x: torch.Tensor) -> None:
         cfg = self.cfg
-        if (not isinstance(x, torch.Tensor) or not x.is_floating_point() or x.dim() != 4
-                or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size) or x.shape[0] == 0):
-            raise ConfigError(f"ReActNet expects a float tensor of shape (B, {cfg.in_chans}, "
-                             f"{cfg.img_size}, {cfg.img_size}) with B >= 1, got "
-                             f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x))}.")
+        if (
+            not isinstance(x, torch.Tensor)
+            or not x.is_floating_point()
+            or x.dim() != 4
+            or tuple(x.shape[1:]) != (cfg.in_chans, cfg.img_size, cfg.img_size)
+            or x.shape[0] == 0
+        ):
+            raise ConfigError(
+                f"ReActNet expects a float tensor of shape (B, {cfg.in_chans}, "
+                f"{cfg.img_size}, {cfg.img_size}) with B >= 1, got "
+                f"{tuple(getattr(x, 'shape', ()))} {getattr(x, 'dtype', type(x))}."
+            )
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         self.check_input(x)

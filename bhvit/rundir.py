@@ -11,6 +11,7 @@
 
 Every name a run writes is listed here (:data:`RUN_FILES`, :data:`CHECKPOINT_NAME`).
 """
+
 from __future__ import annotations
 
 import os
@@ -20,8 +21,7 @@ from typing import Optional, Union
 
 from .errors import BhvitError, ConfigError
 
-__all__ = ["RunLock", "RunLocked", "LOCK_NAME", "RUN_FILES", "CHECKPOINT_NAME", "remove_stale_temp",
-           "check_out_dir"]
+__all__ = ["RunLock", "RunLocked", "LOCK_NAME", "RUN_FILES", "CHECKPOINT_NAME", "remove_stale_temp", "check_out_dir"]
 
 LOCK_NAME = ".bhvit.lock"
 # The files of a run directory besides the checkpoints.
@@ -59,8 +59,10 @@ class RunLock:
         except OSError:
             holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise RunLocked(f"{self.run_dir} is in use by another bhvit run (PID {holder}); wait for it "
-                            "to finish or choose another --out.") from None
+            raise RunLocked(
+                f"{self.run_dir} is in use by another bhvit run (PID {holder}); wait for it "
+                "to finish or choose another --out."
+            ) from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd

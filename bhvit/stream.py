@@ -16,6 +16,7 @@ exactly, with any number of workers:
 Evaluation: shorter side to ``img_size / crop_ratio``, centre crop (``crop_ratio`` 0.875 with
 ``rrc``, 1 otherwise: exactly the in-memory path's and ``bhvit predict``'s pixels).
 """
+
 from __future__ import annotations
 
 import math
@@ -78,8 +79,8 @@ def pad_crop_flip(a: np.ndarray, pad: int, flip: bool, gen: torch.Generator) -> 
     if pad > 0:
         d = torch.randint(0, 2 * pad + 1, (2,), generator=gen).tolist()
         p = np.zeros((C, H + 2 * pad, W + 2 * pad), np.uint8)
-        p[:, pad:pad + H, pad:pad + W] = a
-        a = p[:, d[0]:d[0] + H, d[1]:d[1] + W]
+        p[:, pad : pad + H, pad : pad + W] = a
+        a = p[:, d[0] : d[0] + H, d[1] : d[1] + W]
     if flip and float(torch.rand((), generator=gen)) < 0.5:
         a = a[:, :, ::-1]
     return np.ascontiguousarray(a)
@@ -91,8 +92,18 @@ class StreamingImageFolder:
 
     streaming = True
 
-    def __init__(self, root: Path, split: str, channels: int, size: int, classes: Optional[List[str]] = None,
-                 subset: Optional[int] = None, seed: int = 0, skip_bad: bool = False, augment: str = "pad-crop"):
+    def __init__(
+        self,
+        root: Path,
+        split: str,
+        channels: int,
+        size: int,
+        classes: Optional[List[str]] = None,
+        subset: Optional[int] = None,
+        seed: int = 0,
+        skip_bad: bool = False,
+        augment: str = "pad-crop",
+    ):
         if augment not in AUGMENTS:
             raise DataError(f"augment must be one of {AUGMENTS}, got {augment!r}.")
         self.split_dir = _split_dir(Path(root), split)
@@ -108,8 +119,10 @@ class StreamingImageFolder:
             elif skip_bad:
                 self.skipped += 1
             else:
-                raise DataError(f"{p}: cannot read (not a regular file, a dangling link or a link loop); "
-                                "remove or fix it, or pass --skip-bad to skip and count such files.")
+                raise DataError(
+                    f"{p}: cannot read (not a regular file, a dangling link or a link loop); "
+                    "remove or fix it, or pass --skip-bad to skip and count such files."
+                )
         self.items = readable
         self.labels = torch.tensor([y for _, y in readable], dtype=torch.int64)
         self.channels, self.size, self.augment, self.skip_bad = channels, size, augment, skip_bad
@@ -155,8 +168,9 @@ class StreamingImageFolder:
             draft(*im.size)
         (left, top, cw, ch), (w0, h0) = box["crop"], box["size"]
         sx, sy = im.size[0] / w0, im.size[1] / h0
-        im = im.resize((self.size, self.size), Image.BILINEAR,
-                       box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy))
+        im = im.resize(
+            (self.size, self.size), Image.BILINEAR, box=(left * sx, top * sy, (left + cw) * sx, (top + ch) * sy)
+        )
         a = to_chw(im)
         if flip and float(torch.rand((), generator=gen)) < 0.5:
             a = np.ascontiguousarray(a[:, :, ::-1])
@@ -191,8 +205,7 @@ class _Samples(torch.utils.data.Dataset):
 
     def __getitem__(self, key):
         epoch, i = key
-        a = (self.ds.train_image(i, self.seed, epoch, self.pad, self.flip) if self.train
-             else self.ds.eval_image(i))
+        a = self.ds.train_image(i, self.seed, epoch, self.pad, self.flip) if self.train else self.ds.eval_image(i)
         return torch.from_numpy(a), self.ds.labels[i]
 
 
@@ -214,12 +227,25 @@ class StreamLoader:
     processes (persistent across epochs, pinned memory on CUDA, two batches prefetched per
     worker); ``workers=0`` decodes in the training process."""
 
-    def __init__(self, ds: StreamingImageFolder, train: bool, workers: int, seed: int = 0, pad: int = 0,
-                 flip: bool = True, pin_memory: bool = False):
+    def __init__(
+        self,
+        ds: StreamingImageFolder,
+        train: bool,
+        workers: int,
+        seed: int = 0,
+        pad: int = 0,
+        flip: bool = True,
+        pin_memory: bool = False,
+    ):
         self.sampler = _EpochBatches()
         kw = dict(persistent_workers=True, prefetch_factor=2) if workers > 0 else {}
-        self.loader = torch.utils.data.DataLoader(_Samples(ds, train, seed, pad, flip), batch_sampler=self.sampler,
-                                                  num_workers=workers, pin_memory=pin_memory, **kw)
+        self.loader = torch.utils.data.DataLoader(
+            _Samples(ds, train, seed, pad, flip),
+            batch_sampler=self.sampler,
+            num_workers=workers,
+            pin_memory=pin_memory,
+            **kw,
+        )
 
     def epoch(self, epoch: int, batches):
         """Iterate ``(images uint8 (B, C, H, W), labels)`` for ``batches`` of ``epoch``."""

@@ -15,6 +15,7 @@ nccl on GPU). Each epoch's data order and augmentation come from generators seed
 by ``(seed, epoch, rank)``, so a run resumed from its last checkpoint replays the
 interrupted epoch exactly and ends with the same metrics as an uninterrupted run.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,9 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import RESUME_KEYS, TrainConfig
-from .checkpoint import (atomic_write_json, atomic_write_text, load_matching_weights, load_model,
-                         load_training_state, load_weights, read_checkpoint_json, rng_state, save_checkpoint,
-                         set_rng_state)
+from .checkpoint import (
+    atomic_write_json,
+    atomic_write_text,
+    load_matching_weights,
+    load_model,
+    load_training_state,
+    load_weights,
+    read_checkpoint_json,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from .cudagraph import GraphCaptureError, GraphedStep
 from .data import DataError, Dataset, augment_batch, count_images, image_folder_root, load_dataset, normalize
 from .errors import ConfigError, TrainingDiverged
@@ -202,16 +212,16 @@ class Progress:
         sys.stderr.flush()
 
 
-def make_optimizer(params, lr: float, weight_decay: float, device,
-                   capturable: bool = False) -> torch.optim.AdamW:
+def make_optimizer(params, lr: float, weight_decay: float, device, capturable: bool = False) -> torch.optim.AdamW:
     """The recipe's AdamW. Fused where PyTorch has the kernel (CPU, CUDA): one kernel for all
     parameters, 3-4x faster on the CPU than the default per-parameter loop, and fewer kernel
     launches on a GPU. ``capturable``: fused, with the learning rate held in a device tensor,
     so that ``step()`` can be recorded in a CUDA graph (set it with :func:`set_lr`)."""
     params = list(params)
     if capturable:
-        return torch.optim.AdamW(params, lr=torch.tensor(float(lr), device=device),
-                                 weight_decay=weight_decay, fused=True, capturable=True)
+        return torch.optim.AdamW(
+            params, lr=torch.tensor(float(lr), device=device), weight_decay=weight_decay, fused=True, capturable=True
+        )
     if torch.device(device).type in ("cpu", "cuda"):
         try:
             return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
@@ -232,13 +242,13 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
             g["lr"] = torch.tensor(float(lr), device=g["params"][0].device)
 
 
-def _batches(n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int,
-             shuffle: bool) -> List[torch.Tensor]:
+def _batches(
+    n: int, batch_size: int, epoch: int, seed: int, rank: int, world: int, shuffle: bool
+) -> List[torch.Tensor]:
     """Index batches of this rank's shard, via DistributedSampler (also single-process)."""
     from torch.utils.data import DistributedSampler
 
-    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=False)
+    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed, drop_last=False)
     sampler.set_epoch(epoch)
     idx = torch.tensor(list(iter(sampler)), dtype=torch.long)
     return list(idx.split(batch_size))
@@ -273,9 +283,17 @@ def exact_float32(enabled: bool = True):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, ds: Dataset, mean, std, batch_size: int = 256,
-             device: str = "cpu", progress: bool = False, return_logits: bool = False,
-             loader: Optional[StreamLoader] = None) -> Dict[str, float]:
+def evaluate(
+    model: nn.Module,
+    ds: Dataset,
+    mean,
+    std,
+    batch_size: int = 256,
+    device: str = "cpu",
+    progress: bool = False,
+    return_logits: bool = False,
+    loader: Optional[StreamLoader] = None,
+) -> Dict[str, float]:
     """Cross-entropy loss, top-1 and top-5 accuracy (in %) of ``model`` on ``ds``.
 
     Under torch.distributed each rank evaluates a strided shard and the sums are reduced.
@@ -317,8 +335,12 @@ def _evaluate(model, ds, mean, std, batch_size, device, progress, return_logits,
         dist.all_reduce(sums)
     model.train(was)
     n = max(sums[3].item(), 1)
-    res = {"loss": sums[0].item() / n, "top1": 100 * sums[1].item() / n,
-           "top5": 100 * sums[2].item() / n, "count": int(sums[3].item())}
+    res = {
+        "loss": sums[0].item() / n,
+        "top1": 100 * sums[1].item() / n,
+        "top5": 100 * sums[2].item() / n,
+        "count": int(sums[3].item()),
+    }
     if return_logits:
         res["logits"] = torch.cat(kept) if kept else torch.zeros(0)
     return res
@@ -390,9 +412,11 @@ def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path, wo
     if saved_world is not None and saved_world != world:
         # --batch-size is per process: the global batch, the default lr, the steps per epoch
         # and each process's share of the data all depend on the number of processes.
-        raise CheckpointError(f"--resume: the run in {out} was trained with {saved_world} process(es), "
-                              f"this is {world}; resume it with the same number (torchrun "
-                              "--nproc_per_node) or use another --out.")
+        raise CheckpointError(
+            f"--resume: the run in {out} was trained with {saved_world} process(es), "
+            f"this is {world}; resume it with the same number (torchrun "
+            "--nproc_per_node) or use another --out."
+        )
 
     saved_model = doc.get("model_config", {})
     now_model = getattr(model, "cfg", None)
@@ -400,36 +424,54 @@ def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path, wo
         now = json.loads(json.dumps(now_model.to_dict()))
         diff = sorted(k for k in set(now) | set(saved_model) if now.get(k) != saved_model.get(k))
         if diff:
-            raise CheckpointError(f"--resume: the model config differs from the run in {out} in "
-                                  f"{diff}; resume with the same --model/--set or use another --out.")
+            raise CheckpointError(
+                f"--resume: the model config differs from the run in {out} in "
+                f"{diff}; resume with the same --model/--set or use another --out."
+            )
     saved = doc.get("train_config", {})
     now_t = json.loads(json.dumps(dataclasses.asdict(cfg)))
-    diff = sorted(k for k in RESUME_KEYS if k in saved and saved[k] != now_t.get(k)
-                  and not (k == "teacher" and _same_checkpoint(saved[k], now_t.get(k))))
+    diff = sorted(
+        k
+        for k in RESUME_KEYS
+        if k in saved and saved[k] != now_t.get(k) and not (k == "teacher" and _same_checkpoint(saved[k], now_t.get(k)))
+    )
     if diff:
         detail = ", ".join(f"{k}: {saved[k]!r} -> {now_t.get(k)!r}" for k in diff)
-        raise CheckpointError(f"--resume: training settings differ from the run in {out} ({detail}); "
-                              "resume with the same settings or use another --out.")
+        raise CheckpointError(
+            f"--resume: training settings differ from the run in {out} ({detail}); "
+            "resume with the same settings or use another --out."
+        )
     # The backend may change, and --compile and --cuda-graph may replace each other;
     # whether an epoch's last partial batch is dropped may not.
     drops = bool(saved.get("compile") or saved.get("cuda_graph"))
     if drops != bool(cfg.compile or cfg.cuda_graph):
-        raise CheckpointError(f"--resume: the run in {out} was trained "
-                              f"{'with' if drops else 'without'} --compile or --cuda-graph, which "
-                              "decide whether the last partial batch of an epoch is dropped; resume "
-                              f"it {'with one of them' if drops else 'without either'}.")
+        raise CheckpointError(
+            f"--resume: the run in {out} was trained "
+            f"{'with' if drops else 'without'} --compile or --cuda-graph, which "
+            "decide whether the last partial batch of an epoch is dropped; resume "
+            f"it {'with one of them' if drops else 'without either'}."
+        )
     if saved.get("epochs") not in (None, cfg.epochs):
-        print(f"warning: --epochs changed from {saved['epochs']} to {cfg.epochs}; the cosine "
-              "schedule is recomputed for the new length", file=sys.stderr)
+        print(
+            f"warning: --epochs changed from {saved['epochs']} to {cfg.epochs}; the cosine "
+            "schedule is recomputed for the new length",
+            file=sys.stderr,
+        )
 
 
 def _check_cuda_graph(cfg: "TrainConfig", device: str, world: int) -> None:
     """--cuda-graph needs one CUDA process and a step without host-side decisions."""
-    why = ("it needs a CUDA device" if not device.startswith("cuda") else
-           "it runs in a single process (DistributedDataParallel's gradient hooks are not "
-           "captured)" if world > 1 else
-           "--amp's gradient scaler reads its overflow check on the host every step" if cfg.amp else
-           "use one of --compile and --cuda-graph" if cfg.compile else None)
+    why = (
+        "it needs a CUDA device"
+        if not device.startswith("cuda")
+        else "it runs in a single process (DistributedDataParallel's gradient hooks are not captured)"
+        if world > 1
+        else "--amp's gradient scaler reads its overflow check on the host every step"
+        if cfg.amp
+        else "use one of --compile and --cuda-graph"
+        if cfg.compile
+        else None
+    )
     if why:
         raise ConfigError(f"--cuda-graph: {why}.")
 
@@ -439,8 +481,7 @@ def _log(msg: str, rank: int) -> None:
         print(msg, flush=True)
 
 
-def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
-          model: Optional[nn.Module] = None) -> Dict:
+def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None, model: Optional[nn.Module] = None) -> Dict:
     """Train a BHViT as ``cfg`` says and return the final metrics.
 
     ``teacher``: any module mapping a normalised image batch to logits (used instead of
@@ -467,8 +508,10 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None,
         raise ConfigError("give one of --teacher (a bhvit run) and --teacher-module (your own model).")
     out = check_out_dir(cfg.out)
     if cfg.resume is True and not (out / "last.json").is_file():
-        raise ConfigError(f"--resume: {out} holds no run to continue (no last.json); check the path, "
-                          "or pass --resume auto to start a fresh run when there is none.")
+        raise ConfigError(
+            f"--resume: {out} holds no run to continue (no last.json); check the path, "
+            "or pass --resume auto to start a fresh run when there is none."
+        )
     _check_out_state(out, cfg.resume)  # before the lock: a refused run leaves nothing behind
     lock = _lock_run_dir(out, rank, world, device)
     try:
@@ -493,8 +536,10 @@ def _resolve_device(name: str, rank: int, world: int) -> str:
                 raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}.") from None
             index = torch.cuda.current_device() if index is None else index
             if not 0 <= index < torch.cuda.device_count():
-                raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
-                                  f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1}).")
+                raise ConfigError(
+                    f"--device {name}: this machine has {torch.cuda.device_count()} CUDA "
+                    f"device(s) (cuda:0 to cuda:{torch.cuda.device_count() - 1})."
+                )
             device = f"cuda:{index}"
     elif device != "cpu":
         raise ConfigError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {name!r}.")
@@ -507,8 +552,9 @@ def _check_counts(cfg: TrainConfig) -> None:
     if cfg.subset is not None and cfg.subset < 1:
         raise ConfigError(f"subset must be None (all images) or >= 1, got {cfg.subset}.")
     if cfg.test_subset is not None and cfg.test_subset < 0:
-        raise ConfigError(f"test_subset must be None (follow subset), 0 (all test images) or >= 1, "
-                          f"got {cfg.test_subset}.")
+        raise ConfigError(
+            f"test_subset must be None (follow subset), 0 (all test images) or >= 1, got {cfg.test_subset}."
+        )
     if cfg.resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be False, True or 'auto', got {cfg.resume!r}.")
 
@@ -548,15 +594,25 @@ def resolve_test_subset(subset: Optional[int], test_subset: Optional[int]) -> Op
 def _check_out_state(out: Path, resume: bool) -> None:
     """Refuse an --out that holds a run (unless resuming it) or a checkpoint copy."""
     if (out / "last.json").exists() and not resume:
-        raise ConfigError(f"{out} already holds a run (last.json); pass --resume to continue it "
-                          "or choose another --out.")
+        raise ConfigError(
+            f"{out} already holds a run (last.json); pass --resume to continue it or choose another --out."
+        )
     if (out / "best.json").exists() and not (out / "last.json").exists():
-        raise ConfigError(f"{out} holds a checkpoint (best.json) but no run to resume (last.json), "
-                          "e.g. a copy from `bhvit strip`; choose another --out.")
+        raise ConfigError(
+            f"{out} holds a checkpoint (best.json) but no run to resume (last.json), "
+            "e.g. a copy from `bhvit strip`; choose another --out."
+        )
 
 
-def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Module], out: Path,
-           rank: int, world: int, device: str) -> Dict:
+def _train(
+    cfg: TrainConfig,
+    teacher: Optional[nn.Module],
+    model: Optional[nn.Module],
+    out: Path,
+    rank: int,
+    world: int,
+    device: str,
+) -> Dict:
     _check_out_state(out, cfg.resume)  # again, now that this run holds the lock
     model_cfg = get_config(cfg.model, **cfg.overrides)
     cfg, train_ds, test_ds = _load_data(cfg, model_cfg, rank)
@@ -580,8 +636,7 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
             p.requires_grad_(False)
     is_binary = any(True for _ in binary_layers(model))
     plan = _Plan.of(cfg, len(train_ds), world, model_cfg.img_size)
-    optimizer = make_optimizer(model.parameters(), plan.base_lr, cfg.weight_decay, device,
-                               capturable=cfg.cuda_graph)
+    optimizer = make_optimizer(model.parameters(), plan.base_lr, cfg.weight_decay, device, capturable=cfg.cuda_graph)
     scaler = torch.amp.GradScaler("cuda") if (cfg.amp and device.startswith("cuda")) else None
     start_epoch, history, best = _resume(cfg, out, model, optimizer, scaler, world, rank)
     if world > 1:
@@ -589,13 +644,22 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
         model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
     meta_base = {
         "train_config": dataclasses.asdict(cfg),
-        "data": {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std,
-                 "train_size": len(train_ds), "test_size": len(test_ds)},
+        "data": {
+            "name": cfg.data,
+            "classes": train_ds.classes,
+            "mean": mean,
+            "std": std,
+            "train_size": len(train_ds),
+            "test_size": len(test_ds),
+        },
         "world_size": world,
     }
-    _log(f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "
-         f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
-         f"lr {plan.base_lr:.2e}, {plan.steps_per_epoch} steps/epoch", rank)
+    _log(
+        f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "
+        f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
+        f"lr {plan.base_lr:.2e}, {plan.steps_per_epoch} steps/epoch",
+        rank,
+    )
     stepper = _Stepper(cfg, model, teacher, optimizer, scaler, device, is_binary, rank)
     train_loader = test_loader = None
     if getattr(train_ds, "streaming", False):
@@ -613,42 +677,92 @@ def _train(cfg: TrainConfig, teacher: Optional[nn.Module], model: Optional[nn.Mo
             steps = min(steps, cfg.max_steps - epoch * plan.steps_per_epoch)
             if steps <= 0:
                 break
-        sums, lr = _train_epoch(cfg, plan, stepper, train_ds, train_loader, mean, std, epoch, lam, beta,
-                                steps, first_epoch=epoch == start_epoch, out=out, history=history,
-                                rank=rank, world=world, device=device)
+        sums, lr = _train_epoch(
+            cfg,
+            plan,
+            stepper,
+            train_ds,
+            train_loader,
+            mean,
+            std,
+            epoch,
+            lam,
+            beta,
+            steps,
+            first_epoch=epoch == start_epoch,
+            out=out,
+            history=history,
+            rank=rank,
+            world=world,
+            device=device,
+        )
         train_time = time.perf_counter() - t0
         if world > 1:
             dist.all_reduce(sums)
             _average_buffers(model, world)
         flips, step_flips = stepper.flips.epoch_fractions(_unwrap(model)) if is_binary else (None, None)
         ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device, loader=test_loader)
-        last = {"epoch": epoch + 1, "train_loss": sums[0].item() / sums[2].item(),
-                "train_top1": 100 * sums[1].item() / sums[2].item(), "test_loss": ev["loss"],
-                "test_top1": ev["top1"], "test_top5": ev["top5"], "lr": lr, "beta": beta,
-                "kd_lambda": lam, "flip_frac": flips, "step_flip_frac": step_flips,
-                "epoch_time_s": time.perf_counter() - t0,
-                "train_images_per_s": sums[2].item() / train_time}
+        last = {
+            "epoch": epoch + 1,
+            "train_loss": sums[0].item() / sums[2].item(),
+            "train_top1": 100 * sums[1].item() / sums[2].item(),
+            "test_loss": ev["loss"],
+            "test_top1": ev["top1"],
+            "test_top5": ev["top5"],
+            "lr": lr,
+            "beta": beta,
+            "kd_lambda": lam,
+            "flip_frac": flips,
+            "step_flip_frac": step_flips,
+            "epoch_time_s": time.perf_counter() - t0,
+            "train_images_per_s": sums[2].item() / train_time,
+        }
         history.append(last)
         is_best = ev["top1"] > best
         best = max(best, ev["top1"])
         if rank == 0:
-            meta = dict(meta_base, metrics=last, history=history, best_top1=best, rng=rng_state(),
-                        scaler=scaler.state_dict() if scaler is not None else None)
+            meta = dict(
+                meta_base,
+                metrics=last,
+                history=history,
+                best_top1=best,
+                rng=rng_state(),
+                scaler=scaler.state_dict() if scaler is not None else None,
+            )
             save_checkpoint(out, epoch, model, meta, optimizer, is_best=is_best)
             _write_metrics(out, history)
-        _log(f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f} top-1 "
-             f"{last['train_top1']:.2f} | test loss {ev['loss']:.4f} top-1 {ev['top1']:.2f} top-5 "
-             f"{ev['top5']:.2f} | beta {beta} flips {flips if flips is None else round(flips, 5)} | "
-             f"{last['epoch_time_s']:.0f}s", rank)
+        _log(
+            f"epoch {epoch + 1}/{cfg.epochs}: train loss {last['train_loss']:.4f} top-1 "
+            f"{last['train_top1']:.2f} | test loss {ev['loss']:.4f} top-1 {ev['top1']:.2f} top-5 "
+            f"{ev['top5']:.2f} | beta {beta} flips {flips if flips is None else round(flips, 5)} | "
+            f"{last['epoch_time_s']:.0f}s",
+            rank,
+        )
         if steps < plan.steps_per_epoch:
             _log(f"stopped after --max-steps {cfg.max_steps} optimizer steps", rank)
             break
     return _finish(cfg, out, model, last, best, history, rank, world)
 
 
-def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds: Dataset,
-                 loader: Optional[StreamLoader], mean, std, epoch: int, lam: float, beta: float, steps: int,
-                 first_epoch: bool, out: Path, history: List[Dict], rank: int, world: int, device: str):
+def _train_epoch(
+    cfg: TrainConfig,
+    plan: "_Plan",
+    stepper: "_Stepper",
+    train_ds: Dataset,
+    loader: Optional[StreamLoader],
+    mean,
+    std,
+    epoch: int,
+    lam: float,
+    beta: float,
+    steps: int,
+    first_epoch: bool,
+    out: Path,
+    history: List[Dict],
+    rank: int,
+    world: int,
+    device: str,
+):
     """``steps`` optimizer steps of an epoch. Returns the summed (loss, correct, count) of
     the samples that are not DistributedSampler padding, and the last step's learning rate.
     In-memory data is augmented here as batched tensor ops; streamed data arrives augmented
@@ -666,8 +780,7 @@ def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds:
     bar = Progress(len(batches), f"epoch {epoch + 1}/{cfg.epochs}", cfg.progress and rank == 0)
     lr = plan.base_lr
     for i, idx in enumerate(batches):
-        lr = _lr_at(epoch * plan.steps_per_epoch + i, plan.total_steps, plan.warmup_steps, plan.base_lr,
-                    cfg.min_lr)
+        lr = _lr_at(epoch * plan.steps_per_epoch + i, plan.total_steps, plan.warmup_steps, plan.base_lr, cfg.min_lr)
         set_lr(stepper.optimizer, lr)
         if stream is not None:
             x = next(stream)[0]
@@ -688,7 +801,8 @@ def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds:
                 note = _restore_last_good(model, out, history)
                 raise TrainingDiverged(
                     f"loss became {what} at epoch {epoch + 1}, step {first + 1}; "
-                    f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr.")
+                    f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr."
+                )
         stepper.finish(loss)
         # The batch's samples that are not padding. Top-1 counts exactly these; the loss is the
         # batch mean weighted by k (a rank's last batch holds at most one repeat when n >= world).
@@ -706,6 +820,7 @@ def _train_epoch(cfg: TrainConfig, plan: "_Plan", stepper: "_Stepper", train_ds:
 @dataclass
 class _Plan:
     """Steps, schedule and augmentation of a run, from its config and data size."""
+
     base_lr: float
     steps_per_epoch: int
     total_steps: int
@@ -720,10 +835,15 @@ class _Plan:
         # compiled and graphed steps take one fixed shape: no partial batch
         drop_last = bool(cfg.compile or cfg.cuda_graph) and n_local >= cfg.batch_size
         steps = n_local // cfg.batch_size if drop_last else math.ceil(n_local / cfg.batch_size)
-        re_start = (cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0
-                    else cfg.epochs)
-        return cls(base_lr, steps, steps * cfg.epochs, int(round(cfg.warmup_epochs * steps)), re_start,
-                   cfg.crop_pad if cfg.crop_pad is not None else img_size // 8)
+        re_start = cfg.epochs - max(1, math.ceil(cfg.re_last_frac * cfg.epochs)) if cfg.re_last_frac > 0 else cfg.epochs
+        return cls(
+            base_lr,
+            steps,
+            steps * cfg.epochs,
+            int(round(cfg.warmup_epochs * steps)),
+            re_start,
+            cfg.crop_pad if cfg.crop_pad is not None else img_size // 8,
+        )
 
 
 class _Stepper:
@@ -731,8 +851,17 @@ class _Stepper:
     per-step sign-flip count; eager, compiled (``--compile``) or replayed as one CUDA
     graph (``--cuda-graph``, falling back to eager if capture fails)."""
 
-    def __init__(self, cfg: TrainConfig, model: nn.Module, teacher: Optional[nn.Module], optimizer,
-                 scaler, device: str, is_binary: bool, rank: int):
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        model: nn.Module,
+        teacher: Optional[nn.Module],
+        optimizer,
+        scaler,
+        device: str,
+        is_binary: bool,
+        rank: int,
+    ):
         self.cfg, self.model, self.teacher, self.optimizer, self.scaler = cfg, model, teacher, optimizer, scaler
         self.device, self.rank = device, rank
         self.amp_dtype = torch.float16 if device.startswith("cuda") else torch.bfloat16
@@ -745,8 +874,7 @@ class _Stepper:
                 self.t_fwd = torch.compile(teacher, dynamic=False, backend=cfg.compile)
             _log(f"torch.compile (backend {cfg.compile}): the first steps include compilation", rank)
         # Sign flips per step, counted in fixed buffers updated in place (also inside a graph).
-        self.flips = FlipCounter(_unwrap(model), device, per_step=is_binary and cfg.step_flips,
-                                 in_place=cfg.cuda_graph)
+        self.flips = FlipCounter(_unwrap(model), device, per_step=is_binary and cfg.step_flips, in_place=cfg.cuda_graph)
         self.graphed, self.graphed_for, self.graph_failed = None, None, False
         self.lam = self.beta = 0.0
 
@@ -756,13 +884,13 @@ class _Stepper:
         if self.cfg.cuda_graph and not self.graph_failed and self.graphed_for != (lam, beta):
             # The loss weights are part of the graph: a new graph when they change (L_re's
             # epochs), after one eager step (three before the run's first capture).
-            self.graphed = GraphedStep(functools.partial(self._whole_step, lam=lam, beta=beta),
-                                       warmup=3 if self.graphed is None else 1)
+            self.graphed = GraphedStep(
+                functools.partial(self._whole_step, lam=lam, beta=beta), warmup=3 if self.graphed is None else 1
+            )
             self.graphed_for = (lam, beta)
 
     def _forward_loss(self, x, y, lam: float, beta: float, eager: bool = False):
-        with torch.autocast(device_type=torch.device(self.device).type, dtype=self.amp_dtype,
-                            enabled=self.cfg.amp):
+        with torch.autocast(device_type=torch.device(self.device).type, dtype=self.amp_dtype, enabled=self.cfg.amp):
             logits = (self.model if eager else self.fwd)(x)
             t_logits = None
             if lam:
@@ -833,22 +961,33 @@ class _NonFiniteGuard:
 def _load_data(cfg: TrainConfig, model_cfg, rank: int):
     """The training and test sets the run uses, checked against the model; ``cfg`` with its
     test subset resolved (the value the run records and a resume compares)."""
-    load_kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, skip_bad=cfg.skip_bad,
-                   cache_dir=cfg.cache_dir, progress=cfg.progress and rank == 0)
+    load_kw = dict(
+        channels=model_cfg.in_chans,
+        size=model_cfg.img_size,
+        skip_bad=cfg.skip_bad,
+        cache_dir=cfg.cache_dir,
+        progress=cfg.progress and rank == 0,
+    )
     # --test-subset follows --subset unless given (0: the whole test set)
     cfg = dataclasses.replace(cfg, test_subset=resolve_test_subset(cfg.subset, cfg.test_subset))
     folder = image_folder_root(cfg.data, cfg.data_dir)
     stream = _streams(cfg, folder, model_cfg)
     if stream:
-        kw = dict(channels=model_cfg.in_chans, size=model_cfg.img_size, seed=cfg.seed, skip_bad=cfg.skip_bad,
-                  augment=cfg.augment)
+        kw = dict(
+            channels=model_cfg.in_chans,
+            size=model_cfg.img_size,
+            seed=cfg.seed,
+            skip_bad=cfg.skip_bad,
+            augment=cfg.augment,
+        )
         train_ds = StreamingImageFolder(folder, "train", subset=cfg.subset, **kw)
         test_ds = StreamingImageFolder(folder, "test", classes=train_ds.classes, subset=cfg.test_subset, **kw)
         _log(f"streaming {folder}: decoding per sample in {cfg.workers or 'the training'} process(es)", rank)
     else:
         train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
-        test_ds = load_dataset(cfg.data, "test", cfg.data_dir, classes=train_ds.classes,
-                               subset=cfg.test_subset, seed=cfg.seed, **load_kw)
+        test_ds = load_dataset(
+            cfg.data, "test", cfg.data_dir, classes=train_ds.classes, subset=cfg.test_subset, seed=cfg.seed, **load_kw
+        )
     if train_ds.skipped or test_ds.skipped:
         _log(f"skipped unreadable images: train {train_ds.skipped}, test {test_ds.skipped}", rank)
     for split, ds in (("training", train_ds), ("test", test_ds)):
@@ -857,9 +996,11 @@ def _load_data(cfg: TrainConfig, model_cfg, rank: int):
     want = (model_cfg.in_chans, model_cfg.img_size, model_cfg.img_size)
     if train_ds.image_shape != want:
         c, h, w = train_ds.image_shape
-        raise ConfigError(f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
-                          f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
-                          "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size.")
+        raise ConfigError(
+            f"dataset images are {c}x{h}x{w} but {cfg.model} expects "
+            f"{want[0]}x{want[1]}x{want[2]}; pick a matching model (e.g. a *_c28 model "
+            "for Fashion-MNIST, *_c32 for CIFAR-10) or override in_chans/img_size."
+        )
     return cfg, train_ds, test_ds
 
 
@@ -871,13 +1012,16 @@ def _streams(cfg: TrainConfig, folder: Optional[Path], model_cfg) -> bool:
         raise ConfigError(f"data_in_memory must be 'auto', 'yes' or 'no', got {cfg.data_in_memory!r}.")
     if folder is None:
         if cfg.data_in_memory == "no" or cfg.augment == "rrc":
-            raise ConfigError(f"{cfg.data} is read whole into memory (only ImageFolder datasets stream), "
-                              "so --data-in-memory no and --augment rrc do not apply to it.")
+            raise ConfigError(
+                f"{cfg.data} is read whole into memory (only ImageFolder datasets stream), "
+                "so --data-in-memory no and --augment rrc do not apply to it."
+            )
         return False
     if cfg.augment == "rrc":
         if cfg.data_in_memory == "yes":
-            raise ConfigError("--augment rrc crops the full-size images, so it streams them: "
-                              "pass --data-in-memory auto or no.")
+            raise ConfigError(
+                "--augment rrc crops the full-size images, so it streams them: pass --data-in-memory auto or no."
+            )
         return True
     if cfg.data_in_memory != "auto":
         return cfg.data_in_memory == "no"
@@ -895,16 +1039,20 @@ def _load_teacher(cfg: TrainConfig, model_cfg, num_classes: int, mean, std, devi
             f"--teacher {cfg.teacher}: it takes {tc.in_chans}x{tc.img_size}x{tc.img_size} images and "
             f"predicts {tc.num_classes} classes, but this run has {model_cfg.in_chans}x"
             f"{model_cfg.img_size}x{model_cfg.img_size} images and {num_classes} classes; "
-            "distil from a teacher trained on this dataset.")
+            "distil from a teacher trained on this dataset."
+        )
     tdata = tdoc.get("data", {})
     t_mean, t_std = tdata.get("mean"), tdata.get("std")
     if t_mean and t_std and len(t_mean) == len(mean) == len(t_std):
         # (its statistics differ from these when e.g. --subset changes them)
         diff = max(abs(a - b) for a, b in zip(t_mean + t_std, mean + std))
         if diff > 5e-7:  # printed to 6 decimals: a difference shows in the numbers
-            _log(f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
-                 f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)}; largest "
-                 f"difference {diff:.2g})", rank)
+            _log(
+                f"normalising with the teacher's statistics (mean {_fmt(t_mean)}, std {_fmt(t_std)}) "
+                f"instead of this training set's (mean {_fmt(mean)}, std {_fmt(std)}; largest "
+                f"difference {diff:.2g})",
+                rank,
+            )
         mean, std = list(t_mean), list(t_std)
     return teacher, mean, std
 
@@ -921,16 +1069,18 @@ def load_external_teacher(spec: str, weights: Optional[str]) -> nn.Module:
     if not mod_name or not fn_name.isidentifier():
         raise ConfigError(f"--teacher-module {spec!r}: expected PACKAGE.MODULE:FACTORY, e.g. myteachers:deit_small.")
     if not weights:
-        raise ConfigError(f"--teacher-module {spec}: needs --teacher-weights FILE.safetensors (the trained "
-                          "teacher's state dict).")
+        raise ConfigError(
+            f"--teacher-module {spec}: needs --teacher-weights FILE.safetensors (the trained teacher's state dict)."
+        )
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"--teacher-module {spec}: cannot import it ({e}).") from None
     model = factory()
     if not isinstance(model, nn.Module):
-        raise ConfigError(f"--teacher-module {spec}: the factory returned a {type(model).__name__}, not a "
-                          "torch.nn.Module.")
+        raise ConfigError(
+            f"--teacher-module {spec}: the factory returned a {type(model).__name__}, not a torch.nn.Module."
+        )
     try:
         state = load_file(weights)
     except (OSError, SafetensorError) as e:
@@ -939,8 +1089,9 @@ def load_external_teacher(spec: str, weights: Optional[str]) -> nn.Module:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).strip().splitlines()
-        raise ConfigError(f"--teacher-weights {weights} does not fit {spec}: "
-                          f"{' '.join(line.strip() for line in first[:3])[:400]}") from None
+        raise ConfigError(
+            f"--teacher-weights {weights} does not fit {spec}: {' '.join(line.strip() for line in first[:3])[:400]}"
+        ) from None
     return model
 
 
@@ -965,8 +1116,9 @@ def _resume(cfg: TrainConfig, out: Path, model: nn.Module, optimizer, scaler, wo
     return doc["epoch"] + 1, history, best
 
 
-def _finish(cfg: TrainConfig, out: Path, model: nn.Module, last: Dict, best: float, history: List[Dict],
-            rank: int, world: int) -> Dict:
+def _finish(
+    cfg: TrainConfig, out: Path, model: nn.Module, last: Dict, best: float, history: List[Dict], rank: int, world: int
+) -> Dict:
     """final.json (with the ranks' weight checksums under DDP) and curves.png."""
     result = dict(last, best_top1=best, run_dir=str(out), world_size=world)
     if world > 1:

@@ -38,6 +38,7 @@ Options: ``--variants full no_qd ...`` picks variants, ``--seeds 0 1``, ``--subs
 (images, class-balanced), ``--epochs``, ``--teacher-epochs``, ``--lr``, ``--teacher-lr``,
 ``--batch-size``, ``--test-subset`` (for quick checks; default the whole test set).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -73,26 +74,35 @@ VARIANTS: Dict[str, tuple] = {
 # models with FP downsampling are 1.7-2 points above the binary ones; BHViT-Small 95.0 %
 # and BHViT-Tiny 93.3 % against ReActNet-ResNet18's 92.31 % on CIFAR-10).
 PAPER_EXPECT = {
-    "no_qd": "below full", "no_shift": "below full", "no_msmha": "below full",
-    "no_msgdc": "below full", "msgdc_only": "below msmha_only", "msmha_only": "below full",
-    "fp_down": "above full", "reactnet": "below full",
+    "no_qd": "below full",
+    "no_shift": "below full",
+    "no_msmha": "below full",
+    "no_msgdc": "below full",
+    "msgdc_only": "below msmha_only",
+    "msmha_only": "below full",
+    "fp_down": "above full",
+    "reactnet": "below full",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
     p.add_argument("--data", default="cifar10", help="dataset name for bhvit.data.load_dataset")
-    p.add_argument("--data-dir", default="data/cifar10",
-                   help="ImageFolder root with train/<class>/* and test/<class>/*")
+    p.add_argument(
+        "--data-dir", default="data/cifar10", help="ImageFolder root with train/<class>/* and test/<class>/*"
+    )
     p.add_argument("--out", default="runs/ablation", help="study directory")
     p.add_argument("--model", default="bhvit_nano_c32", help="the BHViT every variant modifies")
     p.add_argument("--baseline", default="reactnet_c32", help="the binary-CNN baseline model")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
-                   help="variants to run, in this order")
+    p.add_argument(
+        "--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS), help="variants to run, in this order"
+    )
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    p.add_argument("--subset", type=int, default=10000,
-                   help="training images (class-balanced, the same for every run); 0: all")
+    p.add_argument(
+        "--subset", type=int, default=10000, help="training images (class-balanced, the same for every run); 0: all"
+    )
     p.add_argument("--subset-seed", type=int, default=0, help="seed that picks the subset")
     p.add_argument("--test-subset", type=int, default=None, help="test images (default: all)")
     p.add_argument("--epochs", type=int, default=8, help="epochs of every student")
@@ -104,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="decoded-image cache (default ~/.cache/bhvit)")
     p.add_argument("--no-progress", action="store_true", help="no per-step progress lines")
-    p.add_argument("--report-only", action="store_true",
-                   help="only rewrite results.json/.md/.png from the finished runs")
+    p.add_argument(
+        "--report-only", action="store_true", help="only rewrite results.json/.md/.png from the finished runs"
+    )
     return p
 
 
@@ -147,15 +158,29 @@ def make_subset_folder(data_dir: Path, out: Path, n: int, seed: int) -> Path:
 
 
 # --- runs ------------------------------------------------------------------------------
-def _train_config(args, data_dir: str, out: Path, model: str, overrides: Dict, seed: int,
-                  epochs: int, lr: float, teacher: str = None):
+def _train_config(
+    args, data_dir: str, out: Path, model: str, overrides: Dict, seed: int, epochs: int, lr: float, teacher: str = None
+):
     from bhvit.train import TrainConfig
 
-    return TrainConfig(model=model, data=args.data, data_dir=data_dir, out=str(out), epochs=epochs,
-                       batch_size=args.batch_size, lr=lr, teacher=teacher, resume="auto",
-                       test_subset=args.test_subset, seed=seed, device=args.device,
-                       threads=args.threads, overrides=dict(overrides), cache_dir=args.cache_dir,
-                       progress=not args.no_progress)
+    return TrainConfig(
+        model=model,
+        data=args.data,
+        data_dir=data_dir,
+        out=str(out),
+        epochs=epochs,
+        batch_size=args.batch_size,
+        lr=lr,
+        teacher=teacher,
+        resume="auto",
+        test_subset=args.test_subset,
+        seed=seed,
+        device=args.device,
+        threads=args.threads,
+        overrides=dict(overrides),
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+    )
 
 
 def run_one(cfg, model=None) -> Dict:
@@ -167,8 +192,7 @@ def run_one(cfg, model=None) -> Dict:
         print(f"[ablation] {cfg.out}: finished, skipped", flush=True)
         return json.loads(final.read_text())
     t0 = time.time()
-    print(f"[ablation] {cfg.out}: training ({cfg.model}, overrides {cfg.overrides}, seed {cfg.seed})",
-          flush=True)
+    print(f"[ablation] {cfg.out}: training ({cfg.model}, overrides {cfg.overrides}, seed {cfg.seed})", flush=True)
     from bhvit.rundir import RunLocked
 
     try:
@@ -198,15 +222,25 @@ def run_study(args) -> Dict:
     if args.subset:
         data_dir = str(make_subset_folder(Path(args.data_dir), out / "data", args.subset, args.subset_seed))
     teacher_dir = out / "teacher"
-    tcfg = _train_config(args, data_dir, teacher_dir, args.model, {"binary": False}, args.seeds[0],
-                         args.teacher_epochs, args.teacher_lr)
+    tcfg = _train_config(
+        args, data_dir, teacher_dir, args.model, {"binary": False}, args.seeds[0], args.teacher_epochs, args.teacher_lr
+    )
     while run_one(tcfg) is None:  # another process trains the teacher: wait for it
         time.sleep(30)
     for seed in args.seeds:
         for name in args.variants:
             model_name, over = variant_model(args, name)
-            cfg = _train_config(args, data_dir, out / name / f"seed{seed}", model_name, over, seed,
-                                args.epochs, args.lr, teacher=str(teacher_dir))
+            cfg = _train_config(
+                args,
+                data_dir,
+                out / name / f"seed{seed}",
+                model_name,
+                over,
+                seed,
+                args.epochs,
+                args.lr,
+                teacher=str(teacher_dir),
+            )
             model = None
             if VARIANTS[name][1] is None and not (Path(cfg.out) / "final.json").is_file():
                 # train() builds BHViTs only: the baseline comes ready, seeded like train() seeds
@@ -245,15 +279,30 @@ def collect(args) -> Dict:
             f = out / name / f"seed{seed}" / "final.json"
             if f.is_file():
                 r = json.loads(f.read_text())
-                runs[seed] = {"test_top1": r["test_top1"], "best_top1": r["best_top1"],
-                              "train_top1": r["train_top1"], "epochs": r["epoch"]}
+                runs[seed] = {
+                    "test_top1": r["test_top1"],
+                    "best_top1": r["best_top1"],
+                    "train_top1": r["train_top1"],
+                    "epochs": r["epoch"],
+                }
         with torch.no_grad():
             c = complexity(create_model(model_name, num_classes=num_classes, **over))
-        rows.append({"variant": name, "label": VARIANTS[name][0], "model": model_name, "overrides": over,
-                     "paper": PAPER_EXPECT.get(name, ""), "runs": runs,
-                     "top1": _stats([r["test_top1"] for r in runs.values()]) if runs else None,
-                     "params": c["params"], "bops": c["bops"], "flops": c["flops"], "ops": c["ops"],
-                     "size_bytes": c["size_bytes"]})
+        rows.append(
+            {
+                "variant": name,
+                "label": VARIANTS[name][0],
+                "model": model_name,
+                "overrides": over,
+                "paper": PAPER_EXPECT.get(name, ""),
+                "runs": runs,
+                "top1": _stats([r["test_top1"] for r in runs.values()]) if runs else None,
+                "params": c["params"],
+                "bops": c["bops"],
+                "flops": c["flops"],
+                "ops": c["ops"],
+                "size_bytes": c["size_bytes"],
+            }
+        )
     res = {"rows": rows, "settings": {k: v for k, v in vars(args).items()}}
     if teacher.is_file():
         res["teacher_top1"] = json.loads(teacher.read_text())["test_top1"]
@@ -263,9 +312,11 @@ def collect(args) -> Dict:
 def format_markdown(res: Dict) -> str:
     rows = res["rows"]
     full = next((r for r in rows if r["variant"] == "full" and r["top1"]), None)
-    lines = ["| variant | top-1 mean (%) | spread: std (min-max) | vs full | runs (seed: top-1) | "
-             "params | BOPs (M) | FLOPs (M) | OPs (M) | paper |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| variant | top-1 mean (%) | spread: std (min-max) | vs full | runs (seed: top-1) | "
+        "params | BOPs (M) | FLOPs (M) | OPs (M) | paper |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         t = r["top1"]
         if t:
@@ -275,9 +326,11 @@ def format_markdown(res: Dict) -> str:
             runs = ", ".join(f"{s}: {v['test_top1']:.2f}" for s, v in sorted(r["runs"].items()))
         else:
             mean = spread = delta = runs = "not run"
-        lines.append(f"| {r['label']} (`{r['variant']}`) | {mean} | {spread} | {delta} | {runs} | "
-                     f"{r['params']:,} | {r['bops'] / 1e6:.2f} | {r['flops'] / 1e6:.3f} | "
-                     f"{r['ops'] / 1e6:.3f} | {r['paper']} |")
+        lines.append(
+            f"| {r['label']} (`{r['variant']}`) | {mean} | {spread} | {delta} | {runs} | "
+            f"{r['params']:,} | {r['bops'] / 1e6:.2f} | {r['flops'] / 1e6:.3f} | "
+            f"{r['ops'] / 1e6:.3f} | {r['paper']} |"
+        )
     if "teacher_top1" in res:
         lines.append("")
         lines.append(f"FP teacher (`binary=false`): {res['teacher_top1']:.2f} %.")
@@ -293,8 +346,11 @@ def plot_bars(res: Dict, path: Path) -> Path:
     H = top + row_h * max(len(rows), 1) + 50
     img = Image.new("RGB", (W, H), (255, 255, 255))
     d = ImageDraw.Draw(img)
-    d.text((10, 8), "CIFAR-10 test top-1 (%), final epoch: bars = mean over seeds, "
-           "whiskers = min-max, dots = seeds", fill=(0, 0, 0))
+    d.text(
+        (10, 8),
+        "CIFAR-10 test top-1 (%), final epoch: bars = mean over seeds, whiskers = min-max, dots = seeds",
+        fill=(0, 0, 0),
+    )
     if not rows:
         img.save(path)
         return path
@@ -313,8 +369,15 @@ def plot_bars(res: Dict, path: Path) -> Path:
     full = next((r for r in rows if r["variant"] == "full"), None)
     for i, r in enumerate(rows):
         y = top + i * row_h
-        color = ((31, 119, 180) if r["variant"] == "full" else (214, 39, 40) if r["variant"] == "reactnet"
-                 else (255, 127, 14) if r["variant"] == "fp_down" else (150, 150, 150))
+        color = (
+            (31, 119, 180)
+            if r["variant"] == "full"
+            else (214, 39, 40)
+            if r["variant"] == "reactnet"
+            else (255, 127, 14)
+            if r["variant"] == "fp_down"
+            else (150, 150, 150)
+        )
         d.text((10, y + 10), r["label"], fill=(0, 0, 0))
         t = r["top1"]
         d.rectangle([px(lo), y + 6, px(t["mean"]), y + row_h - 6], fill=color)

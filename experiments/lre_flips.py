@@ -11,6 +11,7 @@ first run) and the final test top-1 of both runs.
     python experiments/lre_flips.py --model bhvit_micro_c28 --data fashion-mnist --epochs 10 \\
         --subset 20000 --teacher runs/fmnist/teacher --out runs/lre
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,8 +40,13 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     p.add_argument("--resume", action="store_true")
-    p.add_argument("--seeds", type=int, nargs="+", default=None,
-                   help="run the pair once per seed (OUT/seedN/...) and summarise the differences")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="run the pair once per seed (OUT/seedN/...) and summarise the differences",
+    )
     p.add_argument("--init-from", default=None, help="start both students from this checkpoint")
     a = p.parse_args()
     if a.re_beta <= 0:
@@ -50,20 +56,34 @@ def main() -> None:
     for seed in a.seeds if a.seeds is not None else [a.seed]:
         rows = {}
         for label, beta in (("with L_re", a.re_beta), ("without L_re", 0.0)):
-            out = Path(a.out) / (f"seed{seed}" if a.seeds is not None else "") / (
-                "with_lre" if beta else "without_lre")
-            cfg = TrainConfig(model=a.model, data=a.data, data_dir=a.data_dir, out=str(out), epochs=a.epochs,
-                              batch_size=a.batch_size, lr=a.lr, subset=a.subset, test_subset=a.test_subset,
-                              teacher=a.teacher, init_from=a.init_from,
-                              re_beta=beta, re_last_frac=a.re_last_frac, threads=a.threads, seed=seed,
-                              resume=a.resume or (out / "last.json").exists(), progress=False)
+            out = Path(a.out) / (f"seed{seed}" if a.seeds is not None else "") / ("with_lre" if beta else "without_lre")
+            cfg = TrainConfig(
+                model=a.model,
+                data=a.data,
+                data_dir=a.data_dir,
+                out=str(out),
+                epochs=a.epochs,
+                batch_size=a.batch_size,
+                lr=a.lr,
+                subset=a.subset,
+                test_subset=a.test_subset,
+                teacher=a.teacher,
+                init_from=a.init_from,
+                re_beta=beta,
+                re_last_frac=a.re_last_frac,
+                threads=a.threads,
+                seed=seed,
+                resume=a.resume or (out / "last.json").exists(),
+                progress=False,
+            )
             # An existing run is resumed, or only read back if finished; one trained with
             # other settings stops with the resume-settings error.
             train(cfg)
             hist = read_metrics(out)
             if len(hist) != a.epochs:
-                raise SystemExit(f"{out} holds a {len(hist)}-epoch run, not {a.epochs}; "
-                                 "use the same --epochs or another --out.")
+                raise SystemExit(
+                    f"{out} holds a {len(hist)}-epoch run, not {a.epochs}; use the same --epochs or another --out."
+                )
             first_late = a.epochs - max(1, math.ceil(a.re_last_frac * a.epochs))
             late = [h for h in hist if h["epoch"] > first_late]
             rows[label] = {
@@ -76,8 +96,7 @@ def main() -> None:
             }
         results.append(rows)
     print(json.dumps(results, indent=1))
-    print(f"{'seed':>4} {'run':<14} {'epochs':>8} {'net flips/epoch':>16} {'step flips/epoch':>17} "
-          f"{'final top-1':>12}")
+    print(f"{'seed':>4} {'run':<14} {'epochs':>8} {'net flips/epoch':>16} {'step flips/epoch':>17} {'final top-1':>12}")
     for rows in results:
         for label, r in rows.items():
             net = sum(r["net_flip_frac"]) / len(r["net_flip_frac"])
@@ -86,11 +105,15 @@ def main() -> None:
             print(f"{r['seed']:>4} {label:<14} {eps:>8} {net:>16.5f} {stp:>17.5f} {r['final_test_top1']:>12.2f}")
     if len(results) > 1:
         d_top1 = [r["with L_re"]["final_test_top1"] - r["without L_re"]["final_test_top1"] for r in results]
-        d_step = [sum(r["with L_re"]["step_flip_frac"]) / max(sum(r["without L_re"]["step_flip_frac"]), 1e-12)
-                  for r in results]
-        print(f"with - without L_re, final top-1: mean {statistics.mean(d_top1):+.2f} points, "
-              f"sd {statistics.stdev(d_top1):.2f} over {len(results)} seeds; "
-              f"step flips with/without: {', '.join(f'{x:.3f}' for x in d_step)}")
+        d_step = [
+            sum(r["with L_re"]["step_flip_frac"]) / max(sum(r["without L_re"]["step_flip_frac"]), 1e-12)
+            for r in results
+        ]
+        print(
+            f"with - without L_re, final top-1: mean {statistics.mean(d_top1):+.2f} points, "
+            f"sd {statistics.stdev(d_top1):.2f} over {len(results)} seeds; "
+            f"step flips with/without: {', '.join(f'{x:.3f}' for x in d_step)}"
+        )
 
 
 if __name__ == "__main__":

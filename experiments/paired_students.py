@@ -20,6 +20,7 @@ is only read back: no training, no evaluation), and one trained with other setti
     python experiments/paired_students.py --teacher runs/fmnist/teacher --init-from runs/fmnist/teacher \\
         --epochs 8 --set fp_downsample=true --subset 12000 --test-subset 5000 --out runs/dagger
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,10 +38,15 @@ def main() -> None:
     p.add_argument("--data", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--epochs", type=int, default=8, help="student epochs of each arm in total")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="model setting of the variant arm (repeatable)")
-    p.add_argument("--act-epochs", type=int, default=None,
-                   help="train the variant in two steps, this many epochs with binary activations only first")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="model setting of the variant arm (repeatable)"
+    )
+    p.add_argument(
+        "--act-epochs",
+        type=int,
+        default=None,
+        help="train the variant in two steps, this many epochs with binary activations only first",
+    )
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--subset", type=int, default=None)
@@ -58,8 +64,7 @@ def main() -> None:
         p.error(str(e))
     fixed = sorted({"binary", "binary_weights", "binary_acts"} & set(variant_set))
     if fixed:
-        p.error(f"--set {', '.join(fixed)}: both arms are binary students; use --act-epochs for two-step "
-                "binarization.")
+        p.error(f"--set {', '.join(fixed)}: both arms are binary students; use --act-epochs for two-step binarization.")
     k = a.act_epochs or 0
     if a.act_epochs is not None and not 0 < a.act_epochs < a.epochs:
         p.error(f"--act-epochs must be between 1 and --epochs - 1 ({a.epochs - 1}), got {a.act_epochs}.")
@@ -68,10 +73,26 @@ def main() -> None:
     label = " ".join([*a.set, *([f"two steps ({k} + {a.epochs - k} epochs)"] if k else [])])
 
     def run(out: Path, epochs: int, init_from, seed: int, **overrides) -> list:
-        train(TrainConfig(model=a.model, data=a.data, data_dir=a.data_dir, out=str(out), epochs=epochs,
-                          batch_size=a.batch_size, lr=a.lr, subset=a.subset, test_subset=a.test_subset,
-                          teacher=a.teacher, init_from=init_from, threads=a.threads, seed=seed,
-                          overrides=overrides, resume=(out / "last.json").exists(), progress=False))
+        train(
+            TrainConfig(
+                model=a.model,
+                data=a.data,
+                data_dir=a.data_dir,
+                out=str(out),
+                epochs=epochs,
+                batch_size=a.batch_size,
+                lr=a.lr,
+                subset=a.subset,
+                test_subset=a.test_subset,
+                teacher=a.teacher,
+                init_from=init_from,
+                threads=a.threads,
+                seed=seed,
+                overrides=overrides,
+                resume=(out / "last.json").exists(),
+                progress=False,
+            )
+        )
         return [h["test_top1"] for h in read_metrics(out)]
 
     results = []
@@ -91,18 +112,20 @@ def main() -> None:
     if a.arm != "both":
         return
     print(f"variant: {label}")
-    print(f"{'seed':>4} {'arm':<8} {'final top-1':>12} {'best top-1':>11}   per epoch"
-          + (" (variant: binary activations only | fully binary)" if k else ""))
+    print(
+        f"{'seed':>4} {'arm':<8} {'final top-1':>12} {'best top-1':>11}   per epoch"
+        + (" (variant: binary activations only | fully binary)" if k else "")
+    )
     for r in results:
         for arm, c in r["test_top1_per_epoch"].items():
             skip = k if arm == "variant" else 0  # best of the fully binary epochs only
             curve = " | ".join(" ".join(f"{v:.2f}" for v in part) for part in (c[:skip], c[skip:]) if part)
             print(f"{r['seed']:>4} {arm:<8} {c[-1]:>12.2f} {max(c[skip:]):>11.2f}   {curve}")
-    diffs = [r["test_top1_per_epoch"]["variant"][-1] - r["test_top1_per_epoch"]["baseline"][-1]
-             for r in results]
+    diffs = [r["test_top1_per_epoch"]["variant"][-1] - r["test_top1_per_epoch"]["baseline"][-1] for r in results]
     spread = f", sd {statistics.stdev(diffs):.2f}" if len(diffs) > 1 else ""
-    print(f"variant - baseline, final top-1: mean {statistics.mean(diffs):+.2f} points{spread} "
-          f"over {len(diffs)} seed(s)")
+    print(
+        f"variant - baseline, final top-1: mean {statistics.mean(diffs):+.2f} points{spread} over {len(diffs)} seed(s)"
+    )
 
 
 if __name__ == "__main__":

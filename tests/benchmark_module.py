@@ -1,4 +1,5 @@
 """Import a script of benchmarks/ or experiments/ as a module (they are scripts, not a package)."""
+
 from __future__ import annotations
 
 import importlib.util

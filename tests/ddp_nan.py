@@ -1,5 +1,6 @@
 """Run under torchrun by tests/test_train.py: only rank 1's teacher turns NaN; every rank
 must stop with TrainingDiverged (none may wait forever in a collective)."""
+
 import os
 import sys
 
@@ -9,8 +10,17 @@ from test_train import NaNAfter  # this script's directory is on sys.path
 
 def main(data_dir, out):
     rank = int(os.environ["RANK"])
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=data_dir, out=out, epochs=3, batch_size=32,
-                      subset=128, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=data_dir,
+        out=out,
+        epochs=3,
+        batch_size=32,
+        subset=128,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     try:  # 2 steps per epoch and rank: rank 1's 3rd teacher call is epoch 2, step 1
         train(cfg, teacher=NaNAfter(3 if rank == 1 else 10**9))
         msg = "finished"

@@ -1,4 +1,5 @@
 """Small synthetic datasets in the real on-disk formats, for tests."""
+
 import gzip
 import pickle
 import struct
@@ -49,8 +50,9 @@ def make_cifar_pickle(root: Path, per_batch: int = 20) -> Path:
     return d
 
 
-def make_imagefolder(root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 32,
-                     splits=("train", "test")) -> Path:
+def make_imagefolder(
+    root: Path, classes=("cat", "dog"), per_class: int = 4, size: int = 32, splits=("train", "test")
+) -> Path:
     from PIL import Image
 
     rng = np.random.default_rng(0)

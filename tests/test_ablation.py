@@ -1,4 +1,5 @@
 """experiments/ablation.py: a 2-variant, 1-epoch study on a tiny synthetic ImageFolder."""
+
 import importlib.util
 import json
 import re
@@ -22,13 +23,27 @@ def _load():
 
 def test_variants_are_the_papers_switches():
     ab = _load()
-    assert list(ab.VARIANTS) == ["full", "no_qd", "no_shift", "no_msmha", "no_msgdc", "msgdc_only",
-                                 "msmha_only", "fp_down", "reactnet"]
+    assert list(ab.VARIANTS) == [
+        "full",
+        "no_qd",
+        "no_shift",
+        "no_msmha",
+        "no_msgdc",
+        "msgdc_only",
+        "msmha_only",
+        "fp_down",
+        "reactnet",
+    ]
     assert ab.VARIANTS["no_qd"][1] == {"qd": False} and ab.VARIANTS["fp_down"][1] == {"fp_downsample": True}
     assert ab.VARIANTS["reactnet"][1] is None
     args = ab.build_parser().parse_args([])
-    assert (args.model, args.baseline, args.seeds, args.subset, args.threads) == \
-        ("bhvit_nano_c32", "reactnet_c32", [0, 1], 10000, 1)
+    assert (args.model, args.baseline, args.seeds, args.subset, args.threads) == (
+        "bhvit_nano_c32",
+        "reactnet_c32",
+        [0, 1],
+        10000,
+        1,
+    )
 
 
 def test_subset_folder_is_balanced_and_stable(tmp_path):
@@ -49,9 +64,32 @@ def test_two_variant_study_runs_resumes_and_reports(tmp_path, capsys):
     ab = _load()
     src = make_imagefolder(tmp_path / "img", classes=("a", "b"), per_class=6)
     out = tmp_path / "study"
-    argv = ["--data", "imagefolder", "--data-dir", str(src), "--out", str(out), "--variants", "full",
-            "reactnet", "--seeds", "0", "--subset", "8", "--epochs", "1", "--teacher-epochs", "1",
-            "--batch-size", "4", "--threads", "1", "--no-progress", "--cache-dir", str(tmp_path / "cache")]
+    argv = [
+        "--data",
+        "imagefolder",
+        "--data-dir",
+        str(src),
+        "--out",
+        str(out),
+        "--variants",
+        "full",
+        "reactnet",
+        "--seeds",
+        "0",
+        "--subset",
+        "8",
+        "--epochs",
+        "1",
+        "--teacher-epochs",
+        "1",
+        "--batch-size",
+        "4",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
     assert ab.main(argv) == 0
     res = json.loads((out / "results.json").read_text())
     rows = {r["variant"]: r for r in res["rows"]}
@@ -97,8 +135,7 @@ def test_a_run_another_process_holds_is_skipped(tmp_path, capsys):
 
     ab = _load()
     args = ab.build_parser().parse_args(["--out", str(tmp_path)])
-    cfg = ab._train_config(args, str(tmp_path / "data"), tmp_path / "full" / "seed0", "bhvit_nano_c32", {}, 0,
-                           1, 1e-3)
+    cfg = ab._train_config(args, str(tmp_path / "data"), tmp_path / "full" / "seed0", "bhvit_nano_c32", {}, 0, 1, 1e-3)
     (tmp_path / "full" / "seed0").mkdir(parents=True)
     lock = RunLock(tmp_path / "full" / "seed0")
     lock.acquire()

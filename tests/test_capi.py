@@ -1,6 +1,7 @@
 """libbhvit without Python: the Makefile build, the kernels' self-check, the bhvit_run demo
 against bhvit.runtime and PyTorch, and (where Debian's cross compiler and qemu-user are
 installed) the same on ARM64 under emulation."""
+
 import shutil
 import subprocess
 from pathlib import Path
@@ -18,13 +19,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CROSS = "aarch64-linux-gnu-"
 QEMU = ["qemu-aarch64", "-L", "/usr/aarch64-linux-gnu"]
 HAVE_ARM = shutil.which(CROSS + "gcc") is not None and shutil.which(QEMU[0]) is not None
-pytestmark = pytest.mark.skipif(shutil.which("make") is None or shutil.which("gcc") is None,
-                                reason="needs make and gcc")
+pytestmark = pytest.mark.skipif(
+    shutil.which("make") is None or shutil.which("gcc") is None, reason="needs make and gcc"
+)
 
 
 def _make(build, *args):
-    out = subprocess.run(["make", "-s", f"BUILD={build}", *args], cwd=ROOT, capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(["make", "-s", f"BUILD={build}", *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout
 
@@ -37,8 +38,12 @@ def build(tmp_path_factory):
 
 
 def _demo(cmd, export, x, *args, check=True):
-    out = subprocess.run([*cmd, str(export), "-", *args], input=np.ascontiguousarray(x, np.float32).tobytes(),
-                         capture_output=True, timeout=300)
+    out = subprocess.run(
+        [*cmd, str(export), "-", *args],
+        input=np.ascontiguousarray(x, np.float32).tobytes(),
+        capture_output=True,
+        timeout=300,
+    )
     if check:
         assert out.returncode == 0, out.stderr.decode()
     return out
@@ -115,15 +120,19 @@ def test_shared_library_exports_the_header_and_links(build, tmp_path):
 
     header = (ROOT / "bhvit/runtime/csrc/bhvit.h").read_text()
     declared = set(re.findall(r"\b(bhvit_[a-z_]+)\(", header)) - {"bhvit_model"}
-    nm = subprocess.run(["nm", "-D", "--defined-only", str(build / "libbhvit.so")], capture_output=True,
-                        text=True, check=True).stdout
+    nm = subprocess.run(
+        ["nm", "-D", "--defined-only", str(build / "libbhvit.so")], capture_output=True, text=True, check=True
+    ).stdout
     exported = {line.split()[-1] for line in nm.splitlines() if line.split()[1:2] == ["T"]}
     assert declared == {e for e in exported if e.startswith("bhvit_")}
     assert not {e for e in exported if e.startswith(("bhvi_", "json_", "sha256_"))}
     assert {"bhv_xnor_gemm_pp", "bhv_binary_linear_pp", "bhv_select"} <= exported  # the ctypes kernels
     dyn = tmp_path / "bhvit_run_dyn"
-    subprocess.run(["gcc", "-O1", "-o", str(dyn), str(ROOT / "bhvit/runtime/csrc/bhvit_run.c"), f"-L{build}",
-                    "-lbhvit", "-lm"], check=True, timeout=120)
+    subprocess.run(
+        ["gcc", "-O1", "-o", str(dyn), str(ROOT / "bhvit/runtime/csrc/bhvit_run.c"), f"-L{build}", "-lbhvit", "-lm"],
+        check=True,
+        timeout=120,
+    )
     torch.manual_seed(1)
     m = bhvit.create_model("bhvit_micro_c32", num_classes=10).eval()
     export_model(m, tmp_path / "exp")
@@ -131,8 +140,13 @@ def test_shared_library_exports_the_header_and_links(build, tmp_path):
     import os
 
     env = {**os.environ, "LD_LIBRARY_PATH": str(build)}
-    out = subprocess.run([str(dyn), str(tmp_path / "exp"), "-", "--classes"], input=x.tobytes(), env=env,
-                         capture_output=True, timeout=120)
+    out = subprocess.run(
+        [str(dyn), str(tmp_path / "exp"), "-", "--classes"],
+        input=x.tobytes(),
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr.decode()
     static = _demo([str(build / "bhvit_run")], tmp_path / "exp", x, "--classes")
     assert out.stdout == static.stdout and len(out.stdout.splitlines()) == 3
@@ -147,15 +161,36 @@ def test_demo_accuracy_on_a_trained_checkpoint_equals_pytorch(build, tmp_path, c
 
     fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
     run = tmp_path / "run"
-    train(TrainConfig(model="bhvit_micro_c28", data_dir=str(fm), out=str(run), epochs=2, batch_size=32,
-                      lr=2e-3, progress=False, threads=1))
+    train(
+        TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(fm),
+            out=str(run),
+            epochs=2,
+            batch_size=32,
+            lr=2e-3,
+            progress=False,
+            threads=1,
+        )
+    )
     assert main(["export", str(run), str(tmp_path / "exp")]) == 0
     model, doc = bhvit.checkpoint.load_model(run)
     ds = load_dataset("fashion-mnist", "test", str(fm))
     with torch.no_grad():
         tpred = model(normalize(ds.images, doc["data"]["mean"], doc["data"]["std"])).argmax(1).numpy()
-    lines = _demo([str(build / "bhvit_run")], tmp_path / "exp", ds.images.numpy().astype(np.float32),
-                  "--normalize", "--classes", "--batch", "32").stdout.decode().splitlines()
+    lines = (
+        _demo(
+            [str(build / "bhvit_run")],
+            tmp_path / "exp",
+            ds.images.numpy().astype(np.float32),
+            "--normalize",
+            "--classes",
+            "--batch",
+            "32",
+        )
+        .stdout.decode()
+        .splitlines()
+    )
     pred = np.array([int(line.split()[0]) for line in lines])
     labels = ds.labels.numpy()
     assert (pred == tpred).all()
@@ -170,8 +205,11 @@ def test_aarch64_neon_under_qemu(build, tmp_path):
     out = _make(arm, f"CROSS={CROSS}", "check", "RUN=" + " ".join(QEMU))
     assert "ok c-neon" in out and "ok c-portable" in out
     demo = QEMU + [str(arm / "aarch64-linux-gnu" / "bhvit_run")]
-    for name, over in [("bhvit_micro_c32", {}), ("bhvit_micro_c32", {"norm": "ln"}),
-                       ("bhvit_micro_c32", {"hybrid": "msmha", "qd": False})]:
+    for name, over in [
+        ("bhvit_micro_c32", {}),
+        ("bhvit_micro_c32", {"norm": "ln"}),
+        ("bhvit_micro_c32", {"hybrid": "msmha", "qd": False}),
+    ]:
         torch.manual_seed(4)
         m = _trained_like(name, **over)
         export_model(m, tmp_path / "exp", float16=True)

@@ -30,8 +30,12 @@ def test_list(capsys):
 def test_set_parses_booleans_and_rejects_num_classes(capsys):
     from bhvit.cli import parse_overrides
 
-    assert parse_overrides(["binary=False", "qd=false", "shift=TRUE", "windows=[8,8,4,2]"]) == \
-        {"binary": False, "qd": False, "shift": True, "windows": (8, 8, 4, 2)}
+    assert parse_overrides(["binary=False", "qd=false", "shift=TRUE", "windows=[8,8,4,2]"]) == {
+        "binary": False,
+        "qd": False,
+        "shift": True,
+        "windows": (8, 8, 4, 2),
+    }
     assert main(["info", "bhvit_tiny", "--set", "num_classes=5"]) == 2
     assert "--set num_classes is not allowed" in capsys.readouterr().err
     assert main(["info", "bhvit_tiny", "--set", "binary=maybe"]) == 2
@@ -41,8 +45,20 @@ def test_set_parses_booleans_and_rejects_num_classes(capsys):
 def test_train_flags_reach_the_config():
     from bhvit.cli import _train_config, build_parser
 
-    args = build_parser().parse_args(["train", "--out", "r", "--no-step-flips", "--no-flip", "--crop-pad", "1",
-                                      "--cuda-graph", "--eval-batch-size", "1024"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "--out",
+            "r",
+            "--no-step-flips",
+            "--no-flip",
+            "--crop-pad",
+            "1",
+            "--cuda-graph",
+            "--eval-batch-size",
+            "1024",
+        ]
+    )
     cfg = _train_config(args)
     assert (cfg.step_flips, cfg.flip, cfg.crop_pad, cfg.out) == (False, False, 1, "r")
     assert (cfg.cuda_graph, cfg.eval_batch_size) == (True, 1024)
@@ -74,24 +90,113 @@ def test_every_train_option_is_a_config_field_and_back():
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     assert train_dests == fields
     recipe_dests = {a.dest for a in subs.choices["recipe"]._actions} - {"help"}
-    assert recipe_dests == (fields - {"teacher", "init_from", "teacher_module", "teacher_weights"}
-                            | {"teacher_epochs", "init_from_teacher", "act_epochs"})
+    assert recipe_dests == (
+        fields - {"teacher", "init_from", "teacher_module", "teacher_weights"}
+        | {"teacher_epochs", "init_from_teacher", "act_epochs"}
+    )
     # defaults: the parser with only --out gives TrainConfig's defaults
     assert _train_config(top.parse_args(["train", "--out", "runs/bhvit"])) == TrainConfig()
-    argv = ["train", "--out", "o", "--model", "m", "--data", "cifar10", "--data-dir", "d", "--epochs", "3",
-            "--batch-size", "7", "--lr", "0.5", "--weight-decay", "0.1", "--warmup-epochs", "0.5", "--min-lr",
-            "1e-6", "--kd-lambda", "0.5", "--re-beta", "0.2", "--re-last-frac", "0.3", "--teacher", "t",
-            "--init-from", "i", "--resume", "auto", "--subset", "9", "--test-subset", "all", "--seed", "4",
-            "--device", "cpu", "--amp", "--deterministic", "--threads", "2", "--set", "qd=false", "--skip-bad",
-            "--cache-dir", "c", "--crop-pad", "2", "--no-flip", "--eval-batch-size", "8", "--no-progress",
-            "--no-step-flips", "--compile", "--cuda-graph", "--data-in-memory", "no", "--workers", "2",
-            "--augment", "rrc", "--max-steps", "5", "--teacher-module", "m:f", "--teacher-weights", "w"]
+    argv = [
+        "train",
+        "--out",
+        "o",
+        "--model",
+        "m",
+        "--data",
+        "cifar10",
+        "--data-dir",
+        "d",
+        "--epochs",
+        "3",
+        "--batch-size",
+        "7",
+        "--lr",
+        "0.5",
+        "--weight-decay",
+        "0.1",
+        "--warmup-epochs",
+        "0.5",
+        "--min-lr",
+        "1e-6",
+        "--kd-lambda",
+        "0.5",
+        "--re-beta",
+        "0.2",
+        "--re-last-frac",
+        "0.3",
+        "--teacher",
+        "t",
+        "--init-from",
+        "i",
+        "--resume",
+        "auto",
+        "--subset",
+        "9",
+        "--test-subset",
+        "all",
+        "--seed",
+        "4",
+        "--device",
+        "cpu",
+        "--amp",
+        "--deterministic",
+        "--threads",
+        "2",
+        "--set",
+        "qd=false",
+        "--skip-bad",
+        "--cache-dir",
+        "c",
+        "--crop-pad",
+        "2",
+        "--no-flip",
+        "--eval-batch-size",
+        "8",
+        "--no-progress",
+        "--no-step-flips",
+        "--compile",
+        "--cuda-graph",
+        "--data-in-memory",
+        "no",
+        "--workers",
+        "2",
+        "--augment",
+        "rrc",
+        "--max-steps",
+        "5",
+        "--teacher-module",
+        "m:f",
+        "--teacher-weights",
+        "w",
+    ]
     cfg = _train_config(top.parse_args(argv))
-    changed = {f.name for f in dataclasses.fields(TrainConfig) if getattr(cfg, f.name) != f.default
-               and not (f.name == "overrides" and cfg.overrides == {})}
+    changed = {
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if getattr(cfg, f.name) != f.default and not (f.name == "overrides" and cfg.overrides == {})
+    }
     assert changed == fields
     assert (cfg.resume, cfg.test_subset, cfg.overrides, cfg.compile) == ("auto", 0, {"qd": False}, "inductor")
-    assert set(RESUME_KEYS) == {"model", "data", "batch_size", "lr", "weight_decay", "warmup_epochs", "min_lr",
-                                "kd_lambda", "re_beta", "re_last_frac", "teacher", "subset", "seed", "overrides",
-                                "crop_pad", "flip", "amp", "test_subset", "augment", "teacher_module",
-                                "teacher_weights"}
+    assert set(RESUME_KEYS) == {
+        "model",
+        "data",
+        "batch_size",
+        "lr",
+        "weight_decay",
+        "warmup_epochs",
+        "min_lr",
+        "kd_lambda",
+        "re_beta",
+        "re_last_frac",
+        "teacher",
+        "subset",
+        "seed",
+        "overrides",
+        "crop_pad",
+        "flip",
+        "amp",
+        "test_subset",
+        "augment",
+        "teacher_module",
+        "teacher_weights",
+    }

@@ -13,6 +13,7 @@ def _cx(name, binary=True):
 
 def _tiny_binary_macs():
     """Binary conv/linear MACs of bhvit_tiny at 224 by hand, per stage."""
+
     def msgdc(c, n):  # three grouped (g=4) 3x3 convs over n positions
         return 3 * n * c * (c // 4) * 9
 
@@ -72,8 +73,9 @@ def test_small_c32_and_input_size_argument():
     assert complexity(m, (2, 3, 32, 32))["bops"] == 2 * a["bops"]
     with pytest.raises(ValueError, match="input_size must be"):
         complexity(m, (32, 32))
-    with pytest.raises(ValueError,
-                       match=r"takes 3x32x32 images, got input_size \(1, 3, 64, 64\); build it with img_size=64"):
+    with pytest.raises(
+        ValueError, match=r"takes 3x32x32 images, got input_size \(1, 3, 64, 64\); build it with img_size=64"
+    ):
         complexity(m, 64)
 
 
@@ -99,8 +101,10 @@ def test_package_complexity_stays_the_function(tmp_path):
     import subprocess
     import sys
 
-    code = ("import bhvit; from bhvit.costs import summary; "
-            "print(bhvit.complexity(bhvit.create_model('bhvit_micro_c28', num_classes=10))['bops'])")
+    code = (
+        "import bhvit; from bhvit.costs import summary; "
+        "print(bhvit.complexity(bhvit.create_model('bhvit_micro_c28', num_classes=10))['bops'])"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) == complexity(create_model("bhvit_micro_c28", num_classes=10))["bops"]

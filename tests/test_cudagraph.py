@@ -5,6 +5,7 @@ there). Here the graph is replaced by a stand-in with the same contract: capturi
 nothing, and each replay runs the step on the static input buffers and writes its results
 into the output tensors the capture returned.
 """
+
 import contextlib
 import json
 
@@ -19,8 +20,18 @@ from synth import make_fashion_mnist
 
 # Operators that make the host wait for the device (reading a value, or an output whose
 # shape depends on the data): a CUDA graph cannot record them.
-HOST_SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "is_nonzero", "equal", "masked_select",
-                 "unique", "_unique2", "unique_consecutive", "repeat_interleave"}
+HOST_SYNC_OPS = {
+    "_local_scalar_dense",
+    "item",
+    "nonzero",
+    "is_nonzero",
+    "equal",
+    "masked_select",
+    "unique",
+    "_unique2",
+    "unique_consecutive",
+    "repeat_interleave",
+}
 
 
 class HostSyncs:
@@ -90,8 +101,7 @@ def _linear_step():
 
 def test_graphed_step_warms_up_captures_once_and_replays_on_new_batches():
     gen = torch.Generator().manual_seed(1)
-    batches = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen))
-               for _ in range(7)]
+    batches = [(torch.randn(4, 6, generator=gen), torch.randint(0, 3, (4,), generator=gen)) for _ in range(7)]
     plain_model, plain_opt, plain_fn = _linear_step()
     graph_model, graph_opt, graph_fn = _linear_step()
     step = CpuGraphedStep(graph_fn, warmup=2)
@@ -140,9 +150,10 @@ def test_flip_count_updates_its_buffers_in_place():
     assert all(torch.equal(a, b) for a, b in zip(flips.prev, sign_snapshot(model)))
 
 
-@pytest.mark.parametrize("name, binary, over", [("bhvit_micro_c28", True, {}),
-                                                ("bhvit_tiny_c28", True, {"fp_downsample": True}),
-                                                ("bhvit_tiny_c28", False, {})])
+@pytest.mark.parametrize(
+    "name, binary, over",
+    [("bhvit_micro_c28", True, {}), ("bhvit_tiny_c28", True, {"fp_downsample": True}), ("bhvit_tiny_c28", False, {})],
+)
 def test_training_step_has_no_host_sync_after_the_first(name, binary, over):
     # What --cuda-graph captures (forward with KD and L_re, backward, AdamW, flip count) must
     # not make the host wait for the device; the detector must see QD's start from data,
@@ -200,8 +211,11 @@ def test_graphed_step_errors():
 
     step = Failing(fn, warmup=1)
     step(x, y)
-    with pytest.raises(GraphCaptureError, match="capturing the training step as a CUDA graph failed "
-                                                r"\(RuntimeError: operation not permitted"):
+    with pytest.raises(
+        GraphCaptureError,
+        match="capturing the training step as a CUDA graph failed "
+        r"\(RuntimeError: operation not permitted",
+    ):
         step(x, y)
     assert not step.captured
 
@@ -212,9 +226,11 @@ def test_cuda_graph_settings_are_checked():
     with pytest.raises(ValueError, match="--cuda-graph: it needs a CUDA device"):
         train(TrainConfig(cuda_graph=True, device="cpu"))
     _check_cuda_graph(TrainConfig(cuda_graph=True), "cuda", 1)
-    for cfg, world, what in ((TrainConfig(cuda_graph=True), 2, "single process"),
-                             (TrainConfig(cuda_graph=True, amp=True), 1, "--amp"),
-                             (TrainConfig(cuda_graph=True, compile="inductor"), 1, "one of --compile")):
+    for cfg, world, what in (
+        (TrainConfig(cuda_graph=True), 2, "single process"),
+        (TrainConfig(cuda_graph=True, amp=True), 1, "--amp"),
+        (TrainConfig(cuda_graph=True, compile="inductor"), 1, "one of --compile"),
+    ):
         with pytest.raises(ValueError, match=what):
             _check_cuda_graph(cfg, "cuda:0", world)
 
@@ -256,9 +272,19 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     def run(name, graph):
         torch.manual_seed(1)
         teacher = create_model("bhvit_micro_c28", num_classes=10, binary=False)
-        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / name),
-                          epochs=2, batch_size=32, subset=160, test_subset=32, progress=False,
-                          threads=1, re_last_frac=0.5, cuda_graph=graph)
+        cfg = TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(fmnist),
+            out=str(tmp_path / name),
+            epochs=2,
+            batch_size=32,
+            subset=160,
+            test_subset=32,
+            progress=False,
+            threads=1,
+            re_last_frac=0.5,
+            cuda_graph=graph,
+        )
         return train(cfg, teacher=teacher)
 
     monkeypatch.setattr(train_mod, "GraphedStep", CpuGraphedStep)
@@ -271,8 +297,7 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     assert [s.host_syncs for s in steps] == [{}, {}]  # nothing a CUDA graph could not record
     assert [s.replays for s in steps] == [2, 4]  # 5 steps an epoch: 3 warm-up, then 1
     real = train_mod.make_optimizer
-    monkeypatch.setattr(train_mod, "make_optimizer",
-                        lambda *a, **kw: real(*a, **dict(kw, capturable=True)))
+    monkeypatch.setattr(train_mod, "make_optimizer", lambda *a, **kw: real(*a, **dict(kw, capturable=True)))
     eager = run("eager", False)
     assert eager["beta"] == graphed["beta"] == 0.1
     for k in ("train_loss", "train_top1", "test_loss", "test_top1", "flip_frac", "step_flip_frac"):
@@ -298,9 +323,20 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     # tensor again) and still agree.
     def resume(name, graph):
         torch.manual_seed(1)
-        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / name),
-                          epochs=3, batch_size=32, subset=160, test_subset=32, progress=False,
-                          threads=1, re_last_frac=0.5, cuda_graph=graph, resume=True)
+        cfg = TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(fmnist),
+            out=str(tmp_path / name),
+            epochs=3,
+            batch_size=32,
+            subset=160,
+            test_subset=32,
+            progress=False,
+            threads=1,
+            re_last_frac=0.5,
+            cuda_graph=graph,
+            resume=True,
+        )
         return train(cfg, teacher=create_model("bhvit_micro_c28", num_classes=10, binary=False))
 
     CpuGraphedStep.instances = []

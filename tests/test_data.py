@@ -81,6 +81,7 @@ def test_cifar_pickle_loads_and_refuses_code(tmp_path):
     class Evil:
         def __reduce__(self):
             import os
+
             return (os.system, ("echo pwned",))
 
     (d / "test_batch").write_bytes(pickle.dumps(Evil()))
@@ -146,6 +147,7 @@ def test_imagefolder_empty_class_and_mismatched_sizes(tmp_path):
         load_dataset("imagefolder", "train", str(root), cache_dir=str(tmp_path / "c"))
     (root / "train" / "emu").rmdir()
     from PIL import Image
+
     Image.new("RGB", (20, 24)).save(root / "train" / "dog" / "9999.jpg")
     with pytest.raises(DataError, match="9999.jpg: image size 20x24 differs from 32x32"):
         load_dataset("imagefolder", "train", str(root), cache_dir=str(tmp_path / "c"))
@@ -169,7 +171,7 @@ def test_augment_crop_and_flip():
     y = augment_batch(x, 1, False, g)
     xp = torch.nn.functional.pad(x, (1, 1, 1, 1))
     for b in range(2):  # every output is a 4x4 window of the padded input
-        assert any(torch.equal(y[b], xp[b, :, i:i + 4, j:j + 4]) for i in range(3) for j in range(3))
+        assert any(torch.equal(y[b], xp[b, :, i : i + 4, j : j + 4]) for i in range(3) for j in range(3))
     flips = [torch.equal(augment_batch(x, 0, True, g)[0], x[0].flip(2)) for _ in range(40)]
     assert 5 < sum(flips) < 35
 

@@ -5,6 +5,7 @@ README.md, docs/*.md (fenced code blocks and inline code) and the scripts' docst
 checked: each ``--option`` in it must be one that command's argument parser defines,
 spelled out in full.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def doc_commands(text: str):
         for j, m in enumerate(starts):
             end = starts[j + 1].start() if j + 1 < len(starts) else len(seg)
             # A command ends at a shell separator.
-            body = re.split(r"&&|\|\||;|\|", seg[m.end():end], maxsplit=1)[0]
+            body = re.split(r"&&|\|\||;|\|", seg[m.end() : end], maxsplit=1)[0]
             key = f"bhvit {m['sub']}" if m["sub"] else m["bench"]
             yield lineno, key, _OPT.findall(body)
 
@@ -98,16 +99,20 @@ def _known_options() -> dict:
 
 
 def test_doc_commands_parser_finds_commands_and_options():
-    text = ("```bash\nbhvit train --model m --epochs 3 \\\n    --out r   # --not-this\n```\n"
-            "Run `bhvit eval RUN --data-dir D` or `python benchmarks/train_speed.py --runs 5 && "
-            "bhvit list`; and --prose-flag.\n"
-            "```\npython experiments/ablation.py --seeds 0 --epochs 1\n```\n")
+    text = (
+        "```bash\nbhvit train --model m --epochs 3 \\\n    --out r   # --not-this\n```\n"
+        "Run `bhvit eval RUN --data-dir D` or `python benchmarks/train_speed.py --runs 5 && "
+        "bhvit list`; and --prose-flag.\n"
+        "```\npython experiments/ablation.py --seeds 0 --epochs 1\n```\n"
+    )
     got = [(k, o) for _, k, o in doc_commands(text)]
-    assert got == [("bhvit train", ["--model", "--epochs", "--out"]),
-                   ("bhvit eval", ["--data-dir"]),
-                   ("benchmarks/train_speed.py", ["--runs"]),
-                   ("bhvit list", []),
-                   ("experiments/ablation.py", ["--seeds", "--epochs"])]
+    assert got == [
+        ("bhvit train", ["--model", "--epochs", "--out"]),
+        ("bhvit eval", ["--data-dir"]),
+        ("benchmarks/train_speed.py", ["--runs"]),
+        ("bhvit list", []),
+        ("experiments/ablation.py", ["--seeds", "--epochs"]),
+    ]
 
 
 def _doc_texts():
@@ -127,8 +132,7 @@ def test_documented_commands_use_existing_options():
                 bad.append(f"{name}:{lineno}: unknown command {key!r}")
                 continue
             seen += 1
-            bad += [f"{name}:{lineno}: {key} has no option {o}" for o in opts
-                    if o not in known[key]]
+            bad += [f"{name}:{lineno}: {key} has no option {o}" for o in opts if o not in known[key]]
     assert not bad, "\n".join(bad)
     assert seen > 70  # the docs quote many commands; a broken extractor would find few
 

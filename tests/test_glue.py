@@ -1,4 +1,5 @@
 """Float glue kernels of the runtime: fused epilogues, binary linear, shifts, attention, GELU."""
+
 import math
 
 import numpy as np
@@ -36,11 +37,12 @@ def _vec(rng, n):
 
 # --------------------------------------------------------------------------- packing with bias
 
+
 def test_pack_signs_bias_equals_packing_the_sum(be):
     rng = np.random.default_rng(1)
     x = rng.standard_normal((7, 3, 70)).astype(np.float32)
     b = rng.standard_normal(70).astype(np.float32)
-    x[0, 0, :5] = -b[:5]                       # x + b == 0 exactly -> +1
+    x[0, 0, :5] = -b[:5]  # x + b == 0 exactly -> +1
     assert np.array_equal(K.pack_signs(x, bias=b), K.pack_signs(x + b))
     g = rng.standard_normal((3, 70)).astype(np.float32)  # one bias row per group
     assert np.array_equal(K.pack_signs(x, bias=g), K.pack_signs(x + g))
@@ -72,6 +74,7 @@ def test_pack_signs_bias_errors(be):
 
 # --------------------------------------------------------------------------- epilogues
 
+
 def _epi_ref(dot, scale, shift, sc, act):
     n = dot.shape[-1]
     v = dot.astype(np.float64) * scale + shift
@@ -96,7 +99,7 @@ def test_epilogue_post_and_residual(be, c):
     want = res + pb + _epi_ref(dot, s, t, sc, act) * ps
     got = K.epilogue(dot, s, t, sc, act, post=(ps, pb), residual=res)
     assert np.allclose(got, want, atol=1e-4)
-    acc = res.copy()                            # out without residual accumulates in place
+    acc = res.copy()  # out without residual accumulates in place
     assert K.epilogue(dot, s, t, sc, act, out=acc, post=(ps, pb)) is acc
     assert np.allclose(acc, want, atol=1e-4)
     with pytest.raises(ValueError, match="residual"):
@@ -122,6 +125,7 @@ def test_epilogue_pack_gives_signs_and_pooled_means(be):
 
 
 # --------------------------------------------------------------------------- binary linear
+
 
 @pytest.mark.parametrize("M", [1, 31, 32, 33, 100])
 @pytest.mark.parametrize("k", [64, 100, 257])
@@ -157,6 +161,7 @@ def test_binary_linear_errors(be):
 
 
 # --------------------------------------------------------------------------- GELU, shifts
+
 
 def test_gelu_matches_torch(be):
     x = np.linspace(-8, 8, 4001, dtype=np.float32)
@@ -197,6 +202,7 @@ def test_shift_mix_backends_identical_and_errors():
 
 # --------------------------------------------------------------------------- attention core
 
+
 def test_attention_hand_computed(be):
     # one query (+1), two keys (+1, -1), d = 1, scale 1: softmax [0.8808, 0.1192];
     # levels 3, step 0.25: lv = clip(round([10.57, 1.43]), 0, 3) = [3, 1];
@@ -227,8 +233,7 @@ def test_attention_matches_float_reference(d, M):
     attn = e / e.sum(-1, keepdims=True)
     lv = np.clip(np.round(attn * 3 / step.reshape(1, h, 1, 1) + zp.reshape(1, h, 1, 1)), 0, 3)
     want = ((lv @ sv) * step.reshape(1, h, 1, 1)).transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
-    outs = {b: _on(b, lambda: K.attention(qb, kb, vb, d, step, zp, 3, 1 / math.sqrt(d), threads=2))
-            for b in BACKENDS}
+    outs = {b: _on(b, lambda: K.attention(qb, kb, vb, d, step, zp, 3, 1 / math.sqrt(d), threads=2)) for b in BACKENDS}
     for b, out in outs.items():
         assert out.shape == (Bw, N, h * d)
         close = np.isclose(out, want, atol=1e-5)

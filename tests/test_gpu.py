@@ -8,6 +8,7 @@ Run them with ``python -m pytest -q tests/test_gpu.py`` (about 3 minutes on one 
 ``BHVIT_TEST_DEVICE=cpu`` runs the same checks on the CPU against itself (the CUDA-graph
 one skips), which tests the checks, not CUDA.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,14 +26,16 @@ import torch.nn.functional as F
 import bhvit
 
 DEVICE = os.environ.get("BHVIT_TEST_DEVICE", "cuda")
-pytestmark = [pytest.mark.gpu,
-              pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(),
-                                 reason="needs a CUDA device")]
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(DEVICE.startswith("cuda") and not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
 needs_cuda = pytest.mark.skipif(not DEVICE.startswith("cuda"), reason="CUDA graphs need CUDA")
 FMNIST = Path(os.environ.get("BHVIT_FMNIST_DIR", "/usr/share/datasets/fashion-mnist"))
-needs_fmnist = pytest.mark.skipif(not (FMNIST / "train-images-idx3-ubyte.gz").is_file()
-                                  and not (FMNIST / "train-images-idx3-ubyte").is_file(),
-                                  reason=f"needs Fashion-MNIST in {FMNIST} ($BHVIT_FMNIST_DIR)")
+needs_fmnist = pytest.mark.skipif(
+    not (FMNIST / "train-images-idx3-ubyte.gz").is_file() and not (FMNIST / "train-images-idx3-ubyte").is_file(),
+    reason=f"needs Fashion-MNIST in {FMNIST} ($BHVIT_FMNIST_DIR)",
+)
 
 
 def _cli(*args: str, log: Path, wait: bool = True) -> subprocess.Popen:
@@ -44,13 +47,35 @@ def _cli(*args: str, log: Path, wait: bool = True) -> subprocess.Popen:
 
 
 def _common(subset: int = 4096, lr: str = "1e-3"):
-    return ["train", "--data", "fashion-mnist", "--data-dir", str(FMNIST), "--model", "bhvit_micro_c28",
-            "--subset", str(subset), "--test-subset", "2000", "--batch-size", "256", "--lr", lr,
-            "--device", DEVICE, "--threads", "4", "--no-progress", "--seed", "3"]
+    return [
+        "train",
+        "--data",
+        "fashion-mnist",
+        "--data-dir",
+        str(FMNIST),
+        "--model",
+        "bhvit_micro_c28",
+        "--subset",
+        str(subset),
+        "--test-subset",
+        "2000",
+        "--batch-size",
+        "256",
+        "--lr",
+        lr,
+        "--device",
+        DEVICE,
+        "--threads",
+        "4",
+        "--no-progress",
+        "--seed",
+        "3",
+    ]
 
 
-@pytest.mark.parametrize("name,binary", [("bhvit_micro_c28", True), ("bhvit_tiny_c32", True),
-                                         ("bhvit_tiny_c32", False)])
+@pytest.mark.parametrize(
+    "name,binary", [("bhvit_micro_c28", True), ("bhvit_tiny_c32", True), ("bhvit_tiny_c32", False)]
+)
 def test_eval_forward_matches_cpu_without_tf32(name, binary):
     """Eval mode, TF32 off (as ``evaluate`` runs): CUDA equals the CPU to float32 rounding,
     sample by sample, except where a binarizer's input lies within that rounding of its
@@ -119,8 +144,9 @@ def test_graphed_steps_equal_eager_steps(name, over):
 
     def max_diff(mode):
         state, base = runs[mode][1], runs["eager"][1]
-        return max(float((state[k].double() - base[k].double()).abs().max())
-                   for k in base if state[k].is_floating_point())
+        return max(
+            float((state[k].double() - base[k].double()).abs().max()) for k in base if state[k].is_floating_point()
+        )
 
     def identical(mode):
         state, base = runs[mode][1], runs["eager"][1]
@@ -142,10 +168,28 @@ def test_amp_recipe_trains_and_evaluates_alike_on_both_devices(tmp_path):
     from bhvit.data import load_dataset
     from bhvit.train import evaluate
 
-    _cli(*_common(), "--set", "binary=false", "--epochs", "2", "--amp", "--out", str(tmp_path / "t"),
-         log=tmp_path / "t.log")
-    _cli(*_common(), "--epochs", "3", "--amp", "--teacher", str(tmp_path / "t"), "--out", str(tmp_path / "s"),
-         log=tmp_path / "s.log")
+    _cli(
+        *_common(),
+        "--set",
+        "binary=false",
+        "--epochs",
+        "2",
+        "--amp",
+        "--out",
+        str(tmp_path / "t"),
+        log=tmp_path / "t.log",
+    )
+    _cli(
+        *_common(),
+        "--epochs",
+        "3",
+        "--amp",
+        "--teacher",
+        str(tmp_path / "t"),
+        "--out",
+        str(tmp_path / "s"),
+        log=tmp_path / "s.log",
+    )
     teacher = json.loads((tmp_path / "t" / "final.json").read_text())
     student = json.loads((tmp_path / "s" / "final.json").read_text())
     assert teacher["test_top1"] > 55 and student["test_top1"] > 45, (teacher, student)
@@ -190,8 +234,17 @@ def test_cuda_graph_training_runs_graphed_and_learns_like_eager(tmp_path):
     _cli(*common, "--set", "binary=false", "--epochs", "2", "--out", str(tmp_path / "t"), log=tmp_path / "t.log")
     top1 = {}
     for mode, extra in (("eager", []), ("graph", ["--cuda-graph"])):
-        _cli(*common, "--epochs", "3", "--teacher", str(tmp_path / "t"), *extra, "--out", str(tmp_path / mode),
-             log=tmp_path / f"{mode}.log")
+        _cli(
+            *common,
+            "--epochs",
+            "3",
+            "--teacher",
+            str(tmp_path / "t"),
+            *extra,
+            "--out",
+            str(tmp_path / mode),
+            log=tmp_path / f"{mode}.log",
+        )
         top1[mode] = json.loads((tmp_path / mode / "final.json").read_text())["test_top1"]
     assert "Training goes on without CUDA graphs" not in (tmp_path / "graph.log").read_text()
     assert abs(top1["graph"] - top1["eager"]) <= 3.0, top1

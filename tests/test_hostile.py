@@ -1,6 +1,7 @@
 """Hostile input to the data loaders, checkpoints, run directories and the CLI: every case
 is generated in a temporary directory and must give one clear error (or the documented
 behaviour), never lose a user's file, never run a pickle."""
+
 import errno
 import gzip
 import json
@@ -28,8 +29,9 @@ from bhvit.runtime.image import ImageTooLarge, decode_image
 from bhvit.train import TrainConfig, train
 from synth import make_fashion_mnist, make_imagefolder, write_idx
 
-TINY = dict(model="bhvit_micro_c28", batch_size=64, subset=64, test_subset=32, progress=False, threads=1,
-            step_flips=False)
+TINY = dict(
+    model="bhvit_micro_c28", batch_size=64, subset=64, test_subset=32, progress=False, threads=1, step_flips=False
+)
 
 
 @pytest.fixture(scope="module")
@@ -54,16 +56,21 @@ def _copy_run(src: Path, dst: Path) -> Path:
 
 
 def _tiny():
-    return create_model("bhvit_micro_c28", num_classes=10, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1),
-                        heads=(1, 1, 1, 1))
+    return create_model(
+        "bhvit_micro_c28", num_classes=10, dims=(8, 16, 32, 64), depths=(1, 1, 1, 1), heads=(1, 1, 1, 1)
+    )
 
 
 # --- run directories ----------------------------------------------------------------
 def test_pruning_deletes_only_this_runs_checkpoints(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
-    user = {"epoch_notes.txt": b"my notes", "epochal-results.csv": b"a,b\n", "epoch0007.json": b"{}",
-            "epoch0008.safetensors": b"not ours"}
+    user = {
+        "epoch_notes.txt": b"my notes",
+        "epochal-results.csv": b"a,b\n",
+        "epoch0007.json": b"{}",
+        "epoch0008.safetensors": b"not ours",
+    }
     for name, data in user.items():
         (run / name).write_bytes(data)
     (run / "epoch_dir").mkdir()
@@ -76,8 +83,14 @@ def test_pruning_deletes_only_this_runs_checkpoints(tmp_path):
     assert (run / "epoch_dir" / "keep.txt").read_text() == "x"
     # epoch 0 is the best, epoch 2 the last; epoch 1 was this run's and is gone
     ours = sorted(p.name for p in run.iterdir() if p.name.startswith("epoch000") and p.name[8] in "012")
-    assert ours == ["epoch0000.json", "epoch0000.optim.safetensors", "epoch0000.safetensors",
-                    "epoch0002.json", "epoch0002.optim.safetensors", "epoch0002.safetensors"]
+    assert ours == [
+        "epoch0000.json",
+        "epoch0000.optim.safetensors",
+        "epoch0000.safetensors",
+        "epoch0002.json",
+        "epoch0002.optim.safetensors",
+        "epoch0002.safetensors",
+    ]
 
 
 def test_checkpoint_and_export_files_get_normal_modes(tmp_path):
@@ -121,8 +134,7 @@ def test_second_run_on_a_locked_directory_fails_and_a_killed_holder_leaves_no_lo
         with pytest.raises(RunLocked, match=rf"in use by another bhvit run \(PID {holder.pid}\)"):
             train(TrainConfig(data_dir=str(fmnist), out=str(out), epochs=1, **TINY))
         assert time.perf_counter() - t0 < 5  # at once, not after loading data
-        assert main(["train", "--data-dir", str(fmnist), "--out", str(out), "--subset", "64",
-                     "--no-progress"]) == 2
+        assert main(["train", "--data-dir", str(fmnist), "--out", str(out), "--subset", "64", "--no-progress"]) == 2
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -167,24 +179,42 @@ def test_corrupt_tensor_files_are_refused_on_every_load(fmnist, trained, tmp_pat
         train(cfg)
 
 
-@pytest.mark.parametrize("text, message", [
-    ("[1, 2]", "a JSON list, not an object"),
-    ('{"format": "bhvit-checkpoint", "version": 1}', "no 'weights' entry"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": ["a"]}', "'weights' must be the name"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": "../../etc/passwd.safetensors"}',
-     "'weights' must be the name"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", "epoch": "3"}',
-     "'epoch' must be a non-negative integer"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", "history": {}}',
-     "'history' must be a JSON array"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
-     '"data": {"mean": [NaN], "std": [0.3]}}', "finite numbers"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
-     '"data": {"mean": [0.5], "std": [0.0]}}', "std must be > 0"),
-    ('{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
-     '"model_config": {"dims": "abcd"}}', "bad model_config"),
-    ("[" * 100000 + "]" * 100000, "nested too deeply"),
-])
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("[1, 2]", "a JSON list, not an object"),
+        ('{"format": "bhvit-checkpoint", "version": 1}', "no 'weights' entry"),
+        ('{"format": "bhvit-checkpoint", "version": 1, "weights": ["a"]}', "'weights' must be the name"),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "../../etc/passwd.safetensors"}',
+            "'weights' must be the name",
+        ),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", "epoch": "3"}',
+            "'epoch' must be a non-negative integer",
+        ),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", "history": {}}',
+            "'history' must be a JSON array",
+        ),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
+            '"data": {"mean": [NaN], "std": [0.3]}}',
+            "finite numbers",
+        ),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
+            '"data": {"mean": [0.5], "std": [0.0]}}',
+            "std must be > 0",
+        ),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
+            '"model_config": {"dims": "abcd"}}',
+            "bad model_config",
+        ),
+        ("[" * 100000 + "]" * 100000, "nested too deeply"),
+    ],
+)
 def test_malformed_checkpoint_json_gives_one_clear_error(tmp_path, text, message):
     p = tmp_path / "best.json"
     p.write_text(text)
@@ -209,8 +239,24 @@ def test_a_full_disk_while_checkpointing_is_one_line(fmnist, tmp_path, monkeypat
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(ck, "atomic_write_json", lambda *a, **k: full())
-    code = main(["train", "--data-dir", str(fmnist), "--out", str(tmp_path / "r"), "--subset", "64",
-                 "--test-subset", "32", "--batch-size", "64", "--no-progress", "--threads", "1"])
+    code = main(
+        [
+            "train",
+            "--data-dir",
+            str(fmnist),
+            "--out",
+            str(tmp_path / "r"),
+            "--subset",
+            "64",
+            "--test-subset",
+            "32",
+            "--batch-size",
+            "64",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("bhvit: error:") and "No space left on device" in err[-1]
@@ -306,10 +352,15 @@ def test_images_over_the_pixel_limit_are_refused_before_decoding(tmp_path, monke
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
 
     bomb = tmp_path / "bomb.png"
-    bomb.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    with pytest.raises(ImageTooLarge, match="bomb.png: 30000x30000 = 900,000,000 pixels, more than the limit "
-                                            "of 50,000,000"):
+    bomb.write_bytes(
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0))
+        + chunk(b"IDAT", zlib.compress(b""))
+        + chunk(b"IEND", b"")
+    )
+    with pytest.raises(
+        ImageTooLarge, match="bomb.png: 30000x30000 = 900,000,000 pixels, more than the limit of 50,000,000"
+    ):
         decode_image(bomb, 3, 32)
     root = make_imagefolder(tmp_path / "if", per_class=1, size=32)
     monkeypatch.setenv("BHVIT_MAX_IMAGE_PIXELS", "1000")  # 32x32 = 1024 pixels
@@ -350,8 +401,9 @@ def _cifar(root: Path, data, labels) -> Path:
 
 def test_cifar_float_pixels_are_refused_not_cast(tmp_path):
     _cifar(tmp_path, np.full((2, 3072), 0.5, dtype=np.float32), [0, 1])
-    with pytest.raises(DataError, match="'data' holds float32 values from 0.5 to 0.5; CIFAR-10 pixels are "
-                                        "integers 0..255"):
+    with pytest.raises(
+        DataError, match="'data' holds float32 values from 0.5 to 0.5; CIFAR-10 pixels are integers 0..255"
+    ):
         load_dataset("cifar10", "train", str(tmp_path))
 
 

@@ -2,6 +2,7 @@
 RuntimeFormatError / ValueError naming the file and what is wrong, fast, and nothing runs
 that the export does not describe. Tampered manifests get a recomputed manifest_sha256
 (``_rewrite``), as a deliberate attacker would, so that the deeper checks are reached."""
+
 import hashlib
 import json
 import math
@@ -78,31 +79,38 @@ def _refused(d, match, **kw):
 
 # --------------------------------------------------------------------------- denial of service
 
+
 def test_huge_shift_size_is_refused_before_anything_runs(exp):
     # was: runtime.load loops 10^7 rolls per element (hangs)
-    _rewrite(exp, config=dict(_manifest(exp)["config"], shift_sizes=[10 ** 7, 2]))
-    _refused(exp, r"manifest.json: config shift_sizes must be a list of at most 16 integers in 1..16 "
-                  r"\(the stage-1 map side\), got \[10000000, 2\]")
+    _rewrite(exp, config=dict(_manifest(exp)["config"], shift_sizes=[10**7, 2]))
+    _refused(
+        exp,
+        r"manifest.json: config shift_sizes must be a list of at most 16 integers in 1..16 "
+        r"\(the stage-1 map side\), got \[10000000, 2\]",
+    )
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"heads": [0, 1, 2, 4]}, r"config heads must be a list of 4 integers in 1..65536 \(one per stage\), got \[0,"),
-    ({"windows": [8, 8, 0, 2]}, r"config windows must be a list of 4 integers in 1..16384"),
-    ({"stem_stride": 0}, r"config stem_stride must be an integer in 1..16384, got 0"),
-    ({"msgdc_groups": 0}, r"config msgdc_groups must be an integer in 1..65536, got 0"),
-    ({"msgdc_groups": 3}, r"config dims\[0\] = 32 is not divisible by msgdc_groups = 3"),
-    ({"heads": [1, 1, 3, 4]}, r"config dims\[2\] = 128 is not divisible by heads\[2\] = 3"),
-    ({"windows": [8, 8, 3, 2]}, r"config windows\[2\] = 3 does not divide the stage-3 map side 4"),
-    ({"depths": [1, 1, 1, 10 ** 9]}, r"config depths must be a list of 4 integers in 1..1024"),
-    ({"dims": [32, "64", 128, 256]}, r"config dims must be a list of 4 integers"),
-    ({"shift_sizes": "12"}, r"config shift_sizes must be a list"),
-    ({"msgdc_dilations": []}, r"config msgdc_dilations must be a list of 1..16 integers"),
-    ({"qd_levels": 1000}, r"config qd_levels must be an integer in 1..64, got 1000"),
-    ({"img_size": True}, r"config img_size must be an integer"),
-    ({"qd": "yes"}, r"config qd must be true or false, got 'yes'"),
-    ({"hybrid": "both"}, r"config hybrid must be one of"),
-    ({"img_size": 36}, r"config img_size \+ 2 \* stem_pad = 36 is not a multiple of 8 \* stem_stride = 16"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"heads": [0, 1, 2, 4]}, r"config heads must be a list of 4 integers in 1..65536 \(one per stage\), got \[0,"),
+        ({"windows": [8, 8, 0, 2]}, r"config windows must be a list of 4 integers in 1..16384"),
+        ({"stem_stride": 0}, r"config stem_stride must be an integer in 1..16384, got 0"),
+        ({"msgdc_groups": 0}, r"config msgdc_groups must be an integer in 1..65536, got 0"),
+        ({"msgdc_groups": 3}, r"config dims\[0\] = 32 is not divisible by msgdc_groups = 3"),
+        ({"heads": [1, 1, 3, 4]}, r"config dims\[2\] = 128 is not divisible by heads\[2\] = 3"),
+        ({"windows": [8, 8, 3, 2]}, r"config windows\[2\] = 3 does not divide the stage-3 map side 4"),
+        ({"depths": [1, 1, 1, 10**9]}, r"config depths must be a list of 4 integers in 1..1024"),
+        ({"dims": [32, "64", 128, 256]}, r"config dims must be a list of 4 integers"),
+        ({"shift_sizes": "12"}, r"config shift_sizes must be a list"),
+        ({"msgdc_dilations": []}, r"config msgdc_dilations must be a list of 1..16 integers"),
+        ({"qd_levels": 1000}, r"config qd_levels must be an integer in 1..64, got 1000"),
+        ({"img_size": True}, r"config img_size must be an integer"),
+        ({"qd": "yes"}, r"config qd must be true or false, got 'yes'"),
+        ({"hybrid": "both"}, r"config hybrid must be one of"),
+        ({"img_size": 36}, r"config img_size \+ 2 \* stem_pad = 36 is not a multiple of 8 \* stem_stride = 16"),
+    ],
+)
 def test_bad_config_values_get_one_line_errors(exp, change, message):
     # was: ZeroDivisionError / TypeError tracebacks, or a hang, from building the network
     _rewrite(exp, config=dict(_manifest(exp)["config"], **change))
@@ -116,8 +124,9 @@ def test_attention_size_is_bounded(exp):
     from bhvit.runtime.format import config_problem
 
     cfg = dict(_manifest(exp)["config"], img_size=512, hybrid="msmha", msmha=False)
-    assert config_problem(cfg) == ("config stage 1 attends over 65536 tokens (map side 256, window none); "
-                                   "at most 16384")
+    assert config_problem(cfg) == (
+        "config stage 1 attends over 65536 tokens (map side 256, window none); at most 16384"
+    )
     assert config_problem(dict(cfg, img_size=256)) is None
 
 
@@ -155,15 +164,26 @@ def test_weights_file_name_must_stay_next_to_the_manifest(exp, tmp_path):
 
 # --------------------------------------------------------------------------- NaN and bad floats
 
-@pytest.mark.parametrize("name,value,message", [
-    ("stages.2.blocks.0.mixer.core.qd.zero_point", np.nan,
-     r"model.safetensors: tensor stages.2.blocks.0.mixer.core.qd.zero_point has 1 NaN or infinite value"),
-    ("head.weight", np.inf, r"tensor head.weight has 1 NaN or infinite value"),
-    ("stem.norm.scale", -np.inf, r"tensor stem.norm.scale has 1 NaN or infinite value"),
-    ("stages.2.blocks.0.mixer.core.qd.step", 0.0, r"tensor stages.2.blocks.0.mixer.core.qd.step \(the QD step\) "
-                                                  r"has a zero value; the QD levels divide by it"),
-    ("stem.proj.bias", 3e38, r"model.safetensors: the network's values overflow to inf/NaN on a zero image"),
-])
+
+@pytest.mark.parametrize(
+    "name,value,message",
+    [
+        (
+            "stages.2.blocks.0.mixer.core.qd.zero_point",
+            np.nan,
+            r"model.safetensors: tensor stages.2.blocks.0.mixer.core.qd.zero_point has 1 NaN or infinite value",
+        ),
+        ("head.weight", np.inf, r"tensor head.weight has 1 NaN or infinite value"),
+        ("stem.norm.scale", -np.inf, r"tensor stem.norm.scale has 1 NaN or infinite value"),
+        (
+            "stages.2.blocks.0.mixer.core.qd.step",
+            0.0,
+            r"tensor stages.2.blocks.0.mixer.core.qd.step \(the QD step\) "
+            r"has a zero value; the QD levels divide by it",
+        ),
+        ("stem.proj.bias", 3e38, r"model.safetensors: the network's values overflow to inf/NaN on a zero image"),
+    ],
+)
 def test_non_finite_parameters_are_refused_at_load(exp, name, value, message):
     # was: a NaN QD zero point loaded and gave garbage logits (C: NaN cast to int32)
     t = load_file(str(exp / "model.safetensors"))
@@ -200,8 +220,8 @@ def test_attention_kernels_define_a_nan_zero_point_like_numpy():
         K.set_backend(prev)
     for b, o in outs.items():
         assert np.array_equal(o, outs["numpy"], equal_nan=True), b
-    assert (outs["numpy"][..., :d] == 0).all()        # head 0: every level 0, no plane set
-    assert np.abs(outs["numpy"][..., d:]).max() > 0   # head 1: computed as usual
+    assert (outs["numpy"][..., :d] == 0).all()  # head 0: every level 0, no plane set
+    assert np.abs(outs["numpy"][..., d:]).max() > 0  # head 1: computed as usual
 
 
 def test_rprelu_epilogues_give_numpys_values_for_inf_and_nan():
@@ -226,8 +246,17 @@ def test_rprelu_epilogues_give_numpys_values_for_inf_and_nan():
     cases = {
         "epilogue": lambda: K.epilogue(dot, s, t, sc, (m1, slope, m2), residual=res),
         "binary_linear": lambda: K.binary_linear(a, b, 70, s, t, sc, (m1, slope, m2), residual=res),
-        "attention": lambda: K.attention(qb, qb, vb, d, np.array([0.5], np.float32), np.zeros(1, np.float32), 3,
-                                         0.25, combine=(s, t, q, k, v, (m1, slope, m2))),
+        "attention": lambda: K.attention(
+            qb,
+            qb,
+            vb,
+            d,
+            np.array([0.5], np.float32),
+            np.zeros(1, np.float32),
+            3,
+            0.25,
+            combine=(s, t, q, k, v, (m1, slope, m2)),
+        ),
     }
     prev = K.backend()
     try:
@@ -264,17 +293,21 @@ def test_fused_packing_reports_nan_on_every_backend():
 
 # --------------------------------------------------------------------------- data entry
 
-@pytest.mark.parametrize("data,message", [
-    ({"mean": [math.nan, 0, 0], "std": [1, 1, 1]}, r"data mean\[0\] is nan, not a finite number"),
-    ({"mean": [0, 0, 0], "std": [1, 0, 1]}, r"data std\[1\] = 0 must be > 0"),
-    ({"mean": [0, 0, 0], "std": [1, 1e-300, 1]}, r"data std\[1\] = 1e-300 must be > 0 \(in float32"),
-    ({"mean": [0, 0], "std": [1, 1]}, r"data mean must be a list of 3 numbers \(one per input channel\)"),
-    ({"mean": [1e39, 0, 0], "std": [1, 1, 1]}, r"data mean\[0\] = 1e\+39 overflows float32"),
-    ({"mean": [0, 0, 0]}, r"data has only one of mean and std"),
-    ({"mean": "0.5", "std": [1, 1, 1]}, r"data mean must be a list of 3 numbers"),
-    ({"classes": ["a", "b", "c"]}, r"data classes has 3 names for the model's 10 classes"),
-    ({"classes": [1] * 10}, r"data classes must be a list of strings"),
-])
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"mean": [math.nan, 0, 0], "std": [1, 1, 1]}, r"data mean\[0\] is nan, not a finite number"),
+        ({"mean": [0, 0, 0], "std": [1, 0, 1]}, r"data std\[1\] = 0 must be > 0"),
+        ({"mean": [0, 0, 0], "std": [1, 1e-300, 1]}, r"data std\[1\] = 1e-300 must be > 0 \(in float32"),
+        ({"mean": [0, 0], "std": [1, 1]}, r"data mean must be a list of 3 numbers \(one per input channel\)"),
+        ({"mean": [1e39, 0, 0], "std": [1, 1, 1]}, r"data mean\[0\] = 1e\+39 overflows float32"),
+        ({"mean": [0, 0, 0]}, r"data has only one of mean and std"),
+        ({"mean": "0.5", "std": [1, 1, 1]}, r"data mean must be a list of 3 numbers"),
+        ({"classes": ["a", "b", "c"]}, r"data classes has 3 names for the model's 10 classes"),
+        ({"classes": [1] * 10}, r"data classes must be a list of strings"),
+    ],
+)
 def test_bad_data_entry_is_refused_by_load_and_by_export(exp, tmp_path, data, message):
     # was: a NaN mean/std loaded and `predict` blamed the image; too few class names crashed predict
     _rewrite(exp, data=data)
@@ -291,8 +324,12 @@ def test_null_data_loads_without_normalisation_and_predict_says_so(exp, tmp_path
     rt = runtime.load(exp)
     assert rt.classes is None and rt(np.zeros((1, 3, 32, 32), np.float32)).shape == (1, 10)
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
-    r = subprocess.run([sys.executable, "-m", "bhvit", "predict", str(exp), str(tmp_path / "x.png")],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "bhvit", "predict", str(exp), str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 2 and "records no input normalisation (mean/std)" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
@@ -312,9 +349,10 @@ def test_export_refuses_nan_parameters(tmp_path):
 
 # --------------------------------------------------------------------------- threads, inputs
 
+
 def test_bad_threads_is_blamed_on_the_argument(base):
     # was: "manifest.json: the manifest's config does not fit its tensors (threads must be >= 0 ...)"
-    for bad in (-1, 10 ** 9, 1.5, "2"):
+    for bad in (-1, 10**9, 1.5, "2"):
         with pytest.raises(ValueError, match="bad threads argument: threads must be") as e:
             runtime.load(base, threads=bad)
         assert not isinstance(e.value, RuntimeFormatError) and "manifest" not in str(e.value)
@@ -330,23 +368,32 @@ def test_inputs_of_other_dtypes_and_layouts(rt):
     # a guard (these already worked): defined conversions, the same logits as float32
     x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
     ref = rt(x)
-    assert np.array_equal(rt(x.astype(np.float64)), ref)                   # float64: converted
-    assert np.array_equal(rt(np.asfortranarray(x)), ref)                   # not C-contiguous
+    assert np.array_equal(rt(x.astype(np.float64)), ref)  # float64: converted
+    assert np.array_equal(rt(np.asfortranarray(x)), ref)  # not C-contiguous
     assert np.array_equal(rt(x.transpose(0, 1, 3, 2).copy().transpose(0, 1, 3, 2)), ref)
     assert np.array_equal(rt(torch.from_numpy(x).permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)), ref)
     h = x.astype(np.float16)
-    assert np.array_equal(rt(h), rt(h.astype(np.float32)))                 # float16: converted
+    assert np.array_equal(rt(h), rt(h.astype(np.float32)))  # float16: converted
     assert np.array_equal(rt(torch.from_numpy(h)), rt(h.astype(np.float32)))
-    assert np.array_equal(rt(x.astype(">f4")), ref)                        # big-endian
+    assert np.array_equal(rt(x.astype(">f4")), ref)  # big-endian
 
 
-@pytest.mark.parametrize("make,message", [
-    (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16), r"got a torch.bfloat16 tensor.*pass x.float\(\)"),
-    (lambda: torch.zeros(2, 3, 32, 32, device="meta"), r"torch tensor on the meta device \(shape \(2, 3, 32, 32\)\)"),
-    (lambda: np.full((1, 3, 32, 32), 1e39), r"input values overflow float32 \(largest \|x\| = 1e\+39"),
-    (lambda: np.where(np.arange(3 * 32 * 32).reshape(1, 3, 32, 32) == 40, np.nan, 0.0),
-     r"input contains NaN or infinite pixels \(1 of them, the first at index \(0, 0, 1, 8\): nan\)"),
-], ids=["bfloat16", "meta", "float64-overflow", "nan"])
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda: torch.zeros(2, 3, 32, 32, dtype=torch.bfloat16), r"got a torch.bfloat16 tensor.*pass x.float\(\)"),
+        (
+            lambda: torch.zeros(2, 3, 32, 32, device="meta"),
+            r"torch tensor on the meta device \(shape \(2, 3, 32, 32\)\)",
+        ),
+        (lambda: np.full((1, 3, 32, 32), 1e39), r"input values overflow float32 \(largest \|x\| = 1e\+39"),
+        (
+            lambda: np.where(np.arange(3 * 32 * 32).reshape(1, 3, 32, 32) == 40, np.nan, 0.0),
+            r"input contains NaN or infinite pixels \(1 of them, the first at index \(0, 0, 1, 8\): nan\)",
+        ),
+    ],
+    ids=["bfloat16", "meta", "float64-overflow", "nan"],
+)
 def test_bad_inputs_get_one_line_errors(rt, make, message):
     # was: TypeError (bfloat16), NotImplementedError (meta), "pack_signs: input contains NaN" (overflow)
     with pytest.raises(ValueError, match=message) as e:
@@ -360,33 +407,47 @@ def test_values_that_overflow_inside_the_network(exp):
     t["stem.proj.weight"] = t["stem.proj.weight"] * np.float32(1e30)
     _rewrite(exp, t)
     rt = runtime.load(exp)
-    with pytest.raises(ValueError, match=r"the network's values overflowed to inf/NaN on this input "
-                                         r"\(largest \|x\| = 1e\+10\); normalise the images"):
+    with pytest.raises(
+        ValueError,
+        match=r"the network's values overflowed to inf/NaN on this input "
+        r"\(largest \|x\| = 1e\+10\); normalise the images",
+    ):
         rt(np.full((1, 3, 32, 32), 1e10, np.float32))
 
 
 # --------------------------------------------------------------------------- hostile JSON
 
-@pytest.mark.parametrize("text,message", [
-    ("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
-    ('{"a": ' + "1" * 5000 + "}", r"not valid JSON \(Exceeds the limit"),
-    ('"just a string"', r"not a bhvit export \(a JSON string, not an object\)"),
-    ("null", r"not a bhvit export \(a JSON null, not an object\)"),
-], ids=["nested", "long-int", "string", "null"])
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        ("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
+        ('{"a": ' + "1" * 5000 + "}", r"not valid JSON \(Exceeds the limit"),
+        ('"just a string"', r"not a bhvit export \(a JSON string, not an object\)"),
+        ("null", r"not a bhvit export \(a JSON null, not an object\)"),
+    ],
+    ids=["nested", "long-int", "string", "null"],
+)
 def test_hostile_manifest_json(exp, text, message):
     (exp / "manifest.json").write_bytes(text.encode("latin-1"))
     _refused(exp, "manifest.json: " + message)
 
 
-@pytest.mark.parametrize("key,value,message", [
-    ("tensors", {"head.bias": {"dtype": "float32", "shape": [10.5]}},
-     r"tensor head.bias has shape \[10.5\], not a list of 1..8 sizes"),
-    ("tensors", {"head.bias": {"dtype": "float32", "shape": "10"}}, r"malformed 'tensors' entry 'head.bias'"),
-    ("tensors", {"head.bias": {"dtype": "object", "shape": [10]}}, r"tensor head.bias has dtype 'object'"),
-    ("tensors", {"head.bias": [1, 2]}, r"malformed 'tensors' entry 'head.bias'"),
-    ("file", {"name": "model.safetensors", "bytes": "12", "sha256": "0" * 64}, r"'file' needs an integer 'bytes'"),
-    ("data", [1, 2], r"data is a JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "key,value,message",
+    [
+        (
+            "tensors",
+            {"head.bias": {"dtype": "float32", "shape": [10.5]}},
+            r"tensor head.bias has shape \[10.5\], not a list of 1..8 sizes",
+        ),
+        ("tensors", {"head.bias": {"dtype": "float32", "shape": "10"}}, r"malformed 'tensors' entry 'head.bias'"),
+        ("tensors", {"head.bias": {"dtype": "object", "shape": [10]}}, r"tensor head.bias has dtype 'object'"),
+        ("tensors", {"head.bias": [1, 2]}, r"malformed 'tensors' entry 'head.bias'"),
+        ("file", {"name": "model.safetensors", "bytes": "12", "sha256": "0" * 64}, r"'file' needs an integer 'bytes'"),
+        ("data", [1, 2], r"data is a JSON list, not an object"),
+    ],
+)
 def test_wrong_json_types_in_the_manifest(exp, key, value, message):
     man = _manifest(exp)
     if key == "tensors":
@@ -396,6 +457,7 @@ def test_wrong_json_types_in_the_manifest(exp, key, value, message):
 
 
 # --------------------------------------------------------------------------- truncation, bit flips
+
 
 def _positions(n, k=12):
     return sorted({0, 1, n // 2, n - 1} | set(np.random.default_rng(n).integers(0, n, k).tolist()))
@@ -408,7 +470,7 @@ def test_truncated_and_bit_flipped_manifest(exp):
         _refused(exp, "manifest.json: ")
     for pos in _positions(len(blob)):
         for bit in (0, 5):
-            (exp / "manifest.json").write_bytes(blob[:pos] + bytes([blob[pos] ^ (1 << bit)]) + blob[pos + 1:])
+            (exp / "manifest.json").write_bytes(blob[:pos] + bytes([blob[pos] ^ (1 << bit)]) + blob[pos + 1 :])
             _refused(exp, "manifest.json: ")
 
 
@@ -420,7 +482,7 @@ def test_truncated_and_bit_flipped_weights(exp):
         w.write_bytes(blob[:cut])
         _refused(exp, r"model.safetensors: \d+ bytes, the manifest says \d+")
     for pos in _positions(len(blob)) + _positions(header):
-        w.write_bytes(blob[:pos] + bytes([blob[pos] ^ 4]) + blob[pos + 1:])
+        w.write_bytes(blob[:pos] + bytes([blob[pos] ^ 4]) + blob[pos + 1 :])
         _refused(exp, r"model.safetensors: SHA-256 does not match the manifest")
 
 
@@ -433,7 +495,7 @@ def test_bit_flipped_weights_with_recomputed_digests(exp):
     man = _manifest(exp)
     outcomes = set()
     for pos in _positions(8, 4) + _positions(header, 16):
-        flipped = blob[:pos] + bytes([blob[pos] ^ 0x10]) + blob[pos + 1:]
+        flipped = blob[:pos] + bytes([blob[pos] ^ 0x10]) + blob[pos + 1 :]
         w.write_bytes(flipped)
         _rewrite(exp, file=dict(man["file"], sha256=hashlib.sha256(flipped).hexdigest()))
         try:
@@ -466,6 +528,7 @@ def test_pickle_renamed_to_safetensors_never_runs(exp, tmp_path):
 
 
 # --------------------------------------------------------------------------- file modes
+
 
 def test_export_files_get_normal_modes(tmp_path):
     # exports are for sharing: 0644 under the usual umask 022, not mkstemp's 0600

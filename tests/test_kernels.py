@@ -1,4 +1,5 @@
 """Bit-packed kernels of the runtime (bhvit.runtime.kernels): C variants and numpy fallback."""
+
 import os
 import platform
 import subprocess
@@ -31,11 +32,12 @@ def _pm(x):
 
 def _rand(rng, *shape):
     x = rng.standard_normal(shape).astype(np.float32)
-    x[rng.random(shape) < 0.05] = 0.0      # exact zeros count as +1
+    x[rng.random(shape) < 0.05] = 0.0  # exact zeros count as +1
     return x
 
 
 # --------------------------------------------------------------------------- library
+
 
 @pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"), reason="x86-64 check")
 def test_c_backend_is_available_here():
@@ -65,6 +67,7 @@ def test_set_backend_errors():
 
 # --------------------------------------------------------------------------- packing
 
+
 def test_pack_signs_zero_and_negative_zero(be):
     x = np.array([0.0, -0.0, -1.0, 2.0, -1e-30, 1e-30, -np.inf, np.inf], dtype=np.float32)
     w = K.pack_signs(x)
@@ -85,7 +88,7 @@ def test_pack_signs_layout_and_padding(be, k):
         for j in range(k):
             assert (words[j // 64] >> (j % 64)) & 1 == int(x[idx][j] >= 0)
         if k % 64:
-            assert words[-1] >> (k % 64) == 0          # padding bits are zero
+            assert words[-1] >> (k % 64) == 0  # padding bits are zero
     assert (K.pack_bits(x >= 0) == p).all()
 
 
@@ -125,7 +128,7 @@ def test_pack_bits(be):
     assert p.shape == (5, 3) and p.dtype == np.uint64
     for r in range(5):
         v = sum(int(p[r, i]) << (64 * i) for i in range(3))
-        assert v == sum(1 << j for j in range(131) if b[r, j])     # includes zero padding
+        assert v == sum(1 << j for j in range(131) if b[r, j])  # includes zero padding
     assert (K.pack_bits(b.astype(np.int64) * 3) == p).all()
     assert (K.pack_bits(b.astype(np.uint8)) == p).all()
     assert (K.pack_bits(b.astype(np.int8) * -1) == p).all()
@@ -133,6 +136,7 @@ def test_pack_bits(be):
 
 
 # --------------------------------------------------------------------------- GEMMs
+
 
 @pytest.mark.parametrize("k", [1, 63, 64, 65, 200, 1000])
 def test_xnor_and_gemm_vs_float(be, k):
@@ -157,8 +161,9 @@ def test_gemm_blocking_shapes(be):
     a, b = K.pack_signs(xa), K.pack_signs(xb)
     np.testing.assert_array_equal(K.xnor_gemm(a, b, k), _pm(xa) @ _pm(xb).T)
     bits = rng.random((M, 300)) < 0.3
-    np.testing.assert_array_equal(K.and_gemm(K.pack_bits(bits), K.pack_bits(bits[:N])),
-                                  bits.astype(np.int64) @ bits[:N].astype(np.int64).T)
+    np.testing.assert_array_equal(
+        K.and_gemm(K.pack_bits(bits), K.pack_bits(bits[:N])), bits.astype(np.int64) @ bits[:N].astype(np.int64).T
+    )
 
 
 def test_gemm_threads_identical(be):
@@ -179,7 +184,7 @@ def test_gemm_empty_and_errors(be):
     z = K.xnor_gemm(np.zeros((2, 0), np.uint64), np.zeros((3, 0), np.uint64), 0)
     assert z.shape == (2, 3) and (z == 0).all()
     with pytest.raises(ValueError):
-        K.xnor_gemm(b, b, 129)                 # k does not fit in 2 words
+        K.xnor_gemm(b, b, 129)  # k does not fit in 2 words
     with pytest.raises(ValueError):
         K.xnor_gemm(b, np.zeros((3, 1), np.uint64), 64)
     with pytest.raises(TypeError):
@@ -207,6 +212,7 @@ def test_backends_agree():
 
 # --------------------------------------------------------------------------- conv
 
+
 def _conv_case(be, rng, B, cin, H, Wd, cout, kh, kw, groups, stride, padding, dilation, threads=0):
     cpg = cin // groups
     x = _rand(rng, B, cin, H, Wd)
@@ -214,8 +220,14 @@ def _conv_case(be, rng, B, cin, H, Wd, cout, kh, kw, groups, stride, padding, di
     xp = K.pack_signs(x.transpose(0, 2, 3, 1).reshape(B, H, Wd, groups, cpg))
     wp = K.pack_signs(w.transpose(0, 2, 3, 1))
     out = K.xnor_conv2d(xp, wp, cpg, stride, padding, dilation, threads=threads)
-    ref = F.conv2d(torch.from_numpy(_pm(x).astype(np.float64)), torch.from_numpy(_pm(w).astype(np.float64)),
-                   stride=stride, padding=padding, dilation=dilation, groups=groups)
+    ref = F.conv2d(
+        torch.from_numpy(_pm(x).astype(np.float64)),
+        torch.from_numpy(_pm(w).astype(np.float64)),
+        stride=stride,
+        padding=padding,
+        dilation=dilation,
+        groups=groups,
+    )
     ref = ref.round().long().permute(0, 2, 3, 1).numpy()
     assert out.dtype == np.int32 and out.shape == ref.shape
     np.testing.assert_array_equal(out, ref)
@@ -235,22 +247,25 @@ def test_conv_cin200(be):
 def test_conv_2x2_stride2(be):
     rng = np.random.default_rng(7)
     _conv_case(be, rng, 2, 48, 8, 8, 96, 2, 2, 1, 2, 0, 1)
-    _conv_case(be, rng, 1, 48, 7, 5, 20, 2, 2, 1, 2, 0, 1)        # odd sizes drop the last row/col
+    _conv_case(be, rng, 1, 48, 7, 5, 20, 2, 2, 1, 2, 0, 1)  # odd sizes drop the last row/col
 
 
-@pytest.mark.parametrize("case", [
-    # B, cin, H, Wd, cout, kh, kw, groups, stride, padding, dilation
-    (1, 64, 7, 5, 12, 3, 3, 4, 1, 1, 1),
-    (2, 32, 7, 5, 8, 3, 3, 4, 1, 3, 3),
-    (1, 64, 5, 7, 16, 3, 3, 4, 1, 5, 5),     # dilation larger than the map
-    (2, 20, 7, 5, 6, 3, 3, 1, 2, 1, 1),
-    (1, 130, 5, 6, 9, 1, 1, 1, 1, 0, 1),
-    (1, 8, 4, 4, 12, 3, 2, 2, 1, 2, 2),      # non-square kernel, odd channel counts
-    (1, 64, 3, 3, 64, 3, 3, 4, 1, 1, 1),
-    (1, 128, 5, 5, 8, 3, 3, 1, 1, 1, 1),     # cin_per_group a multiple of 64
-    (1, 200, 5, 4, 10, 3, 3, 2, 1, 3, 3),    # 100 per group: 2 words, unaligned taps
-    (2, 37, 6, 5, 5, 3, 3, 1, 2, 1, 1),
-])
+@pytest.mark.parametrize(
+    "case",
+    [
+        # B, cin, H, Wd, cout, kh, kw, groups, stride, padding, dilation
+        (1, 64, 7, 5, 12, 3, 3, 4, 1, 1, 1),
+        (2, 32, 7, 5, 8, 3, 3, 4, 1, 3, 3),
+        (1, 64, 5, 7, 16, 3, 3, 4, 1, 5, 5),  # dilation larger than the map
+        (2, 20, 7, 5, 6, 3, 3, 1, 2, 1, 1),
+        (1, 130, 5, 6, 9, 1, 1, 1, 1, 0, 1),
+        (1, 8, 4, 4, 12, 3, 2, 2, 1, 2, 2),  # non-square kernel, odd channel counts
+        (1, 64, 3, 3, 64, 3, 3, 4, 1, 1, 1),
+        (1, 128, 5, 5, 8, 3, 3, 1, 1, 1, 1),  # cin_per_group a multiple of 64
+        (1, 200, 5, 4, 10, 3, 3, 2, 1, 3, 3),  # 100 per group: 2 words, unaligned taps
+        (2, 37, 6, 5, 5, 3, 3, 1, 2, 1, 1),
+    ],
+)
 def test_conv_odd_cases(be, case):
     _conv_case(be, np.random.default_rng(sum(case)), *case)
 
@@ -268,11 +283,11 @@ def test_conv_errors(be):
     x = np.zeros((1, 4, 4, 2, 1), np.uint64)
     w = np.zeros((6, 3, 3, 1), np.uint64)
     with pytest.raises(ValueError):
-        K.xnor_conv2d(x, np.zeros((5, 3, 3, 1), np.uint64), 16, 1, 1, 1)   # 5 % 2 groups
+        K.xnor_conv2d(x, np.zeros((5, 3, 3, 1), np.uint64), 16, 1, 1, 1)  # 5 % 2 groups
     with pytest.raises(ValueError):
-        K.xnor_conv2d(x, w, 65, 1, 1, 1)                                   # needs 2 words
+        K.xnor_conv2d(x, w, 65, 1, 1, 1)  # needs 2 words
     with pytest.raises(ValueError):
-        K.xnor_conv2d(x, w, 16, 1, 0, 3)                                   # no output
+        K.xnor_conv2d(x, w, 16, 1, 0, 3)  # no output
 
 
 def test_conv_ignores_padding_bits(be):
@@ -280,7 +295,7 @@ def test_conv_ignores_padding_bits(be):
     x = K.pack_signs(_rand(rng, 1, 6, 5, 2, 40))
     w = K.pack_signs(_rand(rng, 6, 3, 3, 40))
     ref = K.xnor_conv2d(x, w, 40, 1, 1, 1)
-    junk = np.uint64(((2**64 - 1) >> 40) << 40)      # set every padding bit
+    junk = np.uint64(((2**64 - 1) >> 40) << 40)  # set every padding bit
     np.testing.assert_array_equal(K.xnor_conv2d(x | junk, w | junk, 40, 1, 1, 1), ref)
 
 

@@ -2,8 +2,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bhvit import (BinaryConv2d, BinaryLinear, ChannelBatchNorm, LayerScale, LayerwiseResidual,
-                   RPReLU, SignActivation, WeightBinarizer, channel_shortcut)
+from bhvit import (
+    BinaryConv2d,
+    BinaryLinear,
+    ChannelBatchNorm,
+    LayerScale,
+    LayerwiseResidual,
+    RPReLU,
+    SignActivation,
+    WeightBinarizer,
+    channel_shortcut,
+)
 from bhvit.blocks import ShiftBranches, window_partition, window_reverse
 
 
@@ -27,8 +36,16 @@ def test_binary_linear_uses_signs_and_scaled_signs():
 
 @pytest.mark.parametrize("dilation,groups", [(1, 1), (3, 4), (5, 4)])
 def test_binary_conv_zero_padding_contributes_zero(dilation, groups):
-    conv = BinaryConv2d(8, 8, 3, padding=dilation, dilation=dilation, groups=groups,
-                        input_quantizer=SignActivation(), kernel_quantizer=WeightBinarizer())
+    conv = BinaryConv2d(
+        8,
+        8,
+        3,
+        padding=dilation,
+        dilation=dilation,
+        groups=groups,
+        input_quantizer=SignActivation(),
+        kernel_quantizer=WeightBinarizer(),
+    )
     x = torch.randn(2, 8, 9, 9)
     xs = torch.where(x >= 0, 1.0, -1.0)
     p = dilation
@@ -99,9 +116,19 @@ def test_shift_branches_values():
     assert sb(x).abs().sum() == 0  # LayerScales start at zero
 
 
-@pytest.mark.parametrize("hw,sizes", [((6, 6), (1, 2)), ((5, 7), (1, 2)), ((4, 4), (1, 2)),
-                                      ((3, 2), (1, 2)), ((1, 1), (1, 2)), ((1, 6), (3,)),
-                                      ((2, 9), (0, 2)), ((3, 3), (5,))])
+@pytest.mark.parametrize(
+    "hw,sizes",
+    [
+        ((6, 6), (1, 2)),
+        ((5, 7), (1, 2)),
+        ((4, 4), (1, 2)),
+        ((3, 2), (1, 2)),
+        ((1, 1), (1, 2)),
+        ((1, 6), (3,)),
+        ((2, 9), (0, 2)),
+        ((3, 3), (5,)),
+    ],
+)
 def test_shift_branches_convolution_matches_rolls(hw, sizes):
     # The module computes the branches as two cyclic depthwise convolutions; maps smaller
     # than the taps (4x4 and below here) fold offsets that coincide modulo the side.

@@ -35,8 +35,15 @@ def test_binary_weight_counts_match_release(name, expected):
 
 def test_registry_lists_named_models():
     names = list_models()
-    for n in ["bhvit_tiny", "bhvit_small", "bhvit_tiny_c32", "bhvit_small_c32",
-              "bhvit_micro_c32", "bhvit_tiny_c28", "bhvit_micro_c28"]:
+    for n in [
+        "bhvit_tiny",
+        "bhvit_small",
+        "bhvit_tiny_c32",
+        "bhvit_small_c32",
+        "bhvit_micro_c32",
+        "bhvit_tiny_c28",
+        "bhvit_micro_c28",
+    ]:
         assert n in names
     with pytest.raises(ValueError, match="unknown model 'bhvit_huge'"):
         create_model("bhvit_huge")
@@ -147,8 +154,9 @@ def test_ablation_structure():
     assert base.stages[2].blocks[0].mixer.core.qd.levels == 3
     assert create_model("bhvit_tiny", shift=False).stages[0].blocks[0].shift is None
     # shifts cost 12 * C params per block: 2 LayerScales x 3 branches x 2 sizes
-    assert n_params(base) - n_params(create_model("bhvit_tiny", shift=False)) == \
-        12 * (64 * 2 + 128 * 2 + 256 * 6 + 512 * 2)
+    assert n_params(base) - n_params(create_model("bhvit_tiny", shift=False)) == 12 * (
+        64 * 2 + 128 * 2 + 256 * 6 + 512 * 2
+    )
     assert create_model("bhvit_tiny", hybrid="msmha").cfg.stage_mixers() == ["msmha"] * 4
     assert create_model("bhvit_tiny", hybrid="msgdc").cfg.stage_mixers() == ["msgdc"] * 4
 

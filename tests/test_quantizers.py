@@ -15,8 +15,9 @@ def test_approx_sign_gradient_matches_formula():
     assert y.tolist() == [-1, -1, -1, -1, 1, 1, 1, 1, 1]
     y.backward(torch.ones_like(x))
     xs = x.detach()
-    expected = torch.where((xs >= -1) & (xs <= 0), 2 + 2 * xs,
-                           torch.where((xs > 0) & (xs <= 1), 2 - 2 * xs, torch.zeros_like(xs)))
+    expected = torch.where(
+        (xs >= -1) & (xs <= 0), 2 + 2 * xs, torch.where((xs > 0) & (xs <= 1), 2 - 2 * xs, torch.zeros_like(xs))
+    )
     assert torch.allclose(x.grad, expected)
     assert x.grad.tolist() == [0.0, 0.0, 0.5, 1.0, 2.0, 1.5, 1.0, 0.0, 0.0]
 
@@ -63,6 +64,7 @@ def test_weight_binarizer_ste_gradient_is_clipped_identity_of_centred_weight():
 def test_regularization_loss_formula():
     m = create_model("bhvit_micro_c32", num_classes=10)
     from bhvit import binary_layers
+
     layers = list(binary_layers(m))
     expected = torch.stack([(l.weight.abs() - 1).abs().mean() for l in layers]).mean()
     # micro depths (1, 1, 2, 1): 2 MSGDC x 3 convs, 5 MLPs x 2, 3 downsamplings, 3 MSMHA x 4

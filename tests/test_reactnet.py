@@ -1,4 +1,5 @@
 """The ReActNet-style binary-CNN baseline: registry, counting, L_re, training and resuming."""
+
 import json
 
 import pytest
@@ -62,9 +63,19 @@ def test_binary_layers_and_regularization():
 
 def test_trains_counts_flips_and_resumes(tmp_path):
     root = make_imagefolder(tmp_path / "img", classes=("a", "b", "c"), per_class=4)
-    cfg = TrainConfig(model="reactnet_c32", data="imagefolder", data_dir=str(root), out=str(tmp_path / "run"),
-                      epochs=1, batch_size=6, lr=1e-3, device="cpu", progress=False,
-                      cache_dir=str(tmp_path / "cache"), threads=1)
+    cfg = TrainConfig(
+        model="reactnet_c32",
+        data="imagefolder",
+        data_dir=str(root),
+        out=str(tmp_path / "run"),
+        epochs=1,
+        batch_size=6,
+        lr=1e-3,
+        device="cpu",
+        progress=False,
+        cache_dir=str(tmp_path / "cache"),
+        threads=1,
+    )
     torch.manual_seed(0)
     res = train(cfg, model=bhvit.create_model("reactnet_c32", num_classes=3))
     assert res["epoch"] == 1 and 0 <= res["test_top1"] <= 100

@@ -1,4 +1,5 @@
 """The exported, bit-packed runtime against the PyTorch model it came from."""
+
 import json
 import subprocess
 import sys
@@ -77,10 +78,12 @@ def test_runtime_matches_pytorch(name, over, tmp_path):
     assert np.array_equal(rt(x.numpy()), out)  # numpy input, deterministic
 
 
-@pytest.mark.parametrize("backend", [b for b in kernels.available_backends() if b in ("numpy", "c-portable")]
-                         + [kernels.backend()])
-@pytest.mark.parametrize("over", [{}, {"norm": "ln"}, {"qd": False, "fp_downsample": True}],
-                         ids=["default", "ln", "noqd-fpds"])
+@pytest.mark.parametrize(
+    "backend", [b for b in kernels.available_backends() if b in ("numpy", "c-portable")] + [kernels.backend()]
+)
+@pytest.mark.parametrize(
+    "over", [{}, {"norm": "ln"}, {"qd": False, "fp_downsample": True}], ids=["default", "ln", "noqd-fpds"]
+)
 def test_runtime_every_kernel_backend_matches_pytorch(backend, over, tmp_path):
     # numpy fallback, portable C (baseline float kernels) and the best variant (AVX2 copies)
     torch.manual_seed(1)
@@ -142,8 +145,9 @@ def test_export_keeps_the_model_mode_and_refuses_a_file(tmp_path):
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="afile is a file; give a directory"):
         export_model(m, tmp_path / "afile")
-    with pytest.raises(RuntimeFormatError,
-                       match="expected the export directory or its manifest.json, not model.safetensors"):
+    with pytest.raises(
+        RuntimeFormatError, match="expected the export directory or its manifest.json, not model.safetensors"
+    ):
         runtime.load(tmp_path / "exp" / "model.safetensors")
 
 
@@ -220,28 +224,42 @@ def test_self_consistent_but_malformed_exports(tmp_path):
             t[name][:, -1] |= np.int64(1) << np.int64(40)
             _rewrite(d, t)
             # found by the load-time run of one image, which prepares every layer
-            with pytest.raises(RuntimeFormatError,
-                               match=f"{name}: 1 words per row with bits set past the layer's 32 inputs"):
+            with pytest.raises(
+                RuntimeFormatError, match=f"{name}: 1 words per row with bits set past the layer's 32 inputs"
+            ):
                 runtime.load(d)
     export_model(m, tmp_path / "ok")
     _rewrite(tmp_path / "ok", load_file(str(tmp_path / "ok" / "model.safetensors")))  # unchanged: loads and runs
     _check(runtime.load(tmp_path / "ok")(x.numpy()), m(x).detach().numpy())
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"depths": [1, 1, 3, 1]}, r"does not fit its tensors \(no tensor 'stages.2.blocks.2.norm1"),
-    ({"depths": [1, 1, 1, 1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.2.blocks.1."),
-    ({"shift_sizes": [1]},
-     r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.0.blocks.0.shift.scales.3"),
-    ({"msgdc_dilations": [1, 3]}, r"does not use, e.g. \['stages.0.blocks.0.mixer.acts.2"),
-    ({"dims": [32, 64, 128, 128]}, r"tensor head.weight has shape \[10, 256\], the config .*implies \[10, 128\]"),
-    ({"mlp_ratios": [8, 8, 4, 2]},
-     r"dims\[3\] = 256 and mlp_ratios\[3\] = 2, the tensors have 256 channels and an MLP of 1024"),
-    ({"num_classes": 5}, r"tensor head.weight has shape \[10, 256\], the config .*num_classes 5\) implies \[5, 256\]"),
-    ({"img_size": 64}, r"does not fit its tensors \(tensor stem.pos_embed has shape \[16, 16, 32\], the config "
-                       r"\(img_size 64.*implies \[32, 32, 32\]"),
-    ({"depths": "abc"}, r"config depths must be a list of 4 integers in 1..1024 \(one per stage\), got 'abc'"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"depths": [1, 1, 3, 1]}, r"does not fit its tensors \(no tensor 'stages.2.blocks.2.norm1"),
+        ({"depths": [1, 1, 1, 1]}, r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.2.blocks.1."),
+        (
+            {"shift_sizes": [1]},
+            r"tensor\(s\) that the manifest's config does not use, e.g. \['stages.0.blocks.0.shift.scales.3",
+        ),
+        ({"msgdc_dilations": [1, 3]}, r"does not use, e.g. \['stages.0.blocks.0.mixer.acts.2"),
+        ({"dims": [32, 64, 128, 128]}, r"tensor head.weight has shape \[10, 256\], the config .*implies \[10, 128\]"),
+        (
+            {"mlp_ratios": [8, 8, 4, 2]},
+            r"dims\[3\] = 256 and mlp_ratios\[3\] = 2, the tensors have 256 channels and an MLP of 1024",
+        ),
+        (
+            {"num_classes": 5},
+            r"tensor head.weight has shape \[10, 256\], the config .*num_classes 5\) implies \[5, 256\]",
+        ),
+        (
+            {"img_size": 64},
+            r"does not fit its tensors \(tensor stem.pos_embed has shape \[16, 16, 32\], the config "
+            r"\(img_size 64.*implies \[32, 32, 32\]",
+        ),
+        ({"depths": "abc"}, r"config depths must be a list of 4 integers in 1..1024 \(one per stage\), got 'abc'"),
+    ],
+)
 def test_config_that_does_not_describe_the_tensors_is_refused_at_load(tmp_path, change, message):
     # A manifest edited with a recomputed digest: its config no longer describes the weights.
     m = _trained_like("bhvit_micro_c32")
@@ -279,8 +297,18 @@ def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
 
     fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
     run = tmp_path / "run"
-    train(TrainConfig(model="bhvit_micro_c28", data_dir=str(fm), out=str(run), epochs=2, batch_size=32,
-                      lr=2e-3, progress=False, threads=1))
+    train(
+        TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(fm),
+            out=str(run),
+            epochs=2,
+            batch_size=32,
+            lr=2e-3,
+            progress=False,
+            threads=1,
+        )
+    )
     assert main(["export", str(run), str(tmp_path / "exp")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["ratio"] > 8 and report["packed_file_bytes"] < report["float32_checkpoint_bytes"]
@@ -305,9 +333,11 @@ def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
     classes = doc["data"]["classes"]
     assert lines[1].split(None, 1)[1] == classes[int(pred[0])]
     # predict is a deployment process: it loads neither PyTorch nor the training code
-    code = ("import sys; from bhvit.cli import main; "
-            f"rc = main(['predict', {str(tmp_path / 'exp')!r}, {str(img)!r}]); "
-            "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'bhvit.train'))")
+    code = (
+        "import sys; from bhvit.cli import main; "
+        f"rc = main(['predict', {str(tmp_path / 'exp')!r}, {str(img)!r}]); "
+        "print(rc, sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m == 'bhvit.train'))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.stdout.strip().splitlines()[-1] == "0 []", out.stderr
     # an export without the data's normalisation cannot prepare images: refused, not guessed
@@ -318,9 +348,11 @@ def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
 
 def test_runtime_import_needs_no_torch():
     # deployment: loading and running an export must not pull in PyTorch or the model code
-    code = ("import sys, bhvit.runtime, bhvit.runtime.image, bhvit.cli; "
-            "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in "
-            "('bhvit.model', 'bhvit.train', 'bhvit.data')))")
+    code = (
+        "import sys, bhvit.runtime, bhvit.runtime.image, bhvit.cli; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0] == 'torch' or m in "
+        "('bhvit.model', 'bhvit.train', 'bhvit.data')))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -1,6 +1,7 @@
 """The streaming ImageFolder path: per-sample decoding in DataLoader workers, deterministic
 per-sample augmentation, resume equality with workers, --max-steps, and the choice between
 streaming and decoding into memory."""
+
 import json
 from pathlib import Path
 from dataclasses import replace
@@ -94,8 +95,18 @@ def test_rrc_decodes_a_large_jpeg_at_a_reduced_size(tmp_path):
 
 
 def _cfg(folder, tmp_path, **kw):
-    base = dict(model="bhvit_micro_c32", data="imagefolder", data_dir=str(folder), out=str(tmp_path / "r"),
-                epochs=2, batch_size=8, lr=2e-3, threads=1, progress=False, data_in_memory="no")
+    base = dict(
+        model="bhvit_micro_c32",
+        data="imagefolder",
+        data_dir=str(folder),
+        out=str(tmp_path / "r"),
+        epochs=2,
+        batch_size=8,
+        lr=2e-3,
+        threads=1,
+        progress=False,
+        data_in_memory="no",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -135,12 +146,40 @@ def test_two_ranks_with_two_workers_each_resume_exactly(folder, tmp_path):
     import sys
 
     def run(out, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-               "-m", "bhvit.cli", "train", "--model", "bhvit_micro_c32", "--data", "imagefolder", "--data-dir",
-               str(folder), "--data-in-memory", "no", "--workers", "2", "--epochs", "2", "--batch-size", "8",
-               "--lr", "2e-3", "--threads", "1", "--no-progress", "--out", str(tmp_path / out), *extra]
-        p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                           timeout=600)
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "2",
+            "--standalone",
+            "-m",
+            "bhvit.cli",
+            "train",
+            "--model",
+            "bhvit_micro_c32",
+            "--data",
+            "imagefolder",
+            "--data-dir",
+            str(folder),
+            "--data-in-memory",
+            "no",
+            "--workers",
+            "2",
+            "--epochs",
+            "2",
+            "--batch-size",
+            "8",
+            "--lr",
+            "2e-3",
+            "--threads",
+            "1",
+            "--no-progress",
+            "--out",
+            str(tmp_path / out),
+            *extra,
+        ]
+        p = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600)
         assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
         return json.loads((tmp_path / out / "final.json").read_text())
 

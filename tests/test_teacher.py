@@ -1,4 +1,5 @@
 """--teacher-module / --teacher-weights: a teacher built by the user's code, weights from safetensors."""
+
 import json
 import sys
 
@@ -10,7 +11,7 @@ from bhvit.errors import ConfigError
 from bhvit.train import TrainConfig, load_external_teacher, train
 from synth import make_fashion_mnist
 
-MODULE = '''
+MODULE = """
 import torch
 from torch import nn
 
@@ -18,7 +19,7 @@ from torch import nn
 def small():
     torch.manual_seed(0)
     return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 10))
-'''
+"""
 
 
 @pytest.fixture
@@ -42,9 +43,19 @@ def test_external_teacher_is_loaded_strictly_and_distils(teacher_module, tmp_pat
     x = torch.randn(2, 1, 28, 28)
     assert torch.equal(t(x), ref(x))
     data = make_fashion_mnist(tmp_path / "fm", n_train=64, n_test=32)
-    res = train(TrainConfig(model="bhvit_micro_c28", data_dir=str(data), out=str(tmp_path / "r"), epochs=1,
-                            batch_size=32, threads=1, progress=False, teacher_module=spec,
-                            teacher_weights=str(weights)))
+    res = train(
+        TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(data),
+            out=str(tmp_path / "r"),
+            epochs=1,
+            batch_size=32,
+            threads=1,
+            progress=False,
+            teacher_module=spec,
+            teacher_weights=str(weights),
+        )
+    )
     hist = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[0])
     assert hist["kd_lambda"] == 0.8 and res["epoch"] == 1
 

@@ -16,8 +16,20 @@ from bhvit.model import create_model
 from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, read_metrics, train
 from synth import make_fashion_mnist
 
-COMMON = ["train", "--model", "bhvit_micro_c28", "--data", "fashion-mnist", "--batch-size", "32",
-          "--threads", "1", "--no-progress", "--lr", "2e-3"]
+COMMON = [
+    "train",
+    "--model",
+    "bhvit_micro_c28",
+    "--data",
+    "fashion-mnist",
+    "--batch-size",
+    "32",
+    "--threads",
+    "1",
+    "--no-progress",
+    "--lr",
+    "2e-3",
+]
 
 
 @pytest.fixture(scope="module")
@@ -27,8 +39,14 @@ def fmnist(tmp_path_factory):
 
 def _run(args, **kw):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "bhvit.cli"] + args, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "bhvit.cli"] + args,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        **kw,
+    )
 
 
 def test_kd_loss_formula():
@@ -77,8 +95,17 @@ def test_resume_after_sigkill_matches_uninterrupted_run(fmnist, tmp_path):
 
 
 def test_existing_run_needs_resume(fmnist, tmp_path):
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     train(cfg)
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg)
@@ -99,8 +126,17 @@ class NaNAfter(torch.nn.Module):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path):
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=3,
-                      batch_size=64, subset=128, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=3,
+        batch_size=64,
+        subset=128,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*epoch 1\)"):
         train(cfg, teacher=NaNAfter(3))  # 2 steps per epoch: the 3rd call is epoch 2, step 1
     doc = json.loads((tmp_path / "r" / "last.json").read_text())
@@ -113,8 +149,17 @@ def test_nan_check_deferred_still_names_the_first_bad_step(fmnist, tmp_path, mon
     # On an accelerator the host reads the NaN flag every few steps; the error must still
     # name the step where the loss first went bad, and training stops at the next check.
     monkeypatch.setattr("bhvit.train._nonfinite_check_steps", lambda device: 3)
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=3,
-                      batch_size=32, subset=256, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=3,
+        batch_size=32,
+        subset=256,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     teacher = NaNAfter(10)  # 8 steps per epoch: call 10 is epoch 2, step 2
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 2;.*epoch 1\)"):
         train(cfg, teacher=teacher)
@@ -128,8 +173,17 @@ def test_nan_stop_restores_the_model_object(fmnist, tmp_path, monkeypatch, check
     # stopped; the model passed in must get the last checkpoint's weights back (also when the
     # check runs every step, as on the CPU), or the error must say it cannot.
     monkeypatch.setattr("bhvit.train._nonfinite_check_steps", lambda device: check)
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=3,
-                      batch_size=32, subset=256, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=3,
+        batch_size=32,
+        subset=256,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     model = create_model("bhvit_micro_c28", num_classes=10)
     msg = "holds that checkpoint's weights again" if restored else "non-finite values .no checkpoint yet"
     with pytest.raises(TrainingDiverged, match=msg):
@@ -144,8 +198,18 @@ def test_nan_stop_restores_the_model_object(fmnist, tmp_path, monkeypatch, check
 
 def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
     # eval --subset N takes the run's seed: the same images as training's --test-subset N
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=128, test_subset=40, seed=1, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=128,
+        test_subset=40,
+        seed=1,
+        progress=False,
+        threads=1,
+    )
     res = train(cfg)
     assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--subset", "40"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -161,32 +225,71 @@ def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
 def test_eval_save_logits(fmnist, tmp_path, capsys):
     import numpy as np
 
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=64, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        progress=False,
+        threads=1,
+    )
     train(cfg)
     f = tmp_path / "logits.npz"
-    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress",
-                 "--save-logits", str(f)]) == 0
+    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--save-logits", str(f)]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     z = np.load(f)
     assert z["logits"].shape == (64, 10) and z["logits"].dtype == np.float32
     assert z["labels"].shape == (64,)
     assert ev["top1"] == pytest.approx(100 * (z["logits"].argmax(1) == z["labels"]).mean())
     # numpy appends .npz; the report names the file that exists
-    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress",
-                 "--save-logits", str(tmp_path / "plain")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "r"),
+                "--data-dir",
+                str(fmnist),
+                "--no-progress",
+                "--save-logits",
+                str(tmp_path / "plain"),
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["logits_file"] == str(tmp_path / "plain.npz")
     assert (tmp_path / "plain.npz").is_file()
-    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress",
-                 "--save-logits", str(tmp_path / "nodir" / "x.npz")]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                str(tmp_path / "r"),
+                "--data-dir",
+                str(fmnist),
+                "--no-progress",
+                "--save-logits",
+                str(tmp_path / "nodir" / "x.npz"),
+            ]
+        )
+        == 2
+    )
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     from bhvit.checkpoint import load_matching_weights
 
-    base = dict(model="bhvit_micro_c28", data_dir=str(fmnist), epochs=1, batch_size=64, subset=64,
-                test_subset=32, progress=False, threads=1)
+    base = dict(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     train(TrainConfig(out=str(tmp_path / "fp"), overrides={"binary": False}, **base))
     fp, _ = load_model(tmp_path / "fp")
     # a binary student built from the same names: the float twin's tensors land in it
@@ -204,8 +307,9 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     d_state = dagger.state_dict()
     conv = "stages.1.downsample.conv.conv.weight"
     assert torch.equal(d_state[conv], fp_state["stages.1.downsample.reduce.op.conv.weight"])
-    assert torch.equal(d_state["stages.3.downsample.norm.running_var"],
-                       fp_state["stages.3.downsample.reduce.norm.running_var"])
+    assert torch.equal(
+        d_state["stages.3.downsample.norm.running_var"], fp_state["stages.3.downsample.reduce.norm.running_var"]
+    )
     # the dagger model lacks only what the binary student lacks (binary-only tensors)
     assert total_dagger - n_dagger == total - n
     from safetensors.torch import save_file
@@ -216,12 +320,47 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     assert torch.equal(back.state_dict()["stages.1.downsample.reduce.op.conv.weight"], d_state[conv])
     assert n_back == n_dagger
     # through the CLI: the first epoch starts from the twin's weights
-    assert main(COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "64", "--test-subset", "32",
-                          "--init-from", str(tmp_path / "fp"), "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            COMMON
+            + [
+                "--data-dir",
+                str(fmnist),
+                "--epochs",
+                "1",
+                "--subset",
+                "64",
+                "--test-subset",
+                "32",
+                "--init-from",
+                str(tmp_path / "fp"),
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     assert f"initialised {n} of {total} tensors" in capsys.readouterr().out
     # resuming that run needs (and reloads) nothing from --init-from
-    assert main(COMMON + ["--data-dir", str(fmnist), "--epochs", "2", "--subset", "64", "--test-subset", "32",
-                          "--resume", "--out", str(tmp_path / "s")]) == 0
+    assert (
+        main(
+            COMMON
+            + [
+                "--data-dir",
+                str(fmnist),
+                "--epochs",
+                "2",
+                "--subset",
+                "64",
+                "--test-subset",
+                "32",
+                "--resume",
+                "--out",
+                str(tmp_path / "s"),
+            ]
+        )
+        == 0
+    )
     assert "initialised" not in capsys.readouterr().out
     assert json.loads((tmp_path / "s" / "final.json").read_text())["epoch"] == 2
     # nothing matching: a clear error
@@ -231,8 +370,17 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
 
 
 def test_checkpoint_errors(fmnist, tmp_path, capsys):
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     train(cfg)
     w = tmp_path / "r" / "epoch0000.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
@@ -248,8 +396,20 @@ def test_checkpoint_errors(fmnist, tmp_path, capsys):
 
 
 def test_train_cli_rejects_mismatched_model(fmnist, tmp_path, capsys):
-    rc = main(["train", "--model", "bhvit_micro_c32", "--data-dir", str(fmnist), "--out", str(tmp_path / "r"),
-               "--epochs", "1", "--no-progress"])
+    rc = main(
+        [
+            "train",
+            "--model",
+            "bhvit_micro_c32",
+            "--data-dir",
+            str(fmnist),
+            "--out",
+            str(tmp_path / "r"),
+            "--epochs",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert rc == 2
     assert "dataset images are 1x28x28 but bhvit_micro_c32 expects 3x32x32" in capsys.readouterr().err
 
@@ -257,9 +417,11 @@ def test_train_cli_rejects_mismatched_model(fmnist, tmp_path, capsys):
 @pytest.mark.slow
 def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           "-m", "bhvit.cli"] + COMMON + ["--data-dir", str(fmnist), "--epochs", "2",
-                                                    "--subset", "128", "--out", str(out)]
+    cmd = (
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", "-m", "bhvit.cli"]
+        + COMMON
+        + ["--data-dir", str(fmnist), "--epochs", "2", "--subset", "128", "--out", str(out)]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -276,8 +438,17 @@ def test_two_process_ddp_ranks_end_identical(fmnist, tmp_path):
 def test_ddp_nan_on_one_rank_stops_every_rank(fmnist, tmp_path):
     out = tmp_path / "ddp_nan"
     out.mkdir()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-           str(Path(__file__).with_name("ddp_nan.py")), str(fmnist), str(out)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--standalone",
+        str(Path(__file__).with_name("ddp_nan.py")),
+        str(fmnist),
+        str(out),
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
@@ -289,8 +460,17 @@ def test_ddp_nan_on_one_rank_stops_every_rank(fmnist, tmp_path):
 def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
     from dataclasses import replace
 
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=2,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=2,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     with pytest.raises(TrainingDiverged):
         train(cfg, teacher=NaNAfter(2))  # stop after epoch 1 so that a resume has work to do
     with pytest.raises(CheckpointError, match=r"training settings differ .*lr: None -> 0.01"):
@@ -345,8 +525,9 @@ def test_exact_float32_restores_tf32_settings():
 
 
 def test_step_flips_count_every_step(fmnist, tmp_path):
-    base = dict(model="bhvit_micro_c28", data_dir=str(fmnist), epochs=1, subset=64, test_subset=32,
-                progress=False, threads=1)
+    base = dict(
+        model="bhvit_micro_c28", data_dir=str(fmnist), epochs=1, subset=64, test_subset=32, progress=False, threads=1
+    )
     # one step per epoch: the per-step count is the net count
     one = train(TrainConfig(out=str(tmp_path / "one"), batch_size=64, **base))
     assert one["step_flip_frac"] == one["flip_frac"] > 0
@@ -375,9 +556,18 @@ def test_strip_checkpoint_half_precision(fmnist, tmp_path, capsys):
     from bhvit import create_model
     from bhvit.checkpoint import load_matching_weights, load_training_state, read_checkpoint_json
 
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "t"), epochs=1,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1,
-                      overrides={"binary": False})
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "t"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+        overrides={"binary": False},
+    )
     train(cfg)
     capsys.readouterr()
     assert main(["strip", str(tmp_path / "t"), str(tmp_path / "h"), "--dtype", "float16"]) == 0
@@ -423,8 +613,17 @@ def test_compile_eager_backend_matches_and_keeps_one_graph(fmnist, tmp_path, cap
         torch.manual_seed(1)
         teacher = create_model("bhvit_micro_c28", num_classes=10, binary=False)
         kw = dict(dict(subset=128), **kw)
-        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / name),
-                          epochs=2, batch_size=32, test_subset=32, progress=False, threads=1, **kw)
+        cfg = TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(fmnist),
+            out=str(tmp_path / name),
+            epochs=2,
+            batch_size=32,
+            test_subset=32,
+            progress=False,
+            threads=1,
+            **kw,
+        )
         return train(cfg, teacher=teacher)
 
     plain = run("plain")
@@ -463,7 +662,7 @@ def test_strip_half_keeps_binary_signs(tmp_path):
 
     # weight 0 of row 0 sits delta above the row mean, with delta shrunk until rounding flips it
     for dtype in (torch.float16, torch.bfloat16):
-        for delta in (1e-4 * 0.5 ** i for i in range(30)):
+        for delta in (1e-4 * 0.5**i for i in range(30)):
             row = w[0].clone()
             row[0] = (row[1:].sum() + n * delta) / (n - 1)  # row[0] - mean(row) = delta
             if naive_flips(row, dtype):
@@ -487,8 +686,16 @@ def test_out_holding_a_stripped_copy_is_refused(fmnist, tmp_path):
 
     save_checkpoint(tmp_path / "run", 0, create_model("bhvit_micro_c28", num_classes=10), {})
     strip_checkpoint(tmp_path / "run", tmp_path / "half", "float16")
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "half"), epochs=1,
-                      batch_size=64, subset=64, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "half"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        progress=False,
+        threads=1,
+    )
     with pytest.raises(ValueError, match="holds a checkpoint"):
         train(cfg)
     assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["best.json", "epoch0000.safetensors"]
@@ -497,8 +704,17 @@ def test_out_holding_a_stripped_copy_is_refused(fmnist, tmp_path):
 def test_resume_compile_setting_must_match(fmnist, tmp_path):
     from bhvit.train import _check_resume
 
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     train(cfg)
     doc = json.loads((tmp_path / "r" / "last.json").read_text())
     model, _ = load_model(tmp_path / "r")
@@ -520,11 +736,20 @@ def test_teacher_for_other_data_is_refused(fmnist, tmp_path):
 
     for name, kw in (("c100", dict(num_classes=100)), ("rgb", dict(num_classes=10, in_chans=3))):
         save_checkpoint(tmp_path / name, 0, create_model("bhvit_micro_c28", binary=False, **kw), {})
-        cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / f"s_{name}"),
-                          epochs=1, batch_size=32, subset=32, progress=False, threads=1,
-                          teacher=str(tmp_path / name))
-        with pytest.raises(ValueError, match=f"--teacher .*{name}: it takes .* but this run has 1x28x28 "
-                                             "images and 10 classes"):
+        cfg = TrainConfig(
+            model="bhvit_micro_c28",
+            data_dir=str(fmnist),
+            out=str(tmp_path / f"s_{name}"),
+            epochs=1,
+            batch_size=32,
+            subset=32,
+            progress=False,
+            threads=1,
+            teacher=str(tmp_path / name),
+        )
+        with pytest.raises(
+            ValueError, match=f"--teacher .*{name}: it takes .* but this run has 1x28x28 images and 10 classes"
+        ):
             train(cfg)
     cfg.teacher = None  # a user module predicting other classes: stopped at its first batch
     with pytest.raises(ValueError, match=r"teacher returned logits of shape \(32, 7\), the student \(32, 10\)"):
@@ -534,9 +759,26 @@ def test_teacher_for_other_data_is_refused(fmnist, tmp_path):
 @pytest.mark.parametrize("act_epochs", [0, 1])
 def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
     run = tmp_path / "rec"
-    args = ["recipe", "--model", "bhvit_micro_c28", "--data-dir", str(fmnist), "--batch-size", "64",
-            "--threads", "1", "--no-progress", "--epochs", "1", "--teacher-epochs", "1",
-            "--test-subset", "32", "--out", str(run)]
+    args = [
+        "recipe",
+        "--model",
+        "bhvit_micro_c28",
+        "--data-dir",
+        str(fmnist),
+        "--batch-size",
+        "64",
+        "--threads",
+        "1",
+        "--no-progress",
+        "--epochs",
+        "1",
+        "--teacher-epochs",
+        "1",
+        "--test-subset",
+        "32",
+        "--out",
+        str(run),
+    ]
     assert main(args + ["--act-epochs", str(act_epochs)]) == 0
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
@@ -559,8 +801,20 @@ def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
     else:
         assert not (run / "student_acts").exists() and s_doc["train_config"]["init_from"] is None
         # A student on a subset normalises its inputs the way its teacher was trained.
-        sub = COMMON + ["--data-dir", str(fmnist), "--epochs", "1", "--subset", "40", "--test-subset", "32",
-                        "--teacher", str(run / "teacher"), "--out", str(tmp_path / "sub")]
+        sub = COMMON + [
+            "--data-dir",
+            str(fmnist),
+            "--epochs",
+            "1",
+            "--subset",
+            "40",
+            "--test-subset",
+            "32",
+            "--teacher",
+            str(run / "teacher"),
+            "--out",
+            str(tmp_path / "sub"),
+        ]
         assert main(sub) == 0
         assert "normalising with the teacher's statistics" in capsys.readouterr().out
         sub_doc = json.loads((tmp_path / "sub" / "last.json").read_text())
@@ -594,8 +848,17 @@ def test_killed_between_checkpoint_pointers_resumes(fmnist, tmp_path, monkeypatc
         real(obj, path)
 
     monkeypatch.setattr(ck, "atomic_write_json", killed_at_second_pointer)
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=2,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=2,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert writes == ["last.json", "best.json"]
@@ -620,8 +883,17 @@ def test_killed_before_metrics_written_resumes_complete(fmnist, tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tr, "_write_metrics", killed)
-    cfg = TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1,
-                      batch_size=64, subset=64, test_subset=32, progress=False, threads=1)
+    cfg = TrainConfig(
+        model="bhvit_micro_c28",
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        test_subset=32,
+        progress=False,
+        threads=1,
+    )
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert read_metrics(tmp_path / "r") == []
@@ -633,6 +905,7 @@ def test_killed_before_metrics_written_resumes_complete(fmnist, tmp_path, monkey
 
 def test_make_optimizer_is_fused_adamw_matching_the_reference():
     from bhvit.train import make_optimizer
+
     torch.manual_seed(0)
     a = torch.nn.Linear(8, 4)
     b = torch.nn.Linear(8, 4)
@@ -656,11 +929,12 @@ def test_make_optimizer_is_fused_adamw_matching_the_reference():
 @pytest.mark.parametrize("n,world", [(7, 3), (10, 4), (9, 3), (2, 4), (1, 1)])
 def test_unpadded_part_of_each_shard_covers_the_data_once(n, world):
     from bhvit.train import _batches, _n_unpadded
+
     kept = []
     for rank in range(world):
         shard = torch.cat(_batches(n, 2, epoch=3, seed=5, rank=rank, world=world, shuffle=True)).tolist()
         assert len(shard) == -(-n // world)
-        kept += shard[:_n_unpadded(n, rank, world)]
+        kept += shard[: _n_unpadded(n, rank, world)]
     assert sorted(kept) == list(range(n))  # each sample once, the repeats left out
 
 
@@ -669,6 +943,7 @@ def test_resume_from_an_unfused_optimizer_state_runs_fused(tmp_path):
     group settings would otherwise switch it back (and GradScaler would then crash)."""
     from bhvit.checkpoint import load_training_state, read_checkpoint_json, save_checkpoint
     from bhvit.train import make_optimizer
+
     torch.manual_seed(0)
     m = torch.nn.Linear(4, 2)
     old = torch.optim.AdamW(m.parameters(), lr=1e-2, foreach=False)
@@ -693,6 +968,7 @@ def test_buffer_averaging_leaves_constant_buffers_alone(tmp_path):
     # Across ranks only state is averaged (BatchNorm statistics); the shift taps are constants.
     import torch.distributed as dist
     from bhvit.train import _average_buffers
+
     m = create_model("bhvit_micro_c28", num_classes=10)
     before = {k: b.clone() for k, b in m.named_buffers()}
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)

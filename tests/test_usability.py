@@ -1,5 +1,6 @@
 """What a new user meets first: the install, subsets, --resume, predict's conversions,
 messages and summaries."""
+
 import json
 import subprocess
 import sys
@@ -39,11 +40,32 @@ def test_test_subset_follows_subset_unless_given():
 
 
 def test_subset_runs_evaluate_on_as_many_test_images(fmnist, tmp_path, capsys):
-    assert main(["train", "--data-dir", str(fmnist), "--out", str(tmp_path / "a"), "--subset", "40",
-                 "--epochs", "1"] + FAST) == 0
+    assert (
+        main(
+            ["train", "--data-dir", str(fmnist), "--out", str(tmp_path / "a"), "--subset", "40", "--epochs", "1"] + FAST
+        )
+        == 0
+    )
     assert "40 train / 40 test images" in capsys.readouterr().out
-    assert main(["train", "--data-dir", str(fmnist), "--out", str(tmp_path / "b"), "--subset", "40",
-                 "--test-subset", "all", "--epochs", "1"] + FAST) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data-dir",
+                str(fmnist),
+                "--out",
+                str(tmp_path / "b"),
+                "--subset",
+                "40",
+                "--test-subset",
+                "all",
+                "--epochs",
+                "1",
+            ]
+            + FAST
+        )
+        == 0
+    )
     assert "40 train / 96 test images" in capsys.readouterr().out
     doc = json.loads((tmp_path / "b" / "last.json").read_text())
     assert doc["train_config"]["test_subset"] is None and doc["data"]["test_size"] == 96
@@ -57,8 +79,7 @@ def test_imagefolder_subset_decodes_only_its_files(tmp_path, monkeypatch):
     calls = []
     real = data._decode
     monkeypatch.setattr(data, "_decode", lambda p, *a: calls.append(p) or real(p, *a))
-    sub = load_dataset("imagefolder", "train", str(root), size=32, cache_dir=str(tmp_path / "c2"),
-                       subset=5, seed=3)
+    sub = load_dataset("imagefolder", "train", str(root), size=32, cache_dir=str(tmp_path / "c2"), subset=5, seed=3)
     assert len(calls) == 5
     ref = full.subset(5, 3)  # the same images as a subset of the decoded whole
     assert sub.images.equal(ref.images) and sub.labels.equal(ref.labels)
@@ -81,8 +102,16 @@ def test_predict_says_which_images_it_converted(fmnist, tmp_path, capsys):
 
     from bhvit.export import export_model
 
-    cfg = TrainConfig(data_dir=str(fmnist), out=str(tmp_path / "r"), epochs=1, batch_size=64, subset=64,
-                      progress=False, threads=1, step_flips=False)
+    cfg = TrainConfig(
+        data_dir=str(fmnist),
+        out=str(tmp_path / "r"),
+        epochs=1,
+        batch_size=64,
+        subset=64,
+        progress=False,
+        threads=1,
+        step_flips=False,
+    )
     train(cfg)
     model, doc = load_model(tmp_path / "r")
     export_model(model, tmp_path / "exp", data=doc["data"])
@@ -91,7 +120,8 @@ def test_predict_says_which_images_it_converted(fmnist, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "exp"), str(tmp_path / "same.png"), str(tmp_path / "big.png")]) == 0
     cap = capsys.readouterr()
     assert cap.err.strip().splitlines() == [
-        f"{tmp_path / 'big.png'}: resized (shorter side) and centre-cropped from 56x40 RGB to 28x28 L"]
+        f"{tmp_path / 'big.png'}: resized (shorter side) and centre-cropped from 56x40 RGB to 28x28 L"
+    ]
     assert cap.out.count("same.png") == 1 and cap.out.count("big.png") == 1
 
 
@@ -107,9 +137,12 @@ def test_every_option_with_a_default_says_it_in_help():
     from bhvit.cli import build_parser
 
     sub = build_parser()._subparsers._group_actions[0].choices
-    missing = [(name, a.option_strings[0]) for name, sp in sub.items() for a in sp._actions
-               if a.option_strings and a.default not in (None, False, [], "==SUPPRESS==")
-               and "default" not in (a.help or "")]
+    missing = [
+        (name, a.option_strings[0])
+        for name, sp in sub.items()
+        for a in sp._actions
+        if a.option_strings and a.default not in (None, False, [], "==SUPPRESS==") and "default" not in (a.help or "")
+    ]
     assert missing == []
 
 
@@ -128,7 +161,7 @@ def test_curves_of_one_epoch_put_the_point_in_the_middle(tmp_path):
 
     h = [{"epoch": 1, "train_loss": 2.0, "test_loss": 2.1, "train_top1": 10.0, "test_top1": 11.0}]
     img = np.asarray(Image.open(plot_history(h, tmp_path / "c.png")).convert("RGB")).astype(int)
-    blue = (np.abs(img - [31, 119, 180]).sum(-1) == 0)  # train loss, left panel (x 60..430)
+    blue = np.abs(img - [31, 119, 180]).sum(-1) == 0  # train loss, left panel (x 60..430)
     xs = np.nonzero(blue[40:340, 60:430])[1] + 60
     xs = xs[xs < 300]  # leave out the legend in the panel's top right
     assert len(xs) and abs(xs.mean() - 245) < 4

@@ -16,6 +16,7 @@ runtime runs the same network through libbhvit's prepared plan instead (``csrc/m
 one C call per forward pass, weights packed once, op for op the same computation);
 ``BHViTRuntime.plan`` is None where it falls back to the walker (the numpy backend).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,11 +30,27 @@ import numpy as np
 
 from . import kernels as K
 from ..errors import ConfigError
-from .format import (EXPORT_FORMAT, EXPORT_VERSION, manifest_digest, RuntimeFormatError, MAX_MANIFEST_BYTES,
-                     MAX_HEADER_BYTES, _F32_MAX, _TENSOR_DTYPES, _json_type, _short, _is_int, config_problem,
-                     data_problem, _kind_problem, _tensor_entries_problem, _expect_shapes)
+from .format import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    manifest_digest,
+    RuntimeFormatError,
+    MAX_MANIFEST_BYTES,
+    MAX_HEADER_BYTES,
+    _F32_MAX,
+    _TENSOR_DTYPES,
+    _json_type,
+    _short,
+    _is_int,
+    config_problem,
+    data_problem,
+    _kind_problem,
+    _tensor_entries_problem,
+    _expect_shapes,
+)
 
 __all__ = ["load", "BHViTRuntime", "RuntimeFormatError"]
+
 
 # --- float ops -------------------------------------------------------------------
 def _rprelu(x, p):
@@ -101,15 +118,19 @@ class BHViTRuntime:
         if lin is None:
             op = prefix + ".op"
             post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
-            lin = K.PreparedLinear(self._wbits(op + ".wbits", k), k, *self._p(op, "scale", "shift"),
-                                   self._rprelu_params(prefix + ".act"), post)
+            lin = K.PreparedLinear(
+                self._wbits(op + ".wbits", k),
+                k,
+                *self._p(op, "scale", "shift"),
+                self._rprelu_params(prefix + ".act"),
+                post,
+            )
             self._cache[key] = lin
         return lin
 
     def _packed(self, prefix, x):
         """Rows of packed ``sign(x + input_bias)`` for the binary linear ``prefix``."""
-        return K.pack_signs(x.reshape(-1, x.shape[-1]), bias=self.t.get(prefix + ".input_bias"),
-                            threads=self.threads)
+        return K.pack_signs(x.reshape(-1, x.shape[-1]), bias=self.t.get(prefix + ".input_bias"), threads=self.threads)
 
     def _wbits(self, name, k):
         """The packed weights ``name`` of a binary linear with k inputs. On first use, checks that
@@ -118,9 +139,11 @@ class BHViTRuntime:
         if ("wbits", name) not in self._cache:
             tail = k % 64
             if wbits.shape[-1] != -(-k // 64) or (tail and np.any(wbits[:, -1] >> np.uint64(tail))):
-                raise RuntimeFormatError(f"{name}: {wbits.shape[-1]} words per row with bits set past the "
-                                         f"layer's {k} inputs, or the wrong word count; the export was "
-                                         "not written by `bhvit export`.")
+                raise RuntimeFormatError(
+                    f"{name}: {wbits.shape[-1]} words per row with bits set past the "
+                    f"layer's {k} inputs, or the wrong word count; the export was "
+                    "not written by `bhvit export`."
+                )
             self._cache[("wbits", name)] = True
         return wbits
 
@@ -132,8 +155,7 @@ class BHViTRuntime:
         return dot.reshape(x.shape[:-1] + (wbits.shape[0],))
 
     def _bin_conv_dot(self, prefix, xb, cin_per_group, stride, padding, dilation):
-        return K.xnor_conv2d(xb, self.t[prefix + ".wbits"], cin_per_group, stride, padding, dilation,
-                             self.threads)
+        return K.xnor_conv2d(xb, self.t[prefix + ".wbits"], cin_per_group, stride, padding, dilation, self.threads)
 
     def _rprelu_params(self, prefix):
         return tuple(self.t[f"{prefix}.{n}"] for n in ("move1", "slope", "move2"))
@@ -155,8 +177,9 @@ class BHViTRuntime:
         post = tuple(self._p(layer_scale, "scale", "bias")) if layer_scale else None
         dot = dot_fn(prefix + ".op", x)
         if binary_bn:
-            return K.epilogue(dot, s, t, sc, self._rprelu_params(prefix + ".act"), post=post,
-                              residual=residual, threads=self.threads)
+            return K.epilogue(
+                dot, s, t, sc, self._rprelu_params(prefix + ".act"), post=post, residual=residual, threads=self.threads
+            )
         y = self._norm(prefix + ".norm", K.epilogue(dot, s, t, threads=self.threads))  # LayerNorm
         y = self._act(prefix + ".act", y + _channel_shortcut(sc, y.shape[-1]))
         if post is not None:
@@ -211,8 +234,12 @@ class BHViTRuntime:
             affine = [a.reshape(groups, cg) for a in self._p(norm, "scale", "shift")]
         elif norm is not None:
             n = self._norm(norm, x)
-        xb = K.pack_signs(n.reshape(B, H, W, groups, cg), bias=self.t[p + ".input_bias"].reshape(groups, cg),
-                          affine=affine, threads=self.threads)
+        xb = K.pack_signs(
+            n.reshape(B, H, W, groups, cg),
+            bias=self.t[p + ".input_bias"].reshape(groups, cg),
+            affine=affine,
+            threads=self.threads,
+        )
         folded = self.kinds[p + ".norm"] == "affine"
         if folded:
             ns, nt = self._p(p + ".norm", "scale", "shift")
@@ -225,8 +252,9 @@ class BHViTRuntime:
             # each branch: RPReLU(alpha * dot + bias), summed in place
             if folded:
                 post = (ns, nt if i == len(dilations) - 1 else zeros)
-                out = K.epilogue(dot, s, t, None, act, out=out, post=post, residual=x if out is None else out,
-                                 threads=self.threads)
+                out = K.epilogue(
+                    dot, s, t, None, act, out=out, post=post, residual=x if out is None else out, threads=self.threads
+                )
             else:
                 out = K.epilogue(dot, s, t, None, act, out=out, threads=self.threads)
         return out if folded else x + self._norm(p + ".norm", out)
@@ -254,7 +282,7 @@ class BHViTRuntime:
             return np.ascontiguousarray(bits.transpose(0, 2, 1, 3))
 
         qb, kb = packed(q, N, bias[0]), packed(k, M, bias[1])
-        vpos = ((v + bias[2]) >= 0).reshape(Bw, M, heads, d).transpose(0, 2, 3, 1)   # (Bw, h, d, M)
+        vpos = ((v + bias[2]) >= 0).reshape(Bw, M, heads, d).transpose(0, 2, 3, 1)  # (Bw, h, d, M)
         vb = K.pack_bits(np.ascontiguousarray(vpos))
         combine = None
         if self.kinds[p + ".ctx_norm"] == "affine":  # ctx_act(ctx_norm(ctx) + q + k + v) inside the kernel
@@ -275,16 +303,21 @@ class BHViTRuntime:
             pad = (window - 1) // 2
             n = H // window
             xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)), constant_values=-np.inf)
-            blocks = xp[:, :n * window, :n * window].reshape(B, n, window, n, window, C)
+            blocks = xp[:, : n * window, : n * window].reshape(B, n, window, n, window, C)
             mx = blocks.max(axis=(2, 4))
             xa = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-            av = xa[:, :n * window, :n * window].reshape(B, n, window, n, window, C).sum(axis=(2, 4))
+            av = xa[:, : n * window, : n * window].reshape(B, n, window, n, window, C).sum(axis=(2, 4))
             av = av / np.float32(window * window)
             a = self.t[p + ".pool_mix"]
             g = (av + a * (mx - av)).reshape(B, -1, C)
             tokens = np.concatenate([tokens, np.broadcast_to(g[:, None], (B, n_win) + g.shape[1:])], axis=2)
-        t = K.layer_norm(tokens.reshape(B * n_win, -1, C), self.t[p + ".token_norm.weight"],
-                         self.t[p + ".token_norm.bias"], 1e-5, self.threads)
+        t = K.layer_norm(
+            tokens.reshape(B * n_win, -1, C),
+            self.t[p + ".token_norm.weight"],
+            self.t[p + ".token_norm.bias"],
+            1e-5,
+            self.threads,
+        )
         q = self._residual(p + ".q_proj", t, self._bin_dot)
         k = self._residual(p + ".k_proj", t, self._bin_dot)
         v = self._residual(p + ".v_proj", t, self._bin_dot)
@@ -298,8 +331,7 @@ class BHViTRuntime:
             out = _window_reverse(local, window, H, W)
         else:
             out = local.reshape(B, H, W, C)
-        return self._residual(p + ".out_proj", out, self._bin_dot, layer_scale=p + ".layer_scale",
-                              residual=residual)
+        return self._residual(p + ".out_proj", out, self._bin_dot, layer_scale=p + ".layer_scale", residual=residual)
 
     def _wt(self, name):
         """A float weight transposed for K.dense (cached)."""
@@ -312,8 +344,10 @@ class BHViTRuntime:
         key = p + ".shift"
         if key not in self._cache:
             names = [f"{p}.shift.scales.{i}" for i in range(n_branches)]
-            self._cache[key] = (np.stack([self.t[n + ".scale"] for n in names]),
-                                  np.stack([self.t[n + ".bias"] for n in names]))
+            self._cache[key] = (
+                np.stack([self.t[n + ".scale"] for n in names]),
+                np.stack([self.t[n + ".bias"] for n in names]),
+            )
             K.pin(self._cache[key])
         return self._cache[key]
 
@@ -322,13 +356,17 @@ class BHViTRuntime:
         up, down, ls = p + ".up", p + ".down", p + ".layer_scale"
         C = n.shape[-1]
         hidden = self.t[up + ".op.wbits"].shape[0]
-        if (self.kinds[up + ".op"] == self.kinds[down + ".op"] == "binary+bn"
-                and hidden > C and hidden % C == 0):
+        if self.kinds[up + ".op"] == self.kinds[down + ".op"] == "binary+bn" and hidden > C and hidden % C == 0:
             # the hidden layer never exists in float: the up epilogue emits its packed
             # signs (down's input bias folded in) and the channel-pool shortcut of down
-            bits, pooled = self._linear(up, C)(self._packed(up + ".op", n), n.reshape(-1, C), pack=True,
-                                               next_bias=self.t.get(down + ".op.input_bias"), pool=C,
-                                               threads=self.threads)
+            bits, pooled = self._linear(up, C)(
+                self._packed(up + ".op", n),
+                n.reshape(-1, C),
+                pack=True,
+                next_bias=self.t.get(down + ".op.input_bias"),
+                pool=C,
+                threads=self.threads,
+            )
             out = self._linear(down, hidden, ls)(bits, pooled, x.reshape(-1, C), threads=self.threads)
             return out.reshape(x.shape)
         h = self._residual(up, n, self._bin_dot)
@@ -349,10 +387,10 @@ class BHViTRuntime:
         return out
 
     def _mixers(self):
-        base = {"hybrid": ["msgdc", "msgdc", "msmha", "msmha"], "msgdc": ["msgdc"] * 4,
-                "msmha": ["msmha"] * 4}[self.cfg["hybrid"]]
-        swap = {"msgdc": "msgdc" if self.cfg["msgdc"] else "conv",
-                "msmha": "msmha" if self.cfg["msmha"] else "attn"}
+        base = {"hybrid": ["msgdc", "msgdc", "msmha", "msmha"], "msgdc": ["msgdc"] * 4, "msmha": ["msmha"] * 4}[
+            self.cfg["hybrid"]
+        ]
+        swap = {"msgdc": "msgdc" if self.cfg["msgdc"] else "conv", "msmha": "msmha" if self.cfg["msmha"] else "attn"}
         return [swap[m] for m in base]
 
     def check_input(self, x) -> np.ndarray:
@@ -371,20 +409,23 @@ class BHViTRuntime:
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or tuple(x.shape[1:]) != want:
-            raise ConfigError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}), "
-                             f"got {tuple(x.shape)}.")
+            raise ConfigError(f"expected images of shape (B, {want[0]}, {want[1]}, {want[2]}), got {tuple(x.shape)}.")
         if x.shape[0] == 0:
             raise ConfigError("got an empty batch (B = 0).")
         finite = np.isfinite(x)
         if not finite.all():
             idx = tuple(int(i) for i in np.argwhere(~finite)[0])
-            raise ConfigError(f"input contains NaN or infinite pixels ({int(x.size - finite.sum())} of them, "
-                             f"the first at index {idx}: {x[idx]}).")
+            raise ConfigError(
+                f"input contains NaN or infinite pixels ({int(x.size - finite.sum())} of them, "
+                f"the first at index {idx}: {x[idx]})."
+            )
         with np.errstate(over="ignore"):
             y = np.ascontiguousarray(x, dtype=np.float32)
         if x.dtype.itemsize > 4 and not np.isfinite(y).all():
-            raise ConfigError(f"input values overflow float32 (largest |x| = {float(np.abs(x).max()):.4g}; "
-                             f"float32 holds up to {_F32_MAX:.4g}); normalise the images like the training data.")
+            raise ConfigError(
+                f"input values overflow float32 (largest |x| = {float(np.abs(x).max()):.4g}; "
+                f"float32 holds up to {_F32_MAX:.4g}); normalise the images like the training data."
+            )
         return y
 
     def _run(self, x: np.ndarray, features: bool = False) -> np.ndarray:
@@ -415,8 +456,10 @@ class BHViTRuntime:
             if e.code != K.PlanError.NONFINITE:
                 raise ConfigError(str(e)) from None
         if out is None or not np.isfinite(out).all():
-            raise ConfigError(f"the network's values overflowed to inf/NaN on this input (largest |x| = "
-                             f"{float(np.abs(x).max()):.4g}); normalise the images like the training data.")
+            raise ConfigError(
+                f"the network's values overflowed to inf/NaN on this input (largest |x| = "
+                f"{float(np.abs(x).max()):.4g}); normalise the images like the training data."
+            )
         return out
 
     def forward_features(self, x) -> np.ndarray:
@@ -431,16 +474,19 @@ def _torch_to_numpy(x) -> np.ndarray:
     dtype = str(getattr(x, "dtype", "")).replace("torch.", "")
     device = getattr(getattr(x, "device", None), "type", None)
     if getattr(x, "is_meta", False) or device == "meta":
-        raise ConfigError(f"got a torch tensor on the meta device (shape {tuple(x.shape)}), which holds no "
-                         "values; pass real images.")
+        raise ConfigError(
+            f"got a torch tensor on the meta device (shape {tuple(x.shape)}), which holds no values; pass real images."
+        )
     if dtype == "bfloat16":
         raise ConfigError("got a torch.bfloat16 tensor, which numpy cannot represent; pass x.float().")
     try:
         return x.detach().cpu().numpy()
     except (TypeError, RuntimeError, NotImplementedError, ValueError) as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"cannot read the torch tensor (dtype {dtype}, device {device}) as a numpy "
-                         f"array: {msg}; pass a CPU float32 tensor.") from None
+        raise ConfigError(
+            f"cannot read the torch tensor (dtype {dtype}, device {device}) as a numpy "
+            f"array: {msg}; pass a CPU float32 tensor."
+        ) from None
 
 
 class _ReadTracker(dict):
@@ -480,9 +526,11 @@ def _check_structure(rt: BHViTRuntime, mpath: Path, wpath: Path = None) -> None:
         except K.NonFiniteError:
             finite = False
         if not finite:
-            raise RuntimeFormatError(f"{wpath or mpath}: the network's values overflow to inf/NaN on a zero "
-                                     "image; its parameters are corrupt or out of range (export a good "
-                                     "checkpoint again).")
+            raise RuntimeFormatError(
+                f"{wpath or mpath}: the network's values overflow to inf/NaN on a zero "
+                "image; its parameters are corrupt or out of range (export a good "
+                "checkpoint again)."
+            )
         if logits.shape[-1] != cfg["num_classes"]:
             raise ConfigError(f"num_classes is {cfg['num_classes']}, the head has {logits.shape[-1]} outputs")
         for i, (dim, ratio) in enumerate(zip(cfg["dims"], cfg["mlp_ratios"])):
@@ -490,18 +538,23 @@ def _check_structure(rt: BHViTRuntime, mpath: Path, wpath: Path = None) -> None:
             width = _first_tensor(t, b + ".norm1", ("scale", "weight")).shape[0]
             hidden = t[b + ".mlp.up.op.wbits"].shape[0]
             if (width, hidden) != (dim, dim * ratio):
-                raise ConfigError(f"dims[{i}] = {dim} and mlp_ratios[{i}] = {ratio}, the tensors have "
-                                 f"{width} channels and an MLP of {hidden}")
+                raise ConfigError(
+                    f"dims[{i}] = {dim} and mlp_ratios[{i}] = {ratio}, the tensors have "
+                    f"{width} channels and an MLP of {hidden}"
+                )
     except RuntimeFormatError:
         raise
     except (KeyError, ValueError, IndexError, TypeError) as e:
         what = f"no tensor {e}" if isinstance(e, KeyError) else str(e)
-        raise RuntimeFormatError(f"{mpath}: the manifest's config does not fit its tensors ({what}); "
-                                 "it was not written by `bhvit export`.") from None
+        raise RuntimeFormatError(
+            f"{mpath}: the manifest's config does not fit its tensors ({what}); it was not written by `bhvit export`."
+        ) from None
     unread = sorted(set(t) - t.read)
     if unread:
-        raise RuntimeFormatError(f"{mpath}: {len(unread)} tensor(s) that the manifest's config does not "
-                                 f"use, e.g. {unread[:3]}; it was not written by `bhvit export`.")
+        raise RuntimeFormatError(
+            f"{mpath}: {len(unread)} tensor(s) that the manifest's config does not "
+            f"use, e.g. {unread[:3]}; it was not written by `bhvit export`."
+        )
 
 
 def _read_limited(path: Path, expected: int, what: str) -> bytes:
@@ -510,14 +563,16 @@ def _read_limited(path: Path, expected: int, what: str) -> bytes:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             if size != expected:
-                raise RuntimeFormatError(f"{path}: {size} bytes, the manifest says {expected}; "
-                                         "the file is truncated or was replaced.")
+                raise RuntimeFormatError(
+                    f"{path}: {size} bytes, the manifest says {expected}; the file is truncated or was replaced."
+                )
             blob = f.read(expected + 1)
     except OSError as e:
         raise RuntimeFormatError(f"{path}: cannot read the {what} ({e.strerror or e}).") from None
     if len(blob) != expected:
-        raise RuntimeFormatError(f"{path}: {len(blob)} bytes, the manifest says {expected}; "
-                                 "the file is truncated or was replaced.")
+        raise RuntimeFormatError(
+            f"{path}: {len(blob)} bytes, the manifest says {expected}; the file is truncated or was replaced."
+        )
     return blob
 
 
@@ -528,13 +583,15 @@ def _read_manifest(mpath: Path) -> Dict:
     except OSError as e:
         raise RuntimeFormatError(f"{mpath}: cannot read the manifest ({e.strerror or e}).") from None
     if len(raw) > MAX_MANIFEST_BYTES:
-        raise RuntimeFormatError(f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest "
-                                 "written by `bhvit export`.")
+        raise RuntimeFormatError(
+            f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest written by `bhvit export`."
+        )
     try:
         manifest = json.loads(raw.decode("utf-8"))
     except RecursionError:
-        raise RuntimeFormatError(f"{mpath}: JSON nested too deeply; not a manifest written by "
-                                 "`bhvit export`.") from None
+        raise RuntimeFormatError(
+            f"{mpath}: JSON nested too deeply; not a manifest written by `bhvit export`."
+        ) from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, over-long integer literals
         raise RuntimeFormatError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt.") from None
     if not isinstance(manifest, dict):
@@ -546,8 +603,9 @@ def _check_threads(threads) -> int:
     try:
         return K._threads(threads)
     except ValueError as e:
-        raise ConfigError(f"bad threads argument: {e} (it is the number of CPU threads, not part of the "
-                         "export).") from None
+        raise ConfigError(
+            f"bad threads argument: {e} (it is the number of CPU threads, not part of the export)."
+        ) from None
 
 
 def _checked_manifest_and_weights(mpath: Path):
@@ -556,19 +614,24 @@ def _checked_manifest_and_weights(mpath: Path):
     if manifest.get("format") != EXPORT_FORMAT:
         raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {_short(manifest.get('format'), 40)}).")
     if manifest.get("version") != EXPORT_VERSION:
-        raise RuntimeFormatError(f"{mpath}: export version {_short(manifest.get('version'), 40)} is not supported "
-                                 f"(this runtime reads version {EXPORT_VERSION}).")
+        raise RuntimeFormatError(
+            f"{mpath}: export version {_short(manifest.get('version'), 40)} is not supported "
+            f"(this runtime reads version {EXPORT_VERSION})."
+        )
     try:
         digest = manifest_digest(manifest)
     except (RecursionError, ValueError):
         digest = None
     if digest is None or manifest.get("manifest_sha256") != digest:
-        raise RuntimeFormatError(f"{mpath}: SHA-256 of the manifest does not match; it was modified "
-                                 "(export the checkpoint again instead of editing it).")
+        raise RuntimeFormatError(
+            f"{mpath}: SHA-256 of the manifest does not match; it was modified "
+            "(export the checkpoint again instead of editing it)."
+        )
 
     def bad(what):
-        return RuntimeFormatError(f"{mpath}: {what}; it was not written by `bhvit export` (export the "
-                                  "checkpoint again).")
+        return RuntimeFormatError(
+            f"{mpath}: {what}; it was not written by `bhvit export` (export the checkpoint again)."
+        )
 
     for key in ("config", "kinds", "tensors", "file"):
         if not isinstance(manifest.get(key), dict):
@@ -590,17 +653,25 @@ def _checked_manifest_and_weights(mpath: Path):
         raise bad(problem)
     problem = _expect_shapes(cfg, expected)
     if problem:
-        raise RuntimeFormatError(f"{mpath}: the manifest's config does not fit its tensors ({problem}); "
-                                 "it was not written by `bhvit export`.")
+        raise RuntimeFormatError(
+            f"{mpath}: the manifest's config does not fit its tensors ({problem}); "
+            "it was not written by `bhvit export`."
+        )
     info = manifest["file"]
     name = info.get("name", "model.safetensors")
-    if not (isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
-            and "\\" not in name and "\0" not in name):
+    if not (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and Path(name).name == name
+        and "\\" not in name
+        and "\0" not in name
+    ):
         raise bad(f"file name {_short(name)} is not a plain file name next to the manifest")
     nbytes, sha = info.get("bytes"), info.get("sha256")
     if not (_is_int(nbytes) and isinstance(sha, str) and len(sha) == 64):
-        raise bad(f"'file' needs an integer 'bytes' and a 64-digit 'sha256', got {_short(nbytes, 20)} "
-                  f"and {_short(sha, 70)}")
+        raise bad(
+            f"'file' needs an integer 'bytes' and a 64-digit 'sha256', got {_short(nbytes, 20)} and {_short(sha, 70)}"
+        )
     data_bytes = sum(_TENSOR_DTYPES[v["dtype"]] * math.prod(v["shape"]) for v in expected.values())
     if not data_bytes + 8 <= nbytes <= data_bytes + 8 + MAX_HEADER_BYTES:
         raise bad(f"'file' says {nbytes} bytes, the tensors it lists take {data_bytes} (plus a header)")
@@ -624,29 +695,36 @@ def _checked_tensors(wpath: Path, blob: bytes, expected: Dict) -> Dict[str, np.n
         raise RuntimeFormatError(f"{wpath}: cannot parse safetensors ({e}).") from None
     if set(raw) != set(expected):
         missing, extra = sorted(set(expected) - set(raw)), sorted(set(raw) - set(expected))
-        raise RuntimeFormatError(f"{wpath}: tensors differ from the manifest (missing {missing[:5]}, "
-                                 f"unexpected {extra[:5]}).")
+        raise RuntimeFormatError(
+            f"{wpath}: tensors differ from the manifest (missing {missing[:5]}, unexpected {extra[:5]})."
+        )
     tensors = {}
     for name, arr in raw.items():
         if list(arr.shape) != expected[name]["shape"]:
-            raise RuntimeFormatError(f"{wpath}: tensor {name} has shape {list(arr.shape)}, the manifest "
-                                     f"says {expected[name]['shape']}.")
+            raise RuntimeFormatError(
+                f"{wpath}: tensor {name} has shape {list(arr.shape)}, the manifest says {expected[name]['shape']}."
+            )
         if str(arr.dtype) != expected[name]["dtype"]:
-            raise RuntimeFormatError(f"{wpath}: tensor {name} is {arr.dtype}, the manifest says "
-                                     f"{expected[name]['dtype']}.")
+            raise RuntimeFormatError(
+                f"{wpath}: tensor {name} is {arr.dtype}, the manifest says {expected[name]['dtype']}."
+            )
         if name.endswith(".wbits"):
             tensors[name] = np.ascontiguousarray(arr.view(np.uint64))
             continue
         t = np.ascontiguousarray(arr, dtype=np.float32)
         if not np.isfinite(t).all():
             n_bad = int(t.size - np.isfinite(t).sum())
-            raise RuntimeFormatError(f"{wpath}: tensor {name} has {n_bad} NaN or infinite value(s); the "
-                                     "model it came from diverged or the file is corrupt (export a good "
-                                     "checkpoint again).")
+            raise RuntimeFormatError(
+                f"{wpath}: tensor {name} has {n_bad} NaN or infinite value(s); the "
+                "model it came from diverged or the file is corrupt (export a good "
+                "checkpoint again)."
+            )
         if name.endswith(".core.qd.step") and not t.all():
             # negative steps are a valid (if odd) trained model; a zero step divides by zero
-            raise RuntimeFormatError(f"{wpath}: tensor {name} (the QD step) has a zero value; the QD "
-                                     "levels divide by it (export a good checkpoint again).")
+            raise RuntimeFormatError(
+                f"{wpath}: tensor {name} (the QD step) has a zero value; the QD "
+                "levels divide by it (export a good checkpoint again)."
+            )
         tensors[name] = t
     return tensors
 
@@ -663,8 +741,7 @@ def load(path: Union[str, Path], threads: int = 0) -> BHViTRuntime:
     p = Path(path)
     mpath = p / "manifest.json" if p.is_dir() else p
     if mpath.is_file() and mpath.suffix != ".json":
-        raise RuntimeFormatError(f"{path}: expected the export directory or its manifest.json, "
-                                 f"not {mpath.name}.")
+        raise RuntimeFormatError(f"{path}: expected the export directory or its manifest.json, not {mpath.name}.")
     if not mpath.is_file():
         raise RuntimeFormatError(f"{path}: no manifest.json (expected the directory written by `bhvit export`).")
     manifest, wpath, blob = _checked_manifest_and_weights(mpath)

@@ -5,6 +5,7 @@ before anything is read or built (docs/EXPORT_FORMAT.md describes the format).
 ``bhvit.export`` writes what these checks accept and ``bhvit.runtime.load`` refuses what
 they do not. No torch and no numpy beyond float32's range.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -35,14 +36,25 @@ class RuntimeFormatError(BhvitError, ValueError):
 # Limits well above every model bhvit defines; a manifest beyond them is refused before
 # the runtime allocates or loops over anything it implies.
 MAX_MANIFEST_BYTES = 64 << 20
-MAX_HEADER_BYTES = 100 << 20   # safetensors' own limit on its JSON header
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 MAX_TENSORS = 100_000
-MAX_ATTENTION_KEYS = 16384     # bhvit_tiny's global-attention ablation at 224 needs 3136
-_INT_LIMITS = {"img_size": (1, 16384), "in_chans": (1, 1024), "num_classes": (1, 1_000_000),
-               "stem_stride": (1, 16384), "stem_pad": (0, 16384), "msgdc_groups": (1, 65536),
-               "qd_levels": (1, 64)}
-_STAGE_LIMITS = {"dims": (1, 65536), "depths": (1, 1024), "mlp_ratios": (1, 64), "heads": (1, 65536),
-                 "windows": (1, 16384)}
+MAX_ATTENTION_KEYS = 16384  # bhvit_tiny's global-attention ablation at 224 needs 3136
+_INT_LIMITS = {
+    "img_size": (1, 16384),
+    "in_chans": (1, 1024),
+    "num_classes": (1, 1_000_000),
+    "stem_stride": (1, 16384),
+    "stem_pad": (0, 16384),
+    "msgdc_groups": (1, 65536),
+    "qd_levels": (1, 64),
+}
+_STAGE_LIMITS = {
+    "dims": (1, 65536),
+    "depths": (1, 1024),
+    "mlp_ratios": (1, 64),
+    "heads": (1, 65536),
+    "windows": (1, 16384),
+}
 _BOOLS = ("qd", "shift", "msgdc", "msmha")
 _F32_MAX = float(np.finfo(np.float32).max)
 _TENSOR_DTYPES = {"float32": 4, "float16": 2, "int64": 8}
@@ -50,7 +62,8 @@ _TENSOR_DTYPES = {"float32": 4, "float16": 2, "int64": 8}
 
 def _json_type(v) -> str:
     return {type(None): "null", str: "string", bool: "boolean", int: "number", float: "number"}.get(
-        type(v), type(v).__name__)
+        type(v), type(v).__name__
+    )
 
 
 def _short(v, n: int = 80) -> str:
@@ -87,16 +100,20 @@ def config_problem(cfg) -> Union[str, None]:
         return f"config norm must be 'bn' or 'ln', got {_short(cfg.get('norm'))}"
     side, stride = cfg["img_size"] + 2 * cfg["stem_pad"], cfg["stem_stride"]
     if side % (8 * stride):
-        return (f"config img_size + 2 * stem_pad = {side} is not a multiple of 8 * stem_stride = "
-                f"{8 * stride} (every stage needs an integer map size)")
+        return (
+            f"config img_size + 2 * stem_pad = {side} is not a multiple of 8 * stem_stride = "
+            f"{8 * stride} (every stage needs an integer map size)"
+        )
     grid = side // stride
     v = cfg.get("msgdc_dilations")
     if not (isinstance(v, list) and 1 <= len(v) <= 16 and all(_is_int(x) and 1 <= x <= 65536 for x in v)):
         return f"config msgdc_dilations must be a list of 1..16 integers in 1..65536, got {_short(v)}"
     v = cfg.get("shift_sizes")
     if not (isinstance(v, list) and len(v) <= 16 and all(_is_int(x) and 1 <= x <= grid for x in v)):
-        return (f"config shift_sizes must be a list of at most 16 integers in 1..{grid} (the stage-1 map "
-                f"side), got {_short(v)}")
+        return (
+            f"config shift_sizes must be a list of at most 16 integers in 1..{grid} (the stage-1 map "
+            f"side), got {_short(v)}"
+        )
     dims = cfg["dims"]
     for i in range(3):
         if dims[i + 1] % dims[i]:
@@ -110,14 +127,15 @@ def config_problem(cfg) -> Union[str, None]:
         if mixer in ("msmha", "attn") and dims[i] % cfg["heads"][i]:
             return f"config dims[{i}] = {dims[i]} is not divisible by heads[{i}] = {cfg['heads'][i]}"
         if mixer == "msmha" and size % cfg["windows"][i]:
-            return (f"config windows[{i}] = {cfg['windows'][i]} does not divide the stage-{i + 1} map "
-                    f"side {size}")
+            return f"config windows[{i}] = {cfg['windows'][i]} does not divide the stage-{i + 1} map side {size}"
         if mixer in ("msmha", "attn"):  # keys per query: the cost is quadratic in it
             w = cfg["windows"][i]
             keys = size * size if mixer == "attn" else w * w + (size // w) ** 2
             if keys > MAX_ATTENTION_KEYS:
-                return (f"config stage {i + 1} attends over {keys} tokens (map side {size}, window "
-                        f"{w if mixer == 'msmha' else 'none'}); at most {MAX_ATTENTION_KEYS}")
+                return (
+                    f"config stage {i + 1} attends over {keys} tokens (map side {size}, window "
+                    f"{w if mixer == 'msmha' else 'none'}); at most {MAX_ATTENTION_KEYS}"
+                )
     return None
 
 
@@ -149,8 +167,9 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
     if has_mean != has_std:
         return "data has only one of mean and std (the input normalisation needs both)"
     if has_mean:
-        p = (_float_list_problem("mean", data["mean"], cfg["in_chans"])
-             or _float_list_problem("std", data["std"], cfg["in_chans"], positive=True))
+        p = _float_list_problem("mean", data["mean"], cfg["in_chans"]) or _float_list_problem(
+            "std", data["std"], cfg["in_chans"], positive=True
+        )
         if p:
             return p
     classes = data.get("classes")
@@ -158,8 +177,10 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             return f"data classes must be a list of strings, got {_short(classes)}"
         if len(classes) != cfg["num_classes"]:
-            return (f"data classes has {len(classes)} names for the model's {cfg['num_classes']} classes "
-                    "(one name per class)")
+            return (
+                f"data classes has {len(classes)} names for the model's {cfg['num_classes']} classes "
+                "(one name per class)"
+            )
     return None
 
 
@@ -186,9 +207,11 @@ def _tensor_entries_problem(tensors: Dict) -> Union[str, None]:
             return f"malformed 'tensors' entry {_short(name)} (each needs a dtype and a shape)"
         dt, shape = v["dtype"], v["shape"]
         if dt not in _TENSOR_DTYPES or (dt == "int64") != name.endswith(".wbits"):
-            return (f"tensor {name} has dtype {_short(dt, 20)}; packed signs (.wbits) are int64, "
-                    "every other tensor float32 or float16")
-        if not (1 <= len(shape) <= 8 and all(_is_int(n) and 0 <= n < 2 ** 31 for n in shape)):
+            return (
+                f"tensor {name} has dtype {_short(dt, 20)}; packed signs (.wbits) are int64, "
+                "every other tensor float32 or float16"
+            )
+        if not (1 <= len(shape) <= 8 and all(_is_int(n) and 0 <= n < 2**31 for n in shape)):
             return f"tensor {name} has shape {_short(shape, 60)}, not a list of 1..8 sizes in 0..2**31-1"
     return None
 
@@ -196,16 +219,20 @@ def _tensor_entries_problem(tensors: Dict) -> Union[str, None]:
 def _expect_shapes(cfg: Dict, tensors: Dict) -> Union[str, None]:
     """The shapes the config implies for the stem, the position embeddings and the head."""
     dims, grid = cfg["dims"], (cfg["img_size"] + 2 * cfg["stem_pad"]) // cfg["stem_stride"]
-    want = {"stem.proj.weight": [dims[0], cfg["stem_stride"] ** 2 * cfg["in_chans"]],
-            "stem.pos_embed": [grid, grid, dims[0]],
-            "head.weight": [cfg["num_classes"], dims[3]]}
+    want = {
+        "stem.proj.weight": [dims[0], cfg["stem_stride"] ** 2 * cfg["in_chans"]],
+        "stem.pos_embed": [grid, grid, dims[0]],
+        "head.weight": [cfg["num_classes"], dims[3]],
+    }
     for i in range(1, 4):
         want[f"stages.{i}.downsample.pos_embed"] = [grid >> i, grid >> i, dims[i]]
     for name, shape in want.items():
         if name not in tensors:
             return f"no tensor {name!r}"
         if tensors[name]["shape"] != shape:
-            return (f"tensor {name} has shape {tensors[name]['shape']}, the config (img_size "
-                    f"{cfg['img_size']}, in_chans {cfg['in_chans']}, stem_stride {cfg['stem_stride']}, "
-                    f"stem_pad {cfg['stem_pad']}, dims {dims}, num_classes {cfg['num_classes']}) implies {shape}")
+            return (
+                f"tensor {name} has shape {tensors[name]['shape']}, the config (img_size "
+                f"{cfg['img_size']}, in_chans {cfg['in_chans']}, stem_stride {cfg['stem_stride']}, "
+                f"stem_pad {cfg['stem_pad']}, dims {dims}, num_classes {cfg['num_classes']}) implies {shape}"
+            )
     return None

@@ -1,4 +1,5 @@
 """Image decoding and normalisation for the runtime (Pillow + numpy, no torch)."""
+
 from __future__ import annotations
 
 import os
@@ -52,8 +53,7 @@ def _to_8bit(im):
     return im
 
 
-def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info: Optional[dict] = None,
-               draft=None):
+def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info: Optional[dict] = None, draft=None):
     """Open an image file as an 8-bit Pillow image, greyscale (``L``) for ``channels == 1``
     else RGB. An image of more than ``max_pixels`` pixels (default :func:`max_image_pixels`)
     raises :class:`ImageTooLarge` before it is decoded; 16-bit images are scaled to 8 bits.
@@ -71,8 +71,10 @@ def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info
     with im_file as im:
         w, h = im.size
         if w * h > limit:
-            raise ImageTooLarge(f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {limit:,} "
-                                "(set BHVIT_MAX_IMAGE_PIXELS to allow larger images).")
+            raise ImageTooLarge(
+                f"{path}: {w}x{h} = {w * h:,} pixels, more than the limit of {limit:,} "
+                "(set BHVIT_MAX_IMAGE_PIXELS to allow larger images)."
+            )
         if info is not None:
             info.update(mode=im.mode, size=(w, h))
         if draft is not None and im.format == "JPEG":
@@ -102,8 +104,14 @@ def to_chw(im) -> np.ndarray:
     return np.array(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1), order="C")  # a writable copy
 
 
-def decode_image(path: Path, channels: int, size: Optional[int], max_pixels: Optional[int] = None,
-                 info: Optional[dict] = None, crop_ratio: float = 1.0) -> np.ndarray:
+def decode_image(
+    path: Path,
+    channels: int,
+    size: Optional[int],
+    max_pixels: Optional[int] = None,
+    info: Optional[dict] = None,
+    crop_ratio: float = 1.0,
+) -> np.ndarray:
     """Decode an image file to uint8 ``(C, H, W)``, greyscale for ``channels == 1``.
 
     With ``size``: the shorter side is resized to ``size / crop_ratio`` (bilinear), then

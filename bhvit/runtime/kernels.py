@@ -26,6 +26,7 @@ from :func:`available_backends` (``"c-portable"``, ``"c-popcnt"``,
 ``"c-avx2"``, ``"c-avx512-vpopcntdq"``).  ``threads=0`` means OpenMP's
 default (all cores, or ``OMP_NUM_THREADS``).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -39,22 +40,39 @@ import numpy as np
 from ..errors import ConfigError
 
 __all__ = [
-    "pack_signs", "pack_bits", "xnor_gemm", "and_gemm", "xnor_conv2d",
-    "backend", "set_backend", "available_backends", "library_path", "library_error", "epilogue",
-    "epilogue_pack", "binary_linear", "PreparedLinear", "gelu", "shift_mix", "attention", "layer_norm", "dense",
+    "pack_signs",
+    "pack_bits",
+    "xnor_gemm",
+    "and_gemm",
+    "xnor_conv2d",
+    "backend",
+    "set_backend",
+    "available_backends",
+    "library_path",
+    "library_error",
+    "epilogue",
+    "epilogue_pack",
+    "binary_linear",
+    "PreparedLinear",
+    "gelu",
+    "shift_mix",
+    "attention",
+    "layer_norm",
+    "dense",
     "NonFiniteError",
 ]
 
 _ABI_VERSION = 5  # 5: prepared panels and the whole-network plan (bhvit_load / bhvit_run)
 _HERE = Path(__file__).resolve().parent
 
-_lib = None            # ctypes.CDLL or None
-_lib_path = None       # Path of the loaded library
-_lib_error = None      # why the library is not loaded, if it is not
-_use_c = False         # current backend is a compiled variant
+_lib = None  # ctypes.CDLL or None
+_lib_path = None  # Path of the loaded library
+_lib_error = None  # why the library is not loaded, if it is not
+_use_c = False  # current backend is a compiled variant
 
 
 # --------------------------------------------------------------------------- loading
+
 
 def _candidates():
     env = os.environ.get("BHVIT_BITOPS_LIB")
@@ -87,13 +105,14 @@ def _setup(lib):
         "bhv_xnor_conv2d": (i32, [vp, vp] + [i64] * 14 + [vp, i32]),
         "bhv_epilogue": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp, i32]),
         "bhv_epilogue_pack": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, i64, vp, i32]),
-        "bhv_binary_linear": (i32, [vp, i64, i64, i64, vp, i64] + [vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp]
-                              + [vp, vp, i64, vp, i32]),
+        "bhv_binary_linear": (
+            i32,
+            [vp, i64, i64, i64, vp, i64] + [vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp] + [vp, vp, i64, vp, i32],
+        ),
         "bhv_pack_signs_bias_f32": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, i32]),
         "bhv_gelu": (None, [vp, i64, vp, i32]),
         "bhv_shift_mix": (i32, [vp, i64, i64, i64, i64, vp, i64, vp, vp, vp, i32]),
-        "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float]
-                          + [vp] * 9 + [i32]),
+        "bhv_attention": (i32, [vp, vp, vp, i64, i64, i64, i64, i64, vp, vp, i64, ctypes.c_float] + [vp] * 9 + [i32]),
         "bhv_layer_norm": (None, [vp, i64, i64, vp, vp, ctypes.c_float, vp, i32]),
         "bhv_dense": (None, [vp, i64, i64, vp, i64, vp, vp, i32]),
         "bhvit_load": (i32, [ctypes.c_char_p, i32, ctypes.POINTER(vp)]),
@@ -129,8 +148,7 @@ def _load():
 def _c_variants():
     if _lib is None:
         return []
-    return [_lib.bhv_variant_name(i).decode() for i in range(_lib.bhv_num_variants())
-            if _lib.bhv_variant_supported(i)]
+    return [_lib.bhv_variant_name(i).decode() for i in range(_lib.bhv_num_variants()) if _lib.bhv_variant_supported(i)]
 
 
 def available_backends() -> list[str]:
@@ -273,7 +291,7 @@ def _to_uint64_words(bits: np.ndarray) -> np.ndarray:
     pad = 64 * W - k
     if pad:
         bits = np.concatenate([bits, np.zeros(bits.shape[:-1] + (pad,), dtype=bool)], axis=-1)
-    by = np.packbits(bits, axis=-1, bitorder="little")           # (..., 8W) uint8
+    by = np.packbits(bits, axis=-1, bitorder="little")  # (..., 8W) uint8
     return np.ascontiguousarray(by).view("<u8").astype(np.uint64, copy=False).reshape(bits.shape[:-1] + (W,))
 
 
@@ -289,6 +307,7 @@ def _fdtype(n: int):
 
 
 # --------------------------------------------------------------------------- packing
+
 
 def pack_signs(x, bias=None, affine=None, threads: int = 0) -> np.ndarray:
     """float (..., K) -> uint64 (..., ceil(K/64)): bit = 1 where x >= 0 (-0.0 too). NaN: ValueError.
@@ -346,8 +365,9 @@ def _pack_signs_bias(x, bias, affine, threads):
     rows = math.prod(x.shape[:-1])
     if rows and k:
         sc, sh = (_ptr(affine[0]), _ptr(affine[1])) if affine is not None else (None, None)
-        _check_rc(_lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, sc, sh, _ptr(bias), bias.size // k, _ptr(out),
-                                               threads))
+        _check_rc(
+            _lib.bhv_pack_signs_bias_f32(_ptr(x), rows, k, sc, sh, _ptr(bias), bias.size // k, _ptr(out), threads)
+        )
     return out
 
 
@@ -373,6 +393,7 @@ def pack_bits(b) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- GEMMs
+
 
 def _gemm_args(a, b):
     a = _as_words(a, "a", 2)
@@ -422,8 +443,10 @@ def and_gemm(a, b, threads: int = 0) -> np.ndarray:
 
 # --------------------------------------------------------------------------- conv
 
-def xnor_conv2d(x, w, cin_per_group: int, stride: int = 1, padding: int = 0, dilation: int = 1,
-                threads: int = 0) -> np.ndarray:
+
+def xnor_conv2d(
+    x, w, cin_per_group: int, stride: int = 1, padding: int = 0, dilation: int = 1, threads: int = 0
+) -> np.ndarray:
     """Grouped, dilated, strided 2-D convolution of +-1 maps with +-1 kernels, zero padding.
 
     x: uint64 (B, H, Wd, G, Wg), the channels split into G groups of cin_per_group,
@@ -455,8 +478,28 @@ def xnor_conv2d(x, w, cin_per_group: int, stride: int = 1, padding: int = 0, dil
     if _use_c:
         out = np.empty((B, Ho, Wo, Cout), dtype=np.int32)
         if B and Cout:
-            _check_rc(_lib.bhv_xnor_conv2d(_ptr(x), _ptr(w), B, H, Wd, G, Wg, Cout, KH, KW, cpg,
-                                           stride, padding, dilation, Ho, Wo, _ptr(out), threads))
+            _check_rc(
+                _lib.bhv_xnor_conv2d(
+                    _ptr(x),
+                    _ptr(w),
+                    B,
+                    H,
+                    Wd,
+                    G,
+                    Wg,
+                    Cout,
+                    KH,
+                    KW,
+                    cpg,
+                    stride,
+                    padding,
+                    dilation,
+                    Ho,
+                    Wo,
+                    _ptr(out),
+                    threads,
+                )
+            )
         return out
     return _conv_numpy(x, w, cpg, stride, padding, dilation, Ho, Wo)
 
@@ -468,15 +511,15 @@ def _conv_numpy(x, w, cpg, s, p, d, Ho, Wo):
     dt = _fdtype(KH * KW * cpg)
     # the cpg channels of each group as +-1, the zero padding as 0 (adds nothing)
     xpm = np.zeros((B, H + 2 * p, Wd + 2 * p, G, cpg), dtype=dt)
-    xpm[:, p:p + H, p:p + Wd] = _unpack_bits(x)[..., :cpg].astype(dt) * 2 - 1
-    wpm = _unpack_bits(w)[..., :cpg].astype(dt) * 2 - 1      # (Cout, KH, KW, cpg)
+    xpm[:, p : p + H, p : p + Wd] = _unpack_bits(x)[..., :cpg].astype(dt) * 2 - 1
+    wpm = _unpack_bits(w)[..., :cpg].astype(dt) * 2 - 1  # (Cout, KH, KW, cpg)
     acc = np.zeros((B, Ho, Wo, Cout), dtype=dt)
     for kh in range(KH):
         hs = slice(kh * d, kh * d + s * (Ho - 1) + 1, s)
         for kw in range(KW):
             ws = slice(kw * d, kw * d + s * (Wo - 1) + 1, s)
             for g in range(G):
-                acc[..., g * cpo:(g + 1) * cpo] += xpm[:, hs, ws, g, :] @ wpm[g * cpo:(g + 1) * cpo, kh, kw, :].T
+                acc[..., g * cpo : (g + 1) * cpo] += xpm[:, hs, ws, g, :] @ wpm[g * cpo : (g + 1) * cpo, kh, kw, :].T
     return np.rint(acc).astype(np.int32)
 
 
@@ -507,8 +550,13 @@ def _epi_args(dot, scale, shift, shortcut, rprelu):
 
 def _epi_c_args(sc, acts):
     null = None
-    return (_ptr(sc) if sc is not None else null, sc.shape[-1] if sc is not None else 0,
-            _ptr(acts[0]) if acts else null, _ptr(acts[1]) if acts else null, _ptr(acts[2]) if acts else null)
+    return (
+        _ptr(sc) if sc is not None else null,
+        sc.shape[-1] if sc is not None else 0,
+        _ptr(acts[0]) if acts else null,
+        _ptr(acts[1]) if acts else null,
+        _ptr(acts[2]) if acts else null,
+    )
 
 
 def _group_mean(x, n):
@@ -537,8 +585,9 @@ def _epi_numpy(dot, scale, shift, sc, acts):
     return v
 
 
-def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, post=None, residual=None,
-             threads: int = 0) -> np.ndarray:
+def epilogue(
+    dot, scale, shift, shortcut=None, rprelu=None, out=None, post=None, residual=None, threads: int = 0
+) -> np.ndarray:
     """Fused float epilogue of a binary layer, one pass in C.
 
     ``y = post(act(dot * scale + shift + shortcut))`` for int32 ``dot`` of shape
@@ -564,9 +613,19 @@ def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, post=None,
             raise ValueError(f"residual of shape {residual.shape} does not match the output {dot.shape}.")
     if _use_c:
         null = None
-        rc = _lib.bhv_epilogue(_ptr(dot), rows, n, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
-                               _ptr(posts[0]) if posts else null, _ptr(posts[1]) if posts else null,
-                               _ptr(residual) if residual is not None else null, _ptr(out), _threads(threads))
+        rc = _lib.bhv_epilogue(
+            _ptr(dot),
+            rows,
+            n,
+            _ptr(scale),
+            _ptr(shift),
+            *_epi_c_args(sc, acts),
+            _ptr(posts[0]) if posts else null,
+            _ptr(posts[1]) if posts else null,
+            _ptr(residual) if residual is not None else null,
+            _ptr(out),
+            _threads(threads),
+        )
         _check_rc(rc)
         return out
     v = _epi_numpy(dot, scale, shift, sc, acts)
@@ -578,8 +637,7 @@ def epilogue(dot, scale, shift, shortcut=None, rprelu=None, out=None, post=None,
     return out
 
 
-def epilogue_pack(dot, scale, shift, shortcut=None, rprelu=None, next_bias=None, pool: int = 0,
-                  threads: int = 0):
+def epilogue_pack(dot, scale, shift, shortcut=None, rprelu=None, next_bias=None, pool: int = 0, threads: int = 0):
     """The epilogue of a binary layer feeding another binary layer, without float output.
 
     Computes ``y = act(dot * scale + shift + shortcut)`` like :func:`epilogue` and
@@ -598,9 +656,19 @@ def epilogue_pack(dot, scale, shift, shortcut=None, rprelu=None, next_bias=None,
     if _use_c:
         null = None
         if rows and n:
-            rc = _lib.bhv_epilogue_pack(_ptr(dot), rows, n, _ptr(scale), _ptr(shift), *_epi_c_args(sc, acts),
-                                        _ptr(nb) if nb is not None else null, _ptr(bits), n // pool if pool else 0,
-                                        _ptr(pooled) if pool else null, _threads(threads))
+            rc = _lib.bhv_epilogue_pack(
+                _ptr(dot),
+                rows,
+                n,
+                _ptr(scale),
+                _ptr(shift),
+                *_epi_c_args(sc, acts),
+                _ptr(nb) if nb is not None else null,
+                _ptr(bits),
+                n // pool if pool else 0,
+                _ptr(pooled) if pool else null,
+                _threads(threads),
+            )
             _check_rc(rc)
         return bits, pooled
     v = _epi_numpy(dot, scale, shift, sc, acts)
@@ -610,8 +678,21 @@ def epilogue_pack(dot, scale, shift, shortcut=None, rprelu=None, next_bias=None,
     return bits, pooled
 
 
-def binary_linear(a, b, k: int, scale, shift, shortcut=None, rprelu=None, post=None, residual=None,
-                  pack: bool = False, next_bias=None, pool: int = 0, threads: int = 0):
+def binary_linear(
+    a,
+    b,
+    k: int,
+    scale,
+    shift,
+    shortcut=None,
+    rprelu=None,
+    post=None,
+    residual=None,
+    pack: bool = False,
+    next_bias=None,
+    pool: int = 0,
+    threads: int = 0,
+):
     """A binary linear layer: ``xnor_gemm(a, b, k)`` fused with its epilogue.
 
     a: uint64 ``(M, W)`` packed inputs, b: uint64 ``(N, W)`` packed weights. The
@@ -657,12 +738,32 @@ class PreparedLinear:
         posts = self.post or [None] * 2
         self._ptrs = [None if x is None else x.ctypes.data for x in (self.b, self.scale, self.shift, *acts, *posts)]
 
-    def __call__(self, a, shortcut=None, residual=None, pack: bool = False, next_bias=None, pool: int = 0,
-                 threads: int = 0):
-        if not (_use_c and type(a) is np.ndarray and a.dtype == np.uint64 and a.ndim == 2
-                and a.shape[1] == self.W and a.flags.c_contiguous):
-            return binary_linear(a, self.b, self.k, self.scale, self.shift, shortcut, self.rprelu,
-                                 None if pack else self.post, residual, pack, next_bias, pool, threads)
+    def __call__(
+        self, a, shortcut=None, residual=None, pack: bool = False, next_bias=None, pool: int = 0, threads: int = 0
+    ):
+        if not (
+            _use_c
+            and type(a) is np.ndarray
+            and a.dtype == np.uint64
+            and a.ndim == 2
+            and a.shape[1] == self.W
+            and a.flags.c_contiguous
+        ):
+            return binary_linear(
+                a,
+                self.b,
+                self.k,
+                self.scale,
+                self.shift,
+                shortcut,
+                self.rprelu,
+                None if pack else self.post,
+                residual,
+                pack,
+                next_bias,
+                pool,
+                threads,
+            )
         M = a.shape[0]
         N = self.N
         sc = None
@@ -680,33 +781,76 @@ class PreparedLinear:
             nb = _f32(next_bias, N) if next_bias is not None else None
             bits = np.empty((M, _words(N)), dtype=np.uint64)
             pooled = np.empty((M, pool), dtype=np.float32) if pool else None
-            _check_rc(_lib.bhv_binary_linear(_ptr(a), M, self.W, self.k, w[0], N, w[1], w[2], *sc_args,
-                                             w[3], w[4], w[5], None, None, None, None,
-                                             _ptr(nb) if nb is not None else None, _ptr(bits),
-                                             N // pool if pool else 0, _ptr(pooled) if pool else None,
-                                             _threads(threads)))
+            _check_rc(
+                _lib.bhv_binary_linear(
+                    _ptr(a),
+                    M,
+                    self.W,
+                    self.k,
+                    w[0],
+                    N,
+                    w[1],
+                    w[2],
+                    *sc_args,
+                    w[3],
+                    w[4],
+                    w[5],
+                    None,
+                    None,
+                    None,
+                    None,
+                    _ptr(nb) if nb is not None else None,
+                    _ptr(bits),
+                    N // pool if pool else 0,
+                    _ptr(pooled) if pool else None,
+                    _threads(threads),
+                )
+            )
             return bits, pooled
         if residual is not None:
             residual = _f32(residual)
             if residual.shape != (M, N):
                 raise ValueError(f"residual of shape {residual.shape} does not match the output {(M, N)}.")
         out = np.empty((M, N), dtype=np.float32)
-        _check_rc(_lib.bhv_binary_linear(_ptr(a), M, self.W, self.k, w[0], N, w[1], w[2], *sc_args,
-                                         w[3], w[4], w[5], w[6], w[7],
-                                         _ptr(residual) if residual is not None else None, _ptr(out),
-                                         None, None, 0, None, _threads(threads)))
+        _check_rc(
+            _lib.bhv_binary_linear(
+                _ptr(a),
+                M,
+                self.W,
+                self.k,
+                w[0],
+                N,
+                w[1],
+                w[2],
+                *sc_args,
+                w[3],
+                w[4],
+                w[5],
+                w[6],
+                w[7],
+                _ptr(residual) if residual is not None else None,
+                _ptr(out),
+                None,
+                None,
+                0,
+                None,
+                _threads(threads),
+            )
+        )
         return out
 
 
 # --------------------------------------------------------------------------- float glue
+
 
 def _erf(x: np.ndarray) -> np.ndarray:
     # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), evaluated in float64.
     x = x.astype(np.float64)
     a = np.abs(x)
     t = 1.0 / (1.0 + 0.3275911 * a)
-    y = 1.0 - (((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t
-               + 0.254829592) * t * np.exp(-a * a)
+    y = 1.0 - (
+        ((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592
+    ) * t * np.exp(-a * a)
     return np.sign(x) * y
 
 
@@ -764,8 +908,11 @@ def shift_mix(x, sizes, scales, biases, out, threads: int = 0) -> np.ndarray:
         return out
     if ks.size and x.size:
         B, H, W, _ = x.shape
-        _check_rc(_lib.bhv_shift_mix(_ptr(x), B, H, W, C, _ptr(ks), ks.size, _ptr(scales), _ptr(biases),
-                                     _ptr(out), _threads(threads)))
+        _check_rc(
+            _lib.bhv_shift_mix(
+                _ptr(x), B, H, W, C, _ptr(ks), ks.size, _ptr(scales), _ptr(biases), _ptr(out), _threads(threads)
+            )
+        )
     return out
 
 
@@ -785,8 +932,16 @@ def dense(x, weight_t, bias=None, threads: int = 0) -> np.ndarray:
         return (y + b if b is not None else y).astype(np.float32)
     out = np.empty(x.shape[:-1] + (n,), dtype=np.float32)
     if out.size:
-        _lib.bhv_dense(_ptr(x), x.size // max(k, 1), k, _ptr(wt), n, _ptr(b) if b is not None else None,
-                       _ptr(out), _threads(threads))
+        _lib.bhv_dense(
+            _ptr(x),
+            x.size // max(k, 1),
+            k,
+            _ptr(wt),
+            n,
+            _ptr(b) if b is not None else None,
+            _ptr(out),
+            _threads(threads),
+        )
     return out
 
 
@@ -807,8 +962,9 @@ def layer_norm(x, weight, bias, eps: float, threads: int = 0) -> np.ndarray:
     return out
 
 
-def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, combine=None,
-              threads: int = 0) -> np.ndarray:
+def attention(
+    qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, combine=None, threads: int = 0
+) -> np.ndarray:
     """BHViT's binary attention core over windows x heads, from packed operands.
 
     qb: uint64 ``(Bw, h, N, ceil(d/64))`` and kb ``(Bw, h, M, ceil(d/64))``: packed
@@ -844,8 +1000,25 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, c
         out = np.empty((Bw, N, h, d), dtype=np.float32)
         if out.size:
             cptr = [_ptr(a) for a in comb] if comb is not None else [None] * 8
-            _check_rc(_lib.bhv_attention(_ptr(qb), _ptr(kb), _ptr(vb), Bw, h, N, M, d, _ptr(step), _ptr(zp),
-                                         levels, float(scale), *cptr, _ptr(out), _threads(threads)))
+            _check_rc(
+                _lib.bhv_attention(
+                    _ptr(qb),
+                    _ptr(kb),
+                    _ptr(vb),
+                    Bw,
+                    h,
+                    N,
+                    M,
+                    d,
+                    _ptr(step),
+                    _ptr(zp),
+                    levels,
+                    float(scale),
+                    *cptr,
+                    _ptr(out),
+                    _threads(threads),
+                )
+            )
         return out.reshape(Bw, N, h * d)
     dt = np.float64
     q = _unpack_bits(qb)[..., :d].astype(dt) * 2 - 1
@@ -857,8 +1030,8 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, c
     hs = (1, h, 1, 1)
     lv = np.clip(np.round(attn * np.float32(levels) / step.reshape(hs) + zp.reshape(hs)), 0, levels)
     planes = lv[None] >= np.arange(1, levels + 1, dtype=np.float32).reshape(-1, 1, 1, 1, 1)
-    v = _unpack_bits(vb)[..., :M].astype(dt) * 2 - 1                       # (Bw, h, d, M)
-    sv = planes.astype(dt).sum(0) @ v.transpose(0, 1, 3, 2)                 # sum_s A^s sign(V)
+    v = _unpack_bits(vb)[..., :M].astype(dt) * 2 - 1  # (Bw, h, d, M)
+    sv = planes.astype(dt).sum(0) @ v.transpose(0, 1, 3, 2)  # sum_s A^s sign(V)
     out = (np.rint(sv).astype(np.float32) * step.reshape(hs)).astype(np.float32)
     out = out.transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
     if comb is not None:
@@ -869,6 +1042,7 @@ def attention(qb, kb, vb, d: int, step, zero_point, levels: int, scale: float, c
 
 
 # --------------------------------------------------------------------------- whole-network plan
+
 
 class PlanError(Exception):
     """libbhvit refused an export or a run: ``code`` is the BHVIT_E_* code of bhvit.h."""
