@@ -169,16 +169,12 @@ def gemm(args):
     )
     print(f"{'M x K x N':>20} {'threads':>7} {'xnor ms':>9} {'fp32 ms':>9} {'speedup':>8} {'MAC/cyc':>8}")
     lib, mhz = kernels._lib, _cpu_mhz()
-    vp, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.bhv_panels_pack.argtypes = [ctypes.POINTER(_Panels), vp, i64, i64]
-    lib.bhv_panels_free.argtypes = [ctypes.POINTER(_Panels)]
-    lib.bhv_xnor_gemm_pp.argtypes = [vp, ctypes.POINTER(_Panels), i64, i64, vp, ctypes.c_int]
     for M, K, N in sorted(set(shapes)):
         a = torch.randn(M, K)
         w = torch.randn(K, N)
         ap = kernels.pack_signs(a.numpy())
         wp = kernels.pack_signs(w.t().contiguous().numpy())
-        pan = _Panels()
+        pan = kernels.Panels()
         lib.bhv_panels_pack(ctypes.byref(pan), wp.ctypes.data, N, wp.shape[1])
         out = np.empty((M, N), np.int32)
         for threads in args.threads:
@@ -196,10 +192,6 @@ def gemm(args):
                 flush=True,
             )
         lib.bhv_panels_free(ctypes.byref(pan))
-
-
-class _Panels(ctypes.Structure):
-    _fields_ = [("variant", ctypes.c_void_p), ("N", ctypes.c_int64), ("W", ctypes.c_int64), ("Bp", ctypes.c_void_p)]
 
 
 def _cpu_mhz() -> float:

@@ -324,3 +324,18 @@ def test_prepared_linear_equals_binary_linear(be):
         lin(a, sc[:, :3])
     with pytest.raises(ValueError, match="does not fit"):
         K.PreparedLinear(b, 200, s, t)
+
+
+@pytest.mark.skipif(len(BACKENDS) < 3, reason="needs two compiled kernel variants")
+def test_prepared_linear_repacks_its_panels_after_a_kernel_switch():
+    """A PreparedLinear keeps its weights packed for the variant that ran it; after a switch
+    it packs them again for the new one instead of failing."""
+    rng = np.random.default_rng(11)
+    M, k, N = 9, 130, 20
+    a = K.pack_signs(rng.standard_normal((M, k)).astype(np.float32))
+    b = K.pack_signs(rng.standard_normal((N, k)).astype(np.float32))
+    s, t = _vec(rng, N), _vec(rng, N)
+    lin = K.PreparedLinear(b, k, s, t)
+    want = _on("numpy", lambda: K.epilogue(K.xnor_gemm(a, b, k), s, t))
+    for name in [BACKENDS[0], BACKENDS[-2], BACKENDS[0]]:
+        assert np.array_equal(_on(name, lambda: lin(a)), want), name

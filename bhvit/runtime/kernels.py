@@ -54,6 +54,7 @@ __all__ = [
     "epilogue_pack",
     "binary_linear",
     "PreparedLinear",
+    "Panels",
     "gelu",
     "shift_mix",
     "attention",
@@ -62,7 +63,7 @@ __all__ = [
     "NonFiniteError",
 ]
 
-_ABI_VERSION = 5  # 5: prepared panels and the whole-network plan (bhvit_load / bhvit_run)
+_ABI_VERSION = 6  # 6: the binary linear layer only on prepared panels (bhv_binary_linear_pp)
 _HERE = Path(__file__).resolve().parent
 
 _lib = None  # ctypes.CDLL or None
@@ -86,6 +87,24 @@ def _candidates():
     yield from sorted(others, key=lambda p: p.stat().st_mtime, reverse=True)
 
 
+class Panels(ctypes.Structure):
+    """``bhv_panels`` (csrc/kernels.h): weights re-packed once for the active kernel variant."""
+
+    _fields_ = [("variant", ctypes.c_void_p), ("N", ctypes.c_int64), ("W", ctypes.c_int64), ("Bp", ctypes.c_void_p)]
+
+
+class _Transform(ctypes.Structure):
+    """``bhv_transform`` (csrc/kernels.h): the output transform of a binary linear layer."""
+
+    _fields_ = [
+        *((f, ctypes.c_void_p) for f in ("scale", "shift", "sc")),
+        ("sc_c", ctypes.c_int64),
+        *((f, ctypes.c_void_p) for f in ("m1", "slope", "m2", "ps", "pb", "res", "out", "nb", "bits")),
+        ("pool_k", ctypes.c_int64),
+        ("pool", ctypes.c_void_p),
+    ]
+
+
 def _setup(lib):
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     sigs = {
@@ -105,10 +124,11 @@ def _setup(lib):
         "bhv_xnor_conv2d": (i32, [vp, vp] + [i64] * 14 + [vp, i32]),
         "bhv_epilogue": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp, i32]),
         "bhv_epilogue_pack": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, vp, vp, vp, vp, i64, vp, i32]),
-        "bhv_binary_linear": (
-            i32,
-            [vp, i64, i64, i64, vp, i64] + [vp, vp, vp, i64, vp, vp, vp, vp, vp, vp, vp] + [vp, vp, i64, vp, i32],
-        ),
+        "bhv_panels_pack": (i32, [ctypes.POINTER(Panels), vp, i64, i64]),
+        "bhv_panels_free": (None, [ctypes.POINTER(Panels)]),
+        "bhv_panels_current": (i32, [ctypes.POINTER(Panels)]),
+        "bhv_xnor_gemm_pp": (i32, [vp, ctypes.POINTER(Panels), i64, i64, vp, i32]),
+        "bhv_binary_linear_pp": (i32, [vp, i64, i64, ctypes.POINTER(Panels), ctypes.POINTER(_Transform), i32]),
         "bhv_pack_signs_bias_f32": (i32, [vp, i64, i64, vp, vp, vp, i64, vp, i32]),
         "bhv_gelu": (None, [vp, i64, vp, i32]),
         "bhv_shift_mix": (i32, [vp, i64, i64, i64, i64, vp, i64, vp, vp, vp, i32]),
@@ -725,6 +745,8 @@ class PreparedLinear:
     ``rprelu`` and ``post``.
     """
 
+    _panels = None  # packed on the first compiled call, again after a kernel switch
+
     def __init__(self, b, k: int, scale, shift, rprelu=None, post=None):
         self.b = _as_words(b, "b", 2)
         self.N, self.W = self.b.shape
@@ -734,9 +756,24 @@ class PreparedLinear:
         self.scale, self.shift = _f32(scale, self.N), _f32(shift, self.N)
         self.rprelu = [_f32(x, self.N) for x in rprelu] if rprelu is not None else None
         self.post = [_f32(x, self.N) for x in post] if post is not None else None
-        acts = self.rprelu or [None] * 3
-        posts = self.post or [None] * 2
-        self._ptrs = [None if x is None else x.ctypes.data for x in (self.b, self.scale, self.shift, *acts, *posts)]
+        m1, slope, m2 = (None if x is None else x.ctypes.data for x in (self.rprelu or [None] * 3))
+        ps, pb = (None if x is None else x.ctypes.data for x in (self.post or [None] * 2))
+        self._params = dict(scale=self.scale.ctypes.data, shift=self.shift.ctypes.data, m1=m1, slope=slope, m2=m2)
+        self._post = dict(ps=ps, pb=pb)
+
+    def __del__(self):
+        if self._panels is not None:
+            self._free(self._panels)
+
+    def _prepared(self):
+        p = self._panels
+        if p is None or not _lib.bhv_panels_current(ctypes.byref(p)):
+            if p is not None:
+                _lib.bhv_panels_free(ctypes.byref(p))
+            p = Panels()
+            _check_rc(_lib.bhv_panels_pack(ctypes.byref(p), _ptr(self.b), self.N, self.W))
+            self._panels, self._free = p, _lib.bhv_panels_free  # kept for __del__ at exit
+        return p
 
     def __call__(
         self, a, shortcut=None, residual=None, pack: bool = False, next_bias=None, pool: int = 0, threads: int = 0
@@ -749,31 +786,17 @@ class PreparedLinear:
             and a.shape[1] == self.W
             and a.flags.c_contiguous
         ):
-            return binary_linear(
-                a,
-                self.b,
-                self.k,
-                self.scale,
-                self.shift,
-                shortcut,
-                self.rprelu,
-                None if pack else self.post,
-                residual,
-                pack,
-                next_bias,
-                pool,
-                threads,
-            )
-        M = a.shape[0]
-        N = self.N
-        sc = None
+            post = None if pack else self.post
+            args = (a, self.b, self.k, self.scale, self.shift, shortcut, self.rprelu, post, residual, pack)
+            return binary_linear(*args, next_bias, pool, threads)
+        M, N = a.shape[0], self.N
+        t = _Transform(**self._params)
         if shortcut is not None:
             sc = _f32(shortcut)
             c = sc.shape[-1]
             if sc.shape != (M, c) or not (c == N or (c < N and N % c == 0) or (c > N and c % N == 0)):
                 raise ValueError(f"shortcut of shape {sc.shape} does not fit an output of shape {(M, N)}.")
-        w = self._ptrs  # b, scale, shift, move1, slope, move2, post scale, post bias
-        sc_args = (_ptr(sc), sc.shape[1]) if sc is not None else (None, 0)
+            t.sc, t.sc_c = _ptr(sc), c
         if pack:
             pool = int(pool)
             if pool < 0 or (pool and N % pool):
@@ -781,63 +804,25 @@ class PreparedLinear:
             nb = _f32(next_bias, N) if next_bias is not None else None
             bits = np.empty((M, _words(N)), dtype=np.uint64)
             pooled = np.empty((M, pool), dtype=np.float32) if pool else None
-            _check_rc(
-                _lib.bhv_binary_linear(
-                    _ptr(a),
-                    M,
-                    self.W,
-                    self.k,
-                    w[0],
-                    N,
-                    w[1],
-                    w[2],
-                    *sc_args,
-                    w[3],
-                    w[4],
-                    w[5],
-                    None,
-                    None,
-                    None,
-                    None,
-                    _ptr(nb) if nb is not None else None,
-                    _ptr(bits),
-                    N // pool if pool else 0,
-                    _ptr(pooled) if pool else None,
-                    _threads(threads),
-                )
+            t.nb, t.bits = (_ptr(nb) if nb is not None else None), _ptr(bits)
+            if pool:
+                t.pool_k, t.pool = N // pool, _ptr(pooled)
+            result = bits, pooled
+        else:
+            if residual is not None:
+                residual = _f32(residual)
+                if residual.shape != (M, N):
+                    raise ValueError(f"residual of shape {residual.shape} does not match the output {(M, N)}.")
+                t.res = _ptr(residual)
+            out = np.empty((M, N), dtype=np.float32)
+            t.ps, t.pb, t.out = self._post["ps"], self._post["pb"], _ptr(out)
+            result = out
+        if M:
+            rc = _lib.bhv_binary_linear_pp(
+                _ptr(a), M, self.k, ctypes.byref(self._prepared()), ctypes.byref(t), _threads(threads)
             )
-            return bits, pooled
-        if residual is not None:
-            residual = _f32(residual)
-            if residual.shape != (M, N):
-                raise ValueError(f"residual of shape {residual.shape} does not match the output {(M, N)}.")
-        out = np.empty((M, N), dtype=np.float32)
-        _check_rc(
-            _lib.bhv_binary_linear(
-                _ptr(a),
-                M,
-                self.W,
-                self.k,
-                w[0],
-                N,
-                w[1],
-                w[2],
-                *sc_args,
-                w[3],
-                w[4],
-                w[5],
-                w[6],
-                w[7],
-                _ptr(residual) if residual is not None else None,
-                _ptr(out),
-                None,
-                None,
-                0,
-                None,
-                _threads(threads),
-            )
-        )
-        return out
+            _check_rc(rc)
+        return result
 
 
 # --------------------------------------------------------------------------- float glue

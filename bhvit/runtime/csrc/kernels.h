@@ -99,12 +99,6 @@ EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const 
                              const float *nb, uint64_t *bits, int64_t pool_k, float *pool, int threads);
 EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const bhv_panels *pp,
                                 const bhv_transform *t, int threads);
-/* the flat form for ctypes: packs b's panels for this call */
-EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k, const uint64_t *b, int64_t N,
-                             const float *scale, const float *shift, const float *sc, int64_t sc_c,
-                             const float *m1, const float *slope, const float *m2, const float *ps,
-                             const float *pb, const float *res, float *out, const float *nb, uint64_t *bits,
-                             int64_t pool_k, float *pool, int threads);
 
 /* attention.c */
 EXPORT int bhv_attention(const uint64_t *qb, const uint64_t *kb, const uint64_t *vb, int64_t Bw, int64_t heads,

@@ -333,22 +333,3 @@ EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const b
     }
     return failed ? -1 : bad; /* 1: a packed value was NaN (bits != NULL) */
 }
-
-/* The flat form of bhv_binary_linear_pp for ctypes: packs b's panels for this call. */
-EXPORT int bhv_binary_linear(const uint64_t *a, int64_t M, int64_t W, int64_t k, const uint64_t *b,
-                             int64_t N, const float *scale, const float *shift, const float *sc,
-                             int64_t sc_c, const float *m1, const float *slope, const float *m2,
-                             const float *ps, const float *pb, const float *res, float *out,
-                             const float *nb, uint64_t *bits, int64_t pool_k, float *pool,
-                             int threads)
-{
-    const bhv_transform t = {scale, shift, sc, sc_c, m1, slope, m2, ps, pb, res, out, nb, bits, pool_k, pool};
-    if (M <= 0 || N <= 0)
-        return ((out == NULL) == (bits == NULL)) ? -2 : 0;
-    bhv_panels pp;
-    if (bhv_panels_pack(&pp, b, N, W))
-        return -1;
-    const int rc = bhv_binary_linear_pp(a, M, k, &pp, &t, threads);
-    bhv_panels_free(&pp);
-    return rc;
-}
