@@ -625,15 +625,7 @@ def _train(
         n_init, n_all = load_matching_weights(model, cfg.init_from)
         _log(f"initialised {n_init} of {n_all} tensors from {cfg.init_from}", rank)
     model = model.to(device)
-    if teacher is None and cfg.teacher:
-        teacher, mean, std = _load_teacher(cfg, model_cfg, train_ds.num_classes, mean, std, device, rank)
-    elif teacher is None and cfg.teacher_module:
-        teacher = load_external_teacher(cfg.teacher_module, cfg.teacher_weights)
-        _log(f"teacher: {cfg.teacher_module} with {cfg.teacher_weights}", rank)
-    if teacher is not None:
-        teacher = teacher.to(device).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
+    teacher, mean, std = _frozen_teacher(cfg, model_cfg, teacher, train_ds.num_classes, mean, std, device, rank)
     is_binary = any(True for _ in binary_layers(model))
     plan = _Plan.of(cfg, len(train_ds), world, model_cfg.img_size)
     optimizer = make_optimizer(model.parameters(), plan.base_lr, cfg.weight_decay, device, capturable=cfg.cuda_graph)
@@ -642,18 +634,9 @@ def _train(
     if world > 1:
         ddp_kw = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
         model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
-    meta_base = {
-        "train_config": dataclasses.asdict(cfg),
-        "data": {
-            "name": cfg.data,
-            "classes": train_ds.classes,
-            "mean": mean,
-            "std": std,
-            "train_size": len(train_ds),
-            "test_size": len(test_ds),
-        },
-        "world_size": world,
-    }
+    data_meta = {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std}
+    data_meta.update(train_size=len(train_ds), test_size=len(test_ds))
+    meta_base = {"train_config": dataclasses.asdict(cfg), "data": data_meta, "world_size": world}
     _log(
         f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "
         f"{len(train_ds)} train / {len(test_ds)} test images, {world} process(es), device {device}, "
@@ -661,10 +644,11 @@ def _train(
         rank,
     )
     stepper = _Stepper(cfg, model, teacher, optimizer, scaler, device, is_binary, rank)
-    train_loader = test_loader = None
+    run = _Run(cfg, plan, stepper, train_ds, None, mean, std, out, history, rank, world, device)
+    test_loader = None
     if getattr(train_ds, "streaming", False):
         pin = device.startswith("cuda")
-        train_loader = StreamLoader(train_ds, True, cfg.workers, cfg.seed, plan.crop_pad, cfg.flip, pin)
+        run.loader = StreamLoader(train_ds, True, cfg.workers, cfg.seed, plan.crop_pad, cfg.flip, pin)
         test_loader = StreamLoader(test_ds, False, cfg.workers, pin_memory=pin)
 
     last = history[-1] if history else {}
@@ -677,35 +661,18 @@ def _train(
             steps = min(steps, cfg.max_steps - epoch * plan.steps_per_epoch)
             if steps <= 0:
                 break
-        sums, lr = _train_epoch(
-            cfg,
-            plan,
-            stepper,
-            train_ds,
-            train_loader,
-            mean,
-            std,
-            epoch,
-            lam,
-            beta,
-            steps,
-            first_epoch=epoch == start_epoch,
-            out=out,
-            history=history,
-            rank=rank,
-            world=world,
-            device=device,
-        )
+        sums, lr = _train_epoch(run, epoch, lam, beta, steps, first_epoch=epoch == start_epoch)
         train_time = time.perf_counter() - t0
         if world > 1:
             dist.all_reduce(sums)
             _average_buffers(model, world)
         flips, step_flips = stepper.flips.epoch_fractions(_unwrap(model)) if is_binary else (None, None)
         ev = evaluate(_unwrap(model), test_ds, mean, std, cfg.eval_batch_size, device, loader=test_loader)
+        loss, correct, count = sums.tolist()
         last = {
             "epoch": epoch + 1,
-            "train_loss": sums[0].item() / sums[2].item(),
-            "train_top1": 100 * sums[1].item() / sums[2].item(),
+            "train_loss": loss / count,
+            "train_top1": 100 * correct / count,
             "test_loss": ev["loss"],
             "test_top1": ev["top1"],
             "test_top5": ev["top5"],
@@ -715,20 +682,14 @@ def _train(
             "flip_frac": flips,
             "step_flip_frac": step_flips,
             "epoch_time_s": time.perf_counter() - t0,
-            "train_images_per_s": sums[2].item() / train_time,
+            "train_images_per_s": count / train_time,
         }
         history.append(last)
         is_best = ev["top1"] > best
         best = max(best, ev["top1"])
         if rank == 0:
-            meta = dict(
-                meta_base,
-                metrics=last,
-                history=history,
-                best_top1=best,
-                rng=rng_state(),
-                scaler=scaler.state_dict() if scaler is not None else None,
-            )
+            scaler_state = scaler.state_dict() if scaler is not None else None
+            meta = dict(meta_base, metrics=last, history=history, best_top1=best, rng=rng_state(), scaler=scaler_state)
             save_checkpoint(out, epoch, model, meta, optimizer, is_best=is_best)
             _write_metrics(out, history)
         _log(
@@ -744,35 +705,52 @@ def _train(
     return _finish(cfg, out, model, last, best, history, rank, world)
 
 
-def _train_epoch(
-    cfg: TrainConfig,
-    plan: "_Plan",
-    stepper: "_Stepper",
-    train_ds: Dataset,
-    loader: Optional[StreamLoader],
-    mean,
-    std,
-    epoch: int,
-    lam: float,
-    beta: float,
-    steps: int,
-    first_epoch: bool,
-    out: Path,
-    history: List[Dict],
-    rank: int,
-    world: int,
-    device: str,
-):
+def _frozen_teacher(cfg, model_cfg, teacher, num_classes: int, mean, std, device: str, rank: int):
+    """The KD teacher on ``device`` with frozen weights (None without one), and the data
+    statistics to normalise with (a bhvit teacher's own, see _load_teacher)."""
+    if teacher is None and cfg.teacher:
+        teacher, mean, std = _load_teacher(cfg, model_cfg, num_classes, mean, std, device, rank)
+    elif teacher is None and cfg.teacher_module:
+        teacher = load_external_teacher(cfg.teacher_module, cfg.teacher_weights)
+        _log(f"teacher: {cfg.teacher_module} with {cfg.teacher_weights}", rank)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    return teacher, mean, std
+
+
+@dataclass
+class _Run:
+    """What every epoch of a run uses."""
+
+    cfg: TrainConfig
+    plan: "_Plan"
+    stepper: "_Stepper"
+    train_ds: Dataset
+    loader: Optional[StreamLoader]  # streamed training data, else None
+    mean: list
+    std: list
+    out: Path
+    history: List[Dict]
+    rank: int
+    world: int
+    device: str
+
+
+def _train_epoch(run: _Run, epoch: int, lam: float, beta: float, steps: int, first_epoch: bool):
     """``steps`` optimizer steps of an epoch. Returns the summed (loss, correct, count) of
     the samples that are not DistributedSampler padding, and the last step's learning rate.
     In-memory data is augmented here as batched tensor ops; streamed data arrives augmented
-    from ``loader``'s workers (per-sample, seeded by (seed, epoch, index))."""
+    from ``run.loader``'s workers (per-sample, seeded by (seed, epoch, index))."""
+    cfg, plan, stepper, train_ds = run.cfg, run.plan, run.stepper, run.train_ds
+    rank, world, device = run.rank, run.world, run.device
     model = stepper.model
     stepper.begin_epoch(lam, beta)
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + epoch * 7919 + rank)
     batches = _batches(len(train_ds), cfg.batch_size, epoch, cfg.seed, rank, world, True)
     batches = batches[:steps]  # drop_last: the partial batch; --max-steps
-    stream = loader.epoch(epoch, batches) if loader is not None else None
+    stream = run.loader.epoch(epoch, batches) if run.loader is not None else None
     n_real, seen = _n_unpadded(len(train_ds), rank, world), 0  # train metrics skip the padding
     guard = _NonFiniteGuard(device, world)
     model.train()
@@ -786,7 +764,7 @@ def _train_epoch(
             x = next(stream)[0]
         else:
             x = augment_batch(train_ds.images[idx], plan.crop_pad, cfg.flip, gen)
-        x = normalize(x, mean, std).to(device, non_blocking=True)
+        x = normalize(x, run.mean, run.std).to(device, non_blocking=True)
         y = train_ds.labels[idx].to(device, non_blocking=True)
         # The run's first step is eager: it initialises QD from data (host-side control flow).
         loss, logits = stepper.forward(x, y, eager=first_epoch and i == 0)
@@ -794,11 +772,11 @@ def _train_epoch(
         if (i + 1) % guard.every == 0 or i + 1 == len(batches):
             first = guard.first_bad()
             if first >= 0:
-                where = f"{out / 'last.json'} (epoch {history[-1]['epoch']})" if history else "none yet"
+                where = f"{run.out / 'last.json'} (epoch {run.history[-1]['epoch']})" if run.history else "none yet"
                 what = guard.bad_loss.item() if int(guard.bad_step) >= 0 else "non-finite on another rank"
                 # The bad step's forward ran in train mode (BatchNorm statistics) and, with a
                 # deferred check, optimizer steps ran after it: put the checkpoint back.
-                note = _restore_last_good(model, out, history)
+                note = _restore_last_good(model, run.out, run.history)
                 raise TrainingDiverged(
                     f"loss became {what} at epoch {epoch + 1}, step {first + 1}; "
                     f"stopping. Last good checkpoint: {where}.{note} Try a lower --lr."
