@@ -53,6 +53,31 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
     BHViT's image size is fixed by its config (position embeddings, windows): for one, only
     the batch may differ; build the model with ``img_size=`` to count another size.
     """
+    input_size = _input_shape(model, input_size)
+    counts, per_module = _count_macs(model, input_size)
+    params = sum(p.numel() for p in model.parameters())
+    binary_params = sum(layer.weight.numel() for layer in binary_layers(model))
+    fp_params = params - binary_params
+    return Complexity(
+        {
+            "params": params,
+            "binary_params": binary_params,
+            "fp_params": fp_params,
+            "bops": counts["bops"],
+            "flops": counts["flops"],
+            "binary_macs": counts["binary_macs"],
+            "attn_macs": counts["attn_macs"],
+            "ops": counts["bops"] / 64 + counts["flops"],
+            "size_bytes": binary_params / 8 + fp_params * 4,
+            "fp32_size_bytes": params * 4,
+            "input_size": input_size,
+            "per_module": per_module,
+        }
+    )
+
+
+def _input_shape(model: nn.Module, input_size) -> tuple:
+    """``complexity``'s input_size as a checked (B, C, H, W)."""
     cfg = getattr(model, "cfg", None)
     if input_size is None:
         if cfg is None:
@@ -73,7 +98,12 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
             f"got input_size {input_size}; build it with img_size={input_size[-1]} to count "
             "that size."
         )
+    return input_size
 
+
+def _count_macs(model: nn.Module, input_size: tuple):
+    """BOPs, FLOPs, binary and attention MACs of one forward pass at ``input_size``, in all
+    and per module, counted by forward hooks on the convolutions, linears and attention cores."""
     counts = {"bops": 0, "flops": 0, "binary_macs": 0, "attn_macs": 0}
     per_module: Dict[str, Dict[str, int]] = {}
 
@@ -129,26 +159,7 @@ def complexity(model: nn.Module, input_size: Optional[Union[int, Sequence[int]]]
         for h in handles:
             h.remove()
         model.train(was_training)
-
-    params = sum(p.numel() for p in model.parameters())
-    binary_params = sum(layer.weight.numel() for layer in binary_layers(model))
-    fp_params = params - binary_params
-    return Complexity(
-        {
-            "params": params,
-            "binary_params": binary_params,
-            "fp_params": fp_params,
-            "bops": counts["bops"],
-            "flops": counts["flops"],
-            "binary_macs": counts["binary_macs"],
-            "attn_macs": counts["attn_macs"],
-            "ops": counts["bops"] / 64 + counts["flops"],
-            "size_bytes": binary_params / 8 + fp_params * 4,
-            "fp32_size_bytes": params * 4,
-            "input_size": input_size,
-            "per_module": per_module,
-        }
-    )
+    return counts, per_module
 
 
 def _group(name: str) -> str:
