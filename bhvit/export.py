@@ -208,36 +208,8 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
     "classes": [...]}`` (a checkpoint's ``data`` entry, as ``bhvit export`` passes it);
     ``bhvit predict`` refuses an export without mean and std.
     """
-    if not isinstance(model, BHViT):
-        raise ConfigError(f"export_model needs a bhvit BHViT model, got {type(model).__name__}.")
-    if model.cfg.qd_levels < 1:
-        raise ConfigError("export needs qd_levels >= 1.")
-    q = model.cfg.quant
-    if not (q.weights and q.acts):
-        raise ConfigError(
-            "only fully binary models can be exported to the XNOR runtime; this one has "
-            f"binary weights {q.weights}, binary activations {q.acts} (binary / "
-            "binary_weights / binary_acts in its config). Export the binary student."
-        )
     out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"{out} is a file; give a directory for the export.")
-    # what bhvit.runtime.load would refuse is not written: the same checks, before any file
-    cfg = json.loads(json.dumps(model.cfg.to_dict()))
-    problem = config_problem(cfg)
-    if problem:
-        raise ConfigError(f"cannot export to {out}: the runtime does not accept this model ({problem}).")
-    if data is not None and not isinstance(data, dict):
-        raise ConfigError(
-            f"cannot export to {out}: data must be a dict (mean, std, classes), got {type(data).__name__}."
-        )
-    try:
-        data = json.loads(json.dumps(data or {}, allow_nan=True))
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"cannot export to {out}: data is not JSON-serialisable ({e}).") from None
-    problem = data_problem(data, cfg)
-    if problem:
-        raise ConfigError(f"cannot export to {out}: {problem}.")
+    data = _checked_export_inputs(model, out, data)
     was_training = model.training
     model.eval()
     try:
@@ -245,24 +217,7 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
             w, kinds = _collect(model, float16)
     finally:
         model.train(was_training)
-    for name, t in w.tensors.items():
-        if name.endswith(".wbits"):
-            continue
-        if not torch.isfinite(t).all():
-            n_bad = int((~torch.isfinite(t)).sum())
-            why = (
-                " (they overflow float16, which holds up to 65504: export without float16)"
-                if name in w.f16_overflow
-                else ""
-            )
-            raise ConfigError(
-                f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
-                "the runtime refuses them (did training diverge?)."
-            )
-        if name.endswith(".core.qd.step") and not bool(t.all()):
-            raise ConfigError(
-                f"cannot export to {out}: {name} (the QD step) has a zero value; the QD levels divide by it."
-            )
+    _check_tensors(w, out)
     out.mkdir(parents=True, exist_ok=True)
     wpath = out / "model.safetensors"
     atomic_save_safetensors(w.tensors, wpath)
@@ -293,3 +248,60 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
     manifest["manifest_sha256"] = manifest_digest(manifest)
     atomic_write_json(manifest, out / "manifest.json")
     return manifest
+
+
+def _checked_export_inputs(model, out: Path, data) -> Dict:
+    """What bhvit.runtime.load would refuse is not written: the runtime's checks of the model
+    and ``data``, before any file. Returns ``data`` as it will read back from JSON."""
+    if not isinstance(model, BHViT):
+        raise ConfigError(f"export_model needs a bhvit BHViT model, got {type(model).__name__}.")
+    if model.cfg.qd_levels < 1:
+        raise ConfigError("export needs qd_levels >= 1.")
+    q = model.cfg.quant
+    if not (q.weights and q.acts):
+        raise ConfigError(
+            "only fully binary models can be exported to the XNOR runtime; this one has "
+            f"binary weights {q.weights}, binary activations {q.acts} (binary / "
+            "binary_weights / binary_acts in its config). Export the binary student."
+        )
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file; give a directory for the export.")
+    # what bhvit.runtime.load would refuse is not written: the same checks, before any file
+    cfg = json.loads(json.dumps(model.cfg.to_dict()))
+    problem = config_problem(cfg)
+    if problem:
+        raise ConfigError(f"cannot export to {out}: the runtime does not accept this model ({problem}).")
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(
+            f"cannot export to {out}: data must be a dict (mean, std, classes), got {type(data).__name__}."
+        )
+    try:
+        data = json.loads(json.dumps(data or {}, allow_nan=True))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"cannot export to {out}: data is not JSON-serialisable ({e}).") from None
+    problem = data_problem(data, cfg)
+    if problem:
+        raise ConfigError(f"cannot export to {out}: {problem}.")
+    return data
+
+
+def _check_tensors(w, out: Path) -> None:
+    """No NaN or infinite float tensor and no zero QD step (the runtime refuses both)."""
+    for name, t in w.tensors.items():
+        if name.endswith(".wbits"):
+            continue
+        if not torch.isfinite(t).all():
+            n_bad = int((~torch.isfinite(t)).sum())
+            why = (
+                " (they overflow float16, which holds up to 65504: export without float16)"
+                if name in w.f16_overflow
+                else ""
+            )
+            raise ConfigError(
+                f"cannot export to {out}: {name} has {n_bad} NaN or infinite value(s){why}; "
+                "the runtime refuses them (did training diverge?)."
+            )
+        if name.endswith(".core.qd.step") and not bool(t.all()):
+            raise ConfigError(
+                f"cannot export to {out}: {name} (the QD step) has a zero value; the QD levels divide by it."
+            )
