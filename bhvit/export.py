@@ -266,7 +266,6 @@ def _checked_export_inputs(model, out: Path, data) -> Dict:
         )
     if out.exists() and not out.is_dir():
         raise ConfigError(f"{out} is a file; give a directory for the export.")
-    # what bhvit.runtime.load would refuse is not written: the same checks, before any file
     cfg = json.loads(json.dumps(model.cfg.to_dict()))
     problem = config_problem(cfg)
     if problem:
