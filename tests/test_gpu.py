@@ -81,7 +81,7 @@ def test_eval_forward_matches_cpu_without_tf32(name, binary):
     sample by sample, except where a binarizer's input lies within that rounding of its
     threshold and its sign flips. On an H200 (torch 2.11, cuDNN 9.19) that was 1 sample of 64
     for micro_c28 (a downsampling conv's input sign) and 2 for tiny_c32 (the attention's
-    Quantization Decomposition), the others within 4e-7, every argmax equal."""
+    Quantization Decomposition), the others within 7e-7, every argmax equal."""
     from bhvit.train import exact_float32
 
     torch.manual_seed(0)
