@@ -64,3 +64,11 @@ def make_imagefolder(
                 arr = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(arr).save(d / f"{i:04d}.jpg", quality=90)
     return root
+
+
+def micro_config(fmnist, out, **kw):
+    """A bhvit_micro_c28 training config on the synthetic Fashion-MNIST at ``fmnist``, writing
+    to ``out``, quiet, on one thread; ``kw``: the other TrainConfig fields."""
+    from bhvit.train import TrainConfig
+
+    return TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(out), progress=False, threads=1, **kw)

@@ -15,7 +15,7 @@ import torch
 import bhvit.train as train_mod
 from bhvit.cudagraph import GraphCaptureError, GraphedStep
 from bhvit.train import TrainConfig, make_optimizer, set_lr, train
-from synth import make_fashion_mnist
+from synth import micro_config, make_fashion_mnist
 
 
 # Operators that make the host wait for the device (reading a value, or an output whose
@@ -272,16 +272,13 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     def run(name, graph):
         torch.manual_seed(1)
         teacher = create_model("bhvit_micro_c28", num_classes=10, binary=False)
-        cfg = TrainConfig(
-            model="bhvit_micro_c28",
-            data_dir=str(fmnist),
-            out=str(tmp_path / name),
+        cfg = micro_config(
+            fmnist,
+            tmp_path / name,
             epochs=2,
             batch_size=32,
             subset=160,
             test_subset=32,
-            progress=False,
-            threads=1,
             re_last_frac=0.5,
             cuda_graph=graph,
         )
@@ -323,16 +320,13 @@ def test_train_with_cuda_graph_matches_eager_steps(fmnist, tmp_path, monkeypatch
     # tensor again) and still agree.
     def resume(name, graph):
         torch.manual_seed(1)
-        cfg = TrainConfig(
-            model="bhvit_micro_c28",
-            data_dir=str(fmnist),
-            out=str(tmp_path / name),
+        cfg = micro_config(
+            fmnist,
+            tmp_path / name,
             epochs=3,
             batch_size=32,
             subset=160,
             test_subset=32,
-            progress=False,
-            threads=1,
             re_last_frac=0.5,
             cuda_graph=graph,
             resume=True,

@@ -14,12 +14,7 @@ from bhvit.checkpoint import CheckpointError, load_matching_weights, load_model
 from bhvit.cli import main
 from bhvit.model import create_model
 from bhvit.train import TrainConfig, TrainingDiverged, kd_loss, read_metrics, train
-from synth import make_fashion_mnist
-
-
-def _micro(fmnist, out, **kw) -> TrainConfig:
-    """A bhvit_micro_c28 run on the synthetic Fashion-MNIST at ``out``, quiet, on one thread."""
-    return TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(out), progress=False, threads=1, **kw)
+from synth import micro_config, make_fashion_mnist
 
 
 COMMON = [
@@ -101,7 +96,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(fmnist, tmp_path):
 
 
 def test_existing_run_needs_resume(fmnist, tmp_path):
-    cfg = _micro(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
     train(cfg)
     with pytest.raises(ValueError, match="already holds a run"):
         train(cfg)
@@ -122,7 +117,7 @@ class NaNAfter(torch.nn.Module):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(fmnist, tmp_path):
-    cfg = _micro(fmnist, tmp_path / "r", epochs=3, batch_size=64, subset=128, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=3, batch_size=64, subset=128, test_subset=32)
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 1.*epoch 1\)"):
         train(cfg, teacher=NaNAfter(3))  # 2 steps per epoch: the 3rd call is epoch 2, step 1
     doc = json.loads((tmp_path / "r" / "last.json").read_text())
@@ -135,7 +130,7 @@ def test_nan_check_deferred_still_names_the_first_bad_step(fmnist, tmp_path, mon
     # On an accelerator the host reads the NaN flag every few steps; the error must still
     # name the step where the loss first went bad, and training stops at the next check.
     monkeypatch.setattr("bhvit.train._nonfinite_check_steps", lambda device: 3)
-    cfg = _micro(fmnist, tmp_path / "r", epochs=3, batch_size=32, subset=256, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=3, batch_size=32, subset=256, test_subset=32)
     teacher = NaNAfter(10)  # 8 steps per epoch: call 10 is epoch 2, step 2
     with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 2, step 2;.*epoch 1\)"):
         train(cfg, teacher=teacher)
@@ -149,7 +144,7 @@ def test_nan_stop_restores_the_model_object(fmnist, tmp_path, monkeypatch, check
     # stopped; the model passed in must get the last checkpoint's weights back (also when the
     # check runs every step, as on the CPU), or the error must say it cannot.
     monkeypatch.setattr("bhvit.train._nonfinite_check_steps", lambda device: check)
-    cfg = _micro(fmnist, tmp_path / "r", epochs=3, batch_size=32, subset=256, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=3, batch_size=32, subset=256, test_subset=32)
     model = create_model("bhvit_micro_c28", num_classes=10)
     msg = "holds that checkpoint's weights again" if restored else "non-finite values .no checkpoint yet"
     with pytest.raises(TrainingDiverged, match=msg):
@@ -164,7 +159,7 @@ def test_nan_stop_restores_the_model_object(fmnist, tmp_path, monkeypatch, check
 
 def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
     # eval --subset N takes the run's seed: the same images as training's --test-subset N
-    cfg = _micro(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=128, test_subset=40, seed=1)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=128, test_subset=40, seed=1)
     res = train(cfg)
     assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--subset", "40"]) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -180,7 +175,7 @@ def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
 def test_eval_save_logits(fmnist, tmp_path, capsys):
     import numpy as np
 
-    cfg = _micro(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64)
     train(cfg)
     f = tmp_path / "logits.npz"
     assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--save-logits", str(f)]) == 0
@@ -316,7 +311,7 @@ def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
 
 
 def test_checkpoint_errors(fmnist, tmp_path, capsys):
-    cfg = _micro(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
     train(cfg)
     w = tmp_path / "r" / "epoch0000.safetensors"
     w.write_bytes(w.read_bytes()[:1000])
@@ -396,7 +391,7 @@ def test_ddp_nan_on_one_rank_stops_every_rank(fmnist, tmp_path):
 def test_resume_with_changed_settings_is_refused(fmnist, tmp_path):
     from dataclasses import replace
 
-    cfg = _micro(fmnist, tmp_path / "r", epochs=2, batch_size=64, subset=64, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=2, batch_size=64, subset=64, test_subset=32)
     with pytest.raises(TrainingDiverged):
         train(cfg, teacher=NaNAfter(2))  # stop after epoch 1 so that a resume has work to do
     with pytest.raises(CheckpointError, match=r"training settings differ .*lr: None -> 0.01"):
@@ -482,7 +477,7 @@ def test_strip_checkpoint_half_precision(fmnist, tmp_path, capsys):
     from bhvit import create_model
     from bhvit.checkpoint import load_matching_weights, load_training_state, read_checkpoint_json
 
-    cfg = _micro(
+    cfg = micro_config(
         fmnist, tmp_path / "t", epochs=1, batch_size=64, subset=64, test_subset=32, overrides={"binary": False}
     )
     train(cfg)
@@ -530,17 +525,7 @@ def test_compile_eager_backend_matches_and_keeps_one_graph(fmnist, tmp_path, cap
         torch.manual_seed(1)
         teacher = create_model("bhvit_micro_c28", num_classes=10, binary=False)
         kw = dict(dict(subset=128), **kw)
-        cfg = TrainConfig(
-            model="bhvit_micro_c28",
-            data_dir=str(fmnist),
-            out=str(tmp_path / name),
-            epochs=2,
-            batch_size=32,
-            test_subset=32,
-            progress=False,
-            threads=1,
-            **kw,
-        )
+        cfg = micro_config(fmnist, tmp_path / name, epochs=2, batch_size=32, test_subset=32, **kw)
         return train(cfg, teacher=teacher)
 
     plain = run("plain")
@@ -603,7 +588,7 @@ def test_out_holding_a_stripped_copy_is_refused(fmnist, tmp_path):
 
     save_checkpoint(tmp_path / "run", 0, create_model("bhvit_micro_c28", num_classes=10), {})
     strip_checkpoint(tmp_path / "run", tmp_path / "half", "float16")
-    cfg = _micro(fmnist, tmp_path / "half", epochs=1, batch_size=64, subset=64)
+    cfg = micro_config(fmnist, tmp_path / "half", epochs=1, batch_size=64, subset=64)
     with pytest.raises(ValueError, match="holds a checkpoint"):
         train(cfg)
     assert sorted(p.name for p in (tmp_path / "half").iterdir()) == ["best.json", "epoch0000.safetensors"]
@@ -612,7 +597,7 @@ def test_out_holding_a_stripped_copy_is_refused(fmnist, tmp_path):
 def test_resume_compile_setting_must_match(fmnist, tmp_path):
     from bhvit.train import _check_resume
 
-    cfg = _micro(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
     train(cfg)
     doc = json.loads((tmp_path / "r" / "last.json").read_text())
     model, _ = load_model(tmp_path / "r")
@@ -634,7 +619,9 @@ def test_teacher_for_other_data_is_refused(fmnist, tmp_path):
 
     for name, kw in (("c100", dict(num_classes=100)), ("rgb", dict(num_classes=10, in_chans=3))):
         save_checkpoint(tmp_path / name, 0, create_model("bhvit_micro_c28", binary=False, **kw), {})
-        cfg = _micro(fmnist, tmp_path / f"s_{name}", epochs=1, batch_size=32, subset=32, teacher=str(tmp_path / name))
+        cfg = micro_config(
+            fmnist, tmp_path / f"s_{name}", epochs=1, batch_size=32, subset=32, teacher=str(tmp_path / name)
+        )
         with pytest.raises(
             ValueError, match=f"--teacher .*{name}: it takes .* but this run has 1x28x28 images and 10 classes"
         ):
@@ -736,7 +723,7 @@ def test_killed_between_checkpoint_pointers_resumes(fmnist, tmp_path, monkeypatc
         real(obj, path)
 
     monkeypatch.setattr(ck, "atomic_write_json", killed_at_second_pointer)
-    cfg = _micro(fmnist, tmp_path / "r", epochs=2, batch_size=64, subset=64, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=2, batch_size=64, subset=64, test_subset=32)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert writes == ["last.json", "best.json"]
@@ -761,7 +748,7 @@ def test_killed_before_metrics_written_resumes_complete(fmnist, tmp_path, monkey
         raise KeyboardInterrupt
 
     monkeypatch.setattr(tr, "_write_metrics", killed)
-    cfg = _micro(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
     with pytest.raises(KeyboardInterrupt):
         train(cfg)
     assert read_metrics(tmp_path / "r") == []
