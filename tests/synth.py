@@ -72,3 +72,14 @@ def micro_config(fmnist, out, **kw):
     from bhvit.train import TrainConfig
 
     return TrainConfig(model="bhvit_micro_c28", data_dir=str(fmnist), out=str(out), progress=False, threads=1, **kw)
+
+
+def trained_micro_run(tmp_path: Path):
+    """A bhvit_micro_c28 run trained for 2 epochs on 256 synthetic Fashion-MNIST images (96
+    test images): returns (the dataset folder, the run directory)."""
+    from bhvit.train import train
+
+    fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
+    run = tmp_path / "run"
+    train(micro_config(fm, run, epochs=2, batch_size=32, lr=2e-3))
+    return fm, run

@@ -156,23 +156,9 @@ def test_shared_library_exports_the_header_and_links(build, tmp_path):
 def test_demo_accuracy_on_a_trained_checkpoint_equals_pytorch(build, tmp_path, capsys):
     from bhvit.cli import main
     from bhvit.data import load_dataset, normalize
-    from bhvit.train import TrainConfig, train
-    from synth import make_fashion_mnist
+    from synth import trained_micro_run
 
-    fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
-    run = tmp_path / "run"
-    train(
-        TrainConfig(
-            model="bhvit_micro_c28",
-            data_dir=str(fm),
-            out=str(run),
-            epochs=2,
-            batch_size=32,
-            lr=2e-3,
-            progress=False,
-            threads=1,
-        )
-    )
+    fm, run = trained_micro_run(tmp_path)
     assert main(["export", str(run), str(tmp_path / "exp")]) == 0
     model, doc = bhvit.checkpoint.load_model(run)
     ds = load_dataset("fashion-mnist", "test", str(fm))

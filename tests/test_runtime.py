@@ -292,23 +292,10 @@ def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
 
     from bhvit.cli import main
     from bhvit.data import load_dataset, normalize
-    from bhvit.train import TrainConfig, evaluate, train
-    from synth import make_fashion_mnist
+    from bhvit.train import evaluate
+    from synth import trained_micro_run
 
-    fm = make_fashion_mnist(tmp_path / "fm", n_train=256, n_test=96)
-    run = tmp_path / "run"
-    train(
-        TrainConfig(
-            model="bhvit_micro_c28",
-            data_dir=str(fm),
-            out=str(run),
-            epochs=2,
-            batch_size=32,
-            lr=2e-3,
-            progress=False,
-            threads=1,
-        )
-    )
+    fm, run = trained_micro_run(tmp_path)
     assert main(["export", str(run), str(tmp_path / "exp")]) == 0
     report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert report["ratio"] > 8 and report["packed_file_bytes"] < report["float32_checkpoint_bytes"]
