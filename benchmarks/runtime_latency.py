@@ -175,8 +175,10 @@ def gemm(args):
         ap = kernels.pack_signs(a.numpy())
         wp = kernels.pack_signs(w.t().contiguous().numpy())
         pan = kernels.Panels()
-        lib.bhv_panels_pack(ctypes.byref(pan), wp.ctypes.data, N, wp.shape[1])
         out = np.empty((M, N), np.int32)
+        kernels._check_rc(lib.bhv_panels_pack(ctypes.byref(pan), wp.ctypes.data, N, wp.shape[1]))
+        kernels._check_rc(lib.bhv_xnor_gemm_pp(ap.ctypes.data, ctypes.byref(pan), M, K, out.ctypes.data, 1))
+        assert np.array_equal(out, kernels.xnor_gemm(ap, wp, K)), (M, K, N)  # times what is right
         for threads in args.threads:
             torch.set_num_threads(threads)
             tx = statistics.median(

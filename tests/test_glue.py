@@ -328,8 +328,8 @@ def test_prepared_linear_equals_binary_linear(be):
 
 @pytest.mark.skipif(len(BACKENDS) < 3, reason="needs two compiled kernel variants")
 def test_prepared_linear_repacks_its_panels_after_a_kernel_switch():
-    """A PreparedLinear keeps its weights packed for the variant that ran it; after a switch
-    it packs them again for the new one instead of failing."""
+    """A PreparedLinear keeps its weights packed for each variant that ran it; after a switch
+    it packs them for the new one instead of failing, and reuses them on a switch back."""
     rng = np.random.default_rng(11)
     M, k, N = 9, 130, 20
     a = K.pack_signs(rng.standard_normal((M, k)).astype(np.float32))
@@ -339,3 +339,4 @@ def test_prepared_linear_repacks_its_panels_after_a_kernel_switch():
     want = _on("numpy", lambda: K.epilogue(K.xnor_gemm(a, b, k), s, t))
     for name in [BACKENDS[0], BACKENDS[-2], BACKENDS[0]]:
         assert np.array_equal(_on(name, lambda: lin(a)), want), name
+    assert len(lin._panels) == 2  # one packing per variant, kept (a call on another thread may use it)

@@ -33,6 +33,7 @@ import ctypes
 import math
 import os
 import sysconfig
+import threading
 import weakref
 from pathlib import Path
 
@@ -742,10 +743,12 @@ class PreparedLinear:
     The runtime calls each layer once per forward pass; checking and converting the
     same weights on every call costs more than the kernel for small inputs. Calling
     it is :func:`binary_linear` with the stored ``b``, ``k``, ``scale``, ``shift``,
-    ``rprelu`` and ``post``.
+    ``rprelu`` and ``post``. They are held, not copied: treat them as frozen (the compiled
+    kernels pack ``b`` once per kernel variant, at its first call). One instance may be
+    called from several threads.
     """
 
-    _panels = None  # packed on the first compiled call, again after a kernel switch
+    _panels = ()  # bhv_panels, one per kernel variant this layer has run on
 
     def __init__(self, b, k: int, scale, shift, rprelu=None, post=None):
         self.b = _as_words(b, "b", 2)
@@ -760,20 +763,23 @@ class PreparedLinear:
         ps, pb = (None if x is None else x.ctypes.data for x in (self.post or [None] * 2))
         self._params = dict(scale=self.scale.ctypes.data, shift=self.shift.ctypes.data, m1=m1, slope=slope, m2=m2)
         self._post = dict(ps=ps, pb=pb)
+        self._lock = threading.Lock()
 
     def __del__(self):
-        if self._panels is not None:
-            self._free(self._panels)
+        for p in self._panels:
+            self._free(p)
 
     def _prepared(self):
-        p = self._panels
-        if p is None or not _lib.bhv_panels_current(ctypes.byref(p)):
-            if p is not None:
-                _lib.bhv_panels_free(ctypes.byref(p))
+        """The panels for the active kernel variant, packed at their first use. Panels are
+        never freed while the layer lives, so a call on another thread keeps its own."""
+        with self._lock:
+            for p in self._panels:
+                if _lib.bhv_panels_current(ctypes.byref(p)):
+                    return p
             p = Panels()
             _check_rc(_lib.bhv_panels_pack(ctypes.byref(p), _ptr(self.b), self.N, self.W))
-            self._panels, self._free = p, _lib.bhv_panels_free  # kept for __del__ at exit
-        return p
+            self._panels, self._free = (*self._panels, p), _lib.bhv_panels_free  # kept for __del__ at exit
+            return p
 
     def __call__(
         self, a, shortcut=None, residual=None, pack: bool = False, next_bias=None, pool: int = 0, threads: int = 0
@@ -817,10 +823,12 @@ class PreparedLinear:
             out = np.empty((M, N), dtype=np.float32)
             t.ps, t.pb, t.out = self._post["ps"], self._post["pb"], _ptr(out)
             result = out
+        threads = _threads(threads)
+        for _ in range(2 if M else 0):  # again if the kernel variant changed on another thread meanwhile
+            rc = _lib.bhv_binary_linear_pp(_ptr(a), M, self.k, ctypes.byref(self._prepared()), ctypes.byref(t), threads)
+            if rc != -3:
+                break
         if M:
-            rc = _lib.bhv_binary_linear_pp(
-                _ptr(a), M, self.k, ctypes.byref(self._prepared()), ctypes.byref(t), _threads(threads)
-            )
             _check_rc(rc)
         return result
 

@@ -96,20 +96,22 @@ AVX2_ATTR BHVI void bhvi_pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out
 
 /* --- rows of signs and bits ------------------------------------------------- */
 /* x: rows x k floats -> out: rows x ceil(k/64) words. Returns 1 if any NaN. */
-#define DEFINE_PACK_ROWS(name, T, packer)                                                                  \
-    EXPORT int name(const T *x, int64_t rows, int64_t k, uint64_t *out, int threads)                     \
-    {                                                                                                    \
-        const int64_t W = cdiv(k, 64);                                                                   \
-        int bad = 0;                                                                                     \
-        const int nt = bhvi_threads(threads);                                                            \
-        (void)nt;                                                                                        \
+#define DEFINE_PACK_ROWS(name, T, fn_t, packer)                                                     \
+    EXPORT int name(const T *x, int64_t rows, int64_t k, uint64_t *out, int threads)                \
+    {                                                                                               \
+        const fn_t pk = packer; /* one variant for the whole call */                                \
+        const int64_t W = cdiv(k, 64);                                                              \
+        int bad = 0;                                                                                \
+        const int nt = bhvi_threads(threads);                                                       \
+        (void)nt;                                                                                   \
         _Pragma("omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18))") \
-        for (int64_t r = 0; r < rows; ++r)                                                               \
-            bad |= packer(x + r * k, k, out + r * W);                                                    \
-        return bad;                                                                                      \
+        for (int64_t r = 0; r < rows; ++r)                                                          \
+            bad |= pk(x + r * k, k, out + r * W);                                                   \
+        return bad;                                                                                 \
     }
-DEFINE_PACK_ROWS(bhv_pack_signs_f32, float, bhvi_active->pack_f32)
-DEFINE_PACK_ROWS(bhv_pack_signs_f64, double, pack_f64_scalar)
+typedef int (*pack_f64_fn)(const double *x, int64_t k, uint64_t *out);
+DEFINE_PACK_ROWS(bhv_pack_signs_f32, float, pack_f32_fn, bhvi_active->pack_f32)
+DEFINE_PACK_ROWS(bhv_pack_signs_f64, double, pack_f64_fn, pack_f64_scalar)
 
 /* b: rows x k bytes (nonzero = 1) -> out: rows x ceil(k/64) words. */
 EXPORT void bhv_pack_bits_u8(const uint8_t *b, int64_t rows, int64_t k, uint64_t *out, int threads)

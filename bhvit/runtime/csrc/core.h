@@ -1,9 +1,10 @@
 /*
  * core.h -- what the kernel files of libbhvit share and nobody else sees: the kernel
  * variants (one micro-kernel and one sign packer per instruction set), the active one,
- * the tile store, the serial GEMM driver and the helpers.  Names here start with bhvi_
- * (internal; hidden in the shared library, and out of the way of a program that links
- * libbhvit.a).  The exported kernels are in kernels.h.
+ * the tile store, the serial GEMM driver and the helpers.  What one file defines for
+ * another is named bhvi_* (hidden in the shared library, and out of the way of a program
+ * that links libbhvit.a); the rest here is static inline.  The exported kernels are in
+ * kernels.h.
  *
  *   dispatch.c    the variant table, run-time selection, threads
  *   bitpack.c     sign and bit packing (portable, AVX2), bias + sign packing

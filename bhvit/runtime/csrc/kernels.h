@@ -34,7 +34,8 @@ typedef struct {
 /* The output transform of a binary linear layer (LCE's OutputTransform):
  *   y = post(act(dot * scale + shift + shortcut)), written as out = [res +] y, or, with
  *   bits != NULL, as the packed signs of y + nb and optionally the means of groups of
- *   pool_k consecutive channels (pool).  Any pointer but scale/shift may be NULL. */
+ *   pool_k consecutive channels (pool).  Exactly one of out and bits is set; sc, m1 (with
+ *   slope and m2), ps (with pb), res, nb and pool may be NULL: that part is left out. */
 typedef struct {
     const float *scale, *shift;
     const float *sc;

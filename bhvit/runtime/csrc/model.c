@@ -10,7 +10,7 @@
  * layer's weights are packed into the active kernel variant's panels.
  *
  * The forward pass mirrors bhvit/runtime/engine.py (the readable reference) op for op,
- * on channels-last float32 maps, with the fused kernels of kernels.c.  Temporaries come
+ * on channels-last float32 maps, with the fused kernels of kernels.h.  Temporaries come
  * from a per-model arena that grows to the largest batch run so far, so a run of a batch
  * size seen before allocates nothing but the kernels' small per-thread buffers.
  */
