@@ -33,7 +33,7 @@ def _make(build, *args):
 @pytest.fixture(scope="module")
 def build(tmp_path_factory):
     b = tmp_path_factory.mktemp("build")
-    _make(b)
+    _make(b, "-j2")
     return b
 
 
@@ -187,7 +187,7 @@ def test_demo_accuracy_on_a_trained_checkpoint_equals_pytorch(build, tmp_path, c
 @pytest.mark.skipif(not HAVE_ARM, reason="needs gcc-aarch64-linux-gnu and qemu-user (apt)")
 def test_aarch64_neon_under_qemu(build, tmp_path):
     arm = tmp_path / "arm"
-    _make(arm, f"CROSS={CROSS}")
+    _make(arm, f"CROSS={CROSS}", "-j2")
     out = _make(arm, f"CROSS={CROSS}", "check", "RUN=" + " ".join(QEMU))
     assert "ok c-neon" in out and "ok c-portable" in out
     demo = QEMU + [str(arm / "aarch64-linux-gnu" / "bhvit_run")]
