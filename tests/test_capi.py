@@ -114,8 +114,8 @@ def test_demo_classes_normalize_and_errors(build, tmp_path):
 @pytest.mark.skipif(shutil.which("nm") is None, reason="needs nm (binutils)")
 def test_shared_library_exports_the_header_and_links(build, tmp_path):
     """Every function bhvit.h declares is exported by libbhvit.so, no bhvit_ symbol beyond
-    them and none of the internals (bhvi_, json_, sha256_); the demo linked against the
-    shared library instead of the static one gives the same logits."""
+    them and none of the internals (bhvi_); every global of libbhvit.a is prefixed; the demo
+    linked against the shared library instead of the static one gives the same logits."""
     import re
 
     header = (ROOT / "bhvit/runtime/csrc/bhvit.h").read_text()
@@ -125,8 +125,13 @@ def test_shared_library_exports_the_header_and_links(build, tmp_path):
     ).stdout
     exported = {line.split()[-1] for line in nm.splitlines() if line.split()[1:2] == ["T"]}
     assert declared == {e for e in exported if e.startswith("bhvit_")}
-    assert not {e for e in exported if e.startswith(("bhvi_", "json_", "sha256_"))}
+    assert not {e for e in exported if not e.startswith(("bhvit_", "bhv_"))}
     assert {"bhv_xnor_gemm_pp", "bhv_binary_linear_pp", "bhv_select"} <= exported  # the ctypes kernels
+    # the static library: every global carries the library's prefix (bhvit_ API, bhv_ kernels,
+    # bhvi_ internals), so a program that links it meets no clash with its own names
+    nm = subprocess.run(["nm", str(build / "libbhvit.a")], capture_output=True, text=True, check=True).stdout
+    defined = {f[2] for f in (line.split() for line in nm.splitlines()) if len(f) == 3 and f[1] in "TDBR"}
+    assert defined and all(n.startswith(("bhvit_", "bhv_", "bhvi_")) for n in defined), sorted(defined)
     dyn = tmp_path / "bhvit_run_dyn"
     subprocess.run(
         ["gcc", "-O1", "-o", str(dyn), str(ROOT / "bhvit/runtime/csrc/bhvit_run.c"), f"-L{build}", "-lbhvit", "-lm"],

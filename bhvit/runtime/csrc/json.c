@@ -242,7 +242,7 @@ static int parse_container(parser *p, jval *v, int depth, int obj)
         memset(item, 0, sizeof(*item));
         if (obj)
             v->keys[v->n] = key;
-        v->n++; /* counted before parsing, so that json_free frees a half-built item */
+        v->n++; /* counted before parsing, so that bhvi_json_free frees a half-built item */
         if (parse_value(p, item, depth + 1))
             return -1;
         skip_ws(p);
@@ -287,13 +287,13 @@ static int parse_value(parser *p, jval *v, int depth)
     }
 }
 
-void json_free(jval *v)
+void bhvi_json_free(jval *v)
 {
     if (v == NULL)
         return;
     free(v->str);
     for (size_t i = 0; i < v->n; ++i) {
-        json_free(&v->items[i]);
+        bhvi_json_free(&v->items[i]);
         if (v->keys)
             free(v->keys[i]);
     }
@@ -302,23 +302,23 @@ void json_free(jval *v)
     memset(v, 0, sizeof(*v));
 }
 
-int json_parse(const char *s, size_t n, jval *out, char *err, size_t errlen)
+int bhvi_json_parse(const char *s, size_t n, jval *out, char *err, size_t errlen)
 {
     parser p = {s, n, 0, err, errlen};
     memset(out, 0, sizeof(*out));
     if (parse_value(&p, out, 0)) {
-        json_free(out);
+        bhvi_json_free(out);
         return -1;
     }
     skip_ws(&p);
     if (p.pos != n) {
-        json_free(out);
+        bhvi_json_free(out);
         return fail(&p, "extra data after the JSON value");
     }
     return 0;
 }
 
-const jval *json_get(const jval *obj, const char *key)
+const jval *bhvi_json_get(const jval *obj, const char *key)
 {
     if (obj == NULL || obj->type != J_OBJ)
         return NULL;
@@ -543,7 +543,7 @@ static void dump(sbuf *b, const jval *v, const char *skip)
     }
 }
 
-char *json_canonical(const jval *v, const char *skip)
+char *bhvi_json_canonical(const jval *v, const char *skip)
 {
     sbuf b = {NULL, 0, 0, 0};
     dump(&b, v, skip);

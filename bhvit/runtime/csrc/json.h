@@ -20,15 +20,15 @@ typedef struct jval {
 } jval;
 
 /* Parse n bytes; 0 = ok, else -1 with a message in err.  Nesting deeper than 64 is refused. */
-int json_parse(const char *s, size_t n, jval *out, char *err, size_t errlen);
-void json_free(jval *v);
+int bhvi_json_parse(const char *s, size_t n, jval *out, char *err, size_t errlen);
+void bhvi_json_free(jval *v);
 /* The value of key in an object (the last one if repeated, as Python's json), or NULL. */
-const jval *json_get(const jval *obj, const char *key);
+const jval *bhvi_json_get(const jval *obj, const char *key);
 
 /* The canonical form Python's json.dumps(v, sort_keys=True, separators=(",", ":")) writes
  * (ASCII only, floats as Python's repr), leaving out the top-level key skip (or NULL).
  * Returns a malloc'ed NUL-terminated string, or NULL (out of memory, or a value that form
  * cannot hold). */
-char *json_canonical(const jval *v, const char *skip);
+char *bhvi_json_canonical(const jval *v, const char *skip);
 
 #endif

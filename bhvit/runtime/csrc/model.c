@@ -272,7 +272,7 @@ static int read_file(const char *path, int64_t limit, int64_t expected, char **o
 
 static int cfg_int(const jval *cfg, const char *key, int64_t lo, int64_t hi, int64_t *out)
 {
-    const jval *v = json_get(cfg, key);
+    const jval *v = bhvi_json_get(cfg, key);
     if (!v || v->type != J_NUM || !v->is_int || v->i < lo || v->i > hi)
         return seterr(BHVIT_E_FORMAT, "config %s must be an integer in %lld..%lld", key, (long long)lo,
                       (long long)hi);
@@ -283,7 +283,7 @@ static int cfg_int(const jval *cfg, const char *key, int64_t lo, int64_t hi, int
 static int cfg_list(const jval *cfg, const char *key, int64_t nmin, int64_t nmax, int64_t lo, int64_t hi,
                     int64_t *out, int64_t *n)
 {
-    const jval *v = json_get(cfg, key);
+    const jval *v = bhvi_json_get(cfg, key);
     if (!v || v->type != J_ARR || (int64_t)v->n < nmin || (int64_t)v->n > nmax)
         goto bad;
     for (size_t i = 0; i < v->n; ++i) {
@@ -302,7 +302,7 @@ bad:
 
 static int cfg_bool(const jval *cfg, const char *key, int *out)
 {
-    const jval *v = json_get(cfg, key);
+    const jval *v = bhvi_json_get(cfg, key);
     if (!v || v->type != J_BOOL)
         return seterr(BHVIT_E_FORMAT, "config %s must be true or false", key);
     *out = v->boolean;
@@ -337,7 +337,7 @@ static int read_config(bhvit_model *m, const jval *cfg)
     if (cfg_list(cfg, "msgdc_dilations", 1, MAX_BRANCHES, 1, 65536, m->dil, &m->ndil) ||
         cfg_list(cfg, "shift_sizes", 0, MAX_BRANCHES, 1, m->grid, m->shift, &m->nshift))
         return BHVIT_E_FORMAT;
-    const jval *hy = json_get(cfg, "hybrid");
+    const jval *hy = bhvi_json_get(cfg, "hybrid");
     const char *h = (hy && hy->type == J_STR) ? hy->str : "";
     int base[4];
     if (strcmp(h, "hybrid") == 0) {
@@ -387,7 +387,7 @@ static int read_data(bhvit_model *m, const jval *data)
         return 0;
     if (data->type != J_OBJ)
         return seterr(BHVIT_E_FORMAT, "data is not an object");
-    const jval *mean = json_get(data, "mean"), *std = json_get(data, "std");
+    const jval *mean = bhvi_json_get(data, "mean"), *std = bhvi_json_get(data, "std");
     const int hm = mean && mean->type != J_NULL, hs = std && std->type != J_NULL;
     if (hm != hs)
         return seterr(BHVIT_E_FORMAT, "data has only one of mean and std");
@@ -409,7 +409,7 @@ static int read_data(bhvit_model *m, const jval *data)
         }
         m->has_norm = 1;
     }
-    const jval *cl = json_get(data, "classes");
+    const jval *cl = bhvi_json_get(data, "classes");
     if (cl && cl->type != J_NULL) {
         if (cl->type != J_ARR || (int64_t)cl->n != m->classes)
             return seterr(BHVIT_E_FORMAT, "data classes must list %lld names", (long long)m->classes);
@@ -472,7 +472,7 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
                       (unsigned long long)hn);
     jval hdr;
     char jerr[160];
-    if (json_parse(blob + 8, (size_t)hn, &hdr, jerr, sizeof(jerr)))
+    if (bhvi_json_parse(blob + 8, (size_t)hn, &hdr, jerr, sizeof(jerr)))
         return seterr(BHVIT_E_FORMAT, "%s: cannot parse the safetensors header (%s)", wpath, jerr);
     int rc = 0;
     const char *data = blob + 8 + hn;
@@ -491,7 +491,7 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
         const jval *e = &hdr.items[i];
         if (strcmp(name, "__metadata__") == 0)
             continue;
-        const jval *dt = json_get(e, "dtype"), *sh = json_get(e, "shape"), *off = json_get(e, "data_offsets");
+        const jval *dt = bhvi_json_get(e, "dtype"), *sh = bhvi_json_get(e, "shape"), *off = bhvi_json_get(e, "data_offsets");
         if (!dt || dt->type != J_STR || !sh || sh->type != J_ARR || sh->n > 8 || !off || off->type != J_ARR ||
             off->n != 2) {
             rc = seterr(BHVIT_E_FORMAT, "%s: malformed safetensors entry %.80s", wpath, name);
@@ -579,7 +579,7 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
             goto done;
         }
 done:
-    json_free(&hdr);
+    bhvi_json_free(&hdr);
     return rc;
 }
 
@@ -643,7 +643,7 @@ static void *tget(builder *b, const char *prefix, const char *suffix, int bits, 
 
 static const char *kind_of(builder *b, const char *name)
 {
-    const jval *k = json_get(&b->m->kinds, name);
+    const jval *k = bhvi_json_get(&b->m->kinds, name);
     if (!k || k->type != J_STR) {
         if (!b->rc)
             b->rc = seterr(BHVIT_E_FORMAT, "%s: the manifest's kinds has no entry for %s", b->file, name);
@@ -877,7 +877,7 @@ static void build_plan(builder *b)
             snprintf(q, sizeof(q), "%s.norm0", p);
             get_norm(b, q, Cin, &d->norm0);
             snprintf(q, sizeof(q), "%s.reduce.op", p);
-            const jval *rk = json_get(&m->kinds, q);
+            const jval *rk = bhvi_json_get(&m->kinds, q);
             d->binary = rk != NULL;
             if (d->binary) {
                 d->r.bn = op_kind(b, q);
@@ -1521,7 +1521,7 @@ void bhvit_free(bhvit_model *m)
     free(m->std);
     free(m->stem_wt);
     free(m->head_wt);
-    json_free(&m->kinds);
+    bhvi_json_free(&m->kinds);
     arena_free(&m->ar);
     free(m);
 }
@@ -1529,8 +1529,8 @@ void bhvit_free(bhvit_model *m)
 /* manifest_sha256: the SHA-256 of the manifest's canonical JSON without that field */
 static int check_digest(const jval *man, const char *mpath)
 {
-    const jval *d = json_get(man, "manifest_sha256");
-    char *canon = json_canonical(man, "manifest_sha256");
+    const jval *d = bhvi_json_get(man, "manifest_sha256");
+    char *canon = bhvi_json_canonical(man, "manifest_sha256");
     char hex[65] = "";
     if (canon)
         bhv_sha256_hex((const uint8_t *)canon, strlen(canon), hex);
@@ -1548,7 +1548,7 @@ static int check_tensor_list(bhvit_model *m, const jval *list, const char *mpath
     if (!list || list->type != J_OBJ)
         return seterr(BHVIT_E_FORMAT, "%s: the manifest has no 'tensors' object", mpath);
     for (size_t i = 0; i < list->n; ++i) {
-        const jval *e = &list->items[i], *dt = json_get(e, "dtype"), *sh = json_get(e, "shape");
+        const jval *e = &list->items[i], *dt = bhvi_json_get(e, "dtype"), *sh = bhvi_json_get(e, "shape");
         tensor_t *t = find(m, list->keys[i]);
         int ok = t && dt && dt->type == J_STR && sh && sh->type == J_ARR && (int)sh->n == t->ndim &&
                  (t->dtype == 2 ? strcmp(dt->str, "int64") == 0
@@ -1587,13 +1587,13 @@ static int load_into(bhvit_model *m, const char *path)
         return rc;
     jval man;
     char jerr[160];
-    if (json_parse(mtext, (size_t)mlen, &man, jerr, sizeof(jerr))) {
+    if (bhvi_json_parse(mtext, (size_t)mlen, &man, jerr, sizeof(jerr))) {
         free(mtext);
         return seterr(BHVIT_E_FORMAT, "%s: not valid JSON (%s)", mpath, jerr);
     }
     free(mtext);
     char *blob = NULL;
-    const jval *fmt = json_get(&man, "format"), *ver = json_get(&man, "version"), *file = json_get(&man, "file");
+    const jval *fmt = bhvi_json_get(&man, "format"), *ver = bhvi_json_get(&man, "version"), *file = bhvi_json_get(&man, "file");
     if (man.type != J_OBJ || !fmt || fmt->type != J_STR || strcmp(fmt->str, EXPORT_FORMAT) != 0) {
         rc = seterr(BHVIT_E_FORMAT, "%s: not a bhvit export", mpath);
         goto done;
@@ -1605,14 +1605,14 @@ static int load_into(bhvit_model *m, const char *path)
     }
     if ((rc = check_digest(&man, mpath)))
         goto done;
-    if ((rc = read_config(m, json_get(&man, "config"))) || (rc = read_data(m, json_get(&man, "data")))) {
+    if ((rc = read_config(m, bhvi_json_get(&man, "config"))) || (rc = read_data(m, bhvi_json_get(&man, "data")))) {
         char msg[1024];
         snprintf(msg, sizeof(msg), "%s", g_err);
         rc = seterr(rc, "%s: %s", mpath, msg);
         goto done;
     }
-    const jval *kinds = json_get(&man, "kinds");
-    const jval *fname = json_get(file, "name"), *fbytes = json_get(file, "bytes"), *fsha = json_get(file, "sha256");
+    const jval *kinds = bhvi_json_get(&man, "kinds");
+    const jval *fname = bhvi_json_get(file, "name"), *fbytes = bhvi_json_get(file, "bytes"), *fsha = bhvi_json_get(file, "sha256");
     if (!kinds || kinds->type != J_OBJ || !file || file->type != J_OBJ || !fbytes || fbytes->type != J_NUM ||
         !fbytes->is_int || !fsha || fsha->type != J_STR || strlen(fsha->str) != 64) {
         rc = seterr(BHVIT_E_FORMAT, "%s: the manifest needs 'kinds' and a 'file' with bytes and sha256", mpath);
@@ -1636,10 +1636,10 @@ static int load_into(bhvit_model *m, const char *path)
     }
     /* the size the listed tensors imply, before the file is opened (a claim of gigabytes for a
      * few tensors is refused without reading them) */
-    const jval *list = json_get(&man, "tensors");
+    const jval *list = bhvi_json_get(&man, "tensors");
     int64_t data_bytes = 0;
     for (size_t i = 0; list && list->type == J_OBJ && i < list->n && data_bytes <= MAX_WEIGHTS_BYTES; ++i) {
-        const jval *dt = json_get(&list->items[i], "dtype"), *sh = json_get(&list->items[i], "shape");
+        const jval *dt = bhvi_json_get(&list->items[i], "dtype"), *sh = bhvi_json_get(&list->items[i], "shape");
         int64_t n = dt && dt->type == J_STR ? (strcmp(dt->str, "int64") == 0 ? 8 : strcmp(dt->str, "float16") == 0 ? 2 : 4)
                                             : 4;
         for (size_t d = 0; sh && sh->type == J_ARR && d < sh->n && n <= MAX_WEIGHTS_BYTES; ++d)
@@ -1660,7 +1660,7 @@ static int load_into(bhvit_model *m, const char *path)
         rc = seterr(BHVIT_E_FORMAT, "%s: SHA-256 does not match the manifest; the file was modified", wpath);
         goto done;
     }
-    if ((rc = read_tensors(m, wpath, blob, wlen)) || (rc = check_tensor_list(m, json_get(&man, "tensors"), mpath)))
+    if ((rc = read_tensors(m, wpath, blob, wlen)) || (rc = check_tensor_list(m, bhvi_json_get(&man, "tensors"), mpath)))
         goto done;
     free(blob);
     blob = NULL;
@@ -1676,7 +1676,7 @@ static int load_into(bhvit_model *m, const char *path)
         rc = seterr(BHVIT_E_NOMEM, "out of memory packing the weights");
 done:
     free(blob);
-    json_free(&man);
+    bhvi_json_free(&man);
     return rc;
 }
 
