@@ -287,6 +287,7 @@ def test_runtime_bad_input(tmp_path):
         rt(x)
 
 
+@pytest.mark.slow
 def test_trained_checkpoint_export_accuracy_and_predict(tmp_path, capsys):
     from PIL import Image
 

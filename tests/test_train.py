@@ -631,7 +631,8 @@ def test_teacher_for_other_data_is_refused(fmnist, tmp_path):
         train(cfg, teacher=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 7)))
 
 
-@pytest.mark.parametrize("act_epochs", [0, 1])
+# with an activation-binary stage (act_epochs=1) it is an end-to-end run: in the slow suite
+@pytest.mark.parametrize("act_epochs", [0, pytest.param(1, marks=pytest.mark.slow)])
 def test_recipe_runs_every_stage(fmnist, tmp_path, capsys, act_epochs):
     run = tmp_path / "rec"
     args = [
