@@ -177,61 +177,35 @@ def test_eval_save_logits(fmnist, tmp_path, capsys):
 
     cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64)
     train(cfg)
+
+    def save_logits(path):
+        return main(
+            ["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--save-logits", str(path)]
+        )
+
     f = tmp_path / "logits.npz"
-    assert main(["eval", str(tmp_path / "r"), "--data-dir", str(fmnist), "--no-progress", "--save-logits", str(f)]) == 0
+    assert save_logits(f) == 0
     ev = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     z = np.load(f)
     assert z["logits"].shape == (64, 10) and z["logits"].dtype == np.float32
     assert z["labels"].shape == (64,)
     assert ev["top1"] == pytest.approx(100 * (z["logits"].argmax(1) == z["labels"]).mean())
     # numpy appends .npz; the report names the file that exists
-    assert (
-        main(
-            [
-                "eval",
-                str(tmp_path / "r"),
-                "--data-dir",
-                str(fmnist),
-                "--no-progress",
-                "--save-logits",
-                str(tmp_path / "plain"),
-            ]
-        )
-        == 0
-    )
+    assert save_logits(tmp_path / "plain") == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["logits_file"] == str(tmp_path / "plain.npz")
     assert (tmp_path / "plain.npz").is_file()
-    assert (
-        main(
-            [
-                "eval",
-                str(tmp_path / "r"),
-                "--data-dir",
-                str(fmnist),
-                "--no-progress",
-                "--save-logits",
-                str(tmp_path / "nodir" / "x.npz"),
-            ]
-        )
-        == 2
-    )
+    assert save_logits(tmp_path / "nodir" / "x.npz") == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 def test_init_from_copies_matching_weights(fmnist, tmp_path, capsys):
     from bhvit.checkpoint import load_matching_weights
 
-    base = dict(
-        model="bhvit_micro_c28",
-        data_dir=str(fmnist),
-        epochs=1,
-        batch_size=64,
-        subset=64,
-        test_subset=32,
-        progress=False,
-        threads=1,
+    train(
+        micro_config(
+            fmnist, tmp_path / "fp", epochs=1, batch_size=64, subset=64, test_subset=32, overrides={"binary": False}
+        )
     )
-    train(TrainConfig(out=str(tmp_path / "fp"), overrides={"binary": False}, **base))
     fp, _ = load_model(tmp_path / "fp")
     # a binary student built from the same names: the float twin's tensors land in it
     student = type(fp)(fp.cfg.__class__.from_dict(dict(fp.cfg.to_dict(), binary=True)))
@@ -446,16 +420,14 @@ def test_exact_float32_restores_tf32_settings():
 
 
 def test_step_flips_count_every_step(fmnist, tmp_path):
-    base = dict(
-        model="bhvit_micro_c28", data_dir=str(fmnist), epochs=1, subset=64, test_subset=32, progress=False, threads=1
-    )
+    base = dict(epochs=1, subset=64, test_subset=32)
     # one step per epoch: the per-step count is the net count
-    one = train(TrainConfig(out=str(tmp_path / "one"), batch_size=64, **base))
+    one = train(micro_config(fmnist, tmp_path / "one", batch_size=64, **base))
     assert one["step_flip_frac"] == one["flip_frac"] > 0
     # four steps: every net flip is also a step flip, and oscillations add more
-    four = train(TrainConfig(out=str(tmp_path / "four"), batch_size=16, **base))
+    four = train(micro_config(fmnist, tmp_path / "four", batch_size=16, **base))
     assert four["step_flip_frac"] >= four["flip_frac"] > 0
-    off = train(TrainConfig(out=str(tmp_path / "off"), batch_size=16, step_flips=False, **base))
+    off = train(micro_config(fmnist, tmp_path / "off", batch_size=16, step_flips=False, **base))
     assert off["step_flip_frac"] is None and off["flip_frac"] == four["flip_frac"]
 
 
