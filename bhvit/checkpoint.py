@@ -31,6 +31,7 @@ import torch
 from .errors import BhvitError, ConfigError
 from .quantizers import centred_signs
 from .rundir import CHECKPOINT_NAME
+from .runtime.format import preprocess_problem
 
 FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
@@ -370,6 +371,11 @@ def _check_doc(doc: Any, p: Path) -> None:
             bad(f"the data statistics must be two equally long lists of finite numbers, got mean {mean!r}, std {std!r}")
         if min(std) <= 0:
             bad(f"the data std must be > 0, got {std}")
+    mc = doc.get("model_config") if isinstance(doc.get("model_config"), dict) else {}
+    size = mc.get("img_size") if isinstance(mc.get("img_size"), int) and not isinstance(mc.get("img_size"), bool) else 1
+    problem = preprocess_problem(data, size) if isinstance(data, dict) else None
+    if problem:
+        bad(problem)
     if "classes" in data and not (
         isinstance(data["classes"], list) and all(isinstance(c, str) for c in data["classes"])
     ):

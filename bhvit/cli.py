@@ -1,4 +1,4 @@
-"""Command line: ``bhvit info | list | train | eval | recipe | strip | export | predict``."""
+"""Command line: ``bhvit info | list | train | eval | recipe | strip | export | predict | convert``."""
 
 from __future__ import annotations
 
@@ -145,18 +145,45 @@ def cmd_eval(args) -> int:
     if name is None:
         raise ConfigError("--data is required: the checkpoint does not name its dataset.")
     cfg = model.cfg
-    ds = load_dataset(
-        name,
-        args.split,
-        args.data_dir,
-        channels=cfg.in_chans,
-        size=cfg.img_size,
-        skip_bad=args.skip_bad,
-        cache_dir=args.cache_dir,
-        classes=data.get("classes"),
-    )
-    if args.subset:  # the run's seed: the same images as training's --test-subset N
-        ds = ds.subset(args.subset, doc.get("train_config", {}).get("seed", 0))
+    seed = doc.get("train_config", {}).get("seed", 0)  # --subset: the same images as training's --test-subset N
+    loader = None
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
+    if name == "imagefolder" and ("resize" in data or "interpolation" in data):
+        # the checkpoint records its evaluation transform (e.g. a converted release model): the
+        # images are decoded per batch with it, never all at once (ImageNet's 50,000 would not fit)
+        from .runtime.image import eval_transform
+        from .stream import StreamingImageFolder, StreamLoader
+
+        if args.data_dir is None:
+            raise ConfigError("--data-dir is required for --data imagefolder.")
+        resize, interpolation = eval_transform(data, cfg.img_size)
+        ds = StreamingImageFolder(
+            Path(args.data_dir),
+            args.split,
+            cfg.in_chans,
+            cfg.img_size,
+            classes=data.get("classes"),
+            subset=args.subset,
+            seed=seed,
+            skip_bad=args.skip_bad,
+            resize=resize,
+            interpolation=interpolation,
+        )
+        loader = StreamLoader(ds, train=False, workers=args.workers)
+    else:
+        ds = load_dataset(
+            name,
+            args.split,
+            args.data_dir,
+            channels=cfg.in_chans,
+            size=cfg.img_size,
+            skip_bad=args.skip_bad,
+            cache_dir=args.cache_dir,
+            classes=data.get("classes"),
+        )
+        if args.subset:
+            ds = ds.subset(args.subset, seed)
     if ds.num_classes != cfg.num_classes:
         raise ConfigError(f"dataset has {ds.num_classes} classes but the model has {cfg.num_classes}.")
     if "mean" in data:
@@ -187,6 +214,7 @@ def cmd_eval(args) -> int:
         device,
         progress=not args.no_progress,
         return_logits=logits_file is not None,
+        loader=loader,
     )
     if logits_file is not None:
         import numpy as np
@@ -232,21 +260,43 @@ def cmd_strip(args) -> int:
     return 0
 
 
-def _load_image(path, cfg, mean, std):
+def _load_image(path, cfg, data):
     """The normalised (1, C, H, W) input of one image, and a note if it was converted."""
-    from pathlib import Path
-
-    from .runtime.image import decode_image, normalize_images
+    from .runtime.image import eval_transform, prepare_image
 
     info = {}
-    x = normalize_images(decode_image(Path(path), cfg["in_chans"], cfg["img_size"], info=info)[None], mean, std)
+    x = prepare_image(path, cfg["in_chans"], cfg["img_size"], data, info=info)[None]
     want_mode, side = ("L" if cfg["in_chans"] == 1 else "RGB"), cfg["img_size"]
     (w, h), mode = info["size"], info["mode"]
+    resize, interpolation = eval_transform(data, side)
     note = None
-    if (w, h) != (side, side) or mode != want_mode:
-        how = "resized (shorter side) and centre-cropped" if (w, h) != (side, side) else "converted"
+    if (w, h) != (side, side) or mode != want_mode or resize != side:
+        how = (
+            f"shorter side resized to {resize} ({interpolation}) and centre-cropped"
+            if (w, h) != (side, side) or resize != side
+            else "converted"
+        )
         note = f"{path}: {how} from {w}x{h} {mode} to {side}x{side} {want_mode}"
     return x, note
+
+
+def _class_names(path, n: int):
+    """One class name per line of a text file (an ImageNet model's 1000 names, say)."""
+    from pathlib import Path
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"--classes {path}: cannot read it ({e}).") from None
+    names = text.splitlines()
+    while names and not names[-1].strip():
+        names.pop()
+    if len(names) != n:
+        raise ConfigError(f"--classes {path}: {len(names)} lines, but the model has {n} classes (one name per line).")
+    bad = next((i for i, c in enumerate(names) if not c.isprintable()), None)
+    if bad is not None:
+        raise ConfigError(f"--classes {path}: line {bad + 1} holds a control character.")
+    return names
 
 
 def cmd_predict(args) -> int:
@@ -256,17 +306,17 @@ def cmd_predict(args) -> int:
 
     rt = runtime.load(args.export, threads=args.threads or 0)
     data = rt.data
-    mean, std = data.get("mean"), data.get("std")
-    if not mean or not std:
+    if not data.get("mean") or not data.get("std"):
         raise ConfigError(
             f"{args.export}: the export records no input normalisation (mean/std), so "
             "images cannot be prepared as in training; export with `bhvit export CKPT`, "
             "or pass data={'mean': [...], 'std': [...]} to export_model."
         )
-    classes = rt.classes or [str(i) for i in range(rt.cfg["num_classes"])]
+    n = rt.cfg["num_classes"]
+    classes = _class_names(args.classes, n) if args.classes else rt.classes or [str(i) for i in range(n)]
     for path in args.images:
         try:
-            x, note = _load_image(path, rt.cfg, mean, std)
+            x, note = _load_image(path, rt.cfg, data)
         except (OSError, ValueError) as e:
             raise ConfigError(f"{path}: cannot read image ({e}).") from None
         if note:
@@ -278,6 +328,20 @@ def cmd_predict(args) -> int:
         print(path)
         for i in top:
             print(f"  {prob[i]:7.4f}  {classes[i]}")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from .release import convert_release
+
+    res = convert_release(
+        args.release_checkpoint,
+        args.out,
+        weight_bits=args.weight_bits,
+        input_bits=args.input_bits,
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    print(json.dumps(res))
     return 0
 
 
@@ -357,6 +421,13 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     ev.add_argument("--threads", type=positive_int, default=None)
     ev.add_argument("--skip-bad", action="store_true")
+    ev.add_argument(
+        "--workers",
+        type=int,
+        default=0,
+        help="image-decoding processes for a checkpoint that records its evaluation transform "
+        "(e.g. from bhvit convert) on an ImageFolder (default 0: in this process)",
+    )
     ev.add_argument("--cache-dir", default=None)
     ev.add_argument("--no-progress", action="store_true")
     ev.add_argument(
@@ -392,7 +463,29 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("export", help="directory written by `bhvit export`")
     pr.add_argument("images", nargs="+")
     pr.add_argument("--threads", type=positive_int, default=None)
+    pr.add_argument(
+        "--classes",
+        default=None,
+        metavar="FILE",
+        help="class names, one per line (default: the export's names, else the class numbers)",
+    )
     pr.set_defaults(func=cmd_predict)
+
+    cv = sub.add_parser(
+        "convert",
+        help="read a checkpoint of the authors' BHViT release (main_new.py's .pth) into a bhvit checkpoint",
+    )
+    cv.add_argument("release_checkpoint", help="the .pth file (main_new.py's checkpoint dict, or a bare state dict)")
+    cv.add_argument("out", help="output directory (best.json + release.safetensors)")
+    for flag in ("--weight-bits", "--input-bits"):
+        cv.add_argument(
+            flag,
+            type=int,
+            choices=[1, 32],
+            default=None,
+            help="as the release's option of that name; needed for a bare state dict (default: the checkpoint's args)",
+        )
+    cv.set_defaults(func=cmd_convert)
     return p
 
 

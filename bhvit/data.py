@@ -334,7 +334,8 @@ def load_imagefolder(
         stats.append(f"{label}/{p.name}:{st.st_size}:{st.st_mtime_ns}")
         readable.append((p, label))
     items = readable
-    key_src = f"{split_dir.resolve()}|{channels}|{size}|{skip_bad}|{len(items)}|" + "|".join(stats)
+    # (the "tv" tag: images resized with torchvision's rounding, runtime.image.resize_centre_crop)
+    key_src = f"tv|{split_dir.resolve()}|{channels}|{size}|{skip_bad}|{len(items)}|" + "|".join(stats)
     key = hashlib.sha1(key_src.encode()).hexdigest()[:16]
     cache = Path(cache_dir) / f"imagefolder-{key}.safetensors" if cache_dir else None
     if cache is not None and cache.is_file():

@@ -13,8 +13,10 @@ exactly, with any number of workers:
   (area 0.08-1 of the image, aspect ratio 3/4-4/3, bilinear) to ``img_size`` and a horizontal
   flip; JPEGs are decoded at a reduced DCT size (Pillow's ``draft()``) where the crop allows.
 
-Evaluation: shorter side to ``img_size / crop_ratio``, centre crop (``crop_ratio`` 0.875 with
-``rrc``, 1 otherwise: exactly the in-memory path's and ``bhvit predict``'s pixels).
+Evaluation: the shorter side to ``resize`` (``round(img_size / 0.875)`` with ``rrc``,
+``img_size`` otherwise, or what the caller sets, e.g. a checkpoint's record), centre crop:
+:func:`bhvit.runtime.image.resize_centre_crop`, the pixels of the in-memory path and of
+``bhvit predict``.
 """
 
 from __future__ import annotations
@@ -103,6 +105,8 @@ class StreamingImageFolder:
         seed: int = 0,
         skip_bad: bool = False,
         augment: str = "pad-crop",
+        resize: Optional[int] = None,
+        interpolation: str = "bilinear",
     ):
         if augment not in AUGMENTS:
             raise DataError(f"augment must be one of {AUGMENTS}, got {augment!r}.")
@@ -126,7 +130,9 @@ class StreamingImageFolder:
         self.items = readable
         self.labels = torch.tensor([y for _, y in readable], dtype=torch.int64)
         self.channels, self.size, self.augment, self.skip_bad = channels, size, augment, skip_bad
-        self.crop_ratio = 0.875 if augment == "rrc" else 1.0
+        # evaluation: the shorter side before the centre crop, and the filter
+        self.resize = resize if resize is not None else round(size / 0.875) if augment == "rrc" else size
+        self.interpolation = interpolation
         self.source = str(self.split_dir)
 
     def __len__(self) -> int:
@@ -147,8 +153,8 @@ class StreamingImageFolder:
             raise DataError(f"{self.items[i][0]}: cannot decode image ({e.__class__.__name__}: {e}).") from None
 
     def eval_image(self, i: int) -> np.ndarray:
-        """uint8 ``(C, size, size)``: shorter side to size / crop_ratio, centre crop."""
-        return to_chw(resize_centre_crop(self._open(i), self.size, self.crop_ratio))
+        """uint8 ``(C, size, size)``: shorter side to ``resize``, centre crop."""
+        return to_chw(resize_centre_crop(self._open(i), self.size, self.resize, self.interpolation))
 
     def train_image(self, i: int, seed: int, epoch: int, pad: int, flip: bool) -> np.ndarray:
         gen = torch.Generator().manual_seed(sample_seed(seed, epoch, i))

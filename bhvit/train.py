@@ -636,6 +636,8 @@ def _train(
         model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
     data_meta = {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std}
     data_meta.update(train_size=len(train_ds), test_size=len(test_ds))
+    if getattr(test_ds, "resize", model_cfg.img_size) != model_cfg.img_size:  # streamed with --augment rrc
+        data_meta["resize"] = test_ds.resize  # so that eval, export and predict crop as this run does
     meta_base = {"train_config": dataclasses.asdict(cfg), "data": data_meta, "world_size": world}
     _log(
         f"{cfg.model}: {sum(p.numel() for p in model.parameters()):,} params, binary={is_binary}, "

@@ -120,7 +120,7 @@ def test_predict_says_which_images_it_converted(fmnist, tmp_path, capsys):
     assert main(["predict", str(tmp_path / "exp"), str(tmp_path / "same.png"), str(tmp_path / "big.png")]) == 0
     cap = capsys.readouterr()
     assert cap.err.strip().splitlines() == [
-        f"{tmp_path / 'big.png'}: resized (shorter side) and centre-cropped from 56x40 RGB to 28x28 L"
+        f"{tmp_path / 'big.png'}: shorter side resized to 28 (bilinear) and centre-cropped from 56x40 RGB to 28x28 L"
     ]
     assert cap.out.count("same.png") == 1 and cap.out.count("big.png") == 1
 

@@ -469,6 +469,16 @@ class BHViTRuntime:
     def __call__(self, x) -> np.ndarray:
         return self._checked_run(x)
 
+    def preprocess(self, paths) -> np.ndarray:
+        """Image files as a normalised float32 batch ``(B, C, H, W)``, prepared as the export's
+        ``data`` entry says (shorter side, filter, centre crop, mean and std): the input
+        ``bhvit predict`` gives the network."""
+        from .image import prepare_image
+
+        if isinstance(paths, (str, Path)):
+            paths = [paths]
+        return np.stack([prepare_image(p, self.cfg["in_chans"], self.cfg["img_size"], self.data) for p in paths])
+
 
 def _torch_to_numpy(x) -> np.ndarray:
     dtype = str(getattr(x, "dtype", "")).replace("torch.", "")

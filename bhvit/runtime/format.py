@@ -154,11 +154,30 @@ def _float_list_problem(name, v, n, positive=False):
     return None
 
 
+MAX_RESIZE = 65536
+
+
+def preprocess_problem(data: Dict, img_size: int) -> Union[str, None]:
+    """What is wrong with the evaluation transform of a ``data`` entry, or None: ``resize``
+    (the shorter side before the centre crop) an integer from ``img_size`` to MAX_RESIZE,
+    ``interpolation`` one of :data:`bhvit.runtime.image.INTERPOLATIONS`; both optional."""
+    from .image import INTERPOLATIONS
+
+    r = data.get("resize")
+    if r is not None and (isinstance(r, bool) or not isinstance(r, int) or not img_size <= r <= MAX_RESIZE):
+        return f"data resize must be an integer from img_size ({img_size}) to {MAX_RESIZE}, got {_short(r)}"
+    i = data.get("interpolation")
+    if i is not None and i not in INTERPOLATIONS:
+        return f"data interpolation must be one of {list(INTERPOLATIONS)}, got {_short(i)}"
+    return None
+
+
 def data_problem(data, cfg: Dict) -> Union[str, None]:
     """What is wrong with an export's ``data`` entry (normalisation and class names), or None.
 
     ``mean`` and ``std``: both or neither, ``in_chans`` finite float32 numbers each, std > 0;
-    ``classes``: ``num_classes`` strings. Other keys (the data set's name, sizes) are kept as is."""
+    ``classes``: ``num_classes`` strings; the evaluation transform (:func:`preprocess_problem`).
+    Other keys (the data set's name, sizes) are kept as is."""
     if data is None:
         return None
     if not isinstance(data, dict):
@@ -172,6 +191,9 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
         )
         if p:
             return p
+    p = preprocess_problem(data, cfg["img_size"])
+    if p:
+        return p
     classes = data.get("classes")
     if classes is not None:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):

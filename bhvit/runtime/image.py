@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -83,18 +83,38 @@ def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info
         return _to_8bit(im).convert("L" if channels == 1 else "RGB")
 
 
-def resize_centre_crop(im, size: int, crop_ratio: float = 1.0):
-    """Shorter side to ``round(size / crop_ratio)`` (bilinear), then the centre ``size x size``."""
+INTERPOLATIONS = ("bilinear", "bicubic")
+
+
+def eval_transform(data: Optional[dict], size: int) -> Tuple[int, str]:
+    """The evaluation transform a checkpoint's or an export's ``data`` entry records:
+    ``(resize, interpolation)``, the shorter side before the centre ``size x size`` crop and
+    the resampling filter. Absent keys: no enlargement (``resize = size``), bilinear."""
+    data = data or {}
+    return int(data.get("resize", size)), str(data.get("interpolation", "bilinear"))
+
+
+def resize_centre_crop(im, size: int, resize: Optional[int] = None, interpolation: str = "bilinear"):
+    """The shorter side resized to ``resize`` (default ``size``), then the centre ``size x size``
+    crop: pixel for pixel what torchvision's ``Resize(resize)`` and ``CenterCrop(size)`` do to a
+    Pillow image (the longer side truncated, ``int(resize * long / short)``; the crop offsets
+    ``int(round((w - size) / 2))``, Python's round half to even)."""
     from PIL import Image
 
-    short = max(size, round(size / crop_ratio))
-    if im.size == (size, size) and short == size:
+    resize = size if resize is None else resize
+    if interpolation not in INTERPOLATIONS:
+        raise ConfigError(f"interpolation must be one of {INTERPOLATIONS}, got {interpolation!r}.")
+    if resize < size:
+        raise ConfigError(f"resize {resize} is smaller than the crop {size}.")
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_long = int(resize * long / short)
+    nw, nh = (resize, new_long) if w <= h else (new_long, resize)
+    if (nw, nh) != (w, h):
+        im = im.resize((nw, nh), Image.BICUBIC if interpolation == "bicubic" else Image.BILINEAR)
+    if (nw, nh) == (size, size):
         return im
-    w, h = im.size
-    s = short / min(w, h)
-    im = im.resize((max(short, round(w * s)), max(short, round(h * s))), Image.BILINEAR)
-    w, h = im.size
-    left, top = (w - size) // 2, (h - size) // 2
+    left, top = int(round((nw - size) / 2.0)), int(round((nh - size) / 2.0))
     return im.crop((left, top, left + size, top + size))
 
 
@@ -110,19 +130,20 @@ def decode_image(
     size: Optional[int],
     max_pixels: Optional[int] = None,
     info: Optional[dict] = None,
-    crop_ratio: float = 1.0,
+    resize: Optional[int] = None,
+    interpolation: str = "bilinear",
 ) -> np.ndarray:
     """Decode an image file to uint8 ``(C, H, W)``, greyscale for ``channels == 1``.
 
-    With ``size``: the shorter side is resized to ``size / crop_ratio`` (bilinear), then
-    centre-cropped to ``size x size``. 16-bit images are scaled to 8 bits. An image of more
+    With ``size``: :func:`resize_centre_crop` (the shorter side to ``resize``, default
+    ``size``, then the centre ``size x size``). 16-bit images are scaled to 8 bits. An image of more
     than ``max_pixels`` pixels (default :func:`max_image_pixels`) raises
     :class:`ImageTooLarge` before it is decoded. ``info``, if given, receives the file's
     ``mode`` and ``size``. Raises OSError (Pillow's) for unreadable files.
     """
     im = open_image(path, channels, max_pixels, info)
     if size is not None:
-        im = resize_centre_crop(im, size, crop_ratio)
+        im = resize_centre_crop(im, size, resize, interpolation)
     return to_chw(im)
 
 
@@ -134,3 +155,18 @@ def normalize_images(x: np.ndarray, mean: Sequence[float], std: Sequence[float])
     m = (np.asarray(mean, dtype=np.float32) * np.float32(255)).reshape(1, -1, 1, 1)
     s = (np.asarray(std, dtype=np.float32) * np.float32(255)).reshape(1, -1, 1, 1)
     return (np.asarray(x).astype(np.float32) - m) / s
+
+
+def prepare_image(path, in_chans: int, img_size: int, data: Optional[dict], info: Optional[dict] = None) -> np.ndarray:
+    """One image file as the network's normalised float32 ``(C, H, W)`` input, prepared the way a
+    checkpoint's or an export's ``data`` entry records: :func:`eval_transform` (shorter side,
+    filter, centre crop) and ``mean`` / ``std`` (:func:`normalize_images`)."""
+    data = data or {}
+    mean, std = data.get("mean"), data.get("std")
+    if not mean or not std:
+        raise ConfigError(
+            "the model records no input normalisation (mean/std), so images cannot be prepared as in training."
+        )
+    resize, interpolation = eval_transform(data, img_size)
+    a = decode_image(Path(path), in_chans, img_size, info=info, resize=resize, interpolation=interpolation)
+    return normalize_images(a[None], mean, std)[0]

@@ -409,6 +409,14 @@ static int read_data(bhvit_model *m, const jval *data)
         }
         m->has_norm = 1;
     }
+    /* the evaluation transform (docs/EXPORT_FORMAT.md): validated as the Python reader does */
+    const jval *rs = bhvi_json_get(data, "resize"), *ip = bhvi_json_get(data, "interpolation");
+    if (rs && rs->type != J_NULL && (rs->type != J_NUM || !rs->is_int || rs->i < m->img || rs->i > 65536))
+        return seterr(BHVIT_E_FORMAT, "data resize must be an integer from img_size (%lld) to 65536",
+                      (long long)m->img);
+    if (ip && ip->type != J_NULL &&
+        (ip->type != J_STR || (strcmp(ip->str, "bilinear") != 0 && strcmp(ip->str, "bicubic") != 0)))
+        return seterr(BHVIT_E_FORMAT, "data interpolation must be one of ['bilinear', 'bicubic']");
     const jval *cl = bhvi_json_get(data, "classes");
     if (cl && cl->type != J_NULL) {
         if (cl->type != J_ARR || (int64_t)cl->n != m->classes)

@@ -1,0 +1,310 @@
+"""The authors' released BHViT code (``../shared/reference/authors-release``, MIT), imported
+for tests that compare bhvit with it. Nothing here is part of bhvit.
+
+The release imports three timm names (``trunc_normal_``, ``DropPath``, ``to_2tuple``) and
+``transformers`` (``ViTConfig``, output classes, ``ACT2FN``). timm cannot be installed beside
+PyTorch's CPU build here (it needs torchvision), so those three names get small stand-ins
+with timm's behaviour; ``transformers`` is the real package (the dev extra).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+import tarfile
+import types
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Optional[Path]:
+    p = Path(os.environ.get("BHVIT_SHARED", ROOT.parent / "shared"))
+    return p if p.is_dir() else None
+
+
+def release_dir() -> Optional[Path]:
+    s = shared_dir()
+    p = s / "reference" / "authors-release" if s else None
+    return p if p is not None and (p / "models.py").is_file() else None
+
+
+def _timm_stand_ins() -> None:
+    if "timm.models.layers" in sys.modules:
+        return
+    timm, models, layers = (types.ModuleType(n) for n in ("timm", "timm.models", "timm.models.layers"))
+
+    def trunc_normal_(t, mean=0.0, std=1.0, a=-2.0, b=2.0):
+        return nn.init.trunc_normal_(t, mean, std, a, b)
+
+    class DropPath(nn.Module):
+        """Stochastic depth per sample (timm's DropPath)."""
+
+        def __init__(self, drop_prob=0.0):
+            super().__init__()
+            self.drop_prob = drop_prob
+
+        def forward(self, x):
+            if self.drop_prob == 0.0 or not self.training:
+                return x
+            keep = 1 - self.drop_prob
+            mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+            return x * mask / keep
+
+    layers.trunc_normal_, layers.DropPath = trunc_normal_, DropPath
+    layers.to_2tuple = lambda x: tuple(x) if isinstance(x, (tuple, list)) else (x, x)
+    timm.models, models.layers = models, layers
+    sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
+
+
+_CACHE: Dict[str, types.ModuleType] = {}
+
+
+def release_module(name: str) -> types.ModuleType:
+    """A module of the release (``models``, ``losses``, ``transformer.utils_quant``), imported
+    once under its own name with the release directory on ``sys.path``."""
+    if name in _CACHE:
+        return _CACHE[name]
+    rel = release_dir()
+    if rel is None:
+        raise FileNotFoundError("the authors' release is not in ../shared/reference/authors-release")
+    import transformers.activations  # noqa: F401  (imported before the timm stand-ins: it probes for timm)
+    import transformers.modeling_outputs  # noqa: F401
+
+    _timm_stand_ins()
+    if str(rel) not in sys.path:
+        sys.path.insert(0, str(rel))
+    if name.startswith("transformer."):
+        mod = importlib.import_module(name)
+    else:
+        spec = importlib.util.spec_from_file_location(f"bhvit_release_{name}", rel / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    _CACHE[name] = mod
+    return mod
+
+
+CONFIGS = {"tiny": "configs/BHViT_tiny", "small": "configs/BHViT"}
+
+
+def release_args(size: str = "tiny", **kw) -> argparse.Namespace:
+    """main_new.py's args for a model (its parser's defaults for what is not given)."""
+    d = dict(
+        model=CONFIGS[size],
+        model_type="dbhvit",
+        input_size=224,
+        nb_classes=1000,
+        drop_path=0.0,
+        replace_ln_bn=True,
+        shift3=True,
+        shift5=True,
+        some_fp=False,
+        gsb=False,
+        recu=False,
+        disable_layerscale=False,
+        enable_cls_token=False,
+        weight_bits=1,
+        input_bits=1,
+        lr=5e-4,
+        batch_size=128,
+        epochs=100,
+        regularization_loss=True,
+        teacher_model="configs/deit-small-patch16-224",
+    )
+    d.update(kw)
+    return argparse.Namespace(**d)
+
+
+def build_release(args: argparse.Namespace) -> nn.Module:
+    """The release's model, as main_new.py builds it (quietly: it prints per shift layer)."""
+    import contextlib
+    import io
+
+    models = release_module("models")
+    with contextlib.redirect_stdout(io.StringIO()):
+        return models.get_model(
+            args, str(release_dir() / args.model), args.model_type, args.weight_bits, args.input_bits
+        )
+
+
+@torch.no_grad()
+def randomise(model: nn.Module, seed: int) -> None:
+    """Every parameter and buffer to a random value of a plausible size (none keeps its
+    initial value): norms near 1, BatchNorm statistics, QD steps and zero points, the mixing
+    parameters, LayerScales (the shift ones start at 0 in the release) and the weights."""
+    g = torch.Generator().manual_seed(seed)
+
+    def u(t, lo, hi):
+        return torch.rand(t.shape, generator=g) * (hi - lo) + lo
+
+    def n(t, std):
+        return torch.randn(t.shape, generator=g) * std
+
+    for name, t in model.state_dict().items():
+        leaf, owner = name.rsplit(".", 1)[-1], name.rsplit(".", 2)[-2] if name.count(".") >= 1 else ""
+        if t.dtype == torch.int64:
+            t.fill_(int(torch.randint(1, 10_000, (), generator=g)))
+        elif leaf == "running_var":
+            t.copy_(u(t, 0.5, 2.0))
+        elif leaf == "running_mean":
+            t.copy_(n(t, 0.2))
+        elif leaf == "init_state":
+            t.fill_(1.0)
+        elif "att_prob_quantizer" in name and leaf == "alpha":
+            t.copy_(u(t, 0.4, 1.2))  # QD step
+        elif "att_prob_quantizer" in name and leaf == "zero_point":
+            t.copy_(u(t, -0.3, 0.3))
+        elif leaf in ("parm", "a1"):
+            t.copy_(u(t, 0.1, 0.9))
+        elif owner == "prelu":
+            t.copy_(u(t, 0.05, 0.5))
+        elif leaf == "alpha":  # LayerScales
+            t.copy_(n(t, 0.1) + (0.1 if "layerscale_" not in name else 0.0))
+        elif "norm" in owner and leaf == "weight":
+            t.copy_(1.0 + n(t, 0.2))
+        elif "position_embeddings" in leaf:
+            t.copy_(n(t, 0.05))
+        elif t.dim() >= 2:  # conv and linear weights
+            t.copy_(n(t, 0.05))
+        else:  # biases, moves
+            t.copy_(n(t, 0.1))
+
+
+def save_like_main_new(model: nn.Module, args: argparse.Namespace, path: Path, epoch: int = 99) -> Path:
+    """``torch.save`` of the dict main_new.py writes after each epoch."""
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    scheduler = {"t_initial": args.epochs, "lr_min": 1e-8, "base_values": [args.lr], "t_in_epochs": True}
+    scaler = {
+        "scale": 65536.0,
+        "growth_factor": 2.0,
+        "backoff_factor": 0.5,
+        "growth_interval": 2000,
+        "_growth_tracker": 0,
+    }
+    torch.save(
+        {
+            "model": model.state_dict(),
+            "optimizer": opt.state_dict(),
+            "lr_scheduler": scheduler,
+            "epoch": epoch,
+            "scaler": scaler,
+            "args": args,
+        },
+        path,
+    )
+    return path
+
+
+def cifar_test_jpegs(n: int) -> List[bytes]:
+    """The first ``n`` test JPEGs of each class of ../shared/data/cifar10-jpeg.tar.gz, in name order
+    (real photographs; 32x32, enlarged by the evaluation transform)."""
+    tar = shared_dir() / "data" / "cifar10-jpeg.tar.gz"
+    per_class: Dict[str, List] = {}
+    with tarfile.open(tar, "r:gz") as tf:
+        for m in tf:
+            parts = m.name.split("/")
+            if m.isfile() and len(parts) >= 3 and parts[-3] == "test":
+                per_class.setdefault(parts[-2], []).append((m.name, tf.extractfile(m).read()))
+            if len(per_class) == 10 and all(len(v) >= n for v in per_class.values()):
+                break
+    out = []
+    for c in sorted(per_class):
+        out += [b for _, b in sorted(per_class[c])[:n]]
+    return out
+
+
+# --- binarizer decisions, for explaining float32 differences -----------------------------
+class DecisionLog:
+    """Every activation binarizer's input in execution order, as ``(kind, tensor)``: ``"sign"``
+    with the sign's input, ``"qd"`` with QD's ``x / step + zero_point`` (rounded to a level)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def decisions(self, i):
+        kind, x = self.calls[i]
+        return x > 0 if kind == "sign" else x.round().clamp(0, 3)
+
+    def margin(self, i, where):
+        """Distance of the inputs at ``where`` from their threshold, relative to the tensor's RMS
+        (sign) or in QD steps (qd)."""
+        kind, x = self.calls[i]
+        if kind == "sign":
+            return float(x[where].abs().min() / x.pow(2).mean().sqrt())
+        return float(((x[where] - x[where].floor()) - 0.5).abs().min())
+
+
+def first_flip(log32: DecisionLog, log64: DecisionLog):
+    """``(call index, kind, flips in that call, margin in the float64 run)`` of the first
+    binarizer whose float32 decisions differ from float64's, or None."""
+    assert len(log32.calls) == len(log64.calls)
+    for i in range(len(log32.calls)):
+        d32, d64 = log32.decisions(i), log64.decisions(i)
+        where = d32 != d64
+        if where.any():
+            return i, log32.calls[i][0], int(where.sum()), log64.margin(i, where)
+    return None
+
+
+def record_bhvit(model, log: DecisionLog):
+    """Hooks on bhvit's SignActivation and QD modules; returns the handles."""
+    from bhvit.qd import QuantizationDecomposition
+    from bhvit.quantizers import SignActivation
+
+    def sign_hook(mod, inp):
+        log.calls.append(("sign", inp[0].detach().double()))
+
+    def qd_hook(mod, inp):
+        x = inp[0].detach().double() * mod.levels
+        y = x / mod.step.detach().double().view(1, -1, 1, 1) + mod.zero_point.detach().double().view(1, -1, 1, 1)
+        log.calls.append(("qd", y))
+
+    hs = []
+    for m in model.modules():
+        if isinstance(m, SignActivation):
+            hs.append(m.register_forward_pre_hook(sign_hook))
+        elif isinstance(m, QuantizationDecomposition):
+            hs.append(m.register_forward_pre_hook(qd_hook))
+    return hs
+
+
+class record_release:
+    """Context manager: the release's BinaryQuantizer (every activation sign) and QD modules
+    log their inputs into ``log``."""
+
+    def __init__(self, model, log: DecisionLog):
+        self.model, self.log = model, log
+
+    def __enter__(self):
+        uq = release_module("transformer.utils_quant")
+        self.uq, self.orig = uq, uq.BinaryQuantizer.forward
+        orig, log = self.orig, self.log
+
+        def forward(ctx, input):
+            log.calls.append(("sign", input.detach().double()))
+            return orig(ctx, input)
+
+        uq.BinaryQuantizer.forward = staticmethod(forward)
+
+        def qd_hook(mod, inp):
+            x = inp[0].detach().double()
+            a, z = mod.alpha.detach().double().view(1, -1, 1, 1), mod.zero_point.detach().double().view(1, -1, 1, 1)
+            log.calls.append(("qd", x / a + z))
+
+        self.hs = [
+            m.register_forward_pre_hook(qd_hook)
+            for m in self.model.modules()
+            if isinstance(m, uq.BinaryActivation_Attention)
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        self.uq.BinaryQuantizer.forward = staticmethod(self.orig)
+        for h in self.hs:
+            h.remove()
