@@ -40,6 +40,11 @@ def regularization_loss(model: nn.Module) -> torch.Tensor:
     return torch.stack(terms).mean()
 
 
+def _wide(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision logits (autocast) in float32; float32 and float64 as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def recipe_loss(
     logits: torch.Tensor,
     targets: torch.Tensor,
@@ -48,9 +53,10 @@ def recipe_loss(
     teacher_logits: Optional[torch.Tensor] = None,
     model: Optional[nn.Module] = None,
 ) -> torch.Tensor:
-    """``(1 - lam - beta) CE + lam KD + beta L_re``, in float32 whatever the logits' dtype.
+    """``(1 - lam - beta) CE + lam KD + beta L_re``, in float32 at least (half-precision
+    logits are widened).
     ``teacher_logits`` is needed when ``lam`` is nonzero, ``model`` when ``beta`` is."""
-    loss = (1.0 - lam - beta) * F.cross_entropy(logits.float(), targets)
+    loss = (1.0 - lam - beta) * F.cross_entropy(_wide(logits), targets)
     if lam:
         if teacher_logits is None:
             raise ConfigError("recipe_loss: lam > 0 needs the teacher's logits.")
@@ -59,7 +65,7 @@ def recipe_loss(
                 f"the teacher returned logits of shape {tuple(teacher_logits.shape)}, "
                 f"the student {tuple(logits.shape)}; it must predict the same classes."
             )
-        loss = loss + lam * kd_loss(logits.float(), teacher_logits.float())
+        loss = loss + lam * kd_loss(_wide(logits), _wide(teacher_logits))
     if beta:
         if model is None:
             raise ConfigError("recipe_loss: beta > 0 needs the model (for L_re).")

@@ -224,6 +224,27 @@ def _depths(sd: Dict[str, torch.Tensor]) -> Tuple[int, int, int, int]:
 _RELEASE_MODELS = {(2, 2, 6, 2): ("bhvit_tiny", "BHViT_tiny"), (3, 4, 8, 4): ("bhvit_small", "BHViT")}
 
 
+def refuse_unsupported(opts: Dict[str, Any]) -> None:
+    """A one-line refusal for the first release option bhvit does not implement."""
+    for flag, why in (
+        ("gsb", "the GSB attention quantizer"),
+        ("disable_layerscale", "BHViT without LayerScale"),
+    ):
+        if opts.get(flag):
+            raise CheckpointError(f"release option {_flag(flag)} ({why}) is not implemented in bhvit.")
+    for flag in ("weight_bits", "input_bits"):
+        if opts.get(flag) not in _BITS:
+            raise CheckpointError(
+                f"release option {_flag(flag)} {opts.get(flag)} is not implemented in bhvit "
+                "(1: binary, 32: full precision)."
+            )
+    if opts.get("input_size", 224) != 224:
+        raise CheckpointError(
+            f"release option --input-size {opts['input_size']}: the release's downsampling layers are "
+            "built for 224x224 inputs; bhvit converts only those."
+        )
+
+
 def release_config(opts: Dict[str, Any], depths: Tuple[int, ...], num_classes: int) -> BHViTConfig:
     """The bhvit config of a release model, or a one-line refusal naming the option."""
     if depths not in _RELEASE_MODELS:
@@ -242,23 +263,7 @@ def release_config(opts: Dict[str, Any], depths: Tuple[int, ...], num_classes: i
             f"the checkpoint's args name the model config {opts['model']!r}, but its weights have the "
             f"blocks of {release_name} ({list(depths)})."
         )
-    for flag, why in (
-        ("gsb", "the GSB attention quantizer"),
-        ("disable_layerscale", "BHViT without LayerScale"),
-    ):
-        if opts.get(flag):
-            raise CheckpointError(f"release option {_flag(flag)} ({why}) is not implemented in bhvit.")
-    for flag in ("weight_bits", "input_bits"):
-        if opts.get(flag) not in _BITS:
-            raise CheckpointError(
-                f"release option {_flag(flag)} {opts.get(flag)} is not implemented in bhvit "
-                "(1: binary, 32: full precision)."
-            )
-    if opts.get("input_size", 224) != 224:
-        raise CheckpointError(
-            f"release option --input-size {opts['input_size']}: the release's downsampling layers are "
-            "built for 224x224 inputs; bhvit converts only those."
-        )
+    refuse_unsupported(opts)
     sizes = tuple(k for k, on in ((1, opts.get("shift3")), (2, opts.get("shift5"))) if on)
     wb, ab = opts["weight_bits"] == 1, opts["input_bits"] == 1
     return get_config(
@@ -544,9 +549,10 @@ def convert_release(
                 raise ConfigError(
                     f"--{k.replace('_', '-')} {v} contradicts the checkpoint's args ({_flag(k)} {opts[k]})."
                 )
+        refuse_unsupported(opts)
         # what the names say must agree with the options (a clearer message than a missing key)
         for k, v in inferred.items():
-            if k != "nb_classes" and opts.get(k) != v and not (k == "input_bits" and opts.get(k) not in _BITS):
+            if k != "nb_classes" and opts.get(k) != v:
                 raise CheckpointError(
                     f"{src}: the weights were saved by a model with {_flag(k)} {_optval(v)}, but the checkpoint's "
                     f"args say {_optval(opts.get(k))}."

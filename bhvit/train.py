@@ -875,7 +875,7 @@ class _Stepper:
             t_logits = None
             if lam:
                 with torch.no_grad():
-                    t_logits = self.t_fwd(x).float()
+                    t_logits = self.t_fwd(x)  # recipe_loss widens half-precision logits
             loss = recipe_loss(logits, y, lam, beta, t_logits, _unwrap(self.model))
         return loss, logits
 

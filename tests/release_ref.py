@@ -62,6 +62,24 @@ def _timm_stand_ins() -> None:
     timm.models, models.layers = models, layers
     sys.modules.update({"timm": timm, "timm.models": models, "timm.models.layers": layers})
 
+    # engine.py names these in signatures and defaults; the training step of the tests uses none
+    def unused(name):
+        def fail(*a, **k):
+            raise NotImplementedError(f"timm.{name} is not available in bhvit's tests")
+
+        return type(name, (), {"__init__": fail})
+
+    for mod, names in (("loss", ("LabelSmoothingCrossEntropy", "SoftTargetCrossEntropy")), ("data", ("Mixup",))):
+        m = types.ModuleType(f"timm.{mod}")
+        for n in names:
+            setattr(m, n, unused(n))
+        setattr(timm, mod, m)
+        sys.modules[f"timm.{mod}"] = m
+    tu = types.ModuleType("timm.utils")
+    tu.ModelEma, tu.accuracy = unused("ModelEma"), unused("accuracy")
+    timm.utils = tu
+    sys.modules["timm.utils"] = tu
+
 
 _CACHE: Dict[str, types.ModuleType] = {}
 
@@ -82,6 +100,18 @@ def release_module(name: str) -> types.ModuleType:
         sys.path.insert(0, str(rel))
     if name.startswith("transformer."):
         mod = importlib.import_module(name)
+    elif name == "engine":  # it imports the release's utils.py as `utils`
+        utils, saved = release_module("utils"), sys.modules.get("utils")
+        sys.modules["utils"] = utils
+        try:
+            spec = importlib.util.spec_from_file_location("bhvit_release_engine", rel / "engine.py")
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+        finally:
+            if saved is None:
+                del sys.modules["utils"]
+            else:
+                sys.modules["utils"] = saved
     else:
         spec = importlib.util.spec_from_file_location(f"bhvit_release_{name}", rel / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
@@ -229,13 +259,17 @@ class DecisionLog:
 
     def decisions(self, i):
         kind, x = self.calls[i]
-        return x > 0 if kind == "sign" else x.round().clamp(0, 3)
+        if kind == "sign":  # bhvit: sign(0) = +1
+            return x >= 0
+        if kind == "tsign":  # the release: torch.sign, sign(0) = 0
+            return torch.sign(x)
+        return x.round().clamp(0, 3)
 
     def margin(self, i, where):
         """Distance of the inputs at ``where`` from their threshold, relative to the tensor's RMS
-        (sign) or in QD steps (qd)."""
+        (signs) or in QD steps (qd)."""
         kind, x = self.calls[i]
-        if kind == "sign":
+        if kind in ("sign", "tsign"):
             return float(x[where].abs().min() / x.pow(2).mean().sqrt())
         return float(((x[where] - x[where].floor()) - 0.5).abs().min())
 
@@ -250,6 +284,44 @@ def first_flip(log32: DecisionLog, log64: DecisionLog):
         if where.any():
             return i, log32.calls[i][0], int(where.sum()), log64.margin(i, where)
     return None
+
+
+def weight_flips(model32, model64, release: bool):
+    """The binary layers whose weight signs differ between a float32 model and its float64
+    copy: ``[(layer, flips, smallest margin)]``, the margin of a flipped weight being
+    ``|W - mean(W)|`` in float64 relative to the RMS of its output channel's centred row. The
+    signs are computed as each model computes them: bhvit's ``centred_signs`` (sign(0) = +1),
+    the release's ``torch.sign(W - mean(W))`` (its QuantizeLinear / QuantizeConv2d forward)."""
+    from bhvit.layers import binary_layers
+    from bhvit.quantizers import centred_signs
+
+    if release:
+        uq = release_module("transformer.utils_quant")
+
+        def layers(m):
+            kinds = (uq.QuantizeLinear, uq.QuantizeConv2d)
+            return [(n, x) for n, x in m.named_modules() if isinstance(x, kinds) and x.weight_bits == 1]
+
+        def signs(w):
+            dims = [1] if w.dim() == 2 else [1, 2, 3]
+            return torch.sign(w - w.mean(dims, keepdim=True))
+    else:
+
+        def layers(m):
+            keep = set(binary_layers(m))
+            return [(n, x) for n, x in m.named_modules() if x in keep]
+
+        signs = centred_signs
+    out = []
+    for (name, a), (_, b) in zip(layers(model32), layers(model64)):
+        w32, w64 = a.weight.detach(), b.weight.detach()
+        where = signs(w32) != signs(w64)
+        if where.any():
+            c = w64.reshape(len(w64), -1)
+            c = c - c.mean(1, keepdim=True)
+            rel = (c.abs() / c.pow(2).mean(1, keepdim=True).sqrt()).view(w64.shape)
+            out.append((name, int(where.sum()), float(rel[where].min())))
+    return out
 
 
 def record_bhvit(model, log: DecisionLog):
@@ -287,7 +359,7 @@ class record_release:
         orig, log = self.orig, self.log
 
         def forward(ctx, input):
-            log.calls.append(("sign", input.detach().double()))
+            log.calls.append(("tsign", input.detach().double()))
             return orig(ctx, input)
 
         uq.BinaryQuantizer.forward = staticmethod(forward)
@@ -308,3 +380,54 @@ class record_release:
         self.uq.BinaryQuantizer.forward = staticmethod(self.orig)
         for h in self.hs:
             h.remove()
+
+
+# --- one training step of the release ------------------------------------------------------
+class NativeScalerOnCPU:
+    """timm's NativeScaler as it behaves without CUDA (its GradScaler disabled): backward,
+    optional gradient clipping, optimizer step."""
+
+    def __call__(self, loss, optimizer, clip_grad=None, parameters=None, create_graph=False):
+        loss.backward(create_graph=create_graph)
+        if clip_grad is not None:
+            torch.nn.utils.clip_grad_norm_(list(parameters), clip_grad)
+        optimizer.step()
+
+
+def release_train_step(model, teacher, x, y, lr: float, regularization_loss: bool) -> float:
+    """One step of main_new.py's training with a teacher and no mixup: ``engine.train_one_epoch``
+    (loss: DistributionLoss to the teacher) or, with ``--regularization_loss``,
+    ``engine.train_one_epoch_L1`` (0.9 DistributionLoss + 0.1 L_re), AdamW as timm's
+    create_optimizer makes it for ``--opt adamw --weight-decay 0``. Returns the loss; the
+    gradients stay in ``.grad``."""
+    import contextlib
+    import io
+
+    engine, losses = release_module("engine"), release_module("losses")
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, eps=1e-8, weight_decay=0.0)
+    step = engine.train_one_epoch_L1 if regularization_loss else engine.train_one_epoch
+    sync = torch.cuda.synchronize
+    torch.cuda.synchronize = lambda *a, **k: None  # the loop synchronises CUDA after each step
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), torch.autocast("cpu", enabled=False):
+            import warnings
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.cuda.amp.autocast without CUDA
+                stats = step(
+                    model,
+                    teacher,
+                    losses.DistributionLoss(),
+                    None,
+                    [(x, y)],
+                    opt,
+                    torch.device("cpu"),
+                    0,
+                    NativeScalerOnCPU(),
+                    None,
+                    None,
+                    None,
+                )
+    finally:
+        torch.cuda.synchronize = sync
+    return stats["loss"]
