@@ -17,9 +17,7 @@ import hashlib
 import json
 import os
 import pickle
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
