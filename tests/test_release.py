@@ -36,8 +36,6 @@ from bhvit.release import (
 )
 
 needs_release = pytest.mark.skipif(R.release_dir() is None, reason="../shared/reference/authors-release is absent")
-TOL = 1e-4  # float32: largest logit difference / largest |logit|
-TOL64 = 1e-9
 
 
 # --- a release-format state dict without the release's code (for the refusals) --------------
@@ -212,78 +210,12 @@ def _real_images(tmp_path, n_per_class):
     return out
 
 
-def _logits(model, x, release):
-    with torch.no_grad():
-        return model(x).logits if release else model(x)
-
-
-def _explain(rel, ours, x, twins):
-    """Why an input's float32 logits differ: for each model, its binary weights whose float32
-    sign differs from float64's, and its first activation binarizer (sign or QD level)
-    whose float32 decision differs from float64's, with their margins."""
-    found = {}
-    for name, model, release in (("release", rel, True), ("bhvit", ours, False)):
-        m64 = twins[name]
-        logs = []
-        for m in (model, m64):
-            log = R.DecisionLog()
-            if release:
-                with R.record_release(m, log):
-                    _logits(m, x.to(next(m.parameters()).dtype), True)
-            else:
-                hs = R.record_bhvit(m, log)
-                _logits(m, x.to(next(m.parameters()).dtype), False)
-                for h in hs:
-                    h.remove()
-            logs.append(log)
-        found[name] = {"weights": R.weight_flips(model, m64, release), "first": R.first_flip(*logs)}
-    return found
-
-
-def compare(rel, ours, inputs, n64=2):
-    """Per input (batch 1): float32 relative logit difference and top-1 agreement; the
-    exceptions beyond TOL with their explanation; float64 agreement on the first ``n64``."""
-    twins = {"release": copy.deepcopy(rel).double(), "bhvit": copy.deepcopy(ours).double()}
-    rows = []
-    for i, x in enumerate(inputs):
-        x = x.reshape(1, 3, 224, 224)
-        a, b = _logits(rel, x, True), _logits(ours, x, False)
-        row = {"rel": float((a - b).abs().max() / a.abs().max()), "top1": int(a.argmax()) == int(b.argmax())}
-        if row["rel"] > TOL or i < n64:
-            a64, b64 = _logits(twins["release"], x.double(), True), _logits(twins["bhvit"], x.double(), False)
-            row["rel64"] = float((a64 - b64).abs().max() / a64.abs().max())
-        if row["rel"] > TOL:
-            row["why"] = _explain(rel, ours, x, twins)
-        rows.append(row)
-    return rows
-
-
-def check(rows):
-    """The issue's requirements on a set of compared inputs."""
-    agree = sum(r["top1"] for r in rows) / len(rows)
-    assert agree >= 0.995, rows
-    for r in rows:
-        if "rel64" in r:
-            assert r["rel64"] < TOL64, r  # the same computation: exact arithmetic agrees
-        if r["rel"] > TOL:
-            # an exception: a float32 binarizer decision of one of the models differs from
-            # float64's, and it sat within float rounding of its threshold: a weight sign, or
-            # (with no weight flipped in that model) the first activation decision
-            why = [w for w in r["why"].values() if w["weights"] or w["first"]]
-            assert why, r
-            for w in why:
-                for _, _, margin in w["weights"]:
-                    assert margin < 1e-5, r
-                if not w["weights"]:
-                    assert w["first"][3] < 1e-4, r
-
-
 @needs_release
 def test_tiny_binary_matches_the_release_on_random_and_real_images(tmp_path):
     rel, ours = _converted(tmp_path, "tiny", seed=1, nb_classes=10)
     g = torch.Generator().manual_seed(0)
     inputs = [torch.randn(3, 224, 224, generator=g) for _ in range(3)] + _real_images(tmp_path, 1)[:3]
-    check(compare(rel, ours, inputs))
+    R.check(R.compare(rel, ours, inputs))
 
 
 CONFIGS = [
@@ -308,7 +240,7 @@ def test_release_configurations_match(tmp_path, size, opts):
     rel, ours = _converted(tmp_path, size, seed=2, **opts)
     g = torch.Generator().manual_seed(1)
     inputs = [torch.randn(3, 224, 224, generator=g) for _ in range(4)] + _real_images(tmp_path, 1)[:4]
-    check(compare(rel, ours, inputs))
+    R.check(R.compare(rel, ours, inputs))
 
 
 # --- one training step, against the release's engine ----------------------------------------
