@@ -210,3 +210,35 @@ def test_aarch64_neon_under_qemu(build, tmp_path):
             got = _logits(_demo(demo, tmp_path / "exp", x, "--batch", "4", "--kernels", kernels))
             assert (got.argmax(1) == x86.argmax(1)).all()
             _check(got, x86)
+
+
+@pytest.mark.skipif(__import__("release_ref").release_dir() is None, reason="needs ../shared (the authors' release)")
+def test_converted_release_model_gives_pytorchs_top1_in_python_and_c(build, tmp_path):
+    """The authors' BHViT-Tiny (random weights, their code's file format), converted and exported:
+    on real photographs prepared with the release's evaluation transform, bhvit.runtime and the C
+    demo (pixels 0..255, --normalize with the manifest's ImageNet mean/std) pick PyTorch's class."""
+    import release_ref as R
+    from bhvit.checkpoint import load_model
+    from bhvit.release import convert_release
+    from bhvit.runtime.image import decode_image, normalize_images
+
+    args = R.release_args("tiny", nb_classes=10)
+    rel = R.build_release(args)
+    R.randomise(rel, 5)
+    convert_release(R.save_like_main_new(rel, args, tmp_path / "c.pth"), tmp_path / "conv")
+    model, doc = load_model(tmp_path / "conv")
+    export_model(model, tmp_path / "exp", data=doc["data"])
+    files = []
+    for i, jpeg in enumerate(R.cifar_test_jpegs(1)):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(jpeg)
+    data = doc["data"]
+    pixels = np.stack([decode_image(f, 3, 224, resize=256, interpolation="bicubic") for f in files])
+    x = normalize_images(pixels, data["mean"], data["std"])
+    with torch.no_grad():
+        want = model(torch.from_numpy(x)).argmax(1).numpy()
+    rt = runtime.load(tmp_path / "exp")
+    assert np.array_equal(rt.preprocess(files), x)  # the manifest carries the transform
+    assert np.array_equal(rt(x).argmax(1), want)
+    out = _demo([str(build / "bhvit_run")], tmp_path / "exp", pixels.astype(np.float32), "--normalize")
+    assert np.array_equal(_logits(out).argmax(1), want)

@@ -306,6 +306,12 @@ def test_fused_packing_reports_nan_on_every_backend():
         ({"mean": "0.5", "std": [1, 1, 1]}, r"data mean must be a list of 3 numbers"),
         ({"classes": ["a", "b", "c"]}, r"data classes has 3 names for the model's 10 classes"),
         ({"classes": [1] * 10}, r"data classes must be a list of strings"),
+        ({"resize": 16}, r"data resize must be an integer from img_size \(32\) to 65536, got 16"),
+        ({"resize": 36.0}, r"data resize must be an integer from img_size \(32\) to 65536, got 36.0"),
+        ({"resize": True}, r"data resize must be an integer"),
+        ({"resize": 70000}, r"data resize must be an integer from img_size \(32\) to 65536"),
+        ({"interpolation": "nearest"}, r"data interpolation must be one of \['bilinear', 'bicubic'\], got 'nearest'"),
+        ({"interpolation": 3}, r"data interpolation must be one of"),
     ],
 )
 def test_bad_data_entry_is_refused_by_load_and_by_export(exp, tmp_path, data, message):

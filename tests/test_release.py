@@ -18,6 +18,7 @@ import json
 import os
 import pickle
 
+import numpy as np
 import pytest
 import torch
 
@@ -325,3 +326,57 @@ def test_one_training_step_matches_the_release(tmp_path, with_lre):
         # AdamW's first step is lr * g / (|g| + eps): a rounding-size gradient (a bias before
         # BatchNorm) moves by up to lr, so the bound is in units of lr
         assert float((t.double() - state_r[name].double()).abs().max()) <= 1e-6 * lr, name
+
+
+# --- the release's evaluation transform -------------------------------------------------------
+def _photo(w, h, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), "RGB")
+
+
+@pytest.mark.parametrize(
+    "w,h,resized,box",
+    [
+        # torchvision: the shorter side to 256, the longer int(256 * long / short); crop offsets
+        # int(round((side - 224) / 2)), Python's round half to even
+        (300, 257, (298, 256), (37, 16)),  # 256 * 300 / 257 = 298.8 -> 298; (298 - 224) / 2 = 37
+        (257, 300, (256, 298), (16, 37)),  # portrait
+        (257, 256, None, (16, 16)),  # already 256 on the shorter side: no resampling; 33 / 2 -> 16
+        (259, 256, None, (18, 16)),  # 35 / 2 = 17.5 -> 18 (half to even)
+        (640, 480, (341, 256), (58, 16)),  # 341.33 -> 341; 117 / 2 = 58.5 -> 58
+    ],
+)
+def test_release_eval_transform_is_torchvisions_on_pil_images(w, h, resized, box):
+    from PIL import Image
+
+    from bhvit.runtime.image import resize_centre_crop
+
+    im = _photo(w, h)
+    ref = im.resize(resized, Image.BICUBIC) if resized else im  # torchvision's Resize on PIL: Image.resize
+    left, top = box
+    want = np.asarray(ref.crop((left, top, left + 224, top + 224)))
+    got = np.asarray(resize_centre_crop(im, 224, 256, "bicubic"))
+    assert got.shape == (224, 224, 3) and np.array_equal(got, want)
+
+
+def test_release_eval_input_is_totensor_and_normalize(tmp_path):
+    """``prepare_image`` with a converted checkpoint's data: ToTensor (/255) then Normalize with
+    ImageNet's mean/std, to float32 rounding; greyscale files become RGB as the release's loader
+    makes them."""
+    from PIL import Image
+
+    from bhvit.runtime.image import prepare_image
+
+    assert RELEASE_EVAL(224)["resize"] == 256 and RELEASE_EVAL(384)["resize"] == 438  # int(256 / 224 * size)
+    im = _photo(500, 375)
+    im.save(tmp_path / "a.png")
+    crop = np.asarray(im.resize((341, 256), Image.BICUBIC).crop((58, 16, 282, 240)), np.float32)
+    want = (crop / 255 - np.array(IMAGENET_MEAN, np.float32)) / np.array(IMAGENET_STD, np.float32)
+    got = prepare_image(tmp_path / "a.png", 3, 224, RELEASE_EVAL())
+    assert np.abs(got.transpose(1, 2, 0) - want).max() < 1e-5
+    im.convert("L").save(tmp_path / "g.png")
+    grey = prepare_image(tmp_path / "g.png", 3, 224, RELEASE_EVAL())
+    rgb = np.asarray(im.convert("L").convert("RGB").resize((341, 256), Image.BICUBIC).crop((58, 16, 282, 240)))
+    assert np.abs(grey.transpose(1, 2, 0) - (rgb / 255 - IMAGENET_MEAN) / IMAGENET_STD).max() < 1e-5
