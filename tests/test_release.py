@@ -380,3 +380,30 @@ def test_release_eval_input_is_totensor_and_normalize(tmp_path):
     grey = prepare_image(tmp_path / "g.png", 3, 224, RELEASE_EVAL())
     rgb = np.asarray(im.convert("L").convert("RGB").resize((341, 256), Image.BICUBIC).crop((58, 16, 282, 240)))
     assert np.abs(grey.transpose(1, 2, 0) - (rgb / 255 - IMAGENET_MEAN) / IMAGENET_STD).max() < 1e-5
+
+
+@pytest.mark.slow
+def test_a_converted_checkpoint_starts_and_teaches_a_bhvit_run(tmp_path, capsys):
+    """``train --init-from`` and ``train --teacher`` take a converted checkpoint as it is: every
+    tensor is copied (same model, same classes) and the teacher distils at 224."""
+    from PIL import Image
+
+    from bhvit.cli import main
+
+    cfg = _tiny_cfg()
+    convert_release(_save(tmp_path, _release_state(cfg), R.release_args(nb_classes=10)), tmp_path / "conv")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 2), ("val", 1)):
+        for c in range(10):
+            (tmp_path / "data" / split / f"c{c}").mkdir(parents=True)
+            for i in range(n):
+                px = rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)
+                Image.fromarray(px).save(tmp_path / "data" / split / f"c{c}" / f"{i}.png")
+    conv = str(tmp_path / "conv")
+    argv = ["train", "--model", "bhvit_tiny", "--data", "imagefolder", "--data-dir", str(tmp_path / "data")]
+    argv += ["--init-from", conv, "--teacher", conv, "--max-steps", "1", "--batch-size", "2", "--test-subset", "2"]
+    argv += ["--epochs", "1", "--threads", "2", "--out", str(tmp_path / "run"), "--no-progress"]
+    assert main(argv) == 0
+    out = capsys.readouterr()
+    assert "initialised 1139 of 1139 tensors from" in out.out + out.err
+    assert "normalising with the teacher's statistics (mean (0.485000, 0.456000, 0.406000)" in out.out + out.err
