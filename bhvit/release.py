@@ -252,17 +252,7 @@ def release_config(opts: Dict[str, Any], depths: Tuple[int, ...], num_classes: i
             f"blocks per stage {list(depths)} are neither BHViT-Tiny's [2, 2, 6, 2] nor BHViT-Small's "
             "[3, 4, 8, 4], the release's two model configs."
         )
-    name, release_name = _RELEASE_MODELS[depths]
-    given = Path(opts.get("model") or "").name
-    if (
-        given
-        and given.lower() in {v[1].lower() for v in _RELEASE_MODELS.values()}
-        and given.lower() != (release_name.lower())
-    ):
-        raise CheckpointError(
-            f"the checkpoint's args name the model config {opts['model']!r}, but its weights have the "
-            f"blocks of {release_name} ({list(depths)})."
-        )
+    name = _RELEASE_MODELS[depths][0]
     refuse_unsupported(opts)
     sizes = tuple(k for k, on in ((1, opts.get("shift3")), (2, opts.get("shift5"))) if on)
     wb, ab = opts["weight_bits"] == 1, opts["input_bits"] == 1
@@ -520,24 +510,9 @@ def _jsonable(v: Any, depth: int = 0) -> Any:
     return repr(v)[:200]
 
 
-def convert_release(
-    src: Union[str, Path],
-    out: Union[str, Path],
-    weight_bits: Optional[int] = None,
-    input_bits: Optional[int] = None,
-    log: Callable[[str], None] = lambda s: None,
-) -> Dict[str, Any]:
-    """Convert the release checkpoint ``src`` into the bhvit checkpoint directory ``out``
-    (``best.json`` + ``release.safetensors``); returns a summary.
-
-    ``weight_bits`` / ``input_bits`` (1 or 32) are needed for a bare state dict, which has no
-    ``args``; with ``args`` they must agree with it."""
-    src, out = Path(src), Path(out)
-    if (out / "best.json").exists() or (out / "last.json").exists():
-        raise CheckpointError(f"{out} already holds a checkpoint; choose another output directory.")
-    obj, sha, size = read_release_file(src)
-    sd, args, epoch = _state_dict_of(obj, src)
-    inferred = options_from_keys(sd)
+def _resolve_options(src: Path, args: Any, inferred: Dict[str, Any], weight_bits, input_bits) -> ReleaseOptions:
+    """The release options of the model: the checkpoint's ``args`` (which the state dict's
+    names must agree with), or for a bare state dict its names and the given bit widths."""
     given = {k: v for k, v in (("weight_bits", weight_bits), ("input_bits", input_bits)) if v is not None}
     for k, v in given.items():
         if v not in _BITS:
@@ -557,20 +532,42 @@ def convert_release(
                     f"{src}: the weights were saved by a model with {_flag(k)} {_optval(v)}, but the checkpoint's "
                     f"args say {_optval(opts.get(k))}."
                 )
-    else:
-        if "weight_bits" not in given:
-            raise ConfigError(
-                f"{src}: a bare state dict does not record the weights' bit width; pass --weight-bits 1 "
-                "(binary) or 32 (full precision), as the model was trained."
-            )
-        opts = ReleaseOptions(_DEFAULTS)
-        opts.update(inferred)
-        opts.update(given)
-        if "input_bits" in given and inferred.get("input_bits", given["input_bits"]) != given["input_bits"]:
-            raise ConfigError(
-                f"--input-bits {given['input_bits']} contradicts the state dict, whose attention "
-                f"{'has' if inferred['input_bits'] == 1 else 'has no'} activation quantizer."
-            )
+        return opts
+    if "weight_bits" not in given:
+        raise ConfigError(
+            f"{src}: a bare state dict does not record the weights' bit width; pass --weight-bits 1 "
+            "(binary) or 32 (full precision), as the model was trained."
+        )
+    if "input_bits" in given and inferred.get("input_bits", given["input_bits"]) != given["input_bits"]:
+        raise ConfigError(
+            f"--input-bits {given['input_bits']} contradicts the state dict, whose attention "
+            f"{'has' if inferred['input_bits'] == 1 else 'has no'} activation quantizer."
+        )
+    opts = ReleaseOptions(_DEFAULTS)
+    opts.update(inferred)
+    opts.update(given)
+    return opts
+
+
+def convert_release(
+    src: Union[str, Path],
+    out: Union[str, Path],
+    weight_bits: Optional[int] = None,
+    input_bits: Optional[int] = None,
+    log: Callable[[str], None] = lambda s: None,
+) -> Dict[str, Any]:
+    """Convert the release checkpoint ``src`` into the bhvit checkpoint directory ``out``
+    (``best.json`` + ``release.safetensors``); returns a summary.
+
+    ``weight_bits`` / ``input_bits`` (1 or 32) are needed for a bare state dict, which has no
+    ``args``; with ``args`` they must agree with it."""
+    src, out = Path(src), Path(out)
+    if (out / "best.json").exists() or (out / "last.json").exists():
+        raise CheckpointError(f"{out} already holds a checkpoint; choose another output directory.")
+    obj, sha, size = read_release_file(src)
+    sd, args, epoch = _state_dict_of(obj, src)
+    inferred = options_from_keys(sd)
+    opts = _resolve_options(src, args, inferred, weight_bits, input_bits)
     classes = inferred.get("nb_classes")
     if classes is None:
         raise CheckpointError(f"{src}: the state dict has no classifier.weight; not a BHViT release checkpoint.")
@@ -578,7 +575,13 @@ def convert_release(
         raise CheckpointError(
             f"{src}: the checkpoint's args say {opts['nb_classes']} classes, its classifier has {classes}."
         )
-    cfg = release_config(opts, _depths(sd), classes)
+    depths = _depths(sd)
+    cfg = release_config(opts, depths, classes)
+    name = _RELEASE_MODELS[depths][0]
+    config_name = Path(opts.get("model") or "").name
+    if config_name and config_name.lower() != _RELEASE_MODELS[depths][1].lower():
+        # the config file lives on the machine that trained; the weights decide
+        log(f"note: the checkpoint's args name the model config {opts['model']!r}; its weights are {name}'s")
     state = convert_state_dict(sd, cfg)
     for k, t in state.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
@@ -590,7 +593,7 @@ def convert_release(
         "file": src.name,
         "bytes": size,
         "sha256": sha,
-        "model_config": Path(opts.get("model") or "").name or None,
+        "model_config": config_name or None,
         "options": {k: opts[k] for k in opts.flag_names},
     }
     if epoch is not None:
@@ -598,7 +601,6 @@ def convert_release(
     if args is not None:
         raw = vars(args) if isinstance(args, argparse.Namespace) else args
         source["args"] = {str(k)[:100]: _jsonable(v) for k, v in list(raw.items())[:500]}
-    name = {(2, 2, 6, 2): "bhvit_tiny", (3, 4, 8, 4): "bhvit_small"}[tuple(cfg.depths)]
     doc = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

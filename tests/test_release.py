@@ -114,7 +114,6 @@ def test_bare_state_dict_reads_options_from_names_and_needs_the_weight_bits(tmp_
         (dict(replace_ln_bn=False), r"saved by a model with --replace-ln-bn on, but the checkpoint's args say off"),
         (dict(shift3=False), r"saved by a model with --shift3 on, but the checkpoint's args say off"),
         (dict(nb_classes=1000), r"args say 1000 classes, its classifier has 10"),
-        (dict(model="configs/BHViT"), r"args name the model config 'configs/BHViT', but its weights have the blocks"),
     ],
 )
 def test_options_bhvit_does_not_implement_are_refused_by_name(tmp_path, opts, message):
@@ -122,6 +121,13 @@ def test_options_bhvit_does_not_implement_are_refused_by_name(tmp_path, opts, me
     with pytest.raises((CheckpointError, ConfigError), match=message):
         convert_release(p, tmp_path / "out")
     assert not (tmp_path / "out" / "best.json").exists()
+
+
+def test_the_weights_decide_between_tiny_and_small(tmp_path):
+    notes = []
+    p = _save(tmp_path, _release_state(_tiny_cfg()), R.release_args(nb_classes=10, model="configs/BHVIT"))
+    assert convert_release(p, tmp_path / "out", log=notes.append)["model"] == "bhvit_tiny"
+    assert notes[0] == "note: the checkpoint's args name the model config 'configs/BHVIT'; its weights are bhvit_tiny's"
 
 
 def test_state_dicts_that_do_not_fit_name_the_first_mismatch(tmp_path):
