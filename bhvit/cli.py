@@ -125,7 +125,7 @@ def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .checkpoint import load_model
-    from .data import load_dataset
+    from .data import DATASETS, image_folder_root, load_dataset
     from .train import evaluate
 
     import torch
@@ -149,17 +149,16 @@ def cmd_eval(args) -> int:
     loader = None
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
-    if name == "imagefolder" and ("resize" in data or "interpolation" in data):
+    folder = image_folder_root(name, args.data_dir) if name in DATASETS else None
+    if folder is not None and ("resize" in data or "interpolation" in data):
         # the checkpoint records its evaluation transform (e.g. a converted release model): the
         # images are decoded per batch with it, never all at once (ImageNet's 50,000 would not fit)
         from .runtime.image import eval_transform
         from .stream import StreamingImageFolder, StreamLoader
 
-        if args.data_dir is None:
-            raise ConfigError("--data-dir is required for --data imagefolder.")
         resize, interpolation = eval_transform(data, cfg.img_size)
         ds = StreamingImageFolder(
-            Path(args.data_dir),
+            folder,
             args.split,
             cfg.in_chans,
             cfg.img_size,

@@ -413,3 +413,31 @@ def test_a_converted_checkpoint_starts_and_teaches_a_bhvit_run(tmp_path, capsys)
     out = capsys.readouterr()
     assert "initialised 1139 of 1139 tensors from" in out.out + out.err
     assert "normalising with the teacher's statistics (mean (0.485000, 0.456000, 0.406000)" in out.out + out.err
+
+
+def test_eval_of_a_converted_checkpoint_uses_the_release_transform(tmp_path, capsys):
+    """``bhvit eval CONVERTED --data-dir FOLDER`` needs no other flag: the logits it saves are the
+    model's on ``prepare_image`` (the recorded resize 256, bicubic, crop, ImageNet statistics)."""
+    from PIL import Image
+
+    from bhvit.cli import main
+    from bhvit.runtime.image import prepare_image
+
+    convert_release(_save(tmp_path, _release_state(_tiny_cfg()), R.release_args(nb_classes=10)), tmp_path / "conv")
+    files = []
+    for c in range(10):
+        d = tmp_path / "data" / "val" / f"c{c}"
+        d.mkdir(parents=True)
+        files.append(d / "a.png")
+        _photo(300 + 7 * c, 257, seed=c).save(files[-1])
+    args = ["eval", str(tmp_path / "conv"), "--data-dir", str(tmp_path / "data"), "--no-progress"]
+    assert main(args + ["--save-logits", str(tmp_path / "l.npz"), "--batch-size", "4"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["count"] == 10 and res["data"] == "imagefolder"
+    model, doc = load_model(tmp_path / "conv")
+    x = torch.from_numpy(np.stack([prepare_image(f, 3, 224, doc["data"]) for f in files]))
+    with torch.no_grad():
+        want = model(x).numpy()
+    got = np.load(tmp_path / "l.npz")["logits"]
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max()
+    assert Image.open(files[0]).size == (300, 257)
