@@ -121,11 +121,52 @@ def cmd_recipe(args) -> int:
     return 0
 
 
+def _eval_dataset(args, name, data, cfg, seed):
+    """The dataset ``bhvit eval`` scores, and its loader when it is streamed: an ImageFolder
+    with the checkpoint's recorded evaluation transform (e.g. a converted release model) is
+    decoded batch by batch with it, never all at once (ImageNet's 50,000 images would not fit);
+    anything else is decoded into memory as in training."""
+    from .data import DATASETS, image_folder_root, load_dataset
+
+    if args.workers < 0:
+        raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
+    folder = image_folder_root(name, args.data_dir) if name in DATASETS else None
+    if folder is not None and ("resize" in data or "interpolation" in data):
+        from .runtime.image import eval_transform
+        from .stream import StreamingImageFolder, StreamLoader
+
+        resize, interpolation = eval_transform(data, cfg.img_size)
+        ds = StreamingImageFolder(
+            folder,
+            args.split,
+            cfg.in_chans,
+            cfg.img_size,
+            classes=data.get("classes"),
+            subset=args.subset,
+            seed=seed,
+            skip_bad=args.skip_bad,
+            resize=resize,
+            interpolation=interpolation,
+        )
+        return ds, StreamLoader(ds, train=False, workers=args.workers)
+    ds = load_dataset(
+        name,
+        args.split,
+        args.data_dir,
+        channels=cfg.in_chans,
+        size=cfg.img_size,
+        skip_bad=args.skip_bad,
+        cache_dir=args.cache_dir,
+        classes=data.get("classes"),
+    )
+    return (ds.subset(args.subset, seed) if args.subset else ds), None
+
+
 def cmd_eval(args) -> int:
     from pathlib import Path
 
     from .checkpoint import load_model
-    from .data import DATASETS, image_folder_root, load_dataset
+    from .data import load_dataset
     from .train import evaluate
 
     import torch
@@ -146,43 +187,7 @@ def cmd_eval(args) -> int:
         raise ConfigError("--data is required: the checkpoint does not name its dataset.")
     cfg = model.cfg
     seed = doc.get("train_config", {}).get("seed", 0)  # --subset: the same images as training's --test-subset N
-    loader = None
-    if args.workers < 0:
-        raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
-    folder = image_folder_root(name, args.data_dir) if name in DATASETS else None
-    if folder is not None and ("resize" in data or "interpolation" in data):
-        # the checkpoint records its evaluation transform (e.g. a converted release model): the
-        # images are decoded per batch with it, never all at once (ImageNet's 50,000 would not fit)
-        from .runtime.image import eval_transform
-        from .stream import StreamingImageFolder, StreamLoader
-
-        resize, interpolation = eval_transform(data, cfg.img_size)
-        ds = StreamingImageFolder(
-            folder,
-            args.split,
-            cfg.in_chans,
-            cfg.img_size,
-            classes=data.get("classes"),
-            subset=args.subset,
-            seed=seed,
-            skip_bad=args.skip_bad,
-            resize=resize,
-            interpolation=interpolation,
-        )
-        loader = StreamLoader(ds, train=False, workers=args.workers)
-    else:
-        ds = load_dataset(
-            name,
-            args.split,
-            args.data_dir,
-            channels=cfg.in_chans,
-            size=cfg.img_size,
-            skip_bad=args.skip_bad,
-            cache_dir=args.cache_dir,
-            classes=data.get("classes"),
-        )
-        if args.subset:
-            ds = ds.subset(args.subset, seed)
+    ds, loader = _eval_dataset(args, name, data, cfg, seed)
     if ds.num_classes != cfg.num_classes:
         raise ConfigError(f"dataset has {ds.num_classes} classes but the model has {cfg.num_classes}.")
     if "mean" in data:
