@@ -2,6 +2,7 @@
 messages and summaries."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,20 @@ def test_predict_says_which_images_it_converted(fmnist, tmp_path, capsys):
         f"{tmp_path / 'big.png'}: shorter side resized to 28 (bilinear) and centre-cropped from 56x40 RGB to 28x28 L"
     ]
     assert cap.out.count("same.png") == 1 and cap.out.count("big.png") == 1
+    # --classes: one name per line for the model's classes (an ImageNet export has none)
+    names = tmp_path / "names.txt"
+    names.write_text("".join(f"kind {i}\n" for i in range(10)))
+    assert main(["predict", str(tmp_path / "exp"), str(tmp_path / "same.png"), "--classes", str(names)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("  kind ") == 5 and "t-shirt" not in out
+    for text, message in (
+        ("a\nb\n", r"--classes .*names.txt: 2 lines, but the model has 10 classes \(one name per line\)"),
+        ("x\n" * 9 + "evil\x1b[2J\n", r"--classes .*names.txt: line 10 holds a control character"),
+    ):
+        names.write_text(text)
+        assert main(["predict", str(tmp_path / "exp"), str(tmp_path / "same.png"), "--classes", str(names)]) == 2
+        err = capsys.readouterr().err
+        assert re.search(message, err) and len(err.strip().splitlines()) == 1
 
 
 def test_eval_on_a_recipe_root_points_at_its_stages(tmp_path):
