@@ -467,18 +467,27 @@ def _explain(rel, ours, x, twins):
     return found
 
 
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max())
+
+
 def compare(rel, ours, inputs, n64=2):
-    """Per input (batch 1): float32 relative logit difference and top-1 agreement; the
-    exceptions beyond TOL with their explanation; float64 agreement on the first ``n64``."""
+    """Per input (batch 1): the float32 relative logit difference and top-1 agreement; the
+    exceptions beyond TOL with their explanation. On the first ``n64`` inputs (and every
+    exception) also float64: the two models against each other (``rel64``, ``top1_64``), and
+    each float32 model against the release in float64, the exact result (``release_vs_exact``,
+    ``bhvit_vs_exact``: relative difference, top-1 agreement)."""
     twins = {"release": copy.deepcopy(rel).double(), "bhvit": copy.deepcopy(ours).double()}
     rows = []
     for i, x in enumerate(inputs):
         x = x.reshape(1, 3, 224, 224)
         a, b = _logits(rel, x, True), _logits(ours, x, False)
-        row = {"rel": float((a - b).abs().max() / a.abs().max()), "top1": int(a.argmax()) == int(b.argmax())}
+        row = {"rel": _rel(b, a), "top1": int(a.argmax()) == int(b.argmax())}
         if row["rel"] > TOL or i < n64:
             a64, b64 = _logits(twins["release"], x.double(), True), _logits(twins["bhvit"], x.double(), False)
-            row["rel64"] = float((a64 - b64).abs().max() / a64.abs().max())
+            row["rel64"], row["top1_64"] = _rel(b64, a64), int(a64.argmax()) == int(b64.argmax())
+            row["release_vs_exact"] = (_rel(a.double(), a64), int(a.argmax()) == int(a64.argmax()))
+            row["bhvit_vs_exact"] = (_rel(b.double(), a64), int(b.argmax()) == int(a64.argmax()))
         if row["rel"] > TOL:
             row["why"] = _explain(rel, ours, x, twins)
         rows.append(row)
@@ -486,20 +495,23 @@ def compare(rel, ours, inputs, n64=2):
 
 
 def check(rows):
-    """The issue's requirements on a set of compared inputs."""
-    agree = sum(r["top1"] for r in rows) / len(rows)
-    assert agree >= 0.995, rows
+    """What the tests require of a set of compared inputs: in float64 the same logits (to
+    TOL_64) and the same top-1 on every input; in float32 the logits within TOL and the same
+    top-1 on every input but the exceptions, each of which has a float32 binarizer decision
+    of one of the models that differs from float64's and sat within float rounding of its
+    threshold (a weight sign, or, with no weight flipped in that model, the first activation
+    decision). How often exceptions change the top-1 is measured by
+    benchmarks/release_equivalence.py, with the release's own float32 error as the baseline."""
     for r in rows:
         if "rel64" in r:
-            assert r["rel64"] < TOL_64, r  # the same computation: exact arithmetic agrees
-        if r["rel"] > TOL:
-            # an exception: a float32 binarizer decision of one of the models differs from
-            # float64's, and it sat within float rounding of its threshold: a weight sign, or
-            # (with no weight flipped in that model) the first activation decision
-            why = [w for w in r["why"].values() if w["weights"] or w["first"]]
-            assert why, r
-            for w in why:
-                for _, _, margin in w["weights"]:
-                    assert margin < 1e-5, r
-                if not w["weights"]:
-                    assert w["first"][3] < 1e-4, r
+            assert r["rel64"] < TOL_64 and r["top1_64"], r
+        if r["rel"] <= TOL:
+            assert r["top1"], r
+            continue
+        why = [w for w in r["why"].values() if w["weights"] or w["first"]]
+        assert why, r
+        for w in why:
+            for _, _, margin in w["weights"]:
+                assert margin < 1e-5, r
+            if not w["weights"]:
+                assert w["first"][3] < 1e-5, r
