@@ -88,12 +88,25 @@ class Dataset:
             return self
         return Dataset(self.images[idx], self.labels[idx], self.classes, self.skipped, self.source)
 
-    def channel_stats(self) -> Tuple[List[float], List[float]]:
-        """Per-channel mean and std of the pixels scaled to [0, 1]."""
-        x = self.images.float().div_(255)
-        mean = x.mean(dim=(0, 2, 3))
-        std = x.std(dim=(0, 2, 3)).clamp_min(1e-3)
-        return mean.tolist(), std.tolist()
+    def channel_stats(self, chunk_bytes: int = 4 << 20) -> Tuple[List[float], List[float]]:
+        """Per-channel mean and std (unbiased) of the pixels scaled to [0, 1], from exact
+        per-channel histograms of ``chunk_bytes`` of images at a time: no copy of the set."""
+        n_img, c = self.images.shape[:2]
+        step = max(1, chunk_bytes // max(1, self.images[0].numel() if n_img else 1))
+        hist = torch.zeros(c, 256, dtype=torch.int64)
+        for i in range(0, n_img, step):
+            chunk = self.images[i : i + step]
+            for ch in range(c):
+                hist[ch] += torch.bincount(chunk[:, ch].reshape(-1), minlength=256)
+        v = torch.arange(256, dtype=torch.int64)
+        n = self.images.numel() // c if c else 0
+        mean, std = [], []
+        for h in hist:
+            s, s2 = int((h * v).sum()), int((h * v * v).sum())  # exact
+            mean.append(s / n / 255)
+            var = (s2 * n - s * s) / (n * max(n - 1, 1)) / 255**2
+            std.append(max(1e-3, max(var, 0.0) ** 0.5))
+        return mean, std
 
 
 def subset_indices(length: int, n: int, seed: int = 0) -> Optional[torch.Tensor]:
@@ -346,7 +359,7 @@ def load_imagefolder(
             return Dataset(t["images"], t["labels"], found, int(t["skipped"].item()), str(split_dir))
         except Exception:
             pass  # unreadable cache: decode again and rewrite it
-    arrays, labels, skipped, shape = [], [], unstat, None
+    images, labels, skipped, shape = None, [], unstat, None
     for n, (p, y) in enumerate(items):
         try:
             a = _decode(p, channels, size)
@@ -360,6 +373,9 @@ def load_imagefolder(
             ) from None
         if shape is None:
             shape = a.shape
+            # one uint8 tensor for the split, filled in place: the peak is the decoded set (no
+            # list of arrays and stacked copy); the files before this one were all skipped
+            images = torch.empty((len(items) - n, *shape), dtype=torch.uint8)
         elif a.shape != shape:
             if skip_bad:
                 skipped += 1
@@ -368,22 +384,22 @@ def load_imagefolder(
                 f"{p}: image size {a.shape[2]}x{a.shape[1]} differs from "
                 f"{shape[2]}x{shape[1]} of the first image; set an image size to resize."
             )
-        arrays.append(a)
+        images[len(labels)] = torch.from_numpy(a)
         labels.append(y)
         if progress and (n + 1) % 5000 == 0:
             print(f"decoded {n + 1}/{len(items)} images from {split_dir}", flush=True)
-    if not arrays:
+    if not labels:
         raise DataError(f"{split_dir}: no readable images.")
-    ds = Dataset(
-        torch.from_numpy(np.stack(arrays)), torch.tensor(labels, dtype=torch.int64), found, skipped, str(split_dir)
-    )
+    images = images[: len(labels)]  # a view: skipped files leave their rows unused
+    ds = Dataset(images, torch.tensor(labels, dtype=torch.int64), found, skipped, str(split_dir))
     if cache is not None:
-        from .checkpoint import atomic_save_safetensors
+        from safetensors.torch import save_file
 
+        from .checkpoint import _atomic
+
+        tensors = {"images": ds.images, "labels": ds.labels, "skipped": torch.tensor([skipped])}
         try:  # the cache only saves time: a full disk or a read-only directory must not stop a run
-            atomic_save_safetensors(
-                {"images": ds.images, "labels": ds.labels, "skipped": torch.tensor([skipped])}, cache
-            )
+            _atomic(cache, lambda tmp: save_file(tensors, tmp))  # written from the tensors, no copy
         except OSError as e:
             print(f"warning: could not write the decoded-image cache ({e}); going on without it", file=sys.stderr)
     return ds

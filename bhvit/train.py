@@ -49,7 +49,17 @@ from .checkpoint import (
     set_rng_state,
 )
 from .cudagraph import GraphCaptureError, GraphedStep
-from .data import DataError, Dataset, augment_batch, count_images, image_folder_root, load_dataset, normalize
+from .data import (
+    DataError,
+    Dataset,
+    _list_images,
+    _split_dir,
+    augment_batch,
+    count_images,
+    image_folder_root,
+    load_dataset,
+    normalize,
+)
 from .errors import ConfigError, TrainingDiverged
 from .layers import binary_layers
 from .model import BHViT, get_config
@@ -964,6 +974,8 @@ def _load_data(cfg: TrainConfig, model_cfg, rank: int):
         test_ds = StreamingImageFolder(folder, "test", classes=train_ds.classes, subset=cfg.test_subset, **kw)
         _log(f"streaming {folder}: decoding per sample in {cfg.workers or 'the training'} process(es)", rank)
     else:
+        if folder is not None:  # a class mismatch between the splits, before anything is decoded
+            _list_images(_split_dir(folder, "test"), _list_images(_split_dir(folder, "train"), None)[0])
         train_ds = load_dataset(cfg.data, "train", cfg.data_dir, subset=cfg.subset, seed=cfg.seed, **load_kw)
         test_ds = load_dataset(
             cfg.data, "test", cfg.data_dir, classes=train_ds.classes, subset=cfg.test_subset, seed=cfg.seed, **load_kw
@@ -1006,7 +1018,9 @@ def _streams(cfg: TrainConfig, folder: Optional[Path], model_cfg) -> bool:
     if cfg.data_in_memory != "auto":
         return cfg.data_in_memory == "no"
     n = count_images(folder, "train") if cfg.subset is None else cfg.subset
-    return not fits_in_memory(n, model_cfg.in_chans, model_cfg.img_size)
+    n += count_images(folder, "test") if not cfg.test_subset else cfg.test_subset
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # each decodes its own copy
+    return not fits_in_memory(n, model_cfg.in_chans, model_cfg.img_size, processes)
 
 
 def _load_teacher(cfg: TrainConfig, model_cfg, num_classes: int, mean, std, device: str, rank: int):

@@ -180,3 +180,69 @@ def test_normalize():
     x = torch.full((1, 2, 2, 2), 255, dtype=torch.uint8)
     y = normalize(x, [0.5, 1.0], [0.5, 0.25])
     assert torch.allclose(y[0, 0], torch.ones(2, 2)) and torch.allclose(y[0, 1], torch.zeros(2, 2))
+
+
+def test_channel_stats_are_exact_in_chunks():
+    from bhvit.data import Dataset
+
+    x = torch.randint(0, 256, (37, 3, 9, 11), dtype=torch.uint8)
+    mean, std = Dataset(x, torch.zeros(37, dtype=torch.int64), ["a"]).channel_stats(chunk_bytes=500)
+    xd = x.double() / 255
+    assert np.allclose(mean, xd.mean((0, 2, 3)).tolist(), rtol=1e-12)
+    assert np.allclose(std, xd.std(dim=(0, 2, 3)).tolist(), rtol=1e-9)
+
+
+_PEAK = """
+import json, resource, sys
+from pathlib import Path
+from bhvit.data import load_imagefolder
+def rss():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
+base = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+ds = load_imagefolder(Path(sys.argv[1]), "train", 3, 160)
+ds.channel_stats()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+print(json.dumps({"bytes": ds.images.numel(), "growth": peak - base}))
+"""
+
+
+def test_imagefolder_in_memory_peaks_at_the_decoded_size(tmp_path):
+    """Decoding fills one preallocated uint8 tensor and the statistics come from histograms:
+    the peak memory of load + channel_stats is the decoded set plus a little (it was 2x for
+    decoding, a list of arrays and their stacked copy, and 5x for the float copy of the
+    statistics)."""
+    import json
+    import subprocess
+    import sys
+
+    make_imagefolder(tmp_path, classes=("a", "b", "c"), per_class=200, size=8, splits=("train",))
+    out = subprocess.run([sys.executable, "-c", _PEAK, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    r = json.loads(out.stdout)
+    assert r["bytes"] == 600 * 3 * 160 * 160
+    assert r["growth"] <= 1.3 * r["bytes"], r["growth"] / r["bytes"]
+
+
+def test_in_memory_or_streamed_follows_the_memory_available():
+    from bhvit.stream import IN_MEMORY_PEAK_FACTOR, IN_MEMORY_SHARE, fits_in_memory
+
+    need = 1000 * 3 * 224 * 224 * IN_MEMORY_PEAK_FACTOR
+    assert fits_in_memory(1000, 3, 224, available=need / IN_MEMORY_SHARE + 1)
+    assert not fits_in_memory(1000, 3, 224, available=need / IN_MEMORY_SHARE - 1)
+    assert not fits_in_memory(1000, 3, 224, processes=2, available=need / IN_MEMORY_SHARE + 1)
+
+
+def test_a_class_mismatch_is_reported_before_decoding(tmp_path, monkeypatch):
+    import bhvit.data as data
+    from bhvit.train import TrainConfig, train
+
+    make_imagefolder(tmp_path / "d", classes=("cat", "dog"), splits=("train",))
+    make_imagefolder(tmp_path / "d", classes=("cat", "cow"), splits=("test",))
+    decoded = []
+    monkeypatch.setattr(data, "_decode", lambda *a, **k: decoded.append(a) or np.zeros((3, 32, 32), np.uint8))
+    cfg = TrainConfig(
+        model="bhvit_micro_c32", data="imagefolder", data_dir=str(tmp_path / "d"), out=str(tmp_path / "r"), epochs=1
+    )
+    with pytest.raises(DataError, match=r"class folders \['cat', 'cow'\] differ from the training classes"):
+        train(cfg)
+    assert decoded == []
