@@ -158,7 +158,7 @@ def main() -> None:
     )
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
     p.add_argument(
-        "--f64", type=int, default=10, help="inputs also compared in float64 (default 10; exceptions always)"
+        "--f64", type=int, default=None, help="inputs also run in float64 (default: all; exceptions always)"
     )
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
