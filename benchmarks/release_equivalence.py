@@ -157,9 +157,7 @@ def main() -> None:
         "--inputs", type=int, default=40, help="inputs per configuration, half random, half real (default 40)"
     )
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument(
-        "--f64", type=int, default=None, help="inputs also run in float64 (default: all; exceptions always)"
-    )
+    p.add_argument("--f64", type=int, default=None, help="inputs also run in float64 (default: all; exceptions always)")
     p.add_argument("--seed", type=int, default=7)
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--training", action="store_true", help="also measure the two training differences")

@@ -30,6 +30,7 @@ import torch
 
 from .errors import BhvitError, ConfigError
 from .quantizers import centred_signs
+from .files import open_regular, read_regular
 from .rundir import CHECKPOINT_NAME
 from .runtime.format import preprocess_problem
 
@@ -126,7 +127,7 @@ def _load_safetensors(path: Path, sha256: Optional[str] = None) -> Dict[str, tor
 
     if not path.is_file():
         raise CheckpointError(f"{path}: missing checkpoint file.")
-    blob = path.read_bytes()
+    blob = read_regular(path)
     if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
         raise CheckpointError(
             f"{path}: SHA-256 does not match the checkpoint's record; the file is "
@@ -227,7 +228,7 @@ def _read_json(p: Path):
     try:
         if p.stat().st_size > MAX_JSON_BYTES:
             return None
-        return json.loads(p.read_text())
+        return json.loads(read_regular(p))
     except (OSError, ValueError, RecursionError):
         return None
 
@@ -237,7 +238,7 @@ def _marked(f: Path) -> bool:
     import struct
 
     try:
-        with open(f, "rb") as fh:
+        with open_regular(f) as fh:
             n = struct.unpack("<Q", fh.read(8))[0]
             if n > 1 << 20:
                 return False
@@ -391,7 +392,7 @@ def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
             f"({MAX_JSON_BYTES >> 20} MiB at most); not a bhvit checkpoint."
         )
     try:
-        doc = json.loads(p.read_text())
+        doc = json.loads(read_regular(p))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p}: not valid JSON ({e}); the file is truncated or corrupt.") from None
     except RecursionError:

@@ -322,7 +322,8 @@ def cmd_predict(args) -> int:
         try:
             x, note = _load_image(path, rt.cfg, data)
         except (OSError, ValueError) as e:
-            raise ConfigError(f"{path}: cannot read image ({e}).") from None
+            why = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise ConfigError(f"{path}: cannot read image ({why}).") from None
         if note:
             print(note, file=sys.stderr)
         logits = rt(x)[0].astype(np.float64)

@@ -10,6 +10,7 @@ which case unreadable images are skipped and counted in ``Dataset.skipped``.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import os
@@ -26,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import BhvitError, ConfigError
+from .files import open_regular
 from .runtime.image import decode_image
 
 __all__ = ["DataError", "Dataset", "load_dataset", "DATASETS", "augment_batch", "normalize", "FASHION_MNIST_DIR"]
@@ -125,8 +127,14 @@ def subset_indices(length: int, n: int, seed: int = 0) -> Optional[torch.Tensor]
 MAX_IDX_BYTES = 1 << 30
 
 
+@contextlib.contextmanager
 def _open_maybe_gz(path: Path):
-    return gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")
+    with open_regular(path) as f:
+        if path.suffix == ".gz":
+            with gzip.GzipFile(fileobj=f, mode="rb") as g:
+                yield g
+        else:
+            yield f
 
 
 def read_idx(path: Path, max_bytes: Optional[int] = None) -> np.ndarray:
@@ -233,7 +241,7 @@ class _SafeUnpickler(pickle.Unpickler):
 
 def _load_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             d = _SafeUnpickler(f, encoding="bytes").load()
     except FileNotFoundError:
         raise DataError(f"{path}: missing CIFAR-10 batch file.") from None

@@ -246,3 +246,22 @@ def test_a_class_mismatch_is_reported_before_decoding(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"class folders \['cat', 'cow'\] differ from the training classes"):
         train(cfg)
     assert decoded == []
+
+
+def test_a_fifo_among_the_images_is_skipped_or_named_not_waited_on(tmp_path):
+    # was: a FIFO named *.png in a class folder made `bhvit train` wait forever, --skip-bad too
+    import os
+    import signal
+
+    from bhvit.data import load_imagefolder
+
+    make_imagefolder(tmp_path, classes=("a", "b"), per_class=2, splits=("train",))
+    os.mkfifo(tmp_path / "train" / "a" / "zz.png")
+    signal.signal(signal.SIGALRM, lambda *_: (_ for _ in ()).throw(TimeoutError("blocked on a FIFO")))
+    signal.alarm(20)
+    try:
+        assert load_imagefolder(tmp_path, "train", 3, 32, skip_bad=True).skipped == 1
+        with pytest.raises(DataError, match=r"zz.png: cannot decode image \(NotARegularFile: .*a FIFO, not a regular"):
+            load_imagefolder(tmp_path, "train", 3, 32)
+    finally:
+        signal.alarm(0)

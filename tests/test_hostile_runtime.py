@@ -545,3 +545,41 @@ def test_export_files_get_normal_modes(tmp_path):
         os.umask(old)
     for name in ("model.safetensors", "manifest.json"):
         assert (tmp_path / "exp" / name).stat().st_mode & 0o777 == 0o644, name
+
+
+@pytest.fixture
+def no_hang():
+    """A test that would wait forever (opening a FIFO blocks for a writer) fails after 20 s."""
+    import signal
+
+    def fail(*_):
+        raise TimeoutError("blocked: a FIFO was opened for reading")
+
+    old = signal.signal(signal.SIGALRM, fail)
+    signal.alarm(20)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize(
+    "name,message",
+    [("manifest.json", "no manifest.json"), ("model.safetensors", "model.safetensors: not a regular file")],
+)
+def test_a_fifo_in_an_export_is_refused_not_waited_on(exp, name, message, no_hang):
+    # was: libbhvit (bhvit_run, and the plan under bhvit.runtime) opened it before checking,
+    # and waited for a writer forever
+    (exp / name).unlink()
+    os.mkfifo(exp / name)
+    _refused(exp, message)
+
+
+def test_predict_on_a_fifo_says_so(base, tmp_path):
+    os.mkfifo(tmp_path / "x.png")
+    r = subprocess.run(
+        [sys.executable, "-m", "bhvit", "predict", str(base), str(tmp_path / "x.png")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "x.png: cannot read image (a FIFO, not a regular file)" in r.stderr

@@ -30,6 +30,7 @@ import numpy as np
 
 from . import kernels as K
 from ..errors import ConfigError
+from ..files import open_regular
 from .format import (
     EXPORT_FORMAT,
     EXPORT_VERSION,
@@ -570,7 +571,7 @@ def _check_structure(rt: BHViTRuntime, mpath: Path, wpath: Path = None) -> None:
 def _read_limited(path: Path, expected: int, what: str) -> bytes:
     """Read a regular file of exactly ``expected`` bytes, checking its size before reading it."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             size = os.fstat(f.fileno()).st_size
             if size != expected:
                 raise RuntimeFormatError(
@@ -588,7 +589,7 @@ def _read_limited(path: Path, expected: int, what: str) -> bytes:
 
 def _read_manifest(mpath: Path) -> Dict:
     try:
-        with open(mpath, "rb") as f:
+        with open_regular(mpath) as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as e:
         raise RuntimeFormatError(f"{mpath}: cannot read the manifest ({e.strerror or e}).") from None

@@ -9,6 +9,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..errors import BhvitError, ConfigError
+from ..files import open_regular
 
 
 # Images with more pixels than this are refused before their pixels are decoded (a
@@ -63,11 +64,16 @@ def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info
     from PIL import Image
 
     limit = max_image_pixels() if max_pixels is None else max_pixels
-    pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # this limit replaces Pillow's
-    try:
-        im_file = Image.open(path)  # reads the header only
-    finally:
-        Image.MAX_IMAGE_PIXELS = pillow_limit
+    with open_regular(path) as fp:  # a FIFO or device is refused, not waited on
+        pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # this limit replaces Pillow's
+        try:
+            im_file = Image.open(fp)  # reads the header only
+        finally:
+            Image.MAX_IMAGE_PIXELS = pillow_limit
+        return _decode_opened(im_file, path, channels, limit, info, draft)
+
+
+def _decode_opened(im_file, path, channels, limit, info, draft):
     with im_file as im:
         w, h = im.size
         if w * h > limit:

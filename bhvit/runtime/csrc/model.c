@@ -25,7 +25,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <fcntl.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #define MAX_MANIFEST_BYTES (64 << 20)
 #define MAX_HEADER_BYTES (100 << 20)
@@ -232,13 +234,20 @@ struct bhvit_model {
 
 static int read_file(const char *path, int64_t limit, int64_t expected, char **out, int64_t *len)
 {
-    FILE *f = fopen(path, "rb");
-    if (!f)
+    /* non-blocking open, then the type check: opening a FIFO for reading would otherwise wait
+     * for a writer forever */
+    const int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0)
         return seterr(BHVIT_E_IO, "%s: cannot open (%s)", path, strerror(errno));
     struct stat st;
-    if (fstat(fileno(f), &st) != 0 || !S_ISREG(st.st_mode)) {
-        fclose(f);
+    if (fstat(fd, &st) != 0 || !S_ISREG(st.st_mode)) {
+        close(fd);
         return seterr(BHVIT_E_IO, "%s: not a regular file", path);
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        close(fd);
+        return seterr(BHVIT_E_IO, "%s: cannot open (%s)", path, strerror(errno));
     }
     const int64_t size = (int64_t)st.st_size;
     if (size > limit) {
