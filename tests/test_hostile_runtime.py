@@ -583,3 +583,20 @@ def test_predict_on_a_fifo_says_so(base, tmp_path):
         timeout=120,
     )
     assert r.returncode == 2 and "x.png: cannot read image (a FIFO, not a regular file)" in r.stderr
+
+
+def test_repeated_and_numerous_keys_read_alike_in_python_and_c(exp):
+    """The last of repeated keys wins in both readers (and the digest is of that); an object of
+    more than 2^20 keys is refused by both (libbhvit's duplicate scan was quadratic: 100,000
+    keys took 15 s)."""
+    man = _manifest(exp)
+    body = json.dumps(dict(man, manifest_sha256="X"))
+    dup = body.replace('"data": {', '"data": {"classes": 7, ', 1)  # repeated, the later one valid
+    (exp / "manifest.json").write_text(dup.replace('"X"', json.dumps(manifest_digest(json.loads(dup)))))
+    assert runtime.load(exp).classes == CLASSES
+    if K.plan_available():
+        K.Plan(exp, 10)
+    many = dict(man, data=dict(man["data"], **{f"k{i}": 0 for i in range((1 << 20) + 1)}))
+    many["manifest_sha256"] = manifest_digest(many)
+    (exp / "manifest.json").write_text(json.dumps(many))
+    _refused(exp, r"manifest.json: not valid JSON \(an object with more than 1048576 keys\)")

@@ -37,6 +37,7 @@ from .format import (
     manifest_digest,
     RuntimeFormatError,
     MAX_MANIFEST_BYTES,
+    MAX_OBJECT_KEYS,
     MAX_HEADER_BYTES,
     _F32_MAX,
     _TENSOR_DTYPES,
@@ -587,6 +588,14 @@ def _read_limited(path: Path, expected: int, what: str) -> bytes:
     return blob
 
 
+def _bounded_object(pairs):
+    """A JSON object as ``json`` makes it (the last of repeated keys wins), refused beyond
+    MAX_OBJECT_KEYS keys."""
+    if len(pairs) > MAX_OBJECT_KEYS:
+        raise ValueError(f"an object with more than {MAX_OBJECT_KEYS} keys")
+    return dict(pairs)
+
+
 def _read_manifest(mpath: Path) -> Dict:
     try:
         with open_regular(mpath) as f:
@@ -598,7 +607,7 @@ def _read_manifest(mpath: Path) -> Dict:
             f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest written by `bhvit export`."
         )
     try:
-        manifest = json.loads(raw.decode("utf-8"))
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_bounded_object)
     except RecursionError:
         raise RuntimeFormatError(
             f"{mpath}: JSON nested too deeply; not a manifest written by `bhvit export`."

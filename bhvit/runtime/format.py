@@ -36,6 +36,7 @@ class RuntimeFormatError(BhvitError, ValueError):
 # Limits well above every model bhvit defines; a manifest beyond them is refused before
 # the runtime allocates or loops over anything it implies.
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_OBJECT_KEYS = 1 << 20  # keys of one JSON object, as libbhvit's reader (json.c) bounds them
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 MAX_TENSORS = 100_000
 MAX_ATTENTION_KEYS = 16384  # bhvit_tiny's global-attention ablation at 224 needs 3136

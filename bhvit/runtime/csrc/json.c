@@ -8,6 +8,7 @@
 #include <math.h>
 
 #define MAX_DEPTH 64
+#define MAX_OBJECT_KEYS ((size_t)1 << 20) /* no manifest or safetensors header has more */
 
 typedef struct {
     const char *s;
@@ -222,6 +223,8 @@ static int parse_container(parser *p, jval *v, int depth, int obj)
         return 0;
     }
     for (;;) {
+        if (obj && v->n >= MAX_OBJECT_KEYS)
+            return fail(p, "an object with more than 1048576 keys");
         if (grow(p, v, &cap, obj))
             return -1;
         char *key = NULL;
@@ -480,10 +483,12 @@ static void put_string(sbuf *b, const char *s)
 
 static _Thread_local const jval *sort_obj; /* qsort context (single-threaded use while dumping) */
 
+/* by key, repeated keys in the order they were written (so the last one ends each run) */
 static int key_order(const void *a, const void *b)
 {
     const size_t i = *(const size_t *)a, j = *(const size_t *)b;
-    return strcmp(sort_obj->keys[i], sort_obj->keys[j]);
+    const int c = strcmp(sort_obj->keys[i], sort_obj->keys[j]);
+    return c ? c : (i > j) - (i < j);
 }
 
 static void dump(sbuf *b, const jval *v, const char *skip)
@@ -511,23 +516,21 @@ static void dump(sbuf *b, const jval *v, const char *skip)
         put(b, "]", 1);
         break;
     case J_OBJ: {
-        /* the last of repeated keys (as Python's dict), sorted */
-        size_t *idx = (size_t *)malloc((v->n ? v->n : 1) * sizeof(size_t)), m = 0;
+        /* the last of repeated keys (as Python's dict), sorted: O(n log n), not a scan of
+         * every key against every other */
+        size_t *idx = (size_t *)malloc((v->n ? v->n : 1) * sizeof(size_t)), n = 0, m = 0;
         if (!idx) {
             b->bad = 1;
             return;
         }
-        for (size_t i = 0; i < v->n; ++i) {
-            if (skip && strcmp(v->keys[i], skip) == 0)
-                continue;
-            int later = 0;
-            for (size_t j = i + 1; j < v->n && !later; ++j)
-                later = strcmp(v->keys[i], v->keys[j]) == 0;
-            if (!later)
-                idx[m++] = i;
-        }
+        for (size_t i = 0; i < v->n; ++i)
+            if (!(skip && strcmp(v->keys[i], skip) == 0))
+                idx[n++] = i;
         sort_obj = v;
-        qsort(idx, m, sizeof(size_t), key_order);
+        qsort(idx, n, sizeof(size_t), key_order);
+        for (size_t t = 0; t < n; ++t)
+            if (t + 1 == n || strcmp(v->keys[idx[t]], v->keys[idx[t + 1]]) != 0)
+                idx[m++] = idx[t];
         put(b, "{", 1);
         for (size_t t = 0; t < m; ++t) {
             if (t)
