@@ -32,7 +32,7 @@ from .errors import BhvitError, ConfigError
 from .quantizers import centred_signs
 from .files import open_regular, read_regular
 from .rundir import CHECKPOINT_NAME
-from .runtime.format import preprocess_problem
+from .runtime.format import config_problem, preprocess_problem
 
 FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
@@ -120,13 +120,38 @@ def atomic_write_text(text: str, path: Union[str, Path]) -> None:
     _atomic(Path(path), write)
 
 
-def _load_safetensors(path: Path, sha256: Optional[str] = None) -> Dict[str, torch.Tensor]:
-    """The tensors of ``path``; with ``sha256`` (the checkpoint JSON's record) the file's
-    digest must match it."""
+# A weights or optimizer file larger than this is refused unread (bhvit_small's weights take
+# 90 MB); where the model is known, the bound is its own size (_size_bound).
+MAX_TENSOR_FILE_BYTES = 4 << 30
+_HEADER_ALLOWANCE = 100 << 20  # safetensors' own limit on its JSON header
+
+
+def _state_bytes(model: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in _unwrap(model).state_dict().values())
+
+
+def _load_safetensors(
+    path: Path, sha256: Optional[str] = None, max_bytes: int = MAX_TENSOR_FILE_BYTES, json_file: Optional[Path] = None
+) -> Dict[str, torch.Tensor]:
+    """The tensors of ``path``, a file of at most ``max_bytes`` (checked before reading it); with
+    ``sha256`` (the checkpoint JSON's record) the file's digest must match it. A file that bhvit
+    wrote (its header carries bhvit's mark) must have that record when it is read through a
+    checkpoint JSON (``json_file``): deleting it from the JSON does not switch the check off."""
     from safetensors.torch import load
 
     if not path.is_file():
         raise CheckpointError(f"{path}: missing checkpoint file.")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise CheckpointError(
+            f"{path}: {size:,} bytes, more than the {max_bytes:,} its checkpoint's model can take; "
+            "the file is corrupt or does not belong to this checkpoint."
+        )
+    if sha256 is None and json_file is not None and _marked(path):
+        raise CheckpointError(
+            f"{json_file}: no SHA-256 of {path.name}, which bhvit records for every checkpoint it writes; "
+            "the JSON was edited, so the weights cannot be verified."
+        )
     blob = read_regular(path)
     if sha256 is not None and hashlib.sha256(blob).hexdigest() != sha256:
         raise CheckpointError(
@@ -409,10 +434,29 @@ def model_config_of(doc: Dict, p: Path):
         raise CheckpointError(f"{p}: no model_config; cannot rebuild the model.")
     try:
         cfg = BHViTConfig.from_dict(doc["model_config"])
+        # the export's bounds first (a list of 10^7 shift sizes would build 3 x 10^7 modules)
+        problem = config_problem(json.loads(json.dumps(cfg.to_dict())))
+        if problem:
+            raise ConfigError(problem)
         cfg.validate()
         return cfg
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, RecursionError) as e:
         raise CheckpointError(f"{p}: bad model_config ({e}).") from None
+
+
+def _size_bound(cfg, file: Path) -> int:
+    """The largest weights file of the model ``cfg`` (its tensors plus a header), built on the
+    meta device (nothing allocated); a smaller file than the tensors take is refused too."""
+    from .model import BHViT
+
+    with torch.device("meta"):
+        need = _state_bytes(BHViT(cfg))
+    if file.is_file() and file.stat().st_size < need // 2:  # (a 16-bit copy takes half)
+        raise CheckpointError(
+            f"{file}: {file.stat().st_size:,} bytes, too few for the {need:,} bytes of weights its model "
+            "config describes; the file is truncated or the config was edited."
+        )
+    return need + 8 + _HEADER_ALLOWANCE
 
 
 def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch.nn.Module, Dict]:
@@ -423,13 +467,20 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
     from .model import BHViT
 
     doc, p = read_checkpoint_json(path)
-    model = BHViT(model_config_of(doc, p))
-    _load_state(model, p.parent / doc["weights"], doc.get("weights_sha256"))
+    cfg = model_config_of(doc, p)
+    file = p.parent / doc["weights"]
+    bound = _size_bound(cfg, file)  # before the model is allocated
+    model = BHViT(cfg)
+    _load_state(model, file, doc.get("weights_sha256"), p, bound)
     return model.to(map_location).eval(), doc
 
 
-def _load_state(model: torch.nn.Module, file: Path, sha256: Optional[str] = None) -> None:
-    state = _load_safetensors(file, sha256)
+def _load_state(
+    model: torch.nn.Module, file: Path, sha256: Optional[str], json_file: Path, max_bytes: Optional[int] = None
+) -> None:
+    if max_bytes is None:
+        max_bytes = _state_bytes(model) + 8 + _HEADER_ALLOWANCE
+    state = _load_safetensors(file, sha256, max_bytes, json_file)
     try:
         _unwrap(model).load_state_dict(state)
     except RuntimeError as e:
@@ -440,7 +491,7 @@ def load_weights(model: torch.nn.Module, path: Union[str, Path]) -> Dict:
     """Load the weights of checkpoint ``path`` (a run directory or its JSON) into ``model``,
     which must have the same configuration; returns the checkpoint's JSON document."""
     doc, p = read_checkpoint_json(path)
-    _load_state(model, p.parent / doc["weights"], doc.get("weights_sha256"))
+    _load_state(model, p.parent / doc["weights"], doc.get("weights_sha256"), p)
     return doc
 
 
@@ -451,9 +502,12 @@ def load_training_state(doc: Dict, run_dir: Path, model: torch.nn.Module, optimi
             "state; a run cannot be resumed from it. Use it with --teacher or "
             "--init-from, or resume from the original run."
         )
-    _load_state(model, run_dir / doc["weights"], doc.get("weights_sha256"))
+    json_file = run_dir / "last.json"
+    _load_state(model, run_dir / doc["weights"], doc.get("weights_sha256"), json_file)
     if "optimizer" in doc:
-        tensors = _load_safetensors(run_dir / doc["optimizer"]["file"], doc["optimizer"].get("sha256"))
+        bound = 3 * _state_bytes(model) + _HEADER_ALLOWANCE  # AdamW: two moments (+ steps) per parameter
+        opt = doc["optimizer"]
+        tensors = _load_safetensors(run_dir / opt["file"], opt.get("sha256"), bound, json_file)
         state = optimizer_from_tensors(tensors, doc["optimizer"])
         # load_state_dict takes every group setting from the file; the implementation (fused,
         # foreach) stays this optimizer's, so a run saved by another one resumes fused.
@@ -495,7 +549,7 @@ def load_matching_weights(model: torch.nn.Module, path: Union[str, Path]) -> Tup
     else:
         doc, p = read_checkpoint_json(p)
         file, sha = p.parent / doc["weights"], doc.get("weights_sha256")
-    state = _load_safetensors(file, sha)
+    state = _load_safetensors(file, sha, json_file=None if sha is None and p.suffix == ".safetensors" else p)
     own = _unwrap(model).state_dict()
     hits = {}
     for k, mine in own.items():
@@ -530,7 +584,8 @@ def strip_checkpoint(src: Union[str, Path], dst: Union[str, Path], dtype: Option
         raise ConfigError(f"dtype must be one of {sorted(_HALF)} or None, not {dtype!r}")
     doc, p = read_checkpoint_json(src)
     src_file = p.parent / doc["weights"]
-    state = _load_safetensors(src_file, doc.get("weights_sha256"))
+    bound = _size_bound(model_config_of(doc, p), src_file) if "model_config" in doc else MAX_TENSOR_FILE_BYTES
+    state = _load_safetensors(src_file, doc.get("weights_sha256"), bound, p)
     kept, nudged = [], 0
     if dtype is not None:
         half = _HALF[dtype]

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from bhvit import create_model
+import bhvit.checkpoint as ckpt
 from bhvit.checkpoint import CheckpointError, load_model, read_checkpoint_json, save_checkpoint
 from bhvit.cli import main
 from bhvit.data import DataError, load_dataset, read_idx
@@ -450,3 +451,42 @@ def test_negative_threads_is_an_argument_error(capsys):
     with pytest.raises(SystemExit):
         main(["predict", "somewhere", "x.png", "--threads", "-1"])
     assert "--threads: must be >= 1, got -1" in capsys.readouterr().err
+
+
+def test_a_hostile_model_config_is_refused_before_anything_is_built(trained, tmp_path):
+    # was: shift_sizes of 10^7 made `bhvit eval` grow to 11.5 GB and die with a RuntimeError
+    run = _copy_run(trained, tmp_path / "r")
+    doc = json.loads((run / "best.json").read_text())
+    doc["model_config"]["shift_sizes"] = list(range(1, 6_000_001))  # 50 MB of JSON (64 MiB allowed)
+    (run / "best.json").write_text(json.dumps(doc, separators=(",", ":")))
+    with pytest.raises(CheckpointError, match=r"best.json: bad model_config \(config shift_sizes must be"):
+        load_model(run)
+
+
+def test_an_oversized_weights_file_is_refused_unread(trained, tmp_path, monkeypatch):
+    # was: a weights file sparse-extended to 12 GiB was read whole (53 s) before its SHA-256 failed
+    run = _copy_run(trained, tmp_path / "r")
+    doc = json.loads((run / "best.json").read_text())
+    os.truncate(run / doc["weights"], 12 << 30)  # sparse: no disk is used
+    read, real = [], ckpt.read_regular
+    monkeypatch.setattr(ckpt, "read_regular", lambda p, *a: read.append(p) if p.suffix == ".safetensors" else real(p))
+    with pytest.raises(CheckpointError, match=r"12,884,901,888 bytes, more than the [\d,]+ its checkpoint's model"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match=r"more than the"):
+        ckpt.load_matching_weights(create_model("bhvit_micro_c28", num_classes=10), run)
+    assert read == []
+    os.truncate(run / doc["weights"], 100)
+    with pytest.raises(CheckpointError, match=r"100 bytes, too few for the [\d,]+ bytes of weights its model config"):
+        load_model(run)
+
+
+def test_removing_the_weights_digest_does_not_switch_verification_off(trained, tmp_path):
+    run = _copy_run(trained, tmp_path / "r")
+    for name in ("best.json", "last.json"):
+        doc = json.loads((run / name).read_text())
+        del doc["weights_sha256"]
+        (run / name).write_text(json.dumps(doc))
+    with pytest.raises(CheckpointError, match=r"best.json: no SHA-256 of epoch\d+.safetensors, which bhvit records"):
+        load_model(run)
+    with pytest.raises(CheckpointError, match="no SHA-256"):
+        ckpt.load_matching_weights(create_model("bhvit_micro_c28", num_classes=10), run)

@@ -288,8 +288,13 @@ def test_checkpoint_errors(fmnist, tmp_path, capsys):
     cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=64, test_subset=32)
     train(cfg)
     w = tmp_path / "r" / "epoch0000.safetensors"
-    w.write_bytes(w.read_bytes()[:1000])
+    blob = bytearray(w.read_bytes())
+    blob[-100] ^= 1  # one bit of a weight
+    w.write_bytes(bytes(blob))
     with pytest.raises(CheckpointError, match="epoch0000.safetensors: SHA-256 does not match"):
+        load_model(tmp_path / "r")
+    w.write_bytes(blob[:1000])
+    with pytest.raises(CheckpointError, match="epoch0000.safetensors: 1,000 bytes, too few for the"):
         load_model(tmp_path / "r")
     with pytest.raises(CheckpointError, match="epoch0000.safetensors: cannot read safetensors"):
         load_matching_weights(create_model("bhvit_micro_c28", num_classes=10), w)  # no record: parsed
