@@ -32,7 +32,7 @@ from .errors import BhvitError, ConfigError
 from .quantizers import centred_signs
 from .files import open_regular, read_regular
 from .rundir import CHECKPOINT_NAME
-from .runtime.format import config_problem, preprocess_problem
+from .runtime.format import MIN_STD, config_problem, preprocess_problem
 
 FORMAT = "bhvit-checkpoint"
 FORMAT_VERSION = 1
@@ -395,8 +395,8 @@ def _check_doc(doc: Any, p: Path) -> None:
         )
         if not ok:
             bad(f"the data statistics must be two equally long lists of finite numbers, got mean {mean!r}, std {std!r}")
-        if min(std) <= 0:
-            bad(f"the data std must be > 0, got {std}")
+        if min(std) < MIN_STD:
+            bad(f"the data std must be >= {MIN_STD}, got {std}")
     mc = doc.get("model_config") if isinstance(doc.get("model_config"), dict) else {}
     size = mc.get("img_size") if isinstance(mc.get("img_size"), int) and not isinstance(mc.get("img_size"), bool) else 1
     problem = preprocess_problem(data, size) if isinstance(data, dict) else None
@@ -418,7 +418,7 @@ def read_checkpoint_json(path: Union[str, Path]) -> Tuple[Dict, Path]:
         )
     try:
         doc = json.loads(read_regular(p))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of over 4,300 digits
         raise CheckpointError(f"{p}: not valid JSON ({e}); the file is truncated or corrupt.") from None
     except RecursionError:
         raise CheckpointError(f"{p}: JSON nested too deeply; not a bhvit checkpoint.") from None

@@ -8,7 +8,7 @@ import os
 import sys
 from typing import List, Optional
 
-from .config import add_train_arguments, parse_overrides, positive_int, train_config_from_args
+from .config import add_train_arguments, parse_overrides, positive_int, thread_count, train_config_from_args
 from .errors import ConfigError
 
 
@@ -424,7 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         "images as training's --test-subset N on the test split)",
     )
     ev.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
-    ev.add_argument("--threads", type=positive_int, default=None)
+    ev.add_argument("--threads", type=thread_count, default=None)
     ev.add_argument("--skip-bad", action="store_true")
     ev.add_argument(
         "--workers",
@@ -467,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("predict", help="top-5 classes of images with an exported model")
     pr.add_argument("export", help="directory written by `bhvit export`")
     pr.add_argument("images", nargs="+")
-    pr.add_argument("--threads", type=positive_int, default=None)
+    pr.add_argument("--threads", type=thread_count, default=None)
     pr.add_argument(
         "--classes",
         default=None,

@@ -24,6 +24,7 @@ __all__ = [
     "train_config_from_args",
     "parse_overrides",
     "positive_int",
+    "thread_count",
     "test_subset_arg",
 ]
 
@@ -36,6 +37,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def thread_count(text: str) -> int:
+    """argparse type of --threads: an integer from 1 to the runtime's MAX_THREADS (4096)."""
+    from .runtime.kernels import MAX_THREADS
+
+    v = positive_int(text)
+    if v > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_THREADS}, got {v}")
     return v
 
 
@@ -186,7 +197,7 @@ class TrainConfig:
         "CUDA: deterministic kernels and no TF32, so that a resumed run repeats "
         "an uninterrupted one (slower; CPU runs are deterministic anyway)",
     )
-    threads: Optional[int] = _opt(None, "torch CPU threads", type=positive_int)
+    threads: Optional[int] = _opt(None, "torch CPU threads", type=thread_count)
     overrides: Dict = _opt(
         None,
         "model config override, e.g. --set qd=false (repeatable)",

@@ -498,6 +498,7 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None, model: Optional
     ``cfg.teacher``); it is put in eval mode and never updated. ``model``: train this
     module instead of building ``cfg.model`` (it must accept the dataset's images).
     """
+    _check_counts(cfg)  # before anything acts on them (threads, seeds, process groups)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     if world_env > 1 and not dist.is_initialized():
         on_cuda = cfg.device.startswith("cuda") or (cfg.device == "auto" and torch.cuda.is_available())
@@ -513,7 +514,6 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None, model: Optional
         set_deterministic()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    _check_counts(cfg)
     if cfg.teacher and cfg.teacher_module:
         raise ConfigError("give one of --teacher (a bhvit run) and --teacher-module (your own model).")
     out = check_out_dir(cfg.out)
@@ -567,6 +567,38 @@ def _check_counts(cfg: TrainConfig) -> None:
         )
     if cfg.resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be False, True or 'auto', got {cfg.resume!r}.")
+    _check_numbers(cfg)
+
+
+def _check_numbers(cfg: TrainConfig) -> None:
+    """The optimisation and loss settings: finite, in range (a NaN or negative learning rate
+    would otherwise train into NaN or fail deep inside PyTorch)."""
+    from .runtime.kernels import MAX_THREADS
+
+    def bad(flag, value, allowed):
+        raise ConfigError(f"{flag} must be {allowed}, got {value!r}.")
+
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    if cfg.lr is not None and not (number(cfg.lr) and cfg.lr > 0):
+        bad("--lr", cfg.lr, "a finite number > 0")
+    for flag, v in (
+        ("--weight-decay", cfg.weight_decay),
+        ("--warmup-epochs", cfg.warmup_epochs),
+        ("--min-lr", cfg.min_lr),
+        ("--kd-lambda", cfg.kd_lambda),
+        ("--re-beta", cfg.re_beta),
+    ):
+        if not (number(v) and v >= 0):
+            bad(flag, v, "a finite number >= 0")
+    if not (number(cfg.re_last_frac) and 0 <= cfg.re_last_frac <= 1):
+        bad("--re-last-frac", cfg.re_last_frac, "a number from 0 to 1")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or not 0 <= cfg.seed < 1 << 63:
+        bad("--seed", cfg.seed, "an integer from 0 to 2^63 - 1")
+    for flag, v in (("--threads", cfg.threads), ("--workers", cfg.workers)):
+        if v is not None and not (isinstance(v, int) and v <= MAX_THREADS):
+            bad(flag, v, f"at most {MAX_THREADS}")
 
 
 def _lock_run_dir(out: Path, rank: int, world: int, device: str) -> RunLock:

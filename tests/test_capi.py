@@ -95,7 +95,7 @@ def test_demo_classes_normalize_and_errors(build, tmp_path):
     bad = _demo(demo, tmp_path / "missing", pixels, check=False)
     assert bad.returncode == 2 and b"missing: no such export" in bad.stderr
     bad = _demo(demo, exp, pixels[:, :, :10], check=False)
-    assert bad.returncode == 2 and b"expected whole float32 images of 3 x 32 x 32" in bad.stderr
+    assert bad.returncode == 2 and b"are not a whole float32 image of 3 x 32 x 32" in bad.stderr
     nan = pixels.copy()
     nan[1, 0, 3, 4] = np.nan
     bad = _demo(demo, exp, nan, "--batch", "3", check=False)
@@ -242,3 +242,24 @@ def test_converted_release_model_gives_pytorchs_top1_in_python_and_c(build, tmp_
     assert np.array_equal(rt(x).argmax(1), want)
     out = _demo([str(build / "bhvit_run")], tmp_path / "exp", pixels.astype(np.float32), "--normalize")
     assert np.array_equal(_logits(out).argmax(1), want)
+
+
+def test_demo_refuses_a_partial_trailing_image_and_the_api_caps_threads(build, tmp_path):
+    import ctypes
+
+    torch.manual_seed(0)
+    export_model(bhvit.create_model("bhvit_micro_c32", num_classes=10).eval(), tmp_path)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32).reshape(-1)
+    # was: 2 2/3 images gave 2 lines and exit status 0
+    out = _demo([str(build / "bhvit_run")], tmp_path, x[: len(x) * 8 // 9], check=False)
+    assert out.returncode == 2 and len(out.stdout.decode().splitlines()) == 2
+    assert b"8192 bytes after image 2 are not a whole float32 image of 3 x 32 x 32" in out.stderr
+    # was: bhvit_load(dir, 100000, ...) ended in SIGSEGV
+    lib = ctypes.CDLL(str(build / "libbhvit.so"))
+    lib.bhvit_last_error.restype = ctypes.c_char_p
+    m = ctypes.c_void_p()
+    assert lib.bhvit_load(str(tmp_path).encode(), 100000, ctypes.byref(m)) == 3  # BHVIT_E_INPUT
+    assert b"threads must be 0 (all cores) to 4096, got 100000" in lib.bhvit_last_error()
+    assert lib.bhvit_load(str(tmp_path).encode(), 1, ctypes.byref(m)) == 0
+    assert lib.bhvit_set_threads(m, 100000) == 3
+    lib.bhvit_free(m)

@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import pickle
+import re
 import signal
 import stat
 import struct
@@ -206,7 +207,12 @@ def test_corrupt_tensor_files_are_refused_on_every_load(fmnist, trained, tmp_pat
         (
             '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
             '"data": {"mean": [0.5], "std": [0.0]}}',
-            "std must be > 0",
+            r"std must be >= 1e-06",
+        ),
+        (
+            '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
+            '"data": {"mean": [0.5], "std": [1e-45]}}',
+            r"std must be >= 1e-06, got \[1e-45\]",
         ),
         (
             '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", '
@@ -490,3 +496,48 @@ def test_removing_the_weights_digest_does_not_switch_verification_off(trained, t
         load_model(run)
     with pytest.raises(CheckpointError, match="no SHA-256"):
         ckpt.load_matching_weights(create_model("bhvit_micro_c28", num_classes=10), run)
+
+
+def test_a_100000_digit_integer_in_a_checkpoint_json_is_one_error(tmp_path):
+    # was: a raw ValueError traceback (Python refuses integers of over 4,300 digits)
+    p = tmp_path / "best.json"
+    head = '{"format": "bhvit-checkpoint", "version": 1, "weights": "e.safetensors", "epoch": '
+    p.write_text(head + "9" * 100_000 + "}")
+    with pytest.raises(CheckpointError, match=r"best.json: not valid JSON \(Exceeds the limit"):
+        load_model(p)
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0, got nan"),
+        (["--weight-decay", "-5"], "--weight-decay must be a finite number >= 0, got -5.0"),
+        (["--warmup-epochs", "nan"], "--warmup-epochs must be a finite number >= 0, got nan"),
+        (["--min-lr", "-1"], "--min-lr must be a finite number >= 0, got -1.0"),
+        (["--re-beta", "-5"], "--re-beta must be a finite number >= 0, got -5.0"),
+        (["--re-last-frac", "5"], "--re-last-frac must be a number from 0 to 1, got 5.0"),
+        (["--seed", "99999999999999999999999"], "--seed must be an integer from 0 to 2\\^63 - 1"),
+        (["--workers", "100000"], "--workers must be at most 4096, got 100000"),
+    ],
+)
+def test_bad_training_numbers_are_one_line_errors(fmnist, tmp_path, capsys, args, message):
+    # was: raw tracebacks from deep inside PyTorch (or a run training into NaN)
+    from bhvit.cli import main
+
+    assert main(["train", "--data-dir", str(fmnist), "--out", str(tmp_path / "r"), "--epochs", "1", *args]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err) and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "r").exists()
+
+
+def test_threads_beyond_the_cap_are_refused_by_the_parser(fmnist, tmp_path, capsys):
+    # was: --threads 100000 ended in SIGSEGV
+    from bhvit.cli import main
+
+    train = ["train", "--data-dir", str(fmnist), "--out", str(tmp_path / "r")]
+    for cmd in (train, ["eval", "x"], ["predict", "x", "y"]):
+        with pytest.raises(SystemExit):
+            main([*cmd, "--threads", "100000"])
+        assert "must be at most 4096, got 100000" in capsys.readouterr().err

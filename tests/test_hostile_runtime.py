@@ -298,8 +298,9 @@ def test_fused_packing_reports_nan_on_every_backend():
     "data,message",
     [
         ({"mean": [math.nan, 0, 0], "std": [1, 1, 1]}, r"data mean\[0\] is nan, not a finite number"),
-        ({"mean": [0, 0, 0], "std": [1, 0, 1]}, r"data std\[1\] = 0 must be > 0"),
-        ({"mean": [0, 0, 0], "std": [1, 1e-300, 1]}, r"data std\[1\] = 1e-300 must be > 0 \(in float32"),
+        ({"mean": [0, 0, 0], "std": [1, 0, 1]}, r"data std\[1\] = 0 must be >= 1e-06"),
+        ({"mean": [0, 0, 0], "std": [1, 1e-300, 1]}, r"data std\[1\] = 1e-300 must be >= 1e-06 \(images are divided"),
+        ({"mean": [0, 0, 0], "std": [1, 1e-45, 1]}, r"data std\[1\] = 1e-45 must be >= 1e-06"),
         ({"mean": [0, 0], "std": [1, 1]}, r"data mean must be a list of 3 numbers \(one per input channel\)"),
         ({"mean": [1e39, 0, 0], "std": [1, 1, 1]}, r"data mean\[0\] = 1e\+39 overflows float32"),
         ({"mean": [0, 0, 0]}, r"data has only one of mean and std"),
@@ -600,3 +601,59 @@ def test_repeated_and_numerous_keys_read_alike_in_python_and_c(exp):
     many["manifest_sha256"] = manifest_digest(many)
     (exp / "manifest.json").write_text(json.dumps(many))
     _refused(exp, r"manifest.json: not valid JSON \(an object with more than 1048576 keys\)")
+
+
+def _with_header(exp, edit):
+    """The export's weights file with its safetensors header changed by ``edit`` (a dict ->
+    dict), the data section kept, and the manifest's size and digests made consistent."""
+    w = exp / "model.safetensors"
+    blob = w.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header = json.dumps(edit(json.loads(blob[8 : 8 + n]))).encode()
+    header += b" " * (-len(header) % 8)
+    new = len(header).to_bytes(8, "little") + header + blob[8 + n :]
+    w.write_bytes(new)
+    man = _manifest(exp)
+    _edit(exp, file=dict(man["file"], bytes=len(new), sha256=hashlib.sha256(new).hexdigest()))
+
+
+def _shift_first(header, delta):
+    """The first tensor (by offset) moved ``delta`` bytes (its neighbours' bytes then overlap or
+    leave a gap); its end stays within the file."""
+    name = min((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+    a, b = header[name]["data_offsets"]
+    header[name]["data_offsets"] = [a + delta, b + delta]
+    return header
+
+
+@pytest.mark.parametrize("delta,where", [(4, "gap"), (-4, "overlap")])
+def test_overlapping_or_gapped_tensor_offsets_are_refused_by_both_readers(exp, delta, where):
+    # was: libbhvit accepted them, Python refused
+    if delta < 0:  # an overlap: the second tensor starts 4 bytes early
+
+        def edit(h):
+            names = sorted((k for k in h if k != "__metadata__"), key=lambda k: h[k]["data_offsets"][0])
+            a, b = h[names[1]]["data_offsets"]
+            h[names[1]]["data_offsets"] = [a - 4, b - 4]
+            return h
+    else:
+
+        def edit(h):
+            return _shift_first(h, 4)
+
+    _with_header(exp, edit)
+    _refused(exp, r"model.safetensors")
+
+
+def test_a_weights_dtype_other_than_the_manifests_is_refused_by_both_readers(exp):
+    # was: libbhvit took a float16 tensor where the manifest says float32 (it widens both)
+    from safetensors.numpy import load_file, save_file
+
+    t = load_file(str(exp / "model.safetensors"))
+    name = next(k for k in t if k.endswith("head.bias"))
+    t[name] = t[name].astype(np.float16)
+    save_file(t, str(exp / "model.safetensors"))
+    blob = (exp / "model.safetensors").read_bytes()
+    man = _manifest(exp)
+    _edit(exp, file=dict(man["file"], bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()))
+    _refused(exp, r"head.bias")

@@ -36,6 +36,7 @@ class RuntimeFormatError(BhvitError, ValueError):
 # Limits well above every model bhvit defines; a manifest beyond them is refused before
 # the runtime allocates or loops over anything it implies.
 MAX_MANIFEST_BYTES = 64 << 20
+MIN_STD = 1e-6  # a data std below this blows every normalised pixel up
 MAX_OBJECT_KEYS = 1 << 20  # keys of one JSON object, as libbhvit's reader (json.c) bounds them
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit on its JSON header
 MAX_TENSORS = 100_000
@@ -150,8 +151,8 @@ def _float_list_problem(name, v, n, positive=False):
             return f"data {name}[{i}] is {x}, not a finite number"
         if abs(x) > _F32_MAX:
             return f"data {name}[{i}] = {x} overflows float32"
-        if positive and not np.float32(x) > 0:
-            return f"data {name}[{i}] = {x} must be > 0 (in float32: images are divided by it)"
+        if positive and not x >= MIN_STD:
+            return f"data {name}[{i}] = {x} must be >= {MIN_STD} (images are divided by it)"
     return None
 
 
@@ -176,7 +177,7 @@ def preprocess_problem(data: Dict, img_size: int) -> Union[str, None]:
 def data_problem(data, cfg: Dict) -> Union[str, None]:
     """What is wrong with an export's ``data`` entry (normalisation and class names), or None.
 
-    ``mean`` and ``std``: both or neither, ``in_chans`` finite float32 numbers each, std > 0;
+    ``mean`` and ``std``: both or neither, ``in_chans`` finite float32 numbers each, std >= MIN_STD;
     ``classes``: ``num_classes`` strings; the evaluation transform (:func:`preprocess_problem`).
     Other keys (the data set's name, sizes) are kept as is."""
     if data is None:

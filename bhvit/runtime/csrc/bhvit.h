@@ -31,6 +31,7 @@ extern "C" {
 #endif
 
 #define BHVIT_API_VERSION 1
+#define BHVIT_MAX_THREADS 4096 /* threads a model may use (bhvit_load, bhvit_set_threads) */
 
 #if defined(__GNUC__)
 #define BHVIT_API __attribute__((visibility("default")))
@@ -50,7 +51,8 @@ enum {
 typedef struct bhvit_model bhvit_model;
 
 /* Load and prepare the export at path (its directory or its manifest.json).  threads: the
- * number of CPU threads bhvit_run uses (0: all cores, or OMP_NUM_THREADS). */
+ * number of CPU threads bhvit_run uses (0: all cores, or OMP_NUM_THREADS; at most
+ * BHVIT_MAX_THREADS). */
 BHVIT_API int bhvit_load(const char *path, int threads, bhvit_model **model);
 
 /* logits[batch * num_classes] from x[batch * in_chans * img_size * img_size] (NCHW, float32). */

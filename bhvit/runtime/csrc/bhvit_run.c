@@ -107,8 +107,16 @@ int main(int argc, char **argv)
         status = 2;
         goto out;
     }
+    const size_t image_bytes = sizeof(float) * (size_t)per;
     for (int64_t done = 0;;) {
-        const size_t got = fread(x, sizeof(float) * (size_t)per, (size_t)batch, f);
+        const size_t nbytes = fread(x, 1, image_bytes * (size_t)batch, f), got = nbytes / image_bytes;
+        if (nbytes % image_bytes) { /* a partial image at the end: an error, not dropped */
+            fprintf(stderr, "bhvit_run: %s: %zu bytes after image %lld are not a whole float32 image of %lld x %lld x %lld\n",
+                    images, nbytes % image_bytes, (long long)(done + (int64_t)got), (long long)bhvit_in_chans(m),
+                    (long long)bhvit_img_size(m), (long long)bhvit_img_size(m));
+            status = 2;
+            break;
+        }
         if (got == 0) {
             if (ferror(f)) {
                 perror(images);

@@ -195,7 +195,9 @@ typedef struct {
 
 typedef struct {
     char *name;
-    int dtype; /* 0 float32 (after widening), 2 int64 words */
+    int dtype;      /* 0 float32 (after widening), 2 int64 words */
+    int file_dtype; /* in the file: 0 F32, 1 F16, 2 I64 */
+    int64_t off0, off1; /* its bytes in the file's data section */
     int ndim;
     int64_t shape[8];
     int64_t numel;
@@ -410,8 +412,8 @@ static int read_data(bhvit_model *m, const jval *data)
         for (int64_t c = 0; c < m->chans; ++c) {
             const jval *a = &mean->items[c], *b = &std->items[c];
             if (a->type != J_NUM || b->type != J_NUM || !isfinite(a->num) || !isfinite(b->num) ||
-                !isfinite((float)a->num) || !((float)b->num > 0.0f))
-                return seterr(BHVIT_E_FORMAT, "data mean[%lld] / std[%lld] must be finite float32 numbers, std > 0",
+                !isfinite((float)a->num) || !(b->num >= 1e-6)) /* MIN_STD in runtime/format.py */
+                return seterr(BHVIT_E_FORMAT, "data mean[%lld] / std[%lld] must be finite float32 numbers, std >= 1e-06",
                               (long long)c, (long long)c);
             m->mean[c] = (float)a->num;
             m->std[c] = (float)b->num;
@@ -475,6 +477,14 @@ static float half_to_float(uint16_t h)
 static int tensor_cmp(const void *a, const void *b)
 {
     return strcmp(((const tensor_t *)a)->name, ((const tensor_t *)b)->name);
+}
+
+static int offset_cmp(const void *a, const void *b)
+{
+    const tensor_t *x = (const tensor_t *)a, *y = (const tensor_t *)b;
+    if (x->off0 != y->off0)
+        return x->off0 < y->off0 ? -1 : 1;
+    return (x->off1 > y->off1) - (x->off1 < y->off1);
 }
 
 static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int64_t len)
@@ -541,6 +551,7 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
         }
         int64_t numel = 1;
         t->ndim = (int)sh->n;
+        t->file_dtype = src;
         for (size_t d = 0; d < sh->n; ++d) {
             const jval *x = &sh->items[d];
             if (x->type != J_NUM || !x->is_int || x->i < 0 || x->i >= ((int64_t)1 << 31)) {
@@ -548,8 +559,8 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
                 goto done;
             }
             t->shape[d] = x->i;
-            numel *= x->i;
-            if (numel > ((int64_t)1 << 33)) {
+            /* checked: [2^30, 8, 2^30, 2] must not wrap to 0 elements */
+            if (__builtin_mul_overflow(numel, x->i, &numel) || numel > ((int64_t)1 << 33)) {
                 rc = seterr(BHVIT_E_FORMAT, "%s: tensor %.80s is too large", wpath, name);
                 goto done;
             }
@@ -562,6 +573,8 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
                         name);
             goto done;
         }
+        t->off0 = o0->i;
+        t->off1 = o1->i;
         const char *src_p = data + o0->i;
         t->dtype = src == 2 ? 2 : 0;
         t->data = aligned_alloc(64, (size_t)(((numel ? numel : 1) * (src == 2 ? 8 : 4) + 63) & ~63));
@@ -588,6 +601,19 @@ static int read_tensors(bhvit_model *m, const char *wpath, const char *blob, int
                     goto done;
                 }
         }
+    }
+    /* the tensors' bytes cover the data section exactly, without gaps or overlaps (as the
+     * safetensors format requires and Python's reader checks) */
+    qsort(m->t, (size_t)m->nt, sizeof(tensor_t), offset_cmp);
+    int64_t end = 0;
+    for (int64_t i = 0; i <= m->nt; ++i) {
+        if (i < m->nt ? m->t[i].off0 != end : end != dlen) {
+            rc = seterr(BHVIT_E_FORMAT, "%s: the tensors' data offsets overlap or leave gaps (at byte %lld)", wpath,
+                        (long long)end);
+            goto done;
+        }
+        if (i < m->nt)
+            end = m->t[i].off1;
     }
     qsort(m->t, (size_t)m->nt, sizeof(tensor_t), tensor_cmp);
     for (int64_t i = 1; i < m->nt; ++i)
@@ -1567,9 +1593,9 @@ static int check_tensor_list(bhvit_model *m, const jval *list, const char *mpath
     for (size_t i = 0; i < list->n; ++i) {
         const jval *e = &list->items[i], *dt = bhvi_json_get(e, "dtype"), *sh = bhvi_json_get(e, "shape");
         tensor_t *t = find(m, list->keys[i]);
+        static const char *const file_dtypes[3] = {"float32", "float16", "int64"};
         int ok = t && dt && dt->type == J_STR && sh && sh->type == J_ARR && (int)sh->n == t->ndim &&
-                 (t->dtype == 2 ? strcmp(dt->str, "int64") == 0
-                                : (strcmp(dt->str, "float32") == 0 || strcmp(dt->str, "float16") == 0));
+                 strcmp(dt->str, file_dtypes[t->file_dtype]) == 0;
         for (size_t d = 0; ok && d < sh->n; ++d)
             ok = sh->items[d].type == J_NUM && sh->items[d].is_int && sh->items[d].i == t->shape[d];
         if (!ok)
@@ -1659,9 +1685,12 @@ static int load_into(bhvit_model *m, const char *path)
         const jval *dt = bhvi_json_get(&list->items[i], "dtype"), *sh = bhvi_json_get(&list->items[i], "shape");
         int64_t n = dt && dt->type == J_STR ? (strcmp(dt->str, "int64") == 0 ? 8 : strcmp(dt->str, "float16") == 0 ? 2 : 4)
                                             : 4;
-        for (size_t d = 0; sh && sh->type == J_ARR && d < sh->n && n <= MAX_WEIGHTS_BYTES; ++d)
-            n *= (sh->items[d].type == J_NUM && sh->items[d].is_int && sh->items[d].i >= 0 &&
-                  sh->items[d].i < ((int64_t)1 << 31)) ? sh->items[d].i : 0;
+        for (size_t d = 0; sh && sh->type == J_ARR && d < sh->n && n <= MAX_WEIGHTS_BYTES; ++d) {
+            const jval *x = &sh->items[d];
+            const int64_t k = x->type == J_NUM && x->is_int && x->i >= 0 && x->i < ((int64_t)1 << 31) ? x->i : 0;
+            if (__builtin_mul_overflow(n, k, &n))
+                n = MAX_WEIGHTS_BYTES + 1; /* saturated: refused below */
+        }
         data_bytes += n;
     }
     if (!(data_bytes + 8 <= fbytes->i && fbytes->i <= data_bytes + 8 + MAX_HEADER_BYTES)) {
@@ -1702,8 +1731,9 @@ int bhvit_load(const char *path, int threads, bhvit_model **out)
     if (!path || !out)
         return seterr(BHVIT_E_INPUT, "bhvit_load: path and model must not be NULL");
     *out = NULL;
-    if (threads < 0)
-        return seterr(BHVIT_E_INPUT, "bhvit_load: threads must be >= 0 (0: all cores), got %d", threads);
+    if (threads < 0 || threads > BHVIT_MAX_THREADS)
+        return seterr(BHVIT_E_INPUT, "bhvit_load: threads must be 0 (all cores) to %d, got %d", BHVIT_MAX_THREADS,
+                      threads);
     bhvit_model *m = (bhvit_model *)calloc(1, sizeof(bhvit_model));
     if (!m)
         return seterr(BHVIT_E_NOMEM, "out of memory");
@@ -1759,8 +1789,8 @@ int bhvit_run(bhvit_model *m, const float *x, int64_t batch, float *logits)
 
 int bhvit_set_threads(bhvit_model *m, int threads)
 {
-    if (!m || threads < 0)
-        return seterr(BHVIT_E_INPUT, "bhvit_set_threads: threads must be >= 0");
+    if (!m || threads < 0 || threads > BHVIT_MAX_THREADS)
+        return seterr(BHVIT_E_INPUT, "bhvit_set_threads: threads must be 0 (all cores) to %d", BHVIT_MAX_THREADS);
     m->threads = threads;
     return BHVIT_OK;
 }
