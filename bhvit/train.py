@@ -415,6 +415,43 @@ def _repair_after_kill(out: Path, last_doc: Dict, history: List[Dict]) -> None:
     _write_metrics(out, history)
 
 
+def _saved_data(out: Path) -> Dict:
+    """The ``data`` entry of the run in ``out`` (its last checkpoint)."""
+    return read_checkpoint_json(out / "last.json")[0].get("data") or {}
+
+
+def _check_resume_data(now: Dict, saved: Dict, out: Path) -> None:
+    """A resumed run must see the data it was trained on: the same class names, image counts
+    and pixel statistics (another --data-dir or renamed classes resumed silently before)."""
+    from .checkpoint import CheckpointError
+
+    def close(a, b):
+        return (
+            a is None
+            or b is None
+            or (len(a) == len(b) and all(abs(x - y) <= 1e-4 * abs(y) + 1e-6 for x, y in zip(a, b)))
+        )
+
+    for key, same in (
+        ("classes", lambda a, b: a == b),
+        ("train_size", lambda a, b: a == b),
+        ("test_size", lambda a, b: a == b),
+        ("train_mean", close),
+        ("train_std", close),
+    ):
+        if key in saved and not same(saved[key], now.get(key)):
+            was, got = _short_value(saved[key]), _short_value(now.get(key))
+            raise CheckpointError(
+                f"--resume: the data differ from the run in {out} ({key}: {was} -> {got}); resume with the "
+                "data it was trained on (--data, --data-dir, --subset) or use another --out."
+            )
+
+
+def _short_value(v) -> str:
+    r = repr([round(x, 4) for x in v] if isinstance(v, list) and v and isinstance(v[0], float) else v)
+    return r if len(r) <= 120 else r[:117] + "..."
+
+
 def _check_resume(doc: Dict, model: nn.Module, cfg: "TrainConfig", out: Path, world: int = 1) -> None:
     from .checkpoint import CheckpointError
 
@@ -659,6 +696,7 @@ def _train(
     model_cfg = get_config(cfg.model, **cfg.overrides)
     cfg, train_ds, test_ds = _load_data(cfg, model_cfg, rank)
     mean, std = train_ds.channel_stats()
+    data_stats = (list(mean), list(std))  # the data's own, before a teacher's replace them
 
     torch.manual_seed(cfg.seed)
     if model is None:
@@ -677,7 +715,11 @@ def _train(
         ddp_kw = {"device_ids": [torch.device(device).index]} if device.startswith("cuda") else {}
         model = nn.parallel.DistributedDataParallel(model, **ddp_kw)
     data_meta = {"name": cfg.data, "classes": train_ds.classes, "mean": mean, "std": std}
-    data_meta.update(train_size=len(train_ds), test_size=len(test_ds))
+    data_meta.update(
+        train_size=len(train_ds), test_size=len(test_ds), train_mean=data_stats[0], train_std=data_stats[1]
+    )
+    if start_epoch:
+        _check_resume_data(data_meta, _saved_data(out), out)
     if getattr(test_ds, "resize", model_cfg.img_size) != model_cfg.img_size:  # streamed with --augment rrc
         data_meta["resize"] = test_ds.resize  # so that eval, export and predict crop as this run does
     meta_base = {"train_config": dataclasses.asdict(cfg), "data": data_meta, "world_size": world}

@@ -541,3 +541,22 @@ def test_threads_beyond_the_cap_are_refused_by_the_parser(fmnist, tmp_path, caps
         with pytest.raises(SystemExit):
             main([*cmd, "--threads", "100000"])
         assert "must be at most 4096, got 100000" in capsys.readouterr().err
+
+
+def test_resume_refuses_other_data(fmnist, trained, tmp_path):
+    # was: another --data-dir (other statistics) or renamed classes resumed silently
+    run = _copy_run(trained, tmp_path / "run")
+    other = make_fashion_mnist(tmp_path / "other", n_train=128, n_test=32)
+    imgs = read_idx(other / "train-images-idx3-ubyte.gz")
+    write_idx(other / "train-images-idx3-ubyte", (imgs // 2).astype(np.uint8))  # darker images
+    cfg = TrainConfig(data_dir=str(other), out=str(run), epochs=2, resume=True, **TINY)
+    message = r"--resume: the data differ from the run in .*\(train_mean: \[0\.\d+\] -> \[0\.\d+\]\)"
+    with pytest.raises(CheckpointError, match=message):
+        train(cfg)
+    folder = make_imagefolder(tmp_path / "f", classes=("cat", "dog"))
+    kw = dict(TINY, model="bhvit_micro_c32", data="imagefolder", subset=None, test_subset=None)
+    train(TrainConfig(data_dir=str(folder), out=str(tmp_path / "r2"), epochs=1, **kw))
+    for split in ("train", "test"):
+        (folder / split / "dog").rename(folder / split / "wolf")
+    with pytest.raises(CheckpointError, match=r"\(classes: \['cat', 'dog'\] -> \['cat', 'wolf'\]\)"):
+        train(TrainConfig(data_dir=str(folder), out=str(tmp_path / "r2"), epochs=2, resume=True, **kw))
