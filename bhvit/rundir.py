@@ -17,11 +17,20 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Optional, Union
+from typing import List, Optional, Union
 
 from .errors import BhvitError, ConfigError
 
-__all__ = ["RunLock", "RunLocked", "LOCK_NAME", "RUN_FILES", "CHECKPOINT_NAME", "remove_stale_temp", "check_out_dir"]
+__all__ = [
+    "RunLock",
+    "RunLocked",
+    "LOCK_NAME",
+    "RUN_FILES",
+    "CHECKPOINT_NAME",
+    "run_files",
+    "remove_stale_temp",
+    "check_out_dir",
+]
 
 LOCK_NAME = ".bhvit.lock"
 # The files of a run directory besides the checkpoints.
@@ -95,6 +104,20 @@ def check_out_dir(run_dir: Union[str, Path]) -> Path:
 
 def _ours(name: str) -> bool:
     return bool(CHECKPOINT_NAME.match(name)) or name in RUN_FILES
+
+
+def run_files(run_dir: Union[str, Path], temp: bool = True) -> List[str]:
+    """The names in ``run_dir`` that a bhvit run writes (checkpoints, the run files and, with
+    ``temp``, the temporary names of their writes), sorted; the lock file is not one of them."""
+    p = Path(run_dir)
+    if not p.is_dir():
+        return []
+    names = []
+    for f in p.iterdir():
+        m = _TEMP_NAME.match(f.name)
+        if _ours(f.name) or (temp and m is not None and _ours(m.group("name") or m.group("png"))):
+            names.append(f.name)
+    return sorted(names)
 
 
 def remove_stale_temp(run_dir: Union[str, Path]) -> int:

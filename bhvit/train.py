@@ -64,7 +64,7 @@ from .errors import ConfigError, TrainingDiverged
 from .layers import binary_layers
 from .model import BHViT, get_config
 from .losses import kd_loss, recipe_loss
-from .rundir import RunLock, RunLocked, check_out_dir, remove_stale_temp
+from .rundir import RunLock, RunLocked, check_out_dir, remove_stale_temp, run_files
 from .stream import StreamingImageFolder, StreamLoader, fits_in_memory
 from .quantizers import centred_signs
 
@@ -681,6 +681,16 @@ def _check_out_state(out: Path, resume: bool) -> None:
             f"{out} holds a checkpoint (best.json) but no run to resume (last.json), "
             "e.g. a copy from `bhvit strip`; choose another --out."
         )
+    if not (resume and (out / "last.json").exists()):
+        # a fresh run: it would overwrite or prune files of these names that it did not write
+        # (under --resume, a killed write's temporary files are a run's own and are removed)
+        taken = run_files(out, temp=not resume)
+        if taken:
+            more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
+            raise ConfigError(
+                f"{out} holds {taken[0]}{more}, names a bhvit run writes, but no run to resume (last.json); "
+                "move them away or choose another --out."
+            )
 
 
 def _train(

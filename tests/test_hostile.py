@@ -26,6 +26,7 @@ import bhvit.checkpoint as ckpt
 from bhvit.checkpoint import CheckpointError, load_model, read_checkpoint_json, save_checkpoint
 from bhvit.cli import main
 from bhvit.data import DataError, load_dataset, read_idx
+from bhvit.errors import ConfigError
 from bhvit.rundir import LOCK_NAME, RunLock, RunLocked
 from bhvit.runtime.image import ImageTooLarge, decode_image
 from bhvit.train import TrainConfig, train
@@ -112,10 +113,26 @@ def test_stale_temp_files_of_a_killed_write_are_removed(fmnist, tmp_path):
     mine = [".notes.abc.tmp", "epoch0000.safetensors.tmp", ".hidden"]
     for name in stale + mine:
         (out / name).write_text("partial")
-    train(TrainConfig(data_dir=str(fmnist), out=str(out), epochs=1, **TINY))
+    # a fresh run does not touch files of bhvit's names it did not write (it deleted them)
+    with pytest.raises(ConfigError, match=r"holds .curves.png.tmp and 2 more, names a bhvit run writes"):
+        train(TrainConfig(data_dir=str(fmnist), out=str(out), epochs=1, **TINY))
+    assert {p.name for p in out.iterdir()} == set(stale + mine)
+    # continuing (--resume auto) what a killed run left: its temporary files go
+    train(TrainConfig(data_dir=str(fmnist), out=str(out), epochs=1, resume="auto", **TINY))
     names = {p.name for p in out.iterdir()}
     assert not names & set(stale)
     assert set(mine) <= names
+
+
+@pytest.mark.parametrize("name", ["epoch0000.safetensors", "metrics.jsonl", "curves.png", "final.json"])
+def test_a_fresh_run_refuses_files_of_bhvit_names_it_did_not_write(fmnist, tmp_path, name):
+    # was: overwritten or deleted without a word
+    out = tmp_path / "r"
+    out.mkdir()
+    (out / name).write_text("the user's")
+    with pytest.raises(ConfigError, match=f"holds {name}, names a bhvit run writes, but no run to resume"):
+        train(TrainConfig(data_dir=str(fmnist), out=str(out), epochs=1, **TINY))
+    assert (out / name).read_text() == "the user's"
 
 
 _HOLDER = """
