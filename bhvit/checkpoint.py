@@ -88,9 +88,14 @@ def _atomic(path: Path, write) -> None:
 
 
 def atomic_save_safetensors(
-    tensors: Dict[str, torch.Tensor], path: Union[str, Path], metadata: Optional[Dict[str, str]] = None
+    tensors: Dict[str, torch.Tensor],
+    path: Union[str, Path],
+    metadata: Optional[Dict[str, str]] = None,
+    info: Optional[Dict[str, int]] = None,
 ) -> str:
-    """Write ``tensors`` to ``path`` atomically; returns the file's SHA-256 (hex)."""
+    """Write ``tensors`` to ``path`` atomically; returns the SHA-256 (hex) of the bytes written
+    (``info["bytes"]`` receives their count), not of a re-read file another process may have
+    replaced."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -101,6 +106,8 @@ def atomic_save_safetensors(
             f.write(blob)
 
     _atomic(Path(path), write)
+    if info is not None:
+        info["bytes"] = len(blob)
     return hashlib.sha256(blob).hexdigest()
 
 

@@ -16,7 +16,6 @@ An export is a directory with two files:
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Dict, Optional, Union
@@ -27,6 +26,7 @@ from torch import nn
 
 from .blocks import MSGDC, MSMHA, BinaryDownsample, FPDownsample
 from .checkpoint import atomic_save_safetensors, atomic_write_json
+from .rundir import RunLock, remove_stale_temp
 from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
@@ -218,10 +218,20 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
     finally:
         model.train(was_training)
     _check_tensors(w, out)
-    out.mkdir(parents=True, exist_ok=True)
+    # one export at a time per directory (two at once could pair one's manifest with the
+    # other's weights); a killed export's temporary files are removed
+    with RunLock(out):
+        remove_stale_temp(out, EXPORT_FILES)
+        return _write(model, out, w, kinds, data, float16)
+
+
+EXPORT_FILES = ("model.safetensors", "manifest.json")
+
+
+def _write(model, out: Path, w, kinds, data, float16) -> Dict:
     wpath = out / "model.safetensors"
-    atomic_save_safetensors(w.tensors, wpath)
-    digest = hashlib.sha256(wpath.read_bytes()).hexdigest()
+    written = {}
+    digest = atomic_save_safetensors(w.tensors, wpath, info=written)  # of the bytes written
     packed_bytes = sum(t.numel() * 8 for k, t in w.tensors.items() if k.endswith(".wbits"))
     float_bytes = sum(t.numel() * t.element_size() for k, t in w.tensors.items() if not k.endswith(".wbits"))
     manifest = {
@@ -234,13 +244,13 @@ def export_model(model: BHViT, out_dir: Union[str, Path], data: Optional[Dict] =
         "tensors": {
             k: {"dtype": str(t.dtype).replace("torch.", ""), "shape": list(t.shape)} for k, t in w.tensors.items()
         },
-        "file": {"name": wpath.name, "bytes": wpath.stat().st_size, "sha256": digest},
+        "file": {"name": wpath.name, "bytes": written["bytes"], "sha256": digest},
         "size": {
             "binary_weights": w.binary_weights,
             "packed_bytes": packed_bytes,
             "float_values": w.float_params,
             "float_bytes": float_bytes,
-            "file_bytes": wpath.stat().st_size,
+            "file_bytes": written["bytes"],
             "float32_checkpoint_bytes": 4 * sum(p.numel() for p in model.parameters()),
         },
     }

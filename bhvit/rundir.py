@@ -120,17 +120,18 @@ def run_files(run_dir: Union[str, Path], temp: bool = True) -> List[str]:
     return sorted(names)
 
 
-def remove_stale_temp(run_dir: Union[str, Path]) -> int:
+def remove_stale_temp(run_dir: Union[str, Path], names: Optional[tuple] = None) -> int:
     """Delete the temporary files of a run's own writes that a killed process left in
-    ``run_dir`` (only names of the form bhvit's atomic writes make, for files a run
-    writes). Returns how many were removed. Call it with the run's lock held."""
+    ``run_dir`` (only names of the form bhvit's atomic writes make, for files a run writes,
+    or for ``names``: an export's). Returns how many were removed. Call it with the lock held."""
+    ours = _ours if names is None else names.__contains__
     removed = 0
     p = Path(run_dir)
     if not p.is_dir():
         return 0
     for f in p.iterdir():
         m = _TEMP_NAME.match(f.name)
-        if m is None or not _ours(m.group("name") or m.group("png")):
+        if m is None or not ours(m.group("name") or m.group("png")):
             continue
         if f.is_file() and not f.is_symlink():
             f.unlink()

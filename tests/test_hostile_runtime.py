@@ -657,3 +657,21 @@ def test_a_weights_dtype_other_than_the_manifests_is_refused_by_both_readers(exp
     man = _manifest(exp)
     _edit(exp, file=dict(man["file"], bytes=len(blob), sha256=hashlib.sha256(blob).hexdigest()))
     _refused(exp, r"head.bias")
+
+
+def test_one_export_at_a_time_per_directory_and_a_killed_ones_temp_files_go(tmp_path):
+    # was: two exports into one directory could pair one's manifest with the other's weights
+    from bhvit.rundir import RunLock, RunLocked
+
+    out = tmp_path / "exp"
+    out.mkdir()
+    for name in (".model.safetensors.k1ll3d.tmp", ".manifest.json.abc_9.tmp", ".notes.abc.tmp"):
+        (out / name).write_text("partial")
+    with RunLock(out):  # as another export holding it would
+        with pytest.raises(RunLocked, match="in use by another bhvit run"):
+            export_model(_model(), out, data=DATA)
+    export_model(_model(), out, data=DATA)
+    names = {p.name for p in out.iterdir()}
+    assert {"model.safetensors", "manifest.json", ".notes.abc.tmp"} <= names
+    assert not any(n.startswith((".model.", ".manifest.")) for n in names)
+    assert runtime.load(out).classes == CLASSES
