@@ -30,7 +30,14 @@ from .rundir import RunLock, remove_stale_temp
 from .layers import BinaryConv2d, ChannelBatchNorm, LayerwiseResidual
 from .model import BHViT
 
-from .runtime.format import EXPORT_FORMAT, EXPORT_VERSION, config_problem, data_problem, manifest_digest
+from .runtime.format import (
+    EXPORT_FORMAT,
+    EXPORT_VERSION,
+    config_problem,
+    data_problem,
+    manifest_digest,
+    safe_class_name,
+)
 from .errors import ConfigError
 
 __all__ = ["export_model", "EXPORT_FORMAT", "EXPORT_VERSION", "pack_sign_bits"]
@@ -284,8 +291,11 @@ def _checked_export_inputs(model, out: Path, data) -> Dict:
         raise ConfigError(
             f"cannot export to {out}: data must be a dict (mean, std, classes), got {type(data).__name__}."
         )
+    data = dict(data or {})
+    if isinstance(data.get("classes"), list):  # names as the runtime prints them (no control characters)
+        data["classes"] = [safe_class_name(c) if isinstance(c, str) else c for c in data["classes"]]
     try:
-        data = json.loads(json.dumps(data or {}, allow_nan=True))
+        data = json.loads(json.dumps(data, allow_nan=True))
     except (TypeError, ValueError) as e:
         raise ConfigError(f"cannot export to {out}: data is not JSON-serialisable ({e}).") from None
     problem = data_problem(data, cfg)

@@ -675,3 +675,80 @@ def test_one_export_at_a_time_per_directory_and_a_killed_ones_temp_files_go(tmp_
     assert {"model.safetensors", "manifest.json", ".notes.abc.tmp"} <= names
     assert not any(n.startswith((".model.", ".manifest.")) for n in names)
     assert runtime.load(out).classes == CLASSES
+
+
+# The manifest's JSON subset (docs/EXPORT_FORMAT.md): each case is a value (raw bytes) put in
+# the manifest's data entry, and whether both readers accept it.
+_NEST = 63  # data.x's value is at depth 2: 63 nested arrays reach depth 64, the deepest allowed
+JSON_CASES = [
+    (b'"caf\\u00e9 \\ud83d\\ude00"', True),
+    ('"café 😀"'.encode(), True),
+    (b"[9223372036854775807, -9223372036854775808, -0, 1e5, 1.5E-3]", True),
+    (b"[" * _NEST + b"]" * _NEST, True),
+    (b"[" * (_NEST + 1) + b"]" * (_NEST + 1), False),
+    (b'"a\\u0000b"', False),
+    (b'"\\udc80"', False),
+    (b'"\\ud83d"', False),
+    (b'"\\ud83dx"', False),
+    (b"9223372036854775808", False),
+    (b"-9223372036854775809", False),
+    (b"02", False),
+    (b"0x10", False),
+    (b"1.", False),
+    (b".5", False),
+    (b"1e", False),
+    (b'"\xc0\x80"', False),  # an overlong NUL
+    (b'"\xed\xa0\x80"', False),  # an encoded surrogate
+    (b'"\xf4\x90\x80\x80"', False),  # above U+10FFFF
+    (b'"\x01"', False),  # a raw control character
+]
+
+
+@pytest.mark.parametrize("value,accepted", JSON_CASES, ids=[str(i) for i in range(len(JSON_CASES))])
+def test_both_readers_accept_exactly_the_manifest_json_subset(exp, value, accepted):
+    # was: Python accepted NUL escapes, integers >= 2^63, nesting deeper than 64 and lone
+    # surrogates (canonicalised differently by C), C accepted 02 and overlong UTF-8
+    man = _manifest(exp)
+    del man["manifest_sha256"]
+    text = json.dumps(man).encode().replace(b'"data": {', b'"data": {"x": ' + value + b", ", 1)
+    try:
+        digest = manifest_digest(json.loads(text.decode("utf-8")))
+    except ValueError:
+        digest = "0" * 64
+    (exp / "manifest.json").write_bytes(text[:-1] + b', "manifest_sha256": "' + digest.encode() + b'"}')
+    if accepted:
+        runtime.load(exp)
+        if K.plan_available():
+            K.Plan(exp, 10)
+    else:  # by the JSON reader itself, not by a digest that could not be computed
+        _refused(exp, r"manifest.json: not valid JSON")
+        if K.plan_available():
+            with pytest.raises(K.PlanError, match="not valid JSON"):
+                K.Plan(exp, 10)
+
+
+def test_version_must_be_the_integer_2(exp):
+    _edit(exp, version=2.0)
+    _refused(exp, r"manifest.json: export version 2.0 is not supported")
+
+
+def test_class_names_with_control_characters_are_escaped_on_export_and_refused_by_readers(exp, tmp_path):
+    # was: a "\n" in a class name forged output lines of predict and bhvit_run --classes, and a
+    # non-UTF-8 folder name (a lone surrogate) exported, then both readers refused the export
+    names = [f"c{i}" for i in range(8)] + ["two\nlines", "caf\udce9"]
+    export_model(_model(), tmp_path / "e", data=dict(DATA, classes=names))
+    assert runtime.load(tmp_path / "e").classes[8:] == ["two\\x0alines", "caf\\xe9"]
+    if K.plan_available():
+        K.Plan(tmp_path / "e", 10)
+    for bad in ("two\nlines", "x\x85y"):
+        _rewrite(exp, data=dict(DATA, classes=[*CLASSES[:9], bad]))
+        _refused(exp, r"manifest.json: data classes: .* holds a control character")
+
+
+def test_a_shape_whose_product_wraps_64_bits_is_refused_by_both_readers(exp):
+    # was: signed overflow in libbhvit: [2^30, 8, 2^30, 2] wrapped to 0 elements and passed
+    man = _manifest(exp)
+    name = next(k for k in man["tensors"] if k.endswith("head.bias"))
+    tensors = dict(man["tensors"], **{name: {"dtype": "float32", "shape": [1 << 30, 8, 1 << 30, 2]}})
+    _edit(exp, tensors=tensors)
+    _refused(exp, r"manifest.json")

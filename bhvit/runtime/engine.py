@@ -38,6 +38,8 @@ from .format import (
     RuntimeFormatError,
     MAX_MANIFEST_BYTES,
     MAX_OBJECT_KEYS,
+    json_subset_problem,
+    _int64,
     MAX_HEADER_BYTES,
     _F32_MAX,
     _TENSOR_DTYPES,
@@ -607,13 +609,16 @@ def _read_manifest(mpath: Path) -> Dict:
             f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest written by `bhvit export`."
         )
     try:
-        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_bounded_object)
+        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_bounded_object, parse_int=_int64)
     except RecursionError:
         raise RuntimeFormatError(
             f"{mpath}: JSON nested too deeply; not a manifest written by `bhvit export`."
         ) from None
     except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, over-long integer literals
         raise RuntimeFormatError(f"{mpath}: not valid JSON ({e}); the file is truncated or corrupt.") from None
+    problem = json_subset_problem(manifest)
+    if problem:
+        raise RuntimeFormatError(f"{mpath}: not valid JSON ({problem}); not a manifest written by `bhvit export`.")
     if not isinstance(manifest, dict):
         raise RuntimeFormatError(f"{mpath}: not a bhvit export (a JSON {_json_type(manifest)}, not an object).")
     return manifest
@@ -633,7 +638,7 @@ def _checked_manifest_and_weights(mpath: Path):
     manifest = _read_manifest(mpath)
     if manifest.get("format") != EXPORT_FORMAT:
         raise RuntimeFormatError(f"{mpath}: not a bhvit export (format {_short(manifest.get('format'), 40)}).")
-    if manifest.get("version") != EXPORT_VERSION:
+    if not (_is_int(manifest.get("version")) and manifest["version"] == EXPORT_VERSION):  # not 2.0, as in C
         raise RuntimeFormatError(
             f"{mpath}: export version {_short(manifest.get('version'), 40)} is not supported "
             f"(this runtime reads version {EXPORT_VERSION})."

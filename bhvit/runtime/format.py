@@ -78,6 +78,44 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+MAX_JSON_DEPTH = 64  # values nested deeper are refused, as libbhvit's reader (json.c) refuses them
+
+
+def _int64(text: str) -> int:
+    """``json``'s ``parse_int``: an integer literal must fit 64 bits, as in libbhvit."""
+    v = int(text)
+    if not -(1 << 63) <= v < 1 << 63:
+        raise ValueError("integer out of the 64-bit range")
+    return v
+
+
+def json_subset_problem(value, depth: int = 0) -> Union[str, None]:
+    """What puts a parsed manifest outside the JSON that both of bhvit's readers accept
+    (docs/EXPORT_FORMAT.md), or None: a value nested deeper than MAX_JSON_DEPTH, a string or key
+    holding NUL or a lone surrogate (``\\udc80`` escapes, undecodable file names)."""
+    if depth > MAX_JSON_DEPTH:
+        return "JSON nested too deeply"
+    if isinstance(value, str):
+        if "\0" in value:
+            return "NUL in string"
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return "lone surrogate in string"
+        return None
+    if isinstance(value, dict):
+        items = [*value.keys(), *value.values()]
+    elif isinstance(value, list):
+        items = value
+    else:
+        return None
+    for item in items:
+        problem = json_subset_problem(item, depth + 1)
+        if problem:
+            return problem
+    return None
+
+
 def config_problem(cfg) -> Union[str, None]:
     """What is wrong with a manifest's model config (types, bounds, consistency), or None.
 
@@ -174,6 +212,28 @@ def preprocess_problem(data: Dict, img_size: int) -> Union[str, None]:
     return None
 
 
+def _control(ch: str) -> bool:
+    return ord(ch) < 0x20 or 0x7F <= ord(ch) <= 0x9F  # Unicode's Cc: C0, DEL, C1
+
+
+def safe_class_name(name: str) -> str:
+    """A class name as an export stores it: control characters (a newline would forge an
+    output line of `bhvit predict` or `bhvit_run --classes`) written as ``\\xNN``, and the
+    lone surrogates of an undecodable folder name as the bytes they stand for (``\\xNN``)."""
+    out = []
+    for ch in name:
+        o = ord(ch)
+        if 0xDC80 <= o <= 0xDCFF:  # os.fsdecode's stand-in for the byte o - 0xDC00
+            out.append(f"\\x{o - 0xDC00:02x}")
+        elif 0xD800 <= o <= 0xDFFF:
+            out.append(f"\\u{o:04x}")
+        elif _control(ch):
+            out.append(f"\\x{o:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def data_problem(data, cfg: Dict) -> Union[str, None]:
     """What is wrong with an export's ``data`` entry (normalisation and class names), or None.
 
@@ -200,6 +260,9 @@ def data_problem(data, cfg: Dict) -> Union[str, None]:
     if classes is not None:
         if not (isinstance(classes, list) and all(isinstance(c, str) for c in classes)):
             return f"data classes must be a list of strings, got {_short(classes)}"
+        bad = next((c for c in classes if c != safe_class_name(c)), None)
+        if bad is not None:
+            return f"data classes: {_short(bad)} holds a control character or a lone surrogate"
         if len(classes) != cfg["num_classes"]:
             return (
                 f"data classes has {len(classes)} names for the model's {cfg['num_classes']} classes "

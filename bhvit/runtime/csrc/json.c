@@ -61,6 +61,38 @@ static int hex4(parser *p, unsigned *out)
     return 0;
 }
 
+/* The length of the well-formed UTF-8 sequence at s (n bytes left), or 0: no overlong
+ * forms, no surrogates (U+D800..U+DFFF), nothing above U+10FFFF (what Python's decoder
+ * accepts). */
+static int utf8_len(const unsigned char *s, size_t n)
+{
+    const unsigned c = s[0];
+    int len;
+    unsigned lo = 0x80, hi = 0xBF; /* the second byte's range */
+    if (c >= 0xC2 && c <= 0xDF)
+        len = 2;
+    else if (c >= 0xE0 && c <= 0xEF) {
+        len = 3;
+        if (c == 0xE0)
+            lo = 0xA0;
+        else if (c == 0xED)
+            hi = 0x9F;
+    } else if (c >= 0xF0 && c <= 0xF4) {
+        len = 4;
+        if (c == 0xF0)
+            lo = 0x90;
+        else if (c == 0xF4)
+            hi = 0x8F;
+    } else
+        return 0;
+    if ((size_t)len > n || s[1] < lo || s[1] > hi)
+        return 0;
+    for (int i = 2; i < len; ++i)
+        if ((s[i] & 0xC0) != 0x80)
+            return 0;
+    return len;
+}
+
 static int parse_string(parser *p, char **out)
 {
     /* the decoded string is never longer than its source */
@@ -83,6 +115,17 @@ static int parse_string(parser *p, char **out)
         if (c < 0x20) {
             free(buf);
             return fail(p, "control character in string");
+        }
+        if (c >= 0x80) { /* a raw multi-byte character: well-formed UTF-8 only */
+            const int len = utf8_len((const unsigned char *)p->s + p->pos - 1, end - (p->pos - 1));
+            if (!len) {
+                free(buf);
+                return fail(p, "invalid UTF-8 in string");
+            }
+            memcpy(buf + k, p->s + p->pos - 1, (size_t)len);
+            k += (size_t)len;
+            p->pos += (size_t)len - 1;
+            continue;
         }
         if (c != '\\') {
             buf[k++] = (char)c;
@@ -112,12 +155,14 @@ static int parse_string(parser *p, char **out)
                     free(buf);
                     return -1;
                 }
-                if (lo >= 0xDC00 && lo < 0xE000)
-                    cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
-                else
-                    cp = 0xFFFD;
+                if (lo < 0xDC00 || lo >= 0xE000) {
+                    free(buf);
+                    return fail(p, "lone surrogate in string");
+                }
+                cp = 0x10000 + ((cp - 0xD800) << 10) + (lo - 0xDC00);
             } else if (cp >= 0xD800 && cp < 0xE000) {
-                cp = 0xFFFD;
+                free(buf);
+                return fail(p, "lone surrogate in string");
             }
             if (cp == 0) {
                 free(buf);
@@ -152,21 +197,42 @@ static int parse_string(parser *p, char **out)
     return 0;
 }
 
+static int digits(parser *p)
+{
+    const size_t start = p->pos;
+    while (p->pos < p->n && p->s[p->pos] >= '0' && p->s[p->pos] <= '9')
+        p->pos++;
+    return p->pos > start;
+}
+
+/* JSON's number grammar exactly: -?(0|[1-9][0-9]*)(.[0-9]+)?([eE][+-]?[0-9]+)? (no leading
+ * zeros, no hex); an integer literal must fit int64 (as Python's reader requires of a manifest) */
 static int parse_number(parser *p, jval *v)
 {
     const size_t start = p->pos;
     int is_int = 1;
     if (p->pos < p->n && p->s[p->pos] == '-')
         p->pos++;
-    if (p->pos >= p->n || p->s[p->pos] < '0' || p->s[p->pos] > '9')
-        return fail(p, "bad number");
-    while (p->pos < p->n && ((p->s[p->pos] >= '0' && p->s[p->pos] <= '9') || p->s[p->pos] == '.' ||
-                             p->s[p->pos] == 'e' || p->s[p->pos] == 'E' || p->s[p->pos] == '+' ||
-                             p->s[p->pos] == '-')) {
-        if (p->s[p->pos] == '.' || p->s[p->pos] == 'e' || p->s[p->pos] == 'E')
-            is_int = 0;
+    if (p->pos < p->n && p->s[p->pos] == '0')
         p->pos++;
+    else if (!digits(p))
+        return fail(p, "bad number");
+    if (p->pos < p->n && p->s[p->pos] == '.') {
+        p->pos++;
+        is_int = 0;
+        if (!digits(p))
+            return fail(p, "bad number");
     }
+    if (p->pos < p->n && (p->s[p->pos] == 'e' || p->s[p->pos] == 'E')) {
+        p->pos++;
+        is_int = 0;
+        if (p->pos < p->n && (p->s[p->pos] == '+' || p->s[p->pos] == '-'))
+            p->pos++;
+        if (!digits(p))
+            return fail(p, "bad number");
+    }
+    if (p->pos < p->n && p->s[p->pos] >= '0' && p->s[p->pos] <= '9')
+        return fail(p, "bad number"); /* a leading zero: 02 */
     const size_t len = p->pos - start;
     if (len > 400)
         return fail(p, "number literal too long");
@@ -182,10 +248,10 @@ static int parse_number(parser *p, jval *v)
     if (is_int) {
         errno = 0;
         long long ll = strtoll(tmp, &endp, 10);
-        if (errno == 0 && *endp == 0) {
-            v->is_int = 1;
-            v->i = (int64_t)ll;
-        }
+        if (errno != 0 || *endp != 0)
+            return fail(p, "integer out of the 64-bit range");
+        v->is_int = 1;
+        v->i = (int64_t)ll;
     }
     return 0;
 }

@@ -438,6 +438,10 @@ static int read_data(bhvit_model *m, const jval *data)
         for (int64_t i = 0; i < m->classes; ++i) {
             if (cl->items[i].type != J_STR)
                 return seterr(BHVIT_E_FORMAT, "data classes[%lld] is not a string", (long long)i);
+            /* no control character (C0, DEL, C1): a newline would forge an output line */
+            for (const unsigned char *c = (const unsigned char *)cl->items[i].str; *c; ++c)
+                if (*c < 0x20 || *c == 0x7F || (c[0] == 0xC2 && c[1] >= 0x80 && c[1] <= 0x9F))
+                    return seterr(BHVIT_E_FORMAT, "data classes[%lld] holds a control character", (long long)i);
             m->class_names[i] = strdup(cl->items[i].str);
             if (!m->class_names[i])
                 return seterr(BHVIT_E_NOMEM, "out of memory");
@@ -1013,9 +1017,12 @@ typedef struct {
     int rc; /* first failure: BHVIT_E_NOMEM or BHVIT_E_NONFINITE */
 } run_t;
 
+/* Buffer sizes are products of config sizes (bounded by read_config) and the batch (at most
+ * 2^20), so they fit int64; a negative or oversized count is refused here all the same. */
 static float *fbuf(run_t *r, int64_t n)
 {
-    float *p = (float *)arena_alloc(&r->m->ar, (size_t)n * sizeof(float));
+    float *p = n < 0 || (uint64_t)n > SIZE_MAX / sizeof(float) ? NULL
+                                                              : (float *)arena_alloc(&r->m->ar, (size_t)n * sizeof(float));
     if (!p && !r->rc)
         r->rc = seterr(BHVIT_E_NOMEM, "out of memory in the forward pass");
     return p;
@@ -1023,7 +1030,7 @@ static float *fbuf(run_t *r, int64_t n)
 
 static void *wbuf(run_t *r, int64_t n, size_t esize)
 {
-    void *p = arena_alloc(&r->m->ar, (size_t)n * esize);
+    void *p = n < 0 || (uint64_t)n > SIZE_MAX / esize ? NULL : arena_alloc(&r->m->ar, (size_t)n * esize);
     if (!p && !r->rc)
         r->rc = seterr(BHVIT_E_NOMEM, "out of memory in the forward pass");
     return p;
