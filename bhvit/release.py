@@ -273,24 +273,13 @@ def release_config(opts: Dict[str, Any], depths: Tuple[int, ...], num_classes: i
 # bhvit's leaf names in a module of each kind -> the release's.
 _RPRELU = {"move1": "move1", "move2": "move2", "slope": "prelu.weight"}
 _SCALE = {"scale": "alpha", "bias": "move"}
-# a binary layer's parts: (bhvit sub-name -> release sub-name)
-_RESIDUAL = (("norm.", "norm."), ("act.", "rprelu."))
-
-
-def _leaf(rest: str, kind: str) -> str:
-    if kind == "rprelu":
-        return _RPRELU[rest]
-    if kind == "scale":
-        return _SCALE[rest]
-    return rest  # norms: weight, bias, running_mean, running_var, num_batches_tracked
 
 
 def _block_key(rest: str, msmha: bool, sizes: Tuple[int, ...]) -> Optional[str]:
     """A block's tensor, by its name inside ``stages.i.blocks.j.``, in the release's layer."""
-    simple = {"norm1.": ("layernorm_before.", ""), "norm2.": ("layernorm_after.", "")}
-    for b, (r, kind) in simple.items():
-        if rest.startswith(b):
-            return r + _leaf(rest[len(b) :], kind)
+    for b, r in (("norm1.", "layernorm_before."), ("norm2.", "layernorm_after.")):
+        if rest.startswith(b):  # norms keep their leaf names
+            return r + rest[len(b) :]
     m = re.fullmatch(r"mlp\.(up|down)\.(op\.weight|op\.input_bias|norm\..+|act\..+)", rest)
     if m:
         part = "intermediate" if m.group(1) == "up" else "output"
@@ -359,7 +348,7 @@ def _msmha_key(rest: str) -> Optional[str]:
     }
     if rest in fixed:
         return a + fixed[rest]
-    for b, r, kind in (("token_norm.", "token_FA.norm.", ""), ("ctx_norm.", "norm_context.", "")):
+    for b, r in (("token_norm.", "token_FA.norm."), ("ctx_norm.", "norm_context.")):
         if rest.startswith(b):
             return a + r + rest[len(b) :]
     if rest.startswith("ctx_act."):
@@ -386,7 +375,7 @@ def release_key(key: str, cfg: BHViTConfig) -> Optional[Union[str, Tuple[str, ..
         }
         if rest in table:
             return p + table[rest]
-        for b, r, kind in (("norm0.", "norm0.", ""), ("reduce.norm.", "norm.", ""), ("norm.", "norm.", "")):
+        for b, r in (("norm0.", "norm0."), ("reduce.norm.", "norm."), ("norm.", "norm.")):
             if rest.startswith(b):
                 return p + r + rest[len(b) :]
         if rest.startswith("reduce.act."):
