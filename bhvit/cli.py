@@ -131,7 +131,7 @@ def _eval_dataset(args, name, data, cfg, seed):
     if args.workers < 0:
         raise ConfigError(f"--workers must be >= 0, got {args.workers}.")
     folder = image_folder_root(name, args.data_dir) if name in DATASETS else None
-    if folder is not None and ("resize" in data or "interpolation" in data):
+    if folder is not None and (data.get("resize") is not None or data.get("interpolation") is not None):
         from .runtime.image import eval_transform
         from .stream import StreamingImageFolder, StreamLoader
 
@@ -285,19 +285,21 @@ def _load_image(path, cfg, data):
 
 
 def _class_names(path, n: int):
-    """One class name per line of a text file (an ImageNet model's 1000 names, say)."""
-    from pathlib import Path
+    """One class name per line of a UTF-8 text file (an ImageNet model's 1000 names, say)."""
+    from .files import open_regular
+    from .runtime.format import safe_class_name
 
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open_regular(path) as f:
+            text = f.read(64 << 20).decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"--classes {path}: cannot read it ({e}).") from None
-    names = text.splitlines()
+        raise ConfigError(f"--classes {path}: cannot read it ({getattr(e, 'strerror', None) or e}).") from None
+    names = [line[:-1] if line.endswith("\r") else line for line in text.split("\n")]
     while names and not names[-1].strip():
         names.pop()
     if len(names) != n:
         raise ConfigError(f"--classes {path}: {len(names)} lines, but the model has {n} classes (one name per line).")
-    bad = next((i for i, c in enumerate(names) if not c.isprintable()), None)
+    bad = next((i for i, c in enumerate(names) if safe_class_name(c) != c), None)
     if bad is not None:
         raise ConfigError(f"--classes {path}: line {bad + 1} holds a control character.")
     return names

@@ -158,6 +158,15 @@ class BHViTConfig(DictConfig):
                     f"windows[{i}]={self.windows[i]} must divide the stage-{i + 1} map size "
                     f"{size}x{size} (img_size={self.img_size}); allowed: divisors of {size}."
                 )
+        # the bounds every reader applies (checkpoints, exports, the runtime): a model trained
+        # here must load there
+        import json
+
+        from .runtime.format import config_problem
+
+        problem = config_problem(json.loads(json.dumps(self.to_dict())))
+        if problem:
+            bad(f"{problem}; bhvit's checkpoint and export readers refuse such a model.")
 
 
 class BHViTStage(nn.Module):

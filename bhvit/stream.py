@@ -56,6 +56,18 @@ def _read_int(path: str) -> Optional[int]:
         return None
 
 
+def _stat_value(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                name, _, value = line.partition(" ")
+                if name == key:
+                    return int(value)
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 def available_memory() -> Optional[int]:
     """Bytes this process can still take: the system's MemAvailable, bounded by the cgroup's
     limit minus its usage (a container's limit is not in /proc/meminfo); None if unknown."""
@@ -67,12 +79,18 @@ def available_memory() -> Optional[int]:
                     avail = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
         pass
-    for limit, usage in (
-        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
-        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),  # v1
+    for limit, usage, stat, cache in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat", "inactive_file"),
+        (
+            "/sys/fs/cgroup/memory/memory.limit_in_bytes",
+            "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+            "/sys/fs/cgroup/memory/memory.stat",
+            "total_inactive_file",
+        ),
     ):
         lim, use = _read_int(limit), _read_int(usage)
         if lim is not None and use is not None and lim < 1 << 60:
+            use -= _stat_value(stat, cache)  # page cache the kernel reclaims is not in use
             avail = lim - use if avail is None else min(avail, lim - use)
     return None if avail is None else max(avail, 0)
 

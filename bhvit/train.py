@@ -43,6 +43,7 @@ from .checkpoint import (
     load_model,
     load_training_state,
     load_weights,
+    owned_checkpoint_files,
     read_checkpoint_json,
     rng_state,
     save_checkpoint,
@@ -432,12 +433,12 @@ def _check_resume_data(now: Dict, saved: Dict, out: Path) -> None:
             or (len(a) == len(b) and all(abs(x - y) <= 1e-4 * abs(y) + 1e-6 for x, y in zip(a, b)))
         )
 
+    stats = saved.get("streamed", now.get("streamed")) == now.get("streamed")  # computed alike
     for key, same in (
         ("classes", lambda a, b: a == b),
         ("train_size", lambda a, b: a == b),
         ("test_size", lambda a, b: a == b),
-        ("train_mean", close),
-        ("train_std", close),
+        *((("train_mean", close), ("train_std", close)) if stats else ()),
     ):
         if key in saved and not same(saved[key], now.get(key)):
             was, got = _short_value(saved[key]), _short_value(now.get(key))
@@ -685,6 +686,9 @@ def _check_out_state(out: Path, resume: bool) -> None:
         # a fresh run: it would overwrite or prune files of these names that it did not write
         # (under --resume, a killed write's temporary files are a run's own and are removed)
         taken = run_files(out, temp=not resume)
+        if resume and taken:  # a run killed while writing its first checkpoint: those files are its own
+            own = {f.name for files in owned_checkpoint_files(out).values() for f in files}
+            taken = [n for n in taken if n not in own]
         if taken:
             more = f" and {len(taken) - 1} more" if len(taken) > 1 else ""
             raise ConfigError(
@@ -728,6 +732,7 @@ def _train(
     data_meta.update(
         train_size=len(train_ds), test_size=len(test_ds), train_mean=data_stats[0], train_std=data_stats[1]
     )
+    data_meta["streamed"] = bool(getattr(train_ds, "streaming", False))  # (estimated statistics)
     if start_epoch:
         _check_resume_data(data_meta, _saved_data(out), out)
     if getattr(test_ds, "resize", model_cfg.img_size) != model_cfg.img_size:  # streamed with --augment rrc
@@ -1104,7 +1109,12 @@ def _streams(cfg: TrainConfig, folder: Optional[Path], model_cfg) -> bool:
     n = count_images(folder, "train") if cfg.subset is None else cfg.subset
     n += count_images(folder, "test") if not cfg.test_subset else cfg.test_subset
     processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # each decodes its own copy
-    return not fits_in_memory(n, model_cfg.in_chans, model_cfg.img_size, processes)
+    stream = not fits_in_memory(n, model_cfg.in_chans, model_cfg.img_size, processes)
+    if dist.is_available() and dist.is_initialized():  # one decision for every rank (memory varies)
+        flag = torch.tensor([int(stream)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stream = bool(flag.item())
+    return stream
 
 
 def _load_teacher(cfg: TrainConfig, model_cfg, num_classes: int, mean, std, device: str, rank: int):

@@ -577,3 +577,13 @@ def test_resume_refuses_other_data(fmnist, trained, tmp_path):
         (folder / split / "dog").rename(folder / split / "wolf")
     with pytest.raises(CheckpointError, match=r"\(classes: \['cat', 'dog'\] -> \['cat', 'wolf'\]\)"):
         train(TrainConfig(data_dir=str(folder), out=str(tmp_path / "r2"), epochs=2, resume=True, **kw))
+
+
+def test_resume_auto_restarts_a_run_killed_in_its_first_checkpoint(fmnist, trained, tmp_path):
+    # the checkpoint files are written before last.json: a kill in between leaves them alone
+    run = _copy_run(trained, tmp_path / "run")
+    for name in ("last.json", "best.json", "metrics.jsonl", "final.json", "curves.png"):
+        (run / name).unlink(missing_ok=True)
+    assert any(p.name.startswith("epoch") for p in run.iterdir())
+    train(TrainConfig(data_dir=str(fmnist), out=str(run), epochs=1, resume="auto", **TINY))
+    assert (run / "last.json").is_file()

@@ -429,7 +429,7 @@ def test_values_that_overflow_inside_the_network(exp):
     "text,message",
     [
         ("[" * 100_000 + "]" * 100_000, r"JSON nested too deeply"),
-        ('{"a": ' + "1" * 5000 + "}", r"not valid JSON \(Exceeds the limit"),
+        ('{"a": ' + "1" * 5000 + "}", r"not valid JSON \(number literal too long"),
         ('"just a string"', r"not a bhvit export \(a JSON string, not an object\)"),
         ("null", r"not a bhvit export \(a JSON null, not an object\)"),
     ],
@@ -701,6 +701,8 @@ JSON_CASES = [
     (b'"\xed\xa0\x80"', False),  # an encoded surrogate
     (b'"\xf4\x90\x80\x80"', False),  # above U+10FFFF
     (b'"\x01"', False),  # a raw control character
+    (b"0." + b"0" * 397 + b"1", True),  # a number literal of 400 characters
+    (b"0." + b"0" * 398 + b"1", False),  # of 401
 ]
 
 
@@ -752,3 +754,13 @@ def test_a_shape_whose_product_wraps_64_bits_is_refused_by_both_readers(exp):
     tensors = dict(man["tensors"], **{name: {"dtype": "float32", "shape": [1 << 30, 8, 1 << 30, 2]}})
     _edit(exp, tensors=tensors)
     _refused(exp, r"manifest.json")
+
+
+def test_null_resize_and_interpolation_mean_absent(exp, tmp_path):
+    # was: accepted by both readers, then int(None) crashed predict with a traceback
+    _rewrite(exp, data=dict(DATA, resize=None, interpolation=None))
+    Image.new("RGB", (40, 36)).save(tmp_path / "x.png")
+    assert runtime.load(exp).preprocess([tmp_path / "x.png"]).shape == (1, 3, 32, 32)
+    (tmp_path / "not.png").write_text("not an image")
+    with pytest.raises(OSError, match="cannot identify image file .*not.png"):
+        runtime.load(exp).preprocess([tmp_path / "not.png"])

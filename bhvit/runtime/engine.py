@@ -40,6 +40,7 @@ from .format import (
     MAX_OBJECT_KEYS,
     json_subset_problem,
     _int64,
+    _float_literal,
     MAX_HEADER_BYTES,
     _F32_MAX,
     _TENSOR_DTYPES,
@@ -609,7 +610,9 @@ def _read_manifest(mpath: Path) -> Dict:
             f"{mpath}: larger than {MAX_MANIFEST_BYTES >> 20} MiB, not a manifest written by `bhvit export`."
         )
     try:
-        manifest = json.loads(raw.decode("utf-8"), object_pairs_hook=_bounded_object, parse_int=_int64)
+        manifest = json.loads(
+            raw.decode("utf-8"), object_pairs_hook=_bounded_object, parse_int=_int64, parse_float=_float_literal
+        )
     except RecursionError:
         raise RuntimeFormatError(
             f"{mpath}: JSON nested too deeply; not a manifest written by `bhvit export`."

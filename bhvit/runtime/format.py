@@ -81,8 +81,20 @@ def _is_int(v) -> bool:
 MAX_JSON_DEPTH = 64  # values nested deeper are refused, as libbhvit's reader (json.c) refuses them
 
 
+MAX_NUMBER_CHARS = 400  # a longer number literal is refused, as libbhvit's reader refuses it
+
+
+def _float_literal(text: str) -> float:
+    """``json``'s ``parse_float``: at most MAX_NUMBER_CHARS characters, as in libbhvit."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError("number literal too long")
+    return float(text)
+
+
 def _int64(text: str) -> int:
     """``json``'s ``parse_int``: an integer literal must fit 64 bits, as in libbhvit."""
+    if len(text) > MAX_NUMBER_CHARS:
+        raise ValueError("number literal too long")
     v = int(text)
     if not -(1 << 63) <= v < 1 << 63:
         raise ValueError("integer out of the 64-bit range")

@@ -61,13 +61,15 @@ def open_image(path: Path, channels: int, max_pixels: Optional[int] = None, info
     ``draft(w, h)``, if given, returns the smallest ``(w, h)`` the caller needs: a JPEG is
     then decoded at a reduced size (1/2, 1/4 or 1/8, by the DCT) no smaller than that.
     ``info`` receives the file's ``mode`` and ``size``. Raises OSError for unreadable files."""
-    from PIL import Image
+    from PIL import Image, UnidentifiedImageError
 
     limit = max_image_pixels() if max_pixels is None else max_pixels
     with open_regular(path) as fp:  # a FIFO or device is refused, not waited on
         pillow_limit, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None  # this limit replaces Pillow's
         try:
             im_file = Image.open(fp)  # reads the header only
+        except UnidentifiedImageError:
+            raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}") from None
         finally:
             Image.MAX_IMAGE_PIXELS = pillow_limit
         return _decode_opened(im_file, path, channels, limit, info, draft)
@@ -97,7 +99,8 @@ def eval_transform(data: Optional[dict], size: int) -> Tuple[int, str]:
     ``(resize, interpolation)``, the shorter side before the centre ``size x size`` crop and
     the resampling filter. Absent keys: no enlargement (``resize = size``), bilinear."""
     data = data or {}
-    return int(data.get("resize", size)), str(data.get("interpolation", "bilinear"))
+    resize, interpolation = data.get("resize"), data.get("interpolation")  # null: absent
+    return (size if resize is None else int(resize)), ("bilinear" if interpolation is None else str(interpolation))
 
 
 def resize_centre_crop(im, size: int, resize: Optional[int] = None, interpolation: str = "bilinear"):

@@ -110,62 +110,68 @@ int main(int argc, char **argv)
     const size_t image_bytes = sizeof(float) * (size_t)per;
     for (int64_t done = 0;;) {
         const size_t nbytes = fread(x, 1, image_bytes * (size_t)batch, f), got = nbytes / image_bytes;
-        if (nbytes % image_bytes) { /* a partial image at the end: an error, not dropped */
-            fprintf(stderr, "bhvit_run: %s: %zu bytes after image %lld are not a whole float32 image of %lld x %lld x %lld\n",
-                    images, nbytes % image_bytes, (long long)(done + (int64_t)got), (long long)bhvit_in_chans(m),
-                    (long long)bhvit_img_size(m), (long long)bhvit_img_size(m));
+        const size_t partial = nbytes % image_bytes; /* after the whole images: reported below */
+        if (ferror(f)) {
+            perror(images);
             status = 2;
             break;
         }
-        if (got == 0) {
-            if (ferror(f)) {
-                perror(images);
-                status = 2;
-            } else if (done == 0 || fgetc(f) != EOF) {
+        if (got == 0 && !partial) {
+            if (done == 0 || fgetc(f) != EOF) {
                 fprintf(stderr, "bhvit_run: %s: expected whole float32 images of %lld x %lld x %lld\n", images,
                         (long long)bhvit_in_chans(m), (long long)bhvit_img_size(m), (long long)bhvit_img_size(m));
                 status = 2;
             }
             break;
         }
-        if (normalize && bhvit_normalize(m, x, (int64_t)got) != BHVIT_OK) {
-            fprintf(stderr, "bhvit_run: %s\n", bhvit_last_error());
-            status = 2;
-            break;
-        }
-        const long runs = repeat ? repeat : 1;
-        for (long t = 0; t < runs; ++t) {
-            const double t0 = now();
-            const int rc = bhvit_run(m, x, (int64_t)got, logits);
-            if (repeat)
-                times[t] = now() - t0;
-            if (rc != BHVIT_OK) {
-                fprintf(stderr, "bhvit_run: image %lld: %s\n", (long long)done, bhvit_last_error());
-                status = rc == BHVIT_E_INPUT || rc == BHVIT_E_NONFINITE ? 1 : 2;
-                goto out;
+        if (got > 0) {
+            if (normalize && bhvit_normalize(m, x, (int64_t)got) != BHVIT_OK) {
+                fprintf(stderr, "bhvit_run: %s\n", bhvit_last_error());
+                status = 2;
+                break;
             }
-        }
-        if (repeat) {
-            qsort(times, (size_t)repeat, sizeof(double), cmp_double);
-            fprintf(stderr, "batch of %zu: median %.3f ms over %ld runs (%s, %ld threads)\n", got,
-                    times[repeat / 2] * 1e3, repeat, bhvit_kernel_variant(), threads);
-        }
-        for (size_t i = 0; i < got; ++i) {
-            const float *l = logits + i * nc;
-            if (classes) {
-                int64_t best = 0;
-                for (int64_t c = 1; c < nc; ++c)
-                    if (l[c] > l[best])
-                        best = c;
-                const char *name = bhvit_class_name(m, best);
-                printf("%lld %s\n", (long long)best, name ? name : "");
-            } else {
-                for (int64_t c = 0; c < nc; ++c)
-                    printf(c ? " %.9g" : "%.9g", l[c]);
-                printf("\n");
+            const long runs = repeat ? repeat : 1;
+            for (long t = 0; t < runs; ++t) {
+                const double t0 = now();
+                const int rc = bhvit_run(m, x, (int64_t)got, logits);
+                if (repeat)
+                    times[t] = now() - t0;
+                if (rc != BHVIT_OK) {
+                    fprintf(stderr, "bhvit_run: image %lld: %s\n", (long long)done, bhvit_last_error());
+                    status = rc == BHVIT_E_INPUT || rc == BHVIT_E_NONFINITE ? 1 : 2;
+                    goto out;
+                }
+            }
+            if (repeat) {
+                qsort(times, (size_t)repeat, sizeof(double), cmp_double);
+                fprintf(stderr, "batch of %zu: median %.3f ms over %ld runs (%s, %ld threads)\n", got,
+                        times[repeat / 2] * 1e3, repeat, bhvit_kernel_variant(), threads);
+            }
+            for (size_t i = 0; i < got; ++i) {
+                const float *l = logits + i * nc;
+                if (classes) {
+                    int64_t best = 0;
+                    for (int64_t c = 1; c < nc; ++c)
+                        if (l[c] > l[best])
+                            best = c;
+                    const char *name = bhvit_class_name(m, best);
+                    printf("%lld %s\n", (long long)best, name ? name : "");
+                } else {
+                    for (int64_t c = 0; c < nc; ++c)
+                        printf(c ? " %.9g" : "%.9g", l[c]);
+                    printf("\n");
+                }
             }
         }
         done += (int64_t)got;
+        if (partial) { /* a partial image at the end: an error, not dropped */
+            fprintf(stderr,
+                    "bhvit_run: %s: %zu bytes after image %lld are not a whole float32 image of %lld x %lld x %lld\n",
+                    images, partial, (long long)done, (long long)bhvit_in_chans(m), (long long)bhvit_img_size(m),
+                    (long long)bhvit_img_size(m));
+            status = 2;
+            break;
+        }
         if ((long)got < batch)
             break;
     }

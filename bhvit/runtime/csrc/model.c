@@ -1698,7 +1698,7 @@ static int load_into(bhvit_model *m, const char *path)
             if (__builtin_mul_overflow(n, k, &n))
                 n = MAX_WEIGHTS_BYTES + 1; /* saturated: refused below */
         }
-        data_bytes += n;
+        data_bytes += n > MAX_WEIGHTS_BYTES ? MAX_WEIGHTS_BYTES + 1 : n; /* no signed overflow */
     }
     if (!(data_bytes + 8 <= fbytes->i && fbytes->i <= data_bytes + 8 + MAX_HEADER_BYTES)) {
         rc = seterr(BHVIT_E_FORMAT, "%s: 'file' says %lld bytes, the tensors it lists take %lld (plus a header)", mpath,
