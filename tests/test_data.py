@@ -196,6 +196,7 @@ _PEAK = """
 import json, resource, sys
 from pathlib import Path
 from bhvit.data import load_imagefolder
+from PIL import Image, JpegImagePlugin  # imported before the baseline (the decoder's own memory)
 def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS")).split()[1]) * 1024
 base = max(rss(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
