@@ -108,28 +108,19 @@ def training_differences(tmp: Path) -> dict:
     from bhvit.layers import binary_layers
     from bhvit.losses import regularization_loss
 
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 1000))
-    teacher = teacher.double().eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(8, 3, 224, 224, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 1000, (8,), generator=g)
+    teacher, x, y = R.step_batch(1000, 8)
     lr = 5e-4 * 256 / 512
     res = {}
     rel, ours = converted("tiny", dict(nb_classes=1000), 3, tmp)
     # L_re: the gradient of 0.1 * (bhvit's L_re - the release's) against one step's gradient
     ours = ours.double()
-    down = {m for n, m in ours.named_modules() if ".downsample." in n}
-    d = 0.1 * (
-        regularization_loss(ours)
-        - torch.stack([(m.weight.abs() - 1).abs().mean() for m in binary_layers(ours) if m not in down]).mean()
-    )
+    d = 0.1 * (regularization_loss(ours) - R.release_lre(ours))
     base = copy.deepcopy(rel).double().train()
     R.release_train_step(base, teacher, x, y, lr, regularization_loss=True)
     grads = {n: p.grad.clone() for n, p in base.named_parameters()}
     d_grads = torch.autograd.grad(d, [m.weight for m in binary_layers(ours)])
     g_all = torch.cat([g.flatten() for g in grads.values()])
-    res["lre_loss_difference"] = float(d)
+    res["lre_loss_difference"] = float(d.detach())
     res["lre_grad_change_max_over_max_grad"] = max(float(t.abs().max()) for t in d_grads) / float(g_all.abs().max())
     res["lre_grad_change_rms_over_grad_rms"] = float(
         torch.cat([t.flatten() for t in d_grads]).pow(2).mean().sqrt() / g_all.pow(2).mean().sqrt()

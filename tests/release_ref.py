@@ -515,3 +515,22 @@ def check(rows):
                 assert margin < 1e-5, r
             if not w["weights"]:
                 assert w["first"][3] < 1e-5, r
+
+
+def step_batch(num_classes: int, batch: int):
+    """A float64 teacher (a fixed small model) and a random batch for comparing training steps."""
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, num_classes))
+    teacher = teacher.double().eval().requires_grad_(False)
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(batch, 3, 224, 224, generator=g, dtype=torch.float64)
+    return teacher, x, torch.randint(0, num_classes, (batch,), generator=g)
+
+
+def release_lre(model):
+    """The release's L_re on a bhvit model: the layers whose names its engine.py matches (the
+    MSGDC convs, Q/K/V and every `dense` linear): bhvit's binary layers but the downsampling."""
+    from bhvit.layers import binary_layers
+
+    down = {m for n, m in model.named_modules() if ".downsample." in n}
+    return torch.stack([(m.weight.abs() - 1).abs().mean() for m in binary_layers(model) if m not in down]).mean()

@@ -277,16 +277,6 @@ def _bhvit_step(model, teacher, x, y, lr, lam, beta, tmp_path):
     return float(loss.detach())
 
 
-def _release_lre(model):
-    """The release's L_re on a bhvit model: its layers whose names engine.py matches (the
-    MSGDC convs, Q/K/V and every `dense` linear): bhvit's binary layers but the downsampling."""
-    from bhvit.layers import binary_layers
-
-    down = {m for n, m in model.named_modules() if ".downsample." in n}
-    terms = [(m.weight.abs() - 1).abs().mean() for m in binary_layers(model) if m not in down]
-    return torch.stack(terms).mean()
-
-
 @needs_release
 @pytest.mark.slow
 @pytest.mark.parametrize("with_lre", [False, True], ids=["kd", "kd+lre"])
@@ -299,17 +289,12 @@ def test_one_training_step_matches_the_release(tmp_path, with_lre):
 
     rel, ours = _converted(tmp_path, "tiny", seed=3, nb_classes=10)
     rel, ours = rel.double().train(), ours.double().train()
-    torch.manual_seed(0)
-    teacher = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 10))
-    teacher = teacher.double().eval().requires_grad_(False)
-    g = torch.Generator().manual_seed(4)
-    x = torch.randn(4, 3, 224, 224, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 10, (4,), generator=g)
+    teacher, x, y = R.step_batch(10, 4)
     lr = 5e-4 * 128 * 2 / 512
     start = copy.deepcopy(ours)
     extra = 0.0
     if with_lre:
-        d = 0.1 * (regularization_loss(start) - _release_lre(start))
+        d = 0.1 * (regularization_loss(start) - R.release_lre(start))
         d.backward()
         extra = float(d)
     loss_r = R.release_train_step(rel, teacher, x, y, lr, regularization_loss=with_lre)
