@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -13,6 +14,7 @@ from .blocks import MSGDC, MSMHA, BHViTBlock, BinaryDownsample, FPDownsample, Qu
 from .layers import make_norm
 from .errors import ConfigError
 from .layout import HYBRID_MIXERS, stage_mixers
+from .runtime.format import config_problem
 
 __all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_models", "get_config"]
 
@@ -160,10 +162,6 @@ class BHViTConfig(DictConfig):
                 )
         # the bounds every reader applies (checkpoints, exports, the runtime): a model trained
         # here must load there
-        import json
-
-        from .runtime.format import config_problem
-
         problem = config_problem(json.loads(json.dumps(self.to_dict())))
         if problem:
             bad(f"{problem}; bhvit's checkpoint and export readers refuse such a model.")

@@ -28,7 +28,6 @@ import hashlib
 import math
 import os
 import re
-import stat
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
@@ -36,6 +35,7 @@ import torch
 
 from .checkpoint import CheckpointError, atomic_save_safetensors, atomic_write_json, FORMAT, FORMAT_VERSION
 from .errors import ConfigError
+from .files import open_regular
 from .model import BHViT, BHViTConfig, get_config
 
 __all__ = [
@@ -73,22 +73,19 @@ def RELEASE_EVAL(input_size: int = 224) -> Dict[str, Any]:
 
 # --- reading the file ----------------------------------------------------------------
 def _open_regular(path: Path, limit: int):
-    """Open ``path`` for reading without blocking on a FIFO or device; refuse anything but a
-    regular file of at most ``limit`` bytes."""
+    """``path`` opened without blocking (:func:`bhvit.files.open_regular`: a FIFO or device is
+    refused), if it is a regular file of at most ``limit`` bytes; and its size."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        f = open_regular(path)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot open ({e.strerror or e}).") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise CheckpointError(f"{path}: not a regular file; a release checkpoint is the .pth file main_new.py saves.")
-    if st.st_size > limit:
-        os.close(fd)
+    size = os.fstat(f.fileno()).st_size
+    if size > limit:
+        f.close()
         raise CheckpointError(
-            f"{path}: {st.st_size:,} bytes, more than a BHViT release checkpoint holds ({limit:,} at most)."
+            f"{path}: {size:,} bytes, more than a BHViT release checkpoint holds ({limit:,} at most)."
         )
-    return os.fdopen(fd, "rb"), st.st_size
+    return f, size
 
 
 def read_release_file(path: Union[str, Path], limit: int = MAX_RELEASE_BYTES) -> Tuple[Any, str, int]:
