@@ -5,7 +5,7 @@ For each model, batch size and thread count, times (interleaved, median of --run
   walker   - bhvit.runtime's Python graph walker over the same C kernels (the reference)
   capi     - the bhvit_run demo (C only, no Python), its own median of --runs (needs `make`)
   fp32     - the same architecture in PyTorch float32 (binary=False), eval, no_grad
-  onnxrt   - ONNX Runtime float32 on the same FP twin (if onnxruntime is installed)
+  onnxrt   - ONNX Runtime float32 on the same FP twin (if onnxruntime is installed: pip install -e ".[bench]")
   binsim   - the PyTorch binary model (float tensors holding +-1), eval, no_grad
 and prints fp32/runtime and onnxrt/runtime, and the 2-thread speed-up. Then the binary GEMM kernel against
 torch.matmul float32 on the model's own binary-linear shapes, and the peak resident
@@ -75,11 +75,23 @@ def _time(fn, runs):
     return ts
 
 
+ONNXRT_MISSING = 'ONNX Runtime is not installed: no onnxrt column (pip install -e ".[bench]" installs it)'
+_said = set()
+
+
+def _say_once(msg: str) -> None:
+    if msg not in _said:
+        _said.add(msg)
+        print(msg, flush=True)
+
+
 def _onnx_session(fpm, x, threads):
-    """An ONNX Runtime session of the FP twin for inputs shaped like x, or None."""
+    """An ONNX Runtime session of the FP twin for inputs shaped like x, or None (saying why
+    once when onnxruntime is not installed)."""
     try:
         import onnxruntime as ort
     except ImportError:
+        _say_once(ONNXRT_MISSING)
         return None
     path = tempfile.mktemp(suffix=".onnx")
     try:
@@ -135,19 +147,24 @@ def latency(args, rows):
                             res[k].append(time.perf_counter() - t)
                 med = {k: statistics.median(v) * 1e3 for k, v in res.items()}
                 med["capi"] = _capi_ms(d, np.ascontiguousarray(xn), threads, max(args.runs, 5))
-                med.setdefault("onnxrt", float("nan"))
                 rows.append((name, threads, batch, med))
-                print(
-                    f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:8.1f} ms | capi "
-                    f"{med['capi']:8.1f} | walker {med['walker']:8.1f} | fp32 {med['fp32']:8.1f} "
-                    f"({med['fp32'] / med['runtime']:.2f}x) | onnxrt {med['onnxrt']:8.1f} "
-                    f"({med['onnxrt'] / med['runtime']:.2f}x)",
-                    flush=True,
-                )
+                print(format_row(name, threads, batch, med), flush=True)
     one = {(n, t, b): m["runtime"] for n, t, b, m in rows}
     for (n, t, b), ms in one.items():
         if t == 2 and (n, 1, b) in one:
             print(f"{n:<16} batch {b:>2}: 2 threads {one[(n, 1, b)] / ms:.2f}x faster than 1")
+
+
+def format_row(name: str, threads: int, batch: int, med: dict) -> str:
+    """One line of the latency table (milliseconds); the onnxrt column only where it was timed."""
+    line = (
+        f"{name:<16} threads {threads} batch {batch:>2}: runtime {med['runtime']:8.1f} ms | capi "
+        f"{med['capi']:8.1f} | walker {med['walker']:8.1f} | fp32 {med['fp32']:8.1f} "
+        f"({med['fp32'] / med['runtime']:.2f}x)"
+    )
+    if "onnxrt" in med:
+        line += f" | onnxrt {med['onnxrt']:8.1f} ({med['onnxrt'] / med['runtime']:.2f}x)"
+    return line
 
 
 def gemm(args):

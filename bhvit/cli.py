@@ -12,19 +12,46 @@ from .config import add_train_arguments, parse_overrides, positive_int, thread_c
 from .errors import ConfigError
 
 
+def _info_checkpoint(args):
+    """``bhvit info RUN_DIR``: the model a run directory or checkpoint .json describes, and the
+    name to print (its config only: the weights are not read)."""
+    from .checkpoint import model_config_of, read_checkpoint_json
+    from .model import BHViT
+
+    if args.set or args.img_size is not None or args.num_classes is not None:
+        raise ConfigError(
+            f"{args.name}: --set, --img-size and --num-classes apply to a named model; a checkpoint's "
+            "model is the one it was trained as."
+        )
+    doc, p = read_checkpoint_json(args.name)
+    cfg = model_config_of(doc, p)
+    name = (doc.get("train_config") or {}).get("model")
+    return BHViT(cfg), f"{p} ({name + ', ' if isinstance(name, str) else ''}{cfg.num_classes} classes)"
+
+
 def cmd_info(args) -> int:
     from .costs import complexity, format_complexity, format_summary, summary
-    from .model import create_model
+    from .model import create_model, get_config, list_models
 
-    overrides = parse_overrides(args.set)
-    if args.img_size is not None:
-        overrides["img_size"] = args.img_size
-    model = create_model(args.name, num_classes=args.num_classes, **overrides)
+    if args.name not in list_models() and (os.path.exists(args.name) or args.name.endswith((".json", ".safetensors"))):
+        model, name = _info_checkpoint(args)
+    elif args.name not in list_models():
+        raise ConfigError(
+            f"unknown model {args.name!r}, and no run directory or checkpoint of that name; give a "
+            "model name (`bhvit list`), a run directory or a checkpoint .json."
+        )
+    else:
+        overrides = parse_overrides(args.set)
+        if args.img_size is not None:
+            overrides["img_size"] = args.img_size
+        # default: the config's own class count (10 for the *_c32 / *_c28 models)
+        num_classes = args.num_classes or get_config(args.name, **overrides).num_classes
+        model, name = create_model(args.name, num_classes=num_classes, **overrides), args.name
     c = complexity(model)
     if args.json:
         print(json.dumps({k: v for k, v in c.items() if k != "per_module"}))
     else:
-        print(format_complexity(args.name, c))
+        print(format_complexity(name, c))
     if args.layers:
         print()
         print(format_summary(summary(model)))
@@ -74,10 +101,20 @@ def cmd_recipe(args) -> int:
     if args.act_epochs < 0:
         raise ConfigError(f"--act-epochs must be >= 0, got {args.act_epochs}.")
     n_stages = 3 if args.act_epochs else 2
+    stage = f"stage 1/{n_stages}"
     if args.resume and (out / "teacher" / "final.json").exists():
-        print(f"stage 1/{n_stages}: teacher already trained in {out / 'teacher'}", flush=True)
+        if not _skip_finished_stage(out / "teacher", t_cfg.epochs, stage, "teacher"):
+            train(t_cfg)  # continued to the new epoch count by its own --resume
+            students = [d for d in ("student_acts", "student") if (out / d / "last.json").exists()]
+            if students:
+                print(
+                    f"note: {' and '.join(str(out / d) for d in students)} began distilling from the teacher's "
+                    "earlier weights; they go on from the continued teacher (another --out trains students "
+                    "from it alone)",
+                    flush=True,
+                )
     else:
-        print(f"stage 1/{n_stages}: full-precision teacher -> {out / 'teacher'}", flush=True)
+        print(f"{stage}: full-precision teacher -> {out / 'teacher'}", flush=True)
         train(t_cfg)
     t_best = str(out / "teacher" / "best.json")
     init_from = t_best if args.init_from_teacher else None
@@ -95,8 +132,10 @@ def cmd_recipe(args) -> int:
             overrides=dict(parse_overrides(args.overrides), binary_weights=False),
         )
         if args.resume and (acts / "final.json").exists():
-            print(f"stage 2/3: binary-activation step already trained in {acts}", flush=True)
-            a_result = json.loads((acts / "final.json").read_text())
+            if _skip_finished_stage(acts, a_cfg.epochs, "stage 2/3", "binary-activation step"):
+                a_result = json.loads((acts / "final.json").read_text())
+            else:
+                a_result = train(a_cfg)
         else:
             print(f"stage 2/3: binary activations, float weights, distilled from the teacher -> {acts}", flush=True)
             a_result = train(a_cfg)
@@ -119,6 +158,27 @@ def cmd_recipe(args) -> int:
         )
     )
     return 0
+
+
+def _skip_finished_stage(run, epochs: int, stage: str, what: str) -> bool:
+    """``recipe --resume`` on a stage whose run finished (``run/final.json``): whether to skip
+    it. A stage trained for fewer epochs than asked now is continued to them (False); one
+    trained for as many, or more, is kept as it is (True). A line says which."""
+    from .checkpoint import read_checkpoint_json
+
+    planned = (read_checkpoint_json(run / "last.json")[0].get("train_config") or {}).get("epochs")
+    if not isinstance(planned, int) or planned == epochs:
+        print(f"{stage}: {what} already trained in {run}", flush=True)
+        return True
+    if planned < epochs:
+        print(f"{stage}: {what} in {run} was trained for {planned} epoch(s); continuing it to {epochs}", flush=True)
+        return False
+    print(
+        f"{stage}: {what} in {run} was trained for {planned} epoch(s), more than the {epochs} asked now; "
+        "using it as it is",
+        flush=True,
+    )
+    return True
 
 
 def _eval_dataset(args, name, data, cfg, seed):
@@ -374,13 +434,25 @@ def _add_train_args(p: argparse.ArgumentParser, recipe: bool = False) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     p = argparse.ArgumentParser(prog="bhvit", description="BHViT: binarized hybrid vision transformer.")
+    p.add_argument("--version", action="version", version=f"bhvit {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    info = sub.add_parser("info", help="parameters, BOPs, FLOPs, OPs and size of a named model")
-    info.add_argument("name", help="model name (see `bhvit list`)")
+    info = sub.add_parser(
+        "info", help="parameters, BOPs, FLOPs, OPs and size of a named model, a run directory or a checkpoint"
+    )
+    info.add_argument(
+        "name", help="model name (see `bhvit list`), or a run directory or checkpoint .json (its model's cost)"
+    )
     info.add_argument("--img-size", type=int, default=None)
-    info.add_argument("--num-classes", type=positive_int, default=1000, help="classes of the head (default 1000)")
+    info.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=None,
+        help="classes of the head (default: the model's own, 10 for the *_c32 and *_c28 models, else 1000)",
+    )
     info.add_argument(
         "--set",
         action="append",
@@ -503,7 +575,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     # bhvit's own errors and the system's (a full disk, a missing file) are one line each;
     # anything else is a bug and keeps its traceback.
     try:
-        return args.func(args)
+        rc = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, not at exit
+        return rc
+    except BrokenPipeError:
+        # the reader went away (`bhvit info NAME --layers | head -3`): stop quietly, with the
+        # status of a process that SIGPIPE ended (128 + 13), as other command-line tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush must not fail again
+        except (OSError, ValueError):  # a stdout without a file descriptor
+            pass
+        return 141
     except TrainingDiverged as e:
         print(f"bhvit: error: {e}", file=sys.stderr)
         return 3

@@ -55,9 +55,23 @@ def test_subset_arg(text: str) -> int:
     return 0 if text.strip().lower() == "all" else positive_int(text)
 
 
+_WORDS = {"true": True, "false": False, "none": None, "null": None}
+
+
+def _override_value(v: str):
+    """One ``--set`` value: a true/false/none word, else JSON, else the string itself."""
+    if v.strip().lower() in _WORDS:
+        return _WORDS[v.strip().lower()]
+    try:
+        return json.loads(v)
+    except json.JSONDecodeError:
+        return v
+
+
 def parse_overrides(items: List[str]) -> dict:
     """``--set KEY=VALUE`` items as a dict: true/false/none words, JSON values (lists as
-    tuples), anything else as the string."""
+    tuples), comma-separated values as tuples (``windows=7,7,5,7`` is ``windows=[7,7,5,7]``;
+    ``shift_sizes=2,`` a one-element list), anything else as the string."""
     out = {}
     for item in items:
         if "=" not in item:
@@ -68,16 +82,13 @@ def parse_overrides(items: List[str]) -> dict:
                 "--set num_classes is not allowed: use --num-classes with `info`; "
                 "training takes the class count from the dataset."
             )
-        words = {"true": True, "false": False, "none": None, "null": None}
-        if v.strip().lower() in words:
-            out[k] = words[v.strip().lower()]
-            continue
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-        if isinstance(out[k], list):
-            out[k] = tuple(out[k])
+        value = _override_value(v)
+        if isinstance(value, str) and "," in v and not v.lstrip().startswith(("[", "{", '"')):
+            parts = v.split(",")
+            if parts[-1].strip() == "":  # "2," : a one-element list
+                parts.pop()
+            value = [_override_value(part.strip()) for part in parts]
+        out[k] = tuple(value) if isinstance(value, list) else value
     return out
 
 
@@ -135,13 +146,22 @@ class TrainConfig:
     kd_lambda: float = _opt(0.8, "KD weight lambda, with a teacher (default 0.8)", resume_check=True)
     re_beta: float = _opt(0.1, "weight beta of the regularization loss L_re (default 0.1)", resume_check=True)
     re_last_frac: float = _opt(0.1, "L_re is on in this last fraction of the epochs (default 0.1)", resume_check=True)
-    teacher: Optional[str] = _opt(None, "teacher checkpoint (run dir or .json) for KD", recipe=False, resume_check=True)
+    teacher: Optional[str] = _opt(
+        None,
+        "teacher for KD, a bhvit checkpoint: a run directory (its best.json, else last.json), "
+        "a checkpoint .json, or its weights .safetensors (with the .json beside it)",
+        recipe=False,
+        resume_check=True,
+        metavar="CKPT",
+    )
     teacher_module: Optional[str] = _opt(
         None,
         "a teacher built by your code: PACKAGE.MODULE:FACTORY, called "
         "without arguments, returning a module that maps the student's "
-        "normalised images to logits (e.g. a timm DeiT); with "
-        "--teacher-weights",
+        "normalised images to logits (e.g. a timm DeiT; a tensor, an object with "
+        ".logits as Hugging Face models return, or a tuple whose first element is "
+        "the logits); looked for in the working directory first, as `python -m` "
+        "does; with --teacher-weights",
         recipe=False,
         resume_check=True,
         metavar="MODULE:FACTORY",

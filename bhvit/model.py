@@ -278,13 +278,16 @@ def get_config(name: str, **overrides):
     return cfg
 
 
-def create_model(name: str, num_classes: int = 1000, **overrides) -> nn.Module:
-    """Build a named model, e.g. ``create_model("bhvit_tiny", binary=False)``.
+def create_model(name: str, num_classes: Optional[int] = None, **overrides) -> nn.Module:
+    """Build a named model, e.g. ``create_model("bhvit_tiny", binary=False)``; ``num_classes``
+    defaults to the config's (10 for the ``*_c32``/``*_c28`` models, else 1000).
 
     Most names are BHViTs; ``reactnet_*`` names are the binary-CNN baseline
     (:mod:`bhvit.reactnet`), whose config builds its own model.
     """
-    cfg = get_config(name, num_classes=num_classes, **overrides)
+    if num_classes is not None:
+        overrides["num_classes"] = num_classes
+    cfg = get_config(name, **overrides)
     return BHViT(cfg) if isinstance(cfg, BHViTConfig) else cfg.build()
 
 
@@ -303,6 +306,7 @@ def bhvit_small() -> BHViTConfig:
 # stage 3 (4x4) and 4 (2x2) attend within one window plus one pooled token.
 def _c32(depths, dims=(64, 128, 256, 512), heads=(1, 2, 4, 8), **kw) -> BHViTConfig:
     kw.setdefault("img_size", 32)
+    kw.setdefault("num_classes", 10)  # CIFAR-10, Fashion-MNIST: the default of create_model and `bhvit info`
     return BHViTConfig(stem_stride=2, dims=dims, depths=depths, heads=heads, windows=(8, 8, 4, 2), **kw)
 
 
@@ -345,6 +349,7 @@ def bhvit_nano_c32() -> BHViTConfig:
         depths=(1, 1, 2, 1),
         heads=(1, 1, 2, 4),
         windows=(4, 2, 2, 1),
+        num_classes=10,
     )
 
 

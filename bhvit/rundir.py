@@ -62,23 +62,43 @@ class RunLock:
         except ImportError:  # no flock on this platform
             return self
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise RunLocked(
-                f"{self.run_dir} is in use by another bhvit run (PID {holder}); wait for it "
-                "to finish or choose another --out."
-            ) from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+                os.close(fd)
+                raise RunLocked(
+                    f"{self.run_dir} is in use by another bhvit run (PID {holder}); wait for it "
+                    "to finish or choose another --out."
+                ) from None
+            if self._is_current(fd):
+                break
+            os.close(fd)  # a run that failed removed the file after this one opened it: open it anew
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def _is_current(self, fd: int) -> bool:
+        """Whether ``fd`` is the file at :attr:`path` now (not one removed since it was opened)."""
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        own = os.fstat(fd)
+        return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; with ``remove``, delete the lock file first (while still holding it,
+        so that no other run can hold a lock on it meanwhile)."""
         if self._fd is not None:
+            if remove and self._is_current(self._fd):
+                try:
+                    os.unlink(self.path)
+                except OSError:
+                    pass
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
 

@@ -533,7 +533,9 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None, model: Optional
     """Train a BHViT as ``cfg`` says and return the final metrics.
 
     ``teacher``: any module mapping a normalised image batch to logits (used instead of
-    ``cfg.teacher``); it is put in eval mode and never updated. ``model``: train this
+    ``cfg.teacher``; a tensor, an object with a ``.logits`` tensor or a tuple whose first
+    element is the logits, see :func:`teacher_logits`; checked with one forward before the
+    first epoch); it is put in eval mode and never updated. ``model``: train this
     module instead of building ``cfg.model`` (it must accept the dataset's images).
     """
     _check_counts(cfg)  # before anything acts on them (threads, seeds, process groups)
@@ -561,11 +563,38 @@ def train(cfg: TrainConfig, teacher: Optional[nn.Module] = None, model: Optional
             "or pass --resume auto to start a fresh run when there is none."
         )
     _check_out_state(out, cfg.resume)  # before the lock: a refused run leaves nothing behind
-    lock = _lock_run_dir(out, rank, world, device)
+    created = _missing_dirs(out)  # the directories taking the lock creates
+    lock = _lock_run_dir(out, rank, world, device, created)
     try:
         return _train(cfg, teacher, model, out, rank, world, device)
+    except BaseException:
+        # a run that fails leaves no lock file, nor the directories it created if it wrote nothing there
+        if rank == 0:
+            _abandon(lock, created)
+        raise
     finally:
         lock.release()
+
+
+def _missing_dirs(out: Path) -> List[Path]:
+    """``out`` and those of its parents that do not exist yet, innermost first."""
+    missing = []
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def _abandon(lock: RunLock, created: List[Path]) -> None:
+    """Remove the lock file of a run that stopped with an error, then the directories that it
+    created and left empty (innermost first)."""
+    lock.release(remove=True)
+    for d in created:
+        try:
+            d.rmdir()  # only an empty directory
+        except OSError:
+            break
 
 
 def _resolve_device(name: str, rank: int, world: int) -> str:
@@ -639,9 +668,10 @@ def _check_numbers(cfg: TrainConfig) -> None:
             bad(flag, v, f"at most {MAX_THREADS}")
 
 
-def _lock_run_dir(out: Path, rank: int, world: int, device: str) -> RunLock:
+def _lock_run_dir(out: Path, rank: int, world: int, device: str, created: Optional[List[Path]] = None) -> RunLock:
     """Rank 0 locks the run directory (and removes what a killed run's writes left); every
-    rank learns whether it could, so that none waits for a rank that stopped."""
+    rank learns whether it could, so that none waits for a rank that stopped (``created``:
+    the directories locking creates, removed again then)."""
     lock, err = RunLock(out), None
     if rank == 0:
         try:
@@ -655,7 +685,7 @@ def _lock_run_dir(out: Path, rank: int, world: int, device: str) -> RunLock:
         flag = torch.tensor([0 if err is not None else 1], device=device)
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
         if int(flag) == 0 and err is None:
-            lock.release()
+            _abandon(lock, created or [])
             err = RunLocked(f"{out} is in use by another bhvit run (rank 0 could not lock it).")
     if err is not None:
         raise err
@@ -719,7 +749,17 @@ def _train(
         n_init, n_all = load_matching_weights(model, cfg.init_from)
         _log(f"initialised {n_init} of {n_all} tensors from {cfg.init_from}", rank)
     model = model.to(device)
+    t_label = (
+        f"the teacher ({type(teacher).__name__})"
+        if teacher is not None
+        else f"--teacher {cfg.teacher}"
+        if cfg.teacher
+        else f"--teacher-module {cfg.teacher_module}"
+    )
     teacher, mean, std = _frozen_teacher(cfg, model_cfg, teacher, train_ds.num_classes, mean, std, device, rank)
+    if teacher is not None:
+        n = min(cfg.batch_size, len(train_ds))  # a training batch
+        _check_teacher(teacher, t_label, train_ds.image_shape, n, train_ds.num_classes, device)
     is_binary = any(True for _ in binary_layers(model))
     plan = _Plan.of(cfg, len(train_ds), world, model_cfg.img_size)
     optimizer = make_optimizer(model.parameters(), plan.base_lr, cfg.weight_decay, device, capturable=cfg.cuda_graph)
@@ -804,6 +844,50 @@ def _train(
             _log(f"stopped after --max-steps {cfg.max_steps} optimizer steps", rank)
             break
     return _finish(cfg, out, model, last, best, history, rank, world)
+
+
+def teacher_logits(out):
+    """The logits of a KD teacher's output: a tensor, an object with a ``.logits`` tensor (a
+    Hugging Face ``ImageClassifierOutput``; a dict with a ``"logits"`` key too), or a tuple or
+    list whose first element is the logits tensor (``return_dict=False``). Anything else is a
+    ConfigError."""
+    if isinstance(out, torch.Tensor):
+        return out
+    logits = getattr(out, "logits", None)
+    if logits is None and isinstance(out, dict):
+        logits = out.get("logits")
+    if logits is None and isinstance(out, (tuple, list)) and out:
+        logits = out[0]
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(
+            f"the teacher returned a {type(out).__name__}; it must return the logits: a tensor, an object "
+            "with a .logits tensor (Hugging Face) or a tuple whose first element is the logits tensor."
+        )
+    return logits
+
+
+@torch.no_grad()
+def _check_teacher(teacher: nn.Module, label: str, image_shape, batch_size: int, num_classes: int, device: str):
+    """One forward of the teacher on a batch shaped as training's (``batch_size`` images of
+    ``image_shape``), before the first epoch: its output must hold (batch, classes) logits
+    (else a one-line ConfigError that starts with ``label``, not an error mid-epoch)."""
+    n = batch_size
+    x = torch.zeros((n, *image_shape), device=device)
+    try:
+        logits = teacher_logits(teacher(x))
+    except ConfigError as e:
+        raise ConfigError(f"{label}: {e}") from None
+    except Exception as e:  # the user's module: whatever it raises, one line naming it
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        raise ConfigError(
+            f"{label}: its forward on a batch of {n}x{'x'.join(map(str, image_shape))} images failed "
+            f"({type(e).__name__}: {first})."
+        ) from None
+    if tuple(logits.shape) != (n, num_classes):
+        raise ConfigError(
+            f"{label}: the teacher returned logits of shape {tuple(logits.shape)}, the student "
+            f"{(n, num_classes)}; it must predict the dataset's {num_classes} classes."
+        )
 
 
 def _frozen_teacher(cfg, model_cfg, teacher, num_classes: int, mean, std, device: str, rank: int):
@@ -974,7 +1058,7 @@ class _Stepper:
             t_logits = None
             if lam:
                 with torch.no_grad():
-                    t_logits = self.t_fwd(x)  # recipe_loss widens half-precision logits
+                    t_logits = teacher_logits(self.t_fwd(x))  # recipe_loss widens half-precision logits
             loss = recipe_loss(logits, y, lam, beta, t_logits, _unwrap(self.model))
         return loss, logits
 
@@ -1160,10 +1244,18 @@ def load_external_teacher(spec: str, weights: Optional[str]) -> nn.Module:
         raise ConfigError(
             f"--teacher-module {spec}: needs --teacher-weights FILE.safetensors (the trained teacher's state dict)."
         )
+    # As `python -m` does: the working directory is searched first, so a my_teachers.py
+    # beside the run is found when bhvit runs as the console script too.
+    cwd = os.getcwd()
+    if not any(os.path.abspath(p or ".") == cwd for p in sys.path):
+        sys.path.insert(0, cwd)
     try:
         factory = getattr(importlib.import_module(mod_name), fn_name)
     except (ImportError, AttributeError) as e:
-        raise ConfigError(f"--teacher-module {spec}: cannot import it ({e}).") from None
+        raise ConfigError(
+            f"--teacher-module {spec}: cannot import it ({e}); it is looked for in the working "
+            f"directory ({cwd}), on the PYTHONPATH and among the installed packages."
+        ) from None
     model = factory()
     if not isinstance(model, nn.Module):
         raise ConfigError(

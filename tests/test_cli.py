@@ -1,4 +1,5 @@
 import json
+import re
 
 from bhvit.cli import main
 
@@ -200,3 +201,91 @@ def test_every_train_option_is_a_config_field_and_back():
         "teacher_module",
         "teacher_weights",
     }
+
+
+def test_set_accepts_comma_separated_lists(capsys):
+    from bhvit.cli import parse_overrides
+
+    assert parse_overrides(["windows=7,7,5,7", "dims=[32, 64, 128, 256]", "shift_sizes=2,", "heads=1, 2 ,4,8"]) == {
+        "windows": (7, 7, 5, 7),
+        "dims": (32, 64, 128, 256),
+        "shift_sizes": (2,),
+        "heads": (1, 2, 4, 8),
+    }
+    assert main(["info", "bhvit_micro_c32", "--json", "--set", "windows=8,4,4,2"]) == 0
+    comma = json.loads(capsys.readouterr().out)
+    assert main(["info", "bhvit_micro_c32", "--json", "--set", "windows=[8,4,4,2]"]) == 0
+    assert json.loads(capsys.readouterr().out) == comma
+
+
+def test_info_small_image_models_default_to_their_10_classes(capsys):
+    from bhvit.model import create_model
+
+    assert main(["info", "bhvit_tiny_c32", "--json"]) == 0
+    c = json.loads(capsys.readouterr().out)
+    assert c["params"] == 12_927_322  # docs/MODELS.md's table, 10 classes
+    assert c["params"] == sum(p.numel() for p in create_model("bhvit_tiny_c32").parameters())
+    assert create_model("bhvit_micro_c28").cfg.num_classes == 10
+    assert create_model("bhvit_tiny").cfg.num_classes == 1000
+    assert main(["info", "bhvit_micro_c28", "--json", "--num-classes", "100"]) == 0
+    assert json.loads(capsys.readouterr().out)["params"] == 1_542_138 + 90 * (256 + 1)
+
+
+def test_info_of_a_run_directory_shows_its_model(tmp_path, capsys):
+    from bhvit.checkpoint import save_checkpoint
+    from bhvit.model import create_model
+
+    model = create_model("bhvit_micro_c28", num_classes=7, binary=False)
+    save_checkpoint(tmp_path / "run", 0, model, {"train_config": {"model": "bhvit_micro_c28"}}, is_best=True)
+    assert main(["info", "bhvit_micro_c28", "--json", "--num-classes", "7", "--set", "binary=false"]) == 0
+    named = json.loads(capsys.readouterr().out)
+    for path in (tmp_path / "run", tmp_path / "run" / "best.json"):
+        assert main(["info", str(path), "--json"]) == 0
+        assert json.loads(capsys.readouterr().out) == named
+    assert main(["info", str(tmp_path / "run"), "--layers"]) == 0
+    out = capsys.readouterr().out
+    assert f"{tmp_path / 'run' / 'best.json'} (bhvit_micro_c28, 7 classes)" in out.splitlines()[0]
+    # the per-layer table, with the checkpoint's 7-class head
+    assert "stages.3.blocks.0" in out and re.search(r"^head\s+0\s+1,799\s", out, re.M)
+    assert main(["info", str(tmp_path / "run"), "--set", "qd=false"]) == 2
+    assert "apply to a named model" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "nothing")]) == 2
+    assert "unknown model" in capsys.readouterr().err
+
+
+def test_version_and_teacher_help(capsys):
+    import pytest
+
+    import bhvit
+    from bhvit.cli import build_parser
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"bhvit {bhvit.__version__}\n" == "bhvit 0.1.0\n"
+    tr = build_parser()._subparsers._group_actions[0].choices["train"]
+    help_text = next(a.help for a in tr._actions if a.dest == "teacher")
+    assert "run directory" in help_text and ".json" in help_text and ".safetensors" in help_text
+
+
+def test_output_into_a_closed_pipe_ends_quietly(tmp_path):
+    import subprocess
+    import sys
+
+    # the reader is gone before bhvit writes anything: every write meets EPIPE
+    p = subprocess.Popen(
+        [sys.executable, "-m", "bhvit", "info", "bhvit_micro_c28", "--layers"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    p.stdout.close()
+    err = p.stderr.read().decode()
+    assert p.wait(timeout=120) == 141 and err == ""
+    # as a user types it
+    r = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {sys.executable} -m bhvit info bhvit_tiny --layers | head -3"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.stdout.splitlines()[0].split() == ["model", "bhvit_tiny"] and len(r.stdout.splitlines()) == 3
+    assert r.stderr == "" and r.returncode in (0, 141)

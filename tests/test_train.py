@@ -603,7 +603,7 @@ def test_teacher_for_other_data_is_refused(fmnist, tmp_path):
             ValueError, match=f"--teacher .*{name}: it takes .* but this run has 1x28x28 images and 10 classes"
         ):
             train(cfg)
-    cfg.teacher = None  # a user module predicting other classes: stopped at its first batch
+    cfg.teacher = None  # a user module predicting other classes: stopped at start-up, before any epoch
     with pytest.raises(ValueError, match=r"teacher returned logits of shape \(32, 7\), the student \(32, 10\)"):
         train(cfg, teacher=torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 7)))
 
@@ -833,3 +833,122 @@ def test_cuda_device_names_resolve_to_an_explicit_index(monkeypatch):
         _resolve_device("cuda:2", 0, 1)
     with pytest.raises(ConfigError, match="'cuda:x'"):
         _resolve_device("cuda:x", 0, 1)
+
+
+class _HFStyleTeacher(torch.nn.Module):
+    """A teacher that answers as Hugging Face image classifiers do: an object with .logits."""
+
+    def __init__(self, out="object"):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(28 * 28, 10))
+        self.out = out
+
+    def forward(self, x):
+        from types import SimpleNamespace
+
+        logits = self.net(x)
+        return {
+            "object": lambda: SimpleNamespace(loss=None, logits=logits),
+            "tuple": lambda: (logits, None),
+            "hidden": lambda: SimpleNamespace(last_hidden_state=logits),
+        }[self.out]()
+
+
+def test_teacher_outputs_with_logits_are_accepted():
+    from bhvit.errors import ConfigError
+    from bhvit.train import teacher_logits
+
+    hf = pytest.importorskip("transformers.modeling_outputs")
+    t = torch.randn(2, 10)
+    assert teacher_logits(hf.ImageClassifierOutput(logits=t)) is t
+    assert teacher_logits(hf.ImageClassifierOutput(logits=t).to_tuple()) is t
+    assert teacher_logits({"logits": t}) is t and teacher_logits([t]) is t and teacher_logits(t) is t
+    with pytest.raises(ConfigError, match="the teacher returned a str; it must return the logits"):
+        teacher_logits("logits")
+
+
+def test_a_hugging_face_style_teacher_distils(fmnist, tmp_path):
+    for out in ("object", "tuple"):
+        res = train(
+            micro_config(fmnist, tmp_path / out, epochs=1, batch_size=32, subset=32), teacher=_HFStyleTeacher(out)
+        )
+        assert res["epoch"] == 1 and read_metrics(tmp_path / out)[0]["kd_lambda"] == 0.8
+
+
+def test_a_teacher_without_logits_is_refused_at_start_up(fmnist, tmp_path):
+    from bhvit.errors import ConfigError
+
+    cfg = micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=32, subset=32)
+    with pytest.raises(ConfigError) as e:
+        train(cfg, teacher=_HFStyleTeacher("hidden"))
+    msg = str(e.value)
+    assert msg.startswith("the teacher (_HFStyleTeacher): the teacher returned a SimpleNamespace") and "\n" not in msg
+    assert not (tmp_path / "r").exists()  # before any epoch: nothing written, no lock file left
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):
+            return x.view(len(x), 3, -1)  # a shape error inside the user's module
+
+    with pytest.raises(ConfigError, match=r"the teacher \(Broken\): its forward on a batch of 32x1x28x28 images"):
+        train(cfg, teacher=Broken())
+
+
+def test_teacher_module_is_found_in_the_working_directory(tmp_path, monkeypatch):
+    """The `bhvit` console script does not put the working directory on sys.path (`python
+    -m` does): a my_teachers.py beside the run is found all the same."""
+    from safetensors.torch import save_file
+
+    from bhvit.train import load_external_teacher
+
+    (tmp_path / "cwd_teachers.py").write_text(
+        "from torch import nn\n\ndef small():\n    return nn.Sequential(nn.Flatten(), nn.Linear(4, 2))\n"
+    )
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    monkeypatch.chdir(tmp_path)
+    # sys.path as the console script has it: the script's directory, not the working one
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p and os.path.abspath(p) != str(tmp_path)])
+    monkeypatch.delitem(sys.modules, "cwd_teachers", raising=False)
+    try:
+        t = load_external_teacher("cwd_teachers:small", "w.safetensors")
+    finally:
+        sys.modules.pop("cwd_teachers", None)
+    x = torch.randn(3, 4)
+    assert torch.equal(t(x), net(x))
+
+
+def test_a_run_that_fails_at_start_up_leaves_no_lock_or_directory(tmp_path):
+    from bhvit.data import DataError
+
+    missing = tmp_path / "no_data"
+    with pytest.raises(DataError):  # the dataset is read after the directory is locked
+        train(micro_config(missing, tmp_path / "new" / "run", epochs=1))
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("x")
+    for out in (tmp_path / "empty", tmp_path / "mine"):
+        out.mkdir(exist_ok=True)
+        with pytest.raises(DataError):
+            train(micro_config(missing, out, epochs=1))
+        assert out.is_dir() and not (out / ".bhvit.lock").exists()  # the user's directory stays
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_recipe_resume_continues_a_teacher_trained_for_fewer_epochs(fmnist, tmp_path, capsys):
+    run = tmp_path / "rec"
+    args = ["recipe", "--data-dir", str(fmnist), "--batch-size", "32", "--threads", "1", "--no-progress"]
+    args += ["--subset", "64", "--test-subset", "32", "--epochs", "1", "--out", str(run)]
+    assert main(args + ["--teacher-epochs", "1"]) == 0
+    capsys.readouterr()
+    assert main(args + ["--teacher-epochs", "2", "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert f"stage 1/2: teacher in {run / 'teacher'} was trained for 1 epoch(s); continuing it to 2" in out
+    assert f"note: {run / 'student'} began distilling from the teacher's earlier weights" in out
+    assert [h["epoch"] for h in read_metrics(run / "teacher")] == [1, 2]
+    assert json.loads((run / "teacher" / "final.json").read_text())["epoch"] == 2
+    assert main(args + ["--teacher-epochs", "1", "--resume"]) == 0  # fewer: kept, and said
+    out = capsys.readouterr().out
+    assert "was trained for 2 epoch(s), more than the 1 asked now; using it as it is" in out
+    assert [h["epoch"] for h in read_metrics(run / "teacher")] == [1, 2]
+    assert main(args + ["--teacher-epochs", "2", "--resume"]) == 0
+    assert "stage 1/2: teacher already trained in" in capsys.readouterr().out

@@ -180,3 +180,18 @@ def test_curves_of_one_epoch_put_the_point_in_the_middle(tmp_path):
     xs = np.nonzero(blue[40:340, 60:430])[1] + 60
     xs = xs[xs < 300]  # leave out the legend in the panel's top right
     assert len(xs) and abs(xs.mean() - 245) < 4
+
+
+def test_runtime_latency_without_onnxruntime_says_how_to_install_it(monkeypatch, capsys):
+    from benchmark_module import load_benchmark
+
+    bench = load_benchmark("runtime_latency")
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # `import onnxruntime` raises ImportError
+    monkeypatch.setattr(bench, "_said", set())
+    assert bench._onnx_session(None, None, 1) is None and bench._onnx_session(None, None, 2) is None
+    out = capsys.readouterr().out
+    assert out.count("ONNX Runtime is not installed") == 1 and 'pip install -e ".[bench]"' in out
+    med = {"runtime": 2.0, "capi": 1.0, "walker": 3.0, "fp32": 4.0}
+    row = bench.format_row("bhvit_tiny", 1, 1, med)
+    assert "nan" not in row and "onnxrt" not in row and row.endswith("fp32      4.0 (2.00x)")
+    assert bench.format_row("bhvit_tiny", 1, 1, dict(med, onnxrt=1.0)).endswith("| onnxrt      1.0 (0.50x)")
