@@ -17,6 +17,7 @@
 #include "bhvit.h"
 #include "json.h"
 #include "kernels.h"
+#include "preprocess.h"
 #include "sha256.h"
 
 #include <errno.h>
@@ -216,6 +217,8 @@ struct bhvit_model {
     /* data */
     int has_norm;
     float *mean, *std;
+    int64_t resize; /* the evaluation transform: shorter side before the centre crop */
+    int bicubic;    /* its filter: 1 bicubic, 0 bilinear */
     char **class_names;
     /* tensors and plan */
     tensor_t *t;
@@ -394,6 +397,8 @@ static int read_config(bhvit_model *m, const jval *cfg)
 
 static int read_data(bhvit_model *m, const jval *data)
 {
+    m->resize = m->img; /* absent: no enlargement, bilinear (image.py eval_transform) */
+    m->bicubic = 0;
     if (!data || data->type == J_NULL)
         return 0;
     if (data->type != J_OBJ)
@@ -428,6 +433,10 @@ static int read_data(bhvit_model *m, const jval *data)
     if (ip && ip->type != J_NULL &&
         (ip->type != J_STR || (strcmp(ip->str, "bilinear") != 0 && strcmp(ip->str, "bicubic") != 0)))
         return seterr(BHVIT_E_FORMAT, "data interpolation must be one of ['bilinear', 'bicubic']");
+    if (rs && rs->type != J_NULL)
+        m->resize = rs->i;
+    if (ip && ip->type != J_NULL)
+        m->bicubic = strcmp(ip->str, "bicubic") == 0;
     const jval *cl = bhvi_json_get(data, "classes");
     if (cl && cl->type != J_NULL) {
         if (cl->type != J_ARR || (int64_t)cl->n != m->classes)
@@ -1828,6 +1837,32 @@ int bhvit_normalize(const bhvit_model *m, float *x, int64_t n)
             for (int64_t i = 0; i < hw; ++i)
                 p[i] = (p[i] - mu) / sd;
         }
+    return BHVIT_OK;
+}
+
+int bhvit_preprocess(const bhvit_model *m, const uint8_t *pixels, int64_t width, int64_t height, int64_t channels,
+                     float *out)
+{
+    if (!m || !pixels || !out)
+        return seterr(BHVIT_E_INPUT, "bhvit_preprocess: bad arguments (NULL)");
+    if (channels != 1 && channels != 3)
+        return seterr(BHVIT_E_INPUT, "bhvit_preprocess: channels must be 1 (grey) or 3 (RGB), got %lld",
+                      (long long)channels);
+    /* Pillow's limit on a side; the pixels' bytes must be addressable */
+    if (width < 1 || height < 1 || width > INT32_MAX || height > INT32_MAX ||
+        (uint64_t)width * (uint64_t)height > (uint64_t)(SIZE_MAX < INT64_MAX ? SIZE_MAX : INT64_MAX) / 3)
+        return seterr(BHVIT_E_INPUT, "bhvit_preprocess: image size %lld x %lld is out of range (1 to %d per side)",
+                      (long long)width, (long long)height, INT32_MAX);
+    if (m->chans != 1 && m->chans != 3)
+        return seterr(BHVIT_E_INPUT,
+                      "bhvit_preprocess: the model takes %lld input channels; images are prepared for 1 (grey) "
+                      "or 3 (RGB)", (long long)m->chans);
+    if (!m->has_norm)
+        return seterr(BHVIT_E_INPUT, "the export has no data mean and std to normalise with");
+    if (bhvi_prepare_image(pixels, width, height, channels, m->chans, m->img, m->resize, m->bicubic, m->mean,
+                           m->std, out))
+        return seterr(BHVIT_E_NOMEM, "bhvit_preprocess: out of memory for a %lld x %lld image", (long long)width,
+                      (long long)height);
     return BHVIT_OK;
 }
 
