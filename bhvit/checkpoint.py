@@ -321,10 +321,11 @@ def _prune(run_dir: Path, keep: Tuple[str, ...]) -> None:
 
 
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A run directory (its best.json, else last.json), a .json, or a weights file."""
+    """A run directory (its best.json, else last.json), a pretrained folder (config.json), a
+    .json, or a weights file."""
     p = Path(path)
     if p.is_dir():
-        for name in ("best.json", "last.json"):
+        for name in ("best.json", "last.json", "config.json"):  # config.json: a save_pretrained folder
             if (p / name).is_file():
                 return p / name
         stages = [
@@ -336,9 +337,10 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
             raise CheckpointError(
                 f"{p}: a recipe run; its checkpoints are in {' and '.join(str(p / d) for d in stages)}."
             )
-        raise CheckpointError(f"{p}: no best.json or last.json in this run directory.")
+        raise CheckpointError(f"{p}: no best.json or last.json (a run) or config.json (a pretrained folder) in it.")
     if p.suffix == ".safetensors":
-        p = p.with_name(p.name.split(".")[0] + ".json")
+        pretrained = p.name == "model.safetensors" and (p.parent / "config.json").is_file()
+        p = p.parent / "config.json" if pretrained else p.with_name(p.name.split(".")[0] + ".json")
     if not p.is_file():
         raise CheckpointError(f"{path}: checkpoint not found.")
     return p
@@ -479,7 +481,14 @@ def load_model(path: Union[str, Path], map_location: str = "cpu") -> Tuple[torch
     bound = _size_bound(cfg, file)  # before the model is allocated
     model = BHViT(cfg)
     _load_state(model, file, doc.get("weights_sha256"), p, bound)
+    model.data = doc.get("data") or None
+    model.name = doc.get("architecture") or doc.get("model") or (doc.get("train_config") or {}).get("model")
+    model.provenance = {k: doc[k] for k in PROVENANCE if doc.get(k) is not None}
     return model.to(map_location).eval(), doc
+
+
+# what a loaded model keeps of its checkpoint JSON, and bhvit.hub.save_pretrained writes back
+PROVENANCE = ("epoch", "metrics", "train_config", "source", "weights_only")
 
 
 def _load_state(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -16,7 +18,7 @@ from .errors import ConfigError
 from .layout import HYBRID_MIXERS, stage_mixers
 from .runtime.format import config_problem
 
-__all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_models", "get_config"]
+__all__ = ["BHViTConfig", "BHViT", "register_model", "create_model", "list_models", "get_config", "pretrained_dir"]
 
 HYBRID = tuple(HYBRID_MIXERS)  # ("hybrid", "msgdc", "msmha")
 
@@ -208,9 +210,73 @@ class BHViT(nn.Module):
             stages.append(BHViTStage(down, blocks))
         self.stages = nn.ModuleList(stages)
         self.norm = make_norm(cfg.norm, cfg.dims[-1])
-        self.head = nn.Linear(cfg.dims[-1], cfg.num_classes)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        self.head = self._new_head(cfg.num_classes)
+        # what a checkpoint records beside the weights (bhvit.checkpoint.load_model fills them)
+        self.name: Optional[str] = None  # the registered name, where known
+        self.data: Optional[Dict] = None  # the data record: dataset, classes, mean/std, eval transform
+        self.provenance: Dict = {}  # metrics, train_config, source (bhvit convert), epoch
+
+    def _new_head(self, num_classes: int) -> nn.Linear:
+        head = nn.Linear(self.cfg.dims[-1], num_classes)
+        nn.init.trunc_normal_(head.weight, std=0.02)
+        nn.init.zeros_(head.bias)
+        return head
+
+    # --- timm's interface --------------------------------------------------------
+    @property
+    def num_features(self) -> int:
+        """The width of the pooled features the classifier reads."""
+        return self.cfg.dims[-1]
+
+    @property
+    def num_classes(self) -> int:
+        return self.cfg.num_classes
+
+    @property
+    def pretrained_cfg(self) -> Dict:
+        """timm's preprocessing record (input size, mean/std, interpolation, crop_pct, class
+        names) from the data record of the checkpoint the model came from; mean and std are
+        None for a model no checkpoint describes and that no registered default covers."""
+        from .runtime.image import pretrained_cfg
+
+        return pretrained_cfg(self.cfg.in_chans, self.cfg.img_size, self.cfg.num_classes, self.data)
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int) -> None:
+        """A new, freshly initialised classifier for ``num_classes`` classes (fine-tuning on
+        another dataset); the model's config and its recorded class names follow."""
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ConfigError(f"num_classes must be a positive integer, got {num_classes!r}.")
+        cfg = dataclasses.replace(self.cfg, num_classes=num_classes)
+        cfg.validate()
+        p = self.head.weight
+        self.cfg = cfg
+        self.head = self._new_head(num_classes).to(device=p.device, dtype=p.dtype)
+        if self.data and self.data.get("classes") and len(self.data["classes"]) != num_classes:
+            self.data = {k: v for k, v in self.data.items() if k != "classes"}
+        self.provenance = {k: v for k, v in self.provenance.items() if k != "metrics"}  # no longer this model's
+
+    # --- Hugging Face's interface ------------------------------------------------
+    def save_pretrained(self, save_directory, license: Optional[str] = None, card: bool = True):
+        """config.json + model.safetensors + README.md (:func:`bhvit.hub.save_pretrained`)."""
+        from .hub import save_pretrained
+
+        return save_pretrained(self, save_directory, license=license, card=card)
+
+    @classmethod
+    def from_pretrained(cls, source, map_location: str = "cpu", **hub_kwargs) -> "BHViT":
+        """A folder, run directory, checkpoint or Hub id (:func:`bhvit.hub.from_pretrained`)."""
+        from .hub import from_pretrained
+
+        return from_pretrained(source, map_location=map_location, **hub_kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs) -> str:
+        """Upload as a pretrained folder (:func:`bhvit.hub.push_to_hub`; needs huggingface_hub)."""
+        from .hub import push_to_hub
+
+        return push_to_hub(self, repo_id, **kwargs)
 
     def _mixer(self, name: str, i: int, q: QuantSpec) -> nn.Module:
         cfg, dim = self.cfg, self.cfg.dims[i]
@@ -278,17 +344,87 @@ def get_config(name: str, **overrides):
     return cfg
 
 
-def create_model(name: str, num_classes: Optional[int] = None, **overrides) -> nn.Module:
-    """Build a named model, e.g. ``create_model("bhvit_tiny", binary=False)``; ``num_classes``
-    defaults to the config's (10 for the ``*_c32``/``*_c28`` models, else 1000).
+def create_model(
+    name: str,
+    pretrained: Union[bool, str, os.PathLike] = False,
+    num_classes: Optional[int] = None,
+    checkpoint_path: Union[None, str, os.PathLike] = None,
+    **overrides,
+) -> nn.Module:
+    """Build a named model, e.g. ``create_model("bhvit_tiny", binary=False)``, as timm's
+    ``create_model`` does.
 
-    Most names are BHViTs; ``reactnet_*`` names are the binary-CNN baseline
-    (:mod:`bhvit.reactnet`), whose config builds its own model.
+    - ``num_classes``: default the config's (or, with weights, the checkpoint's).
+    - ``pretrained``: ``True`` loads the weights kept in ``$BHVIT_HOME/NAME`` (default
+      ``~/.cache/bhvit/NAME``; bhvit downloads none, see docs/PRETRAINED.md); a folder, run
+      directory, checkpoint or Hugging Face Hub id loads those. With another ``num_classes``
+      the classifier is replaced by a fresh one (fine-tuning).
+    - ``checkpoint_path``: weights loaded strictly (same classes) after the model is built.
+
+    The checkpoint's model config must be the named one with ``overrides`` applied (a
+    difference is an error naming the fields). ``reactnet_*`` names are the binary-CNN
+    baseline (:mod:`bhvit.reactnet`), whose config builds its own model.
     """
     if num_classes is not None:
         overrides["num_classes"] = num_classes
     cfg = get_config(name, **overrides)
-    return BHViT(cfg) if isinstance(cfg, BHViTConfig) else cfg.build()
+    source = checkpoint_path if pretrained is False or pretrained is None else pretrained
+    if source is not None and not isinstance(cfg, BHViTConfig):
+        raise ConfigError(f"{name}: pretrained weights are supported for BHViT models only.")
+    if pretrained is True:
+        source = pretrained_dir(name)
+        if not source.exists():
+            raise ConfigError(
+                f"create_model({name!r}, pretrained=True): no weights in {source}. bhvit ships and downloads "
+                "none: convert the authors' checkpoint there (bhvit convert FILE.pth "
+                f"{source}; docs/PRETRAINED.md), save a model there with save_pretrained, or pass "
+                "pretrained=FOLDER or checkpoint_path=."
+            )
+    elif pretrained is not False and pretrained is not None and checkpoint_path is not None:
+        raise ConfigError("give pretrained=FOLDER or checkpoint_path=, not both.")
+    if source is None:
+        model = BHViT(cfg) if isinstance(cfg, BHViTConfig) else cfg.build()
+        if isinstance(model, BHViT):
+            model.name = name
+            model.data = _DEFAULT_DATA[name](cfg) if name in _DEFAULT_DATA and cfg.in_chans == 3 else None
+        return model
+    from .checkpoint import load_model
+    from .hub import _local_folder
+
+    model, _ = load_model(_local_folder(source, None, None, None))
+    want = dataclasses.replace(cfg, num_classes=model.cfg.num_classes)
+    have, asked = model.cfg.to_dict(), want.to_dict()
+    diff = [f"{k}={have[k]!r} (asked {asked[k]!r})" for k in have if have[k] != asked[k]]
+    if diff:
+        raise ConfigError(
+            f"{source}: its model is {name} with {', '.join(diff)}; pass those as overrides, or load it "
+            "with bhvit.from_pretrained, which takes the checkpoint's config."
+        )
+    model.name = name
+    if cfg.num_classes != model.cfg.num_classes and "num_classes" in overrides:
+        if source is checkpoint_path:
+            raise ConfigError(
+                f"{source} classifies {model.cfg.num_classes} classes, not {cfg.num_classes}: "
+                f"use pretrained={str(source)!r} for a new classifier, or reset_classifier()."
+            )
+        model.reset_classifier(cfg.num_classes)
+    return model
+
+
+def pretrained_dir(name: str) -> Path:
+    """Where ``create_model(name, pretrained=True)`` looks: ``$BHVIT_HOME/NAME``, by default
+    ``~/.cache/bhvit/NAME``."""
+    return Path(os.environ.get("BHVIT_HOME") or "~/.cache/bhvit").expanduser() / name
+
+
+def _release_eval(cfg: BHViTConfig) -> Dict:
+    from .release import RELEASE_EVAL
+
+    return RELEASE_EVAL(cfg.img_size)
+
+
+# the preprocessing a named model's pretrained_cfg reports before any checkpoint says otherwise
+_DEFAULT_DATA: Dict[str, Callable[[BHViTConfig], Dict]] = {"bhvit_tiny": _release_eval, "bhvit_small": _release_eval}
 
 
 # ImageNet-size models (Gao et al., CVPR 2025, and the authors' release: 224x224, 4x4 stem, windows 7).

@@ -103,6 +103,28 @@ def eval_transform(data: Optional[dict], size: int) -> Tuple[int, str]:
     return (size if resize is None else int(resize)), ("bilinear" if interpolation is None else str(interpolation))
 
 
+def pretrained_cfg(in_chans: int, img_size: int, num_classes: int, data: Optional[dict]) -> dict:
+    """timm's ``pretrained_cfg`` keys for a model whose checkpoint or export records ``data``:
+    ``input_size``, ``mean`` and ``std`` (of [0, 1] pixels; None where not recorded),
+    ``interpolation``, ``crop_pct`` (the crop over the resized shorter side, as timm's
+    ``resolve_data_config`` reads it), ``crop_mode``, ``num_classes``, ``label_names`` and
+    ``dataset``. A view of ``data`` and :func:`eval_transform`, which stay the one record."""
+    data = data or {}
+    resize, interpolation = eval_transform(data, img_size)
+    mean, std = data.get("mean"), data.get("std")
+    return {
+        "input_size": (int(in_chans), int(img_size), int(img_size)),
+        "mean": tuple(mean) if mean else None,
+        "std": tuple(std) if std else None,
+        "interpolation": interpolation,
+        "crop_pct": img_size / resize,
+        "crop_mode": "center",
+        "num_classes": int(num_classes),
+        "label_names": list(data["classes"]) if data.get("classes") else None,
+        "dataset": data.get("name"),
+    }
+
+
 def resize_centre_crop(im, size: int, resize: Optional[int] = None, interpolation: str = "bilinear"):
     """The shorter side resized to ``resize`` (default ``size``), then the centre ``size x size``
     crop: pixel for pixel what torchvision's ``Resize(resize)`` and ``CenterCrop(size)`` do to a
