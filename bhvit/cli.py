@@ -222,8 +222,67 @@ def _eval_dataset(args, name, data, cfg, seed):
     return (ds.subset(args.subset, seed) if args.subset else ds), None
 
 
+def _export_manifest(path):
+    """The manifest.json of ``path`` if it is an export (its directory or the file), else None."""
+    from pathlib import Path
+
+    p = Path(path)
+    p = p / "manifest.json" if p.is_dir() else p
+    return p if p.name == "manifest.json" and p.is_file() else None
+
+
+def _eval_export(args, manifest) -> int:
+    """``bhvit eval EXPORT``: the export scored through the bit-packed runtime, with the
+    dataset, class order and preprocessing its manifest records."""
+    import time
+    import types
+
+    import torch
+
+    import bhvit.runtime
+    from .runtime import kernels
+    from .train import evaluate
+
+    if args.device not in ("cpu", "auto"):
+        raise ConfigError(f"an export runs on the CPU (bhvit's runtime); --device {args.device} does not apply.")
+    rt = bhvit.runtime.load(manifest.parent, threads=args.threads or 0)
+    data = rt.data
+    name = args.data or data.get("name")
+    if name is None:
+        raise ConfigError("--data is required: the export does not name its dataset.")
+    if not data.get("mean") or not data.get("std"):
+        raise ConfigError(f"{manifest}: the export records no input normalisation (mean/std) to prepare images with.")
+    cfg = types.SimpleNamespace(**{k: rt.cfg[k] for k in ("in_chans", "img_size", "num_classes")})
+    ds, loader = _eval_dataset(args, name, data, cfg, 0)
+    if ds.num_classes != cfg.num_classes:
+        raise ConfigError(f"dataset has {ds.num_classes} classes but the export has {cfg.num_classes}.")
+
+    class Runtime(torch.nn.Module):  # evaluate()'s model: logits from the runtime
+        def forward(self, x):
+            return torch.from_numpy(rt(x.numpy()))
+
+    t0 = time.perf_counter()
+    res = evaluate(Runtime(), ds, data["mean"], data["std"], args.batch_size, "cpu", progress=not args.no_progress)
+    seconds = time.perf_counter() - t0
+    res.update(
+        export=str(manifest.parent),
+        data=name,
+        split=args.split,
+        kernels=kernels.backend(),
+        images_per_s=round(res["count"] / seconds, 1),
+    )
+    print(json.dumps(res))
+    return 0
+
+
 def cmd_eval(args) -> int:
     from pathlib import Path
+
+    manifest = _export_manifest(args.checkpoint)
+    if manifest is not None:
+        if args.save_logits:
+            raise ConfigError("--save-logits is for checkpoints; bhvit.runtime.load(EXPORT) gives an export's logits.")
+        return _eval_export(args, manifest)
 
     from .checkpoint import load_model
     from .data import load_dataset
@@ -479,8 +538,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_args(rc, recipe=True)
     rc.set_defaults(func=cmd_recipe)
 
-    ev = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint")
-    ev.add_argument("checkpoint", help="run directory (best.json), a checkpoint .json or .safetensors")
+    ev = sub.add_parser("eval", help="top-1, top-5 and loss of a checkpoint, or of an export through the runtime")
+    ev.add_argument(
+        "checkpoint",
+        help="run directory (best.json), a checkpoint .json or .safetensors, a pretrained folder, "
+        "or an export directory (scored by the bit-packed runtime)",
+    )
     ev.add_argument(
         "--data",
         default=None,

@@ -172,6 +172,27 @@ def test_eval_cli_matches_training_metrics(fmnist, tmp_path, capsys):
     assert "--batch-size: must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_eval_of_an_export_scores_it_through_the_runtime(fmnist, tmp_path, capsys):
+    # what is deployed, scored on the same images as the checkpoint it came from
+    train(micro_config(fmnist, tmp_path / "r", epochs=1, batch_size=64, subset=128, seed=1))
+    assert main(["export", str(tmp_path / "r"), str(tmp_path / "e")]) == 0
+    capsys.readouterr()
+    results = []
+    for path in (tmp_path / "r", tmp_path / "e", tmp_path / "e" / "manifest.json"):
+        assert main(["eval", str(path), "--data-dir", str(fmnist), "--no-progress", "--threads", "1"]) == 0
+        results.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    ckpt, export, by_file = results
+    assert ckpt["count"] == export["count"] == 64 and export["export"] == str(tmp_path / "e")
+    assert export["kernels"].startswith("c-") and export["images_per_s"] > 0
+    assert abs(export["top1"] - ckpt["top1"]) <= 100 / 64 and export["loss"] == pytest.approx(ckpt["loss"], rel=1e-3)
+    assert by_file["top1"] == export["top1"]
+    import bhvit.runtime
+
+    assert bhvit.runtime.load(tmp_path / "e").pretrained_cfg == load_model(tmp_path / "r")[0].pretrained_cfg
+    assert main(["eval", str(tmp_path / "e"), "--data-dir", str(fmnist), "--device", "cuda"]) == 2
+    assert "an export runs on the CPU" in capsys.readouterr().err
+
+
 def test_eval_save_logits(fmnist, tmp_path, capsys):
     import numpy as np
 

@@ -474,6 +474,15 @@ class BHViTRuntime:
     def __call__(self, x) -> np.ndarray:
         return self._checked_run(x)
 
+    @property
+    def pretrained_cfg(self) -> Dict:
+        """timm's preprocessing record of the export (:func:`bhvit.runtime.image.pretrained_cfg`),
+        a view of its ``data`` entry, which ``preprocess`` and ``bhvit predict`` apply."""
+        from .image import pretrained_cfg
+
+        c = self.cfg
+        return pretrained_cfg(c["in_chans"], c["img_size"], c["num_classes"], self.data)
+
     def preprocess(self, paths) -> np.ndarray:
         """Image files as a normalised float32 batch ``(B, C, H, W)``, prepared as the export's
         ``data`` entry says (shorter side, filter, centre crop, mean and std): the input
