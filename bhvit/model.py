@@ -355,8 +355,8 @@ def create_model(
     ``create_model`` does.
 
     - ``num_classes``: default the config's (or, with weights, the checkpoint's).
-    - ``pretrained``: ``True`` loads the weights kept in ``$BHVIT_HOME/NAME`` (default
-      ``~/.cache/bhvit/NAME``; bhvit downloads none, see docs/PRETRAINED.md); a folder, run
+    - ``pretrained``: ``True`` loads the weights kept in :func:`pretrained_dir` (default
+      ``~/.cache/bhvit/pretrained/NAME``; bhvit downloads none, see docs/PRETRAINED.md); a folder, run
       directory, checkpoint or Hugging Face Hub id loads those. With another ``num_classes``
       the classifier is replaced by a fresh one (fine-tuning).
     - ``checkpoint_path``: weights loaded strictly (same classes) after the model is built.
@@ -412,9 +412,11 @@ def create_model(
 
 
 def pretrained_dir(name: str) -> Path:
-    """Where ``create_model(name, pretrained=True)`` looks: ``$BHVIT_HOME/NAME``, by default
-    ``~/.cache/bhvit/NAME``."""
-    return Path(os.environ.get("BHVIT_HOME") or "~/.cache/bhvit").expanduser() / name
+    """Where ``create_model(name, pretrained=True)`` looks: ``pretrained/NAME`` in bhvit's
+    cache directory (``$BHVIT_CACHE``, else ``~/.cache/bhvit``)."""
+    from .data import default_cache_dir
+
+    return default_cache_dir().expanduser() / "pretrained" / name
 
 
 def _release_eval(cfg: BHViTConfig) -> Dict:

@@ -143,12 +143,12 @@ def test_create_model_takes_timms_pretrained_and_checkpoint_path(tmp_path, monke
         bhvit.create_model(NAME, checkpoint_path=out, qd=False)
     with pytest.raises(ConfigError, match="not both"):
         bhvit.create_model(NAME, pretrained=str(out), checkpoint_path=out)
-    # pretrained=True: the folder under $BHVIT_HOME, never a download
-    monkeypatch.setenv("BHVIT_HOME", str(tmp_path / "home"))
+    # pretrained=True: the folder in bhvit's cache directory, never a download
+    monkeypatch.setenv("BHVIT_CACHE", str(tmp_path / "home"))
     with pytest.raises(ConfigError, match="ships and downloads none.*docs/PRETRAINED.md"):
         bhvit.create_model(NAME, pretrained=True)
-    m.save_pretrained(tmp_path / "home" / NAME)
-    assert bhvit.pretrained_dir(NAME) == tmp_path / "home" / NAME
+    m.save_pretrained(tmp_path / "home" / "pretrained" / NAME)
+    assert bhvit.pretrained_dir(NAME) == tmp_path / "home" / "pretrained" / NAME
     assert torch.equal(bhvit.create_model(NAME, pretrained=True).eval()(x), m(x))
     with pytest.raises(ConfigError, match="BHViT models only"):
         bhvit.create_model("reactnet_c32", pretrained=True)
