@@ -146,3 +146,68 @@ def test_unknown_option_is_reported():
 
 if __name__ == "__main__":  # pragma: no cover
     pytest.main([__file__, "-q"])
+
+
+def _readme_block(first_line: str) -> str:
+    """The fenced block of README.md that holds ``first_line``, from that line to the fence."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index(first_line)
+    return text[start : text.index("```", start)]
+
+
+def test_readme_runtime_snippet_runs_from_an_image_file(tmp_path, monkeypatch):
+    """The README's runtime lines run as written in a folder with an export and an image."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    import bhvit
+    from bhvit.export import export_model
+
+    torch.manual_seed(0)
+    model = bhvit.create_model("bhvit_micro_c28").eval()
+    export_model(model, tmp_path / "exported", data={"mean": [0.5], "std": [0.25]})
+    Image.fromarray(np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)).save(tmp_path / "shirt.png")
+    monkeypatch.chdir(tmp_path)
+    scope: dict = {}
+    exec(_readme_block("import bhvit.runtime"), scope)
+    assert scope["logits"].shape == (1, 10) and scope["x"].shape == (1, 1, 28, 28)
+
+
+def test_readme_smoke_run_writes_only_under_runs():
+    """The first-look commands leave the clone clean: every path they write is in runs/
+    (ignored by git)."""
+    block = _readme_block("bhvit recipe --subset 2000")
+    written = re.findall(r"--out (\S+)|bhvit export \S+ (\S+)|\.save\('([^']+)'\)", block)
+    paths = [p for group in written for p in group if p]
+    assert len(paths) == 3 and all(p.startswith("runs/") for p in paths), paths
+    assert "runs/" in (ROOT / ".gitignore").read_text().split()
+
+
+def test_training_guide_makes_an_imagefolder_from_cifar10s_python_version(tmp_path, monkeypatch):
+    """docs/TRAINING.md's commands, run on a small CIFAR-10 python-version directory, give an
+    ImageFolder that bhvit reads back pixel for pixel."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from bhvit.data import load_dataset
+    from synth import make_cifar_pickle
+
+    text = (ROOT / "docs" / "TRAINING.md").read_text()
+    start = text.index('  python -c "\n  from pathlib import Path')
+    code = text[start : text.index('"\n', start + 20)].split('python -c "\n', 1)[1]
+    code = "\n".join(line[2:] for line in code.splitlines())  # the list item's indentation
+    make_cifar_pickle(tmp_path / "data")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, "-c", code], check=True)
+    for split in ("train", "test"):
+        want = load_dataset("cifar10", split, "data/cifar-10-batches-py")
+        got = load_dataset("imagefolder", split, "data/cifar10-png", channels=3, size=32, cache_dir=str(tmp_path / "c"))
+        names = [want.classes[int(y)] for y in want.labels]
+        assert got.classes == sorted(set(names)) and len(got) == len(want) == (100 if split == "train" else 20)
+        assert sorted(names) == sorted(got.classes[int(y)] for y in got.labels)
+        # images sorted by class, then file index, in both
+        order = sorted(range(len(want)), key=lambda i: (names[i], i))
+        assert torch.equal(got.images, want.images[order])
