@@ -8,11 +8,13 @@ memory (``channels_last`` format), so no permute/contiguous round trip is needed
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .errors import ConfigError
 
@@ -28,7 +30,69 @@ __all__ = [
     "channel_shortcut",
     "LayerwiseResidual",
     "conv_nhwc",
+    "EvalCache",
 ]
+
+
+# Bumped after every optimizer step: fused optimizers (torch.optim.AdamW(fused=True), as
+# bhvit trains) update parameters without bumping their version counters.
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
+
+
+class EvalCache:
+    """A value computed from parameters, reused in eval mode with autograd off while
+    those parameters are unchanged.
+
+    Used only when the owning module is in eval mode, autograd is off, and no tracer,
+    compiler or ONNX export is running; any other call recomputes and drops the cached
+    value (a training step, even in eval mode, starts with such a forward). The value is
+    recomputed when a parameter is replaced (another object, storage, dtype, device or
+    shape), written in place (its version counter: ``copy_``, ``load_state_dict``,
+    ``torch.no_grad()`` updates, unfused optimizers) or after any optimizer step (a fused
+    optimizer does not bump version counters); ``module.train()`` clears it. Writes that
+    bypass autograd's version counter (``param.data.copy_(...)``, raw storage) are not
+    seen: call ``model.train(False)`` (or ``.eval()``) after such a write.
+    """
+
+    __slots__ = ("key", "refs", "value")
+
+    def __init__(self):
+        self.clear()
+
+    def __reduce__(self):  # copies and pickles start empty: the key names this process's tensors
+        return (EvalCache, ())
+
+    def clear(self) -> None:
+        self.key = self.refs = self.value = None
+
+    @staticmethod
+    def usable(module: nn.Module) -> bool:
+        return not (
+            module.training
+            or torch.is_grad_enabled()
+            or torch.jit.is_tracing()
+            or torch.jit.is_scripting()
+            or torch.onnx.is_in_onnx_export()
+        )
+
+    def get(self, module: nn.Module, tensors, compute):
+        if not self.usable(module) or any(t.is_inference() for t in tensors):
+            self.clear()
+            return compute()
+        key = (_optimizer_steps[0],) + tuple((t.data_ptr(), t._version, t.dtype, t.device, t.shape) for t in tensors)
+        # identity through weak references: a freed tensor's id may be reused by another one
+        refs = self.refs
+        if key != self.key or len(refs) != len(tensors) or any(r() is not t for r, t in zip(refs, tensors)):
+            self.value = compute()
+            self.key, self.refs = key, [weakref.ref(t) for t in tensors]
+        return self.value
 
 
 class _BinaryMixin:
@@ -62,7 +126,29 @@ class _BinaryMixin:
         return self.weights_binary and self.acts_binary
 
     def effective_weight(self) -> torch.Tensor:
-        return self.weight if self.kernel_quantizer is None else self.kernel_quantizer(self.weight)
+        """The kernel the layer computes with: ``kernel_quantizer(weight)``, or ``weight``.
+
+        In eval mode with autograd off (``torch.no_grad``/``torch.inference_mode``) the
+        binarized kernel is computed once and reused (:class:`EvalCache`) while the
+        weight is unchanged: recomputing it is most of the cost of a small-batch forward.
+        The cached tensor is the very value the quantizer returns; do not modify it.
+        """
+        quantizer = self.kernel_quantizer
+        if quantizer is None:
+            return self.weight
+        if torch.compiler.is_compiling():  # no Python-side state inside a compiled graph
+            return quantizer(self.weight)
+        cache = self.__dict__.get("_kernel_cache")
+        if cache is None:
+            cache = self.__dict__["_kernel_cache"] = EvalCache()
+        tensors = (self.weight, *quantizer.parameters(), *quantizer.buffers())
+        return cache.get(self, tensors, lambda: quantizer(self.weight))
+
+    def train(self, mode: bool = True):
+        cache = self.__dict__.get("_kernel_cache")
+        if cache is not None:
+            cache.clear()
+        return super().train(mode)
 
 
 class BinaryLinear(_BinaryMixin, nn.Linear):

@@ -22,6 +22,7 @@ __all__ = [
     "ApproxSign",
     "SignActivation",
     "WeightBinarizer",
+    "binarize_rows",
 ]
 
 
@@ -59,11 +60,20 @@ class ApproxSign:
     apply = staticmethod(_ApproxSignFn.apply)
 
 
+def _needs_autograd(x: torch.Tensor) -> bool:
+    """Whether a quantizer must run through its autograd Function (for the surrogate
+    gradient). Otherwise the same forward value comes from plain tensor ops, which skip
+    the Function's overhead and which tracers and the ONNX exporters understand."""
+    return torch.is_grad_enabled() and x.requires_grad and not torch.onnx.is_in_onnx_export()
+
+
 class SignActivation(nn.Module):
     """Activation quantizer: ``sign(x)`` with the ApproxSign surrogate gradient."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _ApproxSignFn.apply(x)
+        if _needs_autograd(x):
+            return _ApproxSignFn.apply(x)
+        return binary_sign(x)  # the Function's forward, without the Function
 
 
 def centred_signs(w: torch.Tensor, as_bool: bool = False) -> torch.Tensor:
@@ -74,6 +84,19 @@ def centred_signs(w: torch.Tensor, as_bool: bool = False) -> torch.Tensor:
     flat = w.reshape(w.shape[0], -1)
     centred = flat - flat.mean(dim=1, keepdim=True)
     return (centred >= 0 if as_bool else binary_sign(centred)).view(w.shape)
+
+
+def binarize_rows(flat: torch.Tensor) -> torch.Tensor:
+    """The forward value of :class:`WeightBinarizer` on a 2-D ``(out, fan_in)`` weight,
+    without autograd: ``alpha * sign(W - mean(W))`` per row with ``sign(0) = +1``.
+
+    Bit for bit the value of the training path (``copysign(alpha, centred + 0.0)``):
+    ``alpha >= 0`` times exactly +-1 is exactly +-alpha. Made of ReduceMean, Sub, Abs,
+    Sign, Add and Mul, which the ONNX exporters translate (copysign has no ONNX op).
+    """
+    centred = flat - flat.mean(dim=1, keepdim=True)
+    alpha = flat.abs().mean(dim=1, keepdim=True)
+    return alpha * binary_sign(centred)
 
 
 class _WeightBinarizeFn(torch.autograd.Function):
@@ -90,6 +113,7 @@ class _WeightBinarizeFn(torch.autograd.Function):
         centred = flat - flat.mean(dim=1, keepdim=True)
         ctx.save_for_backward(centred)
         alpha = flat.abs().mean(dim=1, keepdim=True)  # of the uncentred weight; no gradient
+        # (binarize_rows computes the same values with ops that tracers and ONNX know)
         # +-alpha with the sign of centred; + 0.0 turns -0.0 into +0.0, so sign(0) = +1
         # as in binary_sign (two passes instead of binary_sign's three and a multiply).
         return torch.copysign(alpha, centred + 0.0)
@@ -115,7 +139,9 @@ class WeightBinarizer(nn.Module):
     """
 
     def forward(self, w: torch.Tensor) -> torch.Tensor:
-        return _WeightBinarizeFn.apply(w.reshape(w.shape[0], -1)).view(w.shape)
+        flat = w.reshape(w.shape[0], -1)
+        out = _WeightBinarizeFn.apply(flat) if _needs_autograd(w) else binarize_rows(flat)
+        return out.view(w.shape)
 
     @torch.no_grad()
     def scale_and_sign(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
