@@ -8,8 +8,8 @@
  *     if (bhvit_load("export/", 0, &m) != BHVIT_OK) { puts(bhvit_last_error()); return 1; }
  *     float *x = malloc(bhvit_in_chans(m) * bhvit_img_size(m) * bhvit_img_size(m) * sizeof(float));
  *     float *logits = malloc(bhvit_num_classes(m) * sizeof(float));
- *     if (bhvit_preprocess(m, rgb, width, height, 3, x) != BHVIT_OK ||  (8-bit RGB, HWC)
- *         bhvit_run(m, x, 1, logits) != BHVIT_OK)
+ *     // rgb: height x width x 3 bytes
+ *     if (bhvit_preprocess(m, rgb, width, height, 3, x) != BHVIT_OK || bhvit_run(m, x, 1, logits) != BHVIT_OK)
  *         puts(bhvit_last_error());
  *     bhvit_free(m);
  *
