@@ -103,11 +103,13 @@ def test_existing_run_needs_resume(fmnist, tmp_path):
 
 
 class NaNAfter(torch.nn.Module):
-    """A teacher that returns NaN logits from its n-th call on (tests the NaN stop)."""
+    """A teacher that returns NaN logits from its n-th call in training on (tests the NaN stop);
+    ``calls`` counts training's calls: the start-up check's forward (bhvit.train._check_teacher)
+    is call 0."""
 
     def __init__(self, n):
         super().__init__()
-        self.n, self.calls = n, 0
+        self.n, self.calls = n, -1
         self.dummy = torch.nn.Parameter(torch.zeros(1))
 
     def forward(self, x):
