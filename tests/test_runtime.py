@@ -361,3 +361,31 @@ def test_prepared_plan_equals_the_graph_walker(name, over, tmp_path):
     walked = rt._run(x)
     assert np.abs(planned - walked).max() <= 1e-6 * (float(np.abs(walked).max()) + 1)
     assert np.array_equal(rt(x[:2]), planned[:2])  # a smaller batch after a larger one: same values
+
+
+@pytest.mark.skipif(not kernels.plan_available(), reason="needs the compiled library")
+def test_plan_profile_times_every_op_kind(tmp_path):
+    # the per-op-kind profile of the prepared plan (BHVIT_PROFILE=1 or Plan.profile(enable=True)):
+    # calls and seconds per kind, summed over the runs, no more than the runs' total on one thread
+    torch.manual_seed(4)
+    export_model(_trained_like("bhvit_micro_c32"), tmp_path)
+    rt = runtime.load(tmp_path, threads=1)
+    x = np.random.default_rng(0).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    ref = rt(x)
+    p = rt.plan.profile(enable=True)
+    assert p["total"] == (0.0, 0) and p["images"] == (0.0, 0)
+    assert np.array_equal(rt(x), ref) and np.array_equal(rt(x[:1]), ref[:1])  # profiling changes no value
+    p = rt.plan.profile()
+    assert p["total"][1] == 2 and p["images"][1] == 4
+    kinds = {k: v for k, v in p.items() if k not in ("total", "images")}
+    for k in ("binary conv (implicit GEMM)", "binary linear + epilogue (fused)", "sign packing", "attention core (QD)"):
+        assert kinds[k][1] > 0 and kinds[k][0] > 0, k
+    assert sum(s for s, _ in kinds.values()) <= p["total"][0] * 1.001
+    assert rt.plan.profile(enable=False)["total"] == (0.0, 0)
+    rt(x)
+    assert rt.plan.profile()["total"] == (0.0, 0)
+    env = dict(__import__("os").environ, BHVIT_PROFILE="1")
+    code = f"import numpy as np; from bhvit import runtime; rt = runtime.load({str(tmp_path)!r}, threads=1); "
+    code += "rt(np.zeros((2, 3, 32, 32), np.float32)); del rt"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    assert "libbhvit profile: 1 runs, 2 images" in out.stderr and "binary conv" in out.stderr, out.stderr

@@ -64,7 +64,7 @@ __all__ = [
     "NonFiniteError",
 ]
 
-_ABI_VERSION = 6  # 6: the binary linear layer only on prepared panels (bhv_binary_linear_pp)
+_ABI_VERSION = 7  # 6: the binary linear layer only on prepared panels (bhv_binary_linear_pp); 7: the plan's profile
 _HERE = Path(__file__).resolve().parent
 
 _lib = None  # ctypes.CDLL or None
@@ -141,6 +141,11 @@ def _setup(lib):
         "bhvit_free": (None, [vp]),
         "bhvit_set_threads": (i32, [vp, i32]),
         "bhvit_last_error": (ctypes.c_char_p, []),
+        "bhv_plan_profile_enable": (i32, [vp, i32]),
+        "bhv_plan_profile_get": (
+            i32,
+            [vp, i32, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)],
+        ),
     }
     for name, (res, args) in sigs.items():
         fn = getattr(lib, name)
@@ -1076,6 +1081,21 @@ class Plan:
         rc = _lib.bhvit_run(self._h, _ptr(x), x.shape[0], _ptr(out))
         if rc:
             raise PlanError(rc, _lib.bhvit_last_error().decode("utf-8", "replace"))
+        return out
+
+    def profile(self, enable=None) -> dict:
+        """The per-op-kind profile of the runs so far: ``{kind: (seconds, calls)}`` plus ``"total"``
+        (seconds, runs) and ``"images"`` (0, images). ``enable=True``/``False`` first turns the
+        profile on or off and starts its sums again (``BHVIT_PROFILE=1`` in the environment turns it
+        on at load and prints the table when the plan is freed)."""
+        if enable is not None:
+            _lib.bhv_plan_profile_enable(self._h, 1 if enable else 0)
+        name, sec, calls = ctypes.c_char_p(), ctypes.c_double(), ctypes.c_int64()
+        out = {}
+        n = _lib.bhv_plan_profile_get(self._h, 0, ctypes.byref(name), ctypes.byref(sec), ctypes.byref(calls))
+        for i in [-1, -2, *range(n)]:
+            _lib.bhv_plan_profile_get(self._h, i, ctypes.byref(name), ctypes.byref(sec), ctypes.byref(calls))
+            out[name.value.decode()] = (sec.value, int(calls.value))
         return out
 
     def __del__(self):

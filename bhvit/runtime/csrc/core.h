@@ -32,7 +32,7 @@
 #define BHV_X86 0
 #endif
 
-#define BHV_ABI_VERSION 6
+#define BHV_ABI_VERSION 7
 #define INLINE static inline __attribute__((always_inline))
 #define BHVI __attribute__((visibility("hidden")))
 

@@ -206,6 +206,21 @@ typedef struct {
     int used;
 } tensor_t;
 
+/* The per-op-kind profile of the forward pass (BHVIT_PROFILE=1 at bhvit_load, or
+ * bhv_plan_profile_enable): wall time and calls per kind, summed over runs.  Off, it costs
+ * one branch per kernel call. */
+enum {
+    P_STEM_PATCH, P_DENSE, P_NORM, P_GELU, P_PACK, P_XGEMM, P_BLIN, P_BCONV, P_EPI, P_RESID, P_ATT,
+    P_ATT_GLUE, P_WINDOW, P_DOWN_POOL, P_SHIFT, P_POS, P_CHECK, P_ARENA, P_N
+};
+static const char *const PROF_NAMES[P_N] = {
+    "stem patches (im2col)", "dense fp32 (stem, head, fp down)", "norm (LayerNorm, affine)", "GELU",
+    "sign packing", "xnor GEMM (unfused)", "binary linear + epilogue (fused)", "binary conv (implicit GEMM)",
+    "epilogue (conv, LN form)", "residual / LN-tail loops", "attention core (QD)", "attention glue (q/k/v bits, ctx)",
+    "window partition / pool / mix", "downsample 2x2 pool / patches", "shift branches", "pos embed / final pool",
+    "input + logits checks", "arena settle",
+};
+
 struct bhvit_model {
     /* config */
     int64_t img, chans, classes, stride, pad, groups, qd_levels, grid;
@@ -233,6 +248,10 @@ struct bhvit_model {
     float *head_wt;
     const float *head_b;
     arena_t ar;
+    /* profile */
+    int prof_on;
+    double prof_s[P_N], prof_total;
+    int64_t prof_calls[P_N], prof_runs, prof_images;
 };
 
 /* ------------------------------------------------------------------ file reading */
@@ -1026,6 +1045,31 @@ typedef struct {
     int rc; /* first failure: BHVIT_E_NOMEM or BHVIT_E_NONFINITE */
 } run_t;
 
+#include <time.h>
+
+static double now_s(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+
+static inline double prof_t0(const bhvit_model *m) { return m->prof_on ? now_s() : 0.0; }
+static inline void prof_add(bhvit_model *m, int kind, double t0)
+{
+    if (m->prof_on) {
+        m->prof_s[kind] += now_s() - t0;
+        m->prof_calls[kind]++;
+    }
+}
+/* Time the statements (no return inside) as op kind KIND. */
+#define PROF(r, kind, ...)                                \
+    do {                                                  \
+        const double pt0_ = prof_t0((r)->m);              \
+        __VA_ARGS__;                                      \
+        prof_add((r)->m, (kind), pt0_);                   \
+    } while (0)
+
 /* Buffer sizes are products of config sizes (bounded by read_config) and the batch (at most
  * 2^20), so they fit int64; a negative or oversized count is refused here all the same. */
 static float *fbuf(run_t *r, int64_t n)
@@ -1060,16 +1104,18 @@ static void check_kernel(run_t *r, int rc)
 
 static void norm_apply(run_t *r, const norm_t *n, const float *x, int64_t rows, int64_t C, float *out)
 {
-    if (n->ln) {
-        bhv_layer_norm(x, rows, C, n->a, n->b, n->eps, out, r->th);
-        return;
-    }
-    for (int64_t i = 0; i < rows; ++i) {
-        const float *xr = x + i * C;
-        float *o = out + i * C;
-        for (int64_t c = 0; c < C; ++c)
-            o[c] = xr[c] * n->a[c] + n->b[c];
-    }
+    PROF(r, P_NORM, {
+        if (n->ln) {
+            bhv_layer_norm(x, rows, C, n->a, n->b, n->eps, out, r->th);
+        } else {
+            for (int64_t i = 0; i < rows; ++i) {
+                const float *xr = x + i * C;
+                float *o = out + i * C;
+                for (int64_t c = 0; c < C; ++c)
+                    o[c] = xr[c] * n->a[c] + n->b[c];
+            }
+        }
+    });
 }
 
 static inline float rprelu(float x, const act_t *a, int64_t c)
@@ -1102,19 +1148,21 @@ static void resid_ln_tail(run_t *r, const resid_t *rs, const int32_t *dot, const
     float *tmp = fbuf(r, rows * N);
     if (!tmp)
         return;
-    check_kernel(r, bhv_epilogue(dot, rows, N, scale, shift, NULL, 0, NULL, NULL, NULL, NULL, NULL, NULL, tmp,
-                                 r->th));
+    PROF(r, P_EPI, check_kernel(r, bhv_epilogue(dot, rows, N, scale, shift, NULL, 0, NULL, NULL, NULL, NULL, NULL,
+                                                NULL, tmp, r->th)));
     norm_apply(r, &rs->norm, tmp, rows, N, out);
-    for (int64_t i = 0; i < rows; ++i) {
-        float *o = out + i * N;
-        const float *s = sc + i * sc_c;
-        for (int64_t c = 0; c < N; ++c) {
-            float y = rprelu(o[c] + shortcut_at(s, sc_c, N, c), &rs->act, c);
-            if (ls)
-                y = ls->bias[c] + y * ls->scale[c];
-            o[c] = res ? res[i * N + c] + y : y;
+    PROF(r, P_RESID, {
+        for (int64_t i = 0; i < rows; ++i) {
+            float *o = out + i * N;
+            const float *s = sc + i * sc_c;
+            for (int64_t c = 0; c < N; ++c) {
+                float y = rprelu(o[c] + shortcut_at(s, sc_c, N, c), &rs->act, c);
+                if (ls)
+                    y = ls->bias[c] + y * ls->scale[c];
+                o[c] = res ? res[i * N + c] + y : y;
+            }
         }
-    }
+    });
 }
 
 /* Packed sign(x + input bias) rows of a binary linear. */
@@ -1124,10 +1172,12 @@ static uint64_t *pack_input(run_t *r, const blin_t *l, const float *x, int64_t r
     uint64_t *bits = (uint64_t *)wbuf(r, rows * W, 8);
     if (!bits)
         return NULL;
-    if (l->ib)
-        check_kernel(r, bhv_pack_signs_bias_f32(x, rows, l->K, NULL, NULL, l->ib, 1, bits, r->th));
-    else
-        check_kernel(r, bhv_pack_signs_f32(x, rows, l->K, bits, r->th));
+    PROF(r, P_PACK, {
+        if (l->ib)
+            check_kernel(r, bhv_pack_signs_bias_f32(x, rows, l->K, NULL, NULL, l->ib, 1, bits, r->th));
+        else
+            check_kernel(r, bhv_pack_signs_f32(x, rows, l->K, bits, r->th));
+    });
     return bits;
 }
 
@@ -1142,13 +1192,13 @@ static void resid_linear(run_t *r, const rlin_t *L, const float *x, int64_t rows
     if (L->r.bn) {
         const bhv_transform t = {L->op.scale, L->op.shift, x, L->op.K, L->r.act.m1, L->r.act.slope, L->r.act.m2,
                                  ls ? ls->scale : NULL, ls ? ls->bias : NULL, res, out, NULL, NULL, 0, NULL};
-        check_kernel(r, bhv_binary_linear_pp(bits, rows, L->op.K, &L->op.pan, &t, r->th));
+        PROF(r, P_BLIN, check_kernel(r, bhv_binary_linear_pp(bits, rows, L->op.K, &L->op.pan, &t, r->th)));
         return;
     }
     int32_t *dot = (int32_t *)wbuf(r, rows * L->op.N, 4);
     if (!dot)
         return;
-    check_kernel(r, bhv_xnor_gemm_pp(bits, &L->op.pan, rows, L->op.K, dot, r->th));
+    PROF(r, P_XGEMM, check_kernel(r, bhv_xnor_gemm_pp(bits, &L->op.pan, rows, L->op.K, dot, r->th)));
     resid_ln_tail(r, &L->r, dot, L->op.scale, L->op.shift, rows, L->op.N, x, L->op.K, ls, res, out);
 }
 
@@ -1161,25 +1211,30 @@ static void run_stem(run_t *r, const float *x, int64_t B, float *out)
     float *patches = fbuf(r, rows * kk), *y = fbuf(r, rows * D);
     if (!patches || !y)
         return;
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < g; ++i)
-            for (int64_t j = 0; j < g; ++j) {
-                float *pr = patches + ((b * g + i) * g + j) * kk;
-                for (int64_t kh = 0; kh < k; ++kh)
-                    for (int64_t kw = 0; kw < k; ++kw)
-                        for (int64_t c = 0; c < C; ++c) {
-                            const int64_t h = i * k + kh - pad, w = j * k + kw - pad;
-                            pr[(kh * k + kw) * C + c] =
-                                (h >= 0 && h < img && w >= 0 && w < img) ? x[((b * C + c) * img + h) * img + w] : 0.0f;
-                        }
-            }
-    bhv_dense(patches, rows, kk, m->stem_wt, D, m->stem_b, y, r->th);
+    PROF(r, P_STEM_PATCH, {
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < g; ++i)
+                for (int64_t j = 0; j < g; ++j) {
+                    float *pr = patches + ((b * g + i) * g + j) * kk;
+                    for (int64_t kh = 0; kh < k; ++kh)
+                        for (int64_t kw = 0; kw < k; ++kw)
+                            for (int64_t c = 0; c < C; ++c) {
+                                const int64_t h = i * k + kh - pad, w = j * k + kw - pad;
+                                pr[(kh * k + kw) * C + c] = (h >= 0 && h < img && w >= 0 && w < img)
+                                                                ? x[((b * C + c) * img + h) * img + w]
+                                                                : 0.0f;
+                            }
+                }
+    });
+    PROF(r, P_DENSE, bhv_dense(patches, rows, kk, m->stem_wt, D, m->stem_b, y, r->th));
     norm_apply(r, &m->stem_norm, y, rows, D, out);
-    bhv_gelu(out, rows * D, out, r->th);
+    PROF(r, P_GELU, bhv_gelu(out, rows * D, out, r->th));
     const int64_t per = g * g * D;
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < per; ++i)
-            out[b * per + i] += m->stem_pos[i];
+    PROF(r, P_POS, {
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < per; ++i)
+                out[b * per + i] += m->stem_pos[i];
+    });
 }
 
 static void downsample(run_t *r, const down_t *d, const float *x, int64_t B, int64_t H, int64_t Cin, int64_t C,
@@ -1197,41 +1252,52 @@ static void downsample(run_t *r, const down_t *d, const float *x, int64_t B, int
         float *pooled = fbuf(r, rows * Cin);
         if (!xb || !dot || !pooled)
             return;
-        check_kernel(r, bhv_pack_signs_bias_f32(x0, B * H * H, Cin, NULL, NULL, d->ib, 1, xb, r->th));
-        check_kernel(r, bhv_xnor_conv2d_pp(xb, &d->reduce.conv, B, H, H, 2, 0, 1, Ho, Ho, dot, r->th));
+        PROF(r, P_PACK,
+             check_kernel(r, bhv_pack_signs_bias_f32(x0, B * H * H, Cin, NULL, NULL, d->ib, 1, xb, r->th)));
+        PROF(r, P_BCONV,
+             check_kernel(r, bhv_xnor_conv2d_pp(xb, &d->reduce.conv, B, H, H, 2, 0, 1, Ho, Ho, dot, r->th)));
         if (r->rc)
             return;
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t i = 0; i < Ho; ++i)
-                for (int64_t j = 0; j < Ho; ++j) {
-                    const float *a00 = x0 + ((b * H + 2 * i) * H + 2 * j) * Cin, *a01 = a00 + Cin;
-                    const float *a10 = a00 + H * Cin, *a11 = a10 + Cin;
-                    float *p = pooled + ((b * Ho + i) * Ho + j) * Cin;
-                    for (int64_t c = 0; c < Cin; ++c)
-                        p[c] = (((a00[c] + a01[c]) + a10[c]) + a11[c]) / 4.0f;
-                }
+        PROF(r, P_DOWN_POOL, {
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < Ho; ++i)
+                    for (int64_t j = 0; j < Ho; ++j) {
+                        const float *a00 = x0 + ((b * H + 2 * i) * H + 2 * j) * Cin, *a01 = a00 + Cin;
+                        const float *a10 = a00 + H * Cin, *a11 = a10 + Cin;
+                        float *p = pooled + ((b * Ho + i) * Ho + j) * Cin;
+                        for (int64_t c = 0; c < Cin; ++c)
+                            p[c] = (((a00[c] + a01[c]) + a10[c]) + a11[c]) / 4.0f;
+                    }
+        });
         if (d->r.bn)
-            check_kernel(r, bhv_epilogue(dot, rows, C, d->reduce.scale, d->reduce.shift, pooled, Cin, d->r.act.m1,
-                                         d->r.act.slope, d->r.act.m2, NULL, NULL, NULL, out, r->th));
+            PROF(r, P_EPI,
+                 check_kernel(r, bhv_epilogue(dot, rows, C, d->reduce.scale, d->reduce.shift, pooled, Cin,
+                                              d->r.act.m1, d->r.act.slope, d->r.act.m2, NULL, NULL, NULL, out,
+                                              r->th)));
         else
             resid_ln_tail(r, &d->r, dot, d->reduce.scale, d->reduce.shift, rows, C, pooled, Cin, NULL, NULL, out);
     } else {
         float *patches = fbuf(r, rows * 4 * Cin), *y = fbuf(r, rows * C);
         if (!patches || !y)
             return;
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t i = 0; i < Ho; ++i)
-                for (int64_t j = 0; j < Ho; ++j)
-                    for (int64_t kh = 0; kh < 2; ++kh)
-                        memcpy(patches + ((b * Ho + i) * Ho + j) * 4 * Cin + kh * 2 * Cin,
-                               x0 + ((b * H + 2 * i + kh) * H + 2 * j) * Cin, (size_t)(2 * Cin) * sizeof(float));
-        bhv_dense(patches, rows, 4 * Cin, d->fp_wt, C, NULL, y, r->th);
+        PROF(r, P_DOWN_POOL, {
+            for (int64_t b = 0; b < B; ++b)
+                for (int64_t i = 0; i < Ho; ++i)
+                    for (int64_t j = 0; j < Ho; ++j)
+                        for (int64_t kh = 0; kh < 2; ++kh)
+                            memcpy(patches + ((b * Ho + i) * Ho + j) * 4 * Cin + kh * 2 * Cin,
+                                   x0 + ((b * H + 2 * i + kh) * H + 2 * j) * Cin,
+                                   (size_t)(2 * Cin) * sizeof(float));
+        });
+        PROF(r, P_DENSE, bhv_dense(patches, rows, 4 * Cin, d->fp_wt, C, NULL, y, r->th));
         norm_apply(r, &d->norm, y, rows, C, out);
     }
     const int64_t per = Ho * Ho * C;
-    for (int64_t b = 0; b < B; ++b)
-        for (int64_t i = 0; i < per; ++i)
-            out[b * per + i] += d->pos[i];
+    PROF(r, P_POS, {
+        for (int64_t b = 0; b < B; ++b)
+            for (int64_t i = 0; i < per; ++i)
+                out[b * per + i] += d->pos[i];
+    });
 }
 
 /* out = x + MSGDC(norm1(x)) (engine.py's _msgdc) */
@@ -1253,7 +1319,7 @@ static void msgdc(run_t *r, const block_t *k, const float *x, int64_t B, int64_t
     int32_t *dot = (int32_t *)wbuf(r, rows * C, 4);
     if (!xb || !dot)
         return;
-    check_kernel(r, bhv_pack_signs_bias_f32(n, rows * G, cg, sc, sh, k->ib, G, xb, r->th));
+    PROF(r, P_PACK, check_kernel(r, bhv_pack_signs_bias_f32(n, rows * G, cg, sc, sh, k->ib, G, xb, r->th)));
     const int folded = !k->mnorm.ln;
     float *acc = folded ? out : fbuf(r, rows * C);
     float *zeros = fbuf(r, C);
@@ -1262,23 +1328,26 @@ static void msgdc(run_t *r, const block_t *k, const float *x, int64_t B, int64_t
     memset(zeros, 0, (size_t)C * sizeof(float));
     for (int64_t t = 0; t < k->nbr && !r->rc; ++t) {
         const bconv_t *cv = &k->convs[t];
-        check_kernel(r, bhv_xnor_conv2d_pp(xb, &cv->conv, B, H, H, 1, k->dil[t], k->dil[t], H, H, dot, r->th));
+        PROF(r, P_BCONV, check_kernel(r, bhv_xnor_conv2d_pp(xb, &cv->conv, B, H, H, 1, k->dil[t], k->dil[t], H, H,
+                                                            dot, r->th)));
         if (r->rc)
             return;
         const act_t *a = &k->acts[t];
         if (folded) {
             const float *pb = t == k->nbr - 1 ? k->mnorm.b : zeros;
-            check_kernel(r, bhv_epilogue(dot, rows, C, cv->scale, cv->shift, NULL, 0, a->m1, a->slope, a->m2,
-                                         k->mnorm.a, pb, t == 0 ? x : acc, acc, r->th));
+            PROF(r, P_EPI, check_kernel(r, bhv_epilogue(dot, rows, C, cv->scale, cv->shift, NULL, 0, a->m1, a->slope,
+                                                        a->m2, k->mnorm.a, pb, t == 0 ? x : acc, acc, r->th)));
         } else {
-            check_kernel(r, bhv_epilogue(dot, rows, C, cv->scale, cv->shift, NULL, 0, a->m1, a->slope, a->m2, NULL,
-                                         NULL, t == 0 ? NULL : acc, acc, r->th));
+            PROF(r, P_EPI, check_kernel(r, bhv_epilogue(dot, rows, C, cv->scale, cv->shift, NULL, 0, a->m1, a->slope,
+                                                        a->m2, NULL, NULL, t == 0 ? NULL : acc, acc, r->th)));
         }
     }
     if (!folded && !r->rc) {
         norm_apply(r, &k->mnorm, acc, rows, C, out);
-        for (int64_t i = 0; i < rows * C; ++i)
-            out[i] = x[i] + out[i];
+        PROF(r, P_RESID, {
+            for (int64_t i = 0; i < rows * C; ++i)
+                out[i] = x[i] + out[i];
+        });
     }
 }
 
@@ -1296,48 +1365,54 @@ static void attention(run_t *r, const block_t *k, const float *q, const float *k
     const float *src[2] = {q, kk};
     uint64_t *dst[2] = {qb, kb};
     for (int s = 0; s < 2; ++s) {
-        check_kernel(r, bhv_pack_signs_bias_f32(src[s], Bw * L * h, d, NULL, NULL, k->qkv_bias + s * C, h, tmp,
-                                                r->th));
-        for (int64_t b = 0; b < Bw; ++b) /* (Bw, L, h, Wd) -> (Bw, h, L, Wd) */
-            for (int64_t n = 0; n < L; ++n)
-                for (int64_t hd = 0; hd < h; ++hd)
-                    memcpy(dst[s] + ((b * h + hd) * L + n) * Wd, tmp + ((b * L + n) * h + hd) * Wd,
-                           (size_t)Wd * 8);
+        PROF(r, P_PACK, check_kernel(r, bhv_pack_signs_bias_f32(src[s], Bw * L * h, d, NULL, NULL,
+                                                                k->qkv_bias + s * C, h, tmp, r->th)));
+        PROF(r, P_ATT_GLUE, {
+            for (int64_t b = 0; b < Bw; ++b) /* (Bw, L, h, Wd) -> (Bw, h, L, Wd) */
+                for (int64_t n = 0; n < L; ++n)
+                    for (int64_t hd = 0; hd < h; ++hd)
+                        memcpy(dst[s] + ((b * h + hd) * L + n) * Wd, tmp + ((b * L + n) * h + hd) * Wd,
+                               (size_t)Wd * 8);
+        });
     }
-    memset(vb, 0, (size_t)(Bw * h * d * Wm) * 8);
     const float *vbias = k->qkv_bias + 2 * C;
-    for (int64_t b = 0; b < Bw; ++b) /* bits of v + bias >= 0 along the keys: (Bw, h, d, Wm) */
-        for (int64_t n = 0; n < L; ++n) {
-            const float *vr = v + (b * L + n) * C;
-            const int sh = (int)(n % 64);
-            for (int64_t hd = 0; hd < h; ++hd) {
-                uint64_t *dst = vb + (b * h + hd) * d * Wm + n / 64;
-                const float *vv = vr + hd * d, *bb = vbias + hd * d;
-                for (int64_t j = 0; j < d; ++j)
-                    dst[j * Wm] |= (uint64_t)(vv[j] + bb[j] >= 0.0f) << sh;
+    PROF(r, P_ATT_GLUE, {
+        memset(vb, 0, (size_t)(Bw * h * d * Wm) * 8);
+        for (int64_t b = 0; b < Bw; ++b) /* bits of v + bias >= 0 along the keys: (Bw, h, d, Wm) */
+            for (int64_t n = 0; n < L; ++n) {
+                const float *vr = v + (b * L + n) * C;
+                const int sh = (int)(n % 64);
+                for (int64_t hd = 0; hd < h; ++hd) {
+                    uint64_t *dst = vb + (b * h + hd) * d * Wm + n / 64;
+                    const float *vv = vr + hd * d, *bb = vbias + hd * d;
+                    for (int64_t j = 0; j < d; ++j)
+                        dst[j * Wm] |= (uint64_t)(vv[j] + bb[j] >= 0.0f) << sh;
+                }
             }
-        }
+    });
     if (r->rc)
         return;
     const int64_t levels = m->qd ? m->qd_levels : 1;
     const float scale = (float)(1.0 / sqrt((double)d));
     if (!k->ctx_norm.ln) {
-        check_kernel(r, bhv_attention(qb, kb, vb, Bw, h, L, L, d, k->qd_step, k->qd_zp, levels, scale, k->ctx_norm.a,
-                                      k->ctx_norm.b, q, kk, v, k->ctx_act.m1, k->ctx_act.slope, k->ctx_act.m2, out,
-                                      r->th));
+        PROF(r, P_ATT, check_kernel(r, bhv_attention(qb, kb, vb, Bw, h, L, L, d, k->qd_step, k->qd_zp, levels, scale,
+                                                     k->ctx_norm.a, k->ctx_norm.b, q, kk, v, k->ctx_act.m1,
+                                                     k->ctx_act.slope, k->ctx_act.m2, out, r->th)));
         return;
     }
     float *ctx = fbuf(r, Bw * L * C);
     if (!ctx)
         return;
-    check_kernel(r, bhv_attention(qb, kb, vb, Bw, h, L, L, d, k->qd_step, k->qd_zp, levels, scale, NULL, NULL, NULL,
-                                  NULL, NULL, NULL, NULL, NULL, ctx, r->th));
+    PROF(r, P_ATT, check_kernel(r, bhv_attention(qb, kb, vb, Bw, h, L, L, d, k->qd_step, k->qd_zp, levels, scale,
+                                                 NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, ctx, r->th)));
     norm_apply(r, &k->ctx_norm, ctx, Bw * L, C, out);
-    for (int64_t i = 0; i < Bw * L; ++i)
-        for (int64_t c = 0; c < C; ++c) {
-            const int64_t o = i * C + c;
-            out[o] = rprelu(((out[o] + q[o]) + kk[o]) + v[o], &k->ctx_act, c);
-        }
+    PROF(r, P_ATT_GLUE, {
+        for (int64_t i = 0; i < Bw * L; ++i)
+            for (int64_t c = 0; c < C; ++c) {
+                const int64_t o = i * C + c;
+                out[o] = rprelu(((out[o] + q[o]) + kk[o]) + v[o], &k->ctx_act, c);
+            }
+    });
 }
 
 /* out = res + LayerScale(MSMHA(n)) (engine.py's _msmha) */
@@ -1350,6 +1425,7 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
     float *tok = fbuf(r, R * C);
     if (!tok)
         return;
+    double pt = prof_t0(r->m); /* the window partition and pooled tokens (error returns drop the sample) */
     if (!w) {
         memcpy(tok, n, (size_t)(B * H * H * C) * sizeof(float));
     } else {
@@ -1395,11 +1471,12 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
             for (int64_t t = 0; t < nwin; ++t)
                 memcpy(tok + ((b * nwin + t) * L + nloc) * C, g + b * G * C, (size_t)(G * C) * sizeof(float));
     }
+    prof_add(r->m, P_WINDOW, pt);
     float *t = fbuf(r, R * C), *q = fbuf(r, R * C), *kk = fbuf(r, R * C), *v = fbuf(r, R * C);
     float *ctx = fbuf(r, R * C);
     if (!t || !q || !kk || !v || !ctx)
         return;
-    bhv_layer_norm(tok, R, C, k->tn_w, k->tn_b, 1e-5f, t, r->th);
+    PROF(r, P_NORM, bhv_layer_norm(tok, R, C, k->tn_w, k->tn_b, 1e-5f, t, r->th));
     resid_linear(r, &k->q, t, R, NULL, NULL, q);
     resid_linear(r, &k->k, t, R, NULL, NULL, kk);
     resid_linear(r, &k->v, t, R, NULL, NULL, v);
@@ -1409,6 +1486,7 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
     if (r->rc)
         return;
     float *o = tok; /* the tokens are dead: reuse as the mixed local map (B, H, W, C) */
+    pt = prof_t0(r->m);
     if (!w) {
         memcpy(o, ctx, (size_t)(B * H * H * C) * sizeof(float));
     } else {
@@ -1441,6 +1519,7 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
                         }
                 }
     }
+    prof_add(r->m, P_WINDOW, pt);
     resid_linear(r, &k->o, o, B * H * H, &k->ls, res, out);
 }
 
@@ -1457,12 +1536,12 @@ static void mlp(run_t *r, const block_t *k, const float *n, const float *x, int6
         const act_t *ua = &k->up.r.act, *da = &k->down.r.act;
         const bhv_transform up = {k->up.op.scale, k->up.op.shift, n, C, ua->m1, ua->slope, ua->m2, NULL, NULL, NULL,
                                   NULL, k->down.op.ib, bits, hidden / C, pooled};
-        check_kernel(r, bhv_binary_linear_pp(a, rows, C, &k->up.op.pan, &up, r->th));
+        PROF(r, P_BLIN, check_kernel(r, bhv_binary_linear_pp(a, rows, C, &k->up.op.pan, &up, r->th)));
         if (r->rc)
             return;
         const bhv_transform dn = {k->down.op.scale, k->down.op.shift, pooled, C, da->m1, da->slope, da->m2,
                                   k->mls.scale, k->mls.bias, x, out, NULL, NULL, 0, NULL};
-        check_kernel(r, bhv_binary_linear_pp(bits, rows, hidden, &k->down.op.pan, &dn, r->th));
+        PROF(r, P_BLIN, check_kernel(r, bhv_binary_linear_pp(bits, rows, hidden, &k->down.op.pan, &dn, r->th)));
         return;
     }
     float *h = fbuf(r, rows * hidden);
@@ -1497,7 +1576,8 @@ static void block(run_t *r, const block_t *k, float *a, float *bbuf, int64_t B, 
     norm_apply(r, &k->norm2, bbuf, rows, C, n);
     mlp(r, k, n, bbuf, rows, C, a);
     if (!r->rc && m->shift_on && m->nshift)
-        check_kernel(r, bhv_shift_mix(n, B, H, H, C, m->shift, m->nshift, k->shift_s, k->shift_b, a, r->th));
+        PROF(r, P_SHIFT,
+             check_kernel(r, bhv_shift_mix(n, B, H, H, C, m->shift, m->nshift, k->shift_s, k->shift_b, a, r->th)));
     m->ar.used = mark;
 }
 
@@ -1534,14 +1614,69 @@ static void forward(run_t *r, const float *x, int64_t B, float *logits)
     float *pooled = fbuf(r, B * C);
     if (!pooled)
         return;
-    for (int64_t bi = 0; bi < B; ++bi)
-        for (int64_t c = 0; c < C; ++c) {
-            float s = 0.0f;
-            for (int64_t t = 0; t < H * H; ++t)
-                s += b[(bi * H * H + t) * C + c];
-            pooled[bi * C + c] = s / (float)(H * H);
-        }
-    bhv_dense(pooled, B, C, m->head_wt, m->classes, m->head_b, logits, r->th);
+    PROF(r, P_POS, {
+        for (int64_t bi = 0; bi < B; ++bi)
+            for (int64_t c = 0; c < C; ++c) {
+                float s = 0.0f;
+                for (int64_t t = 0; t < H * H; ++t)
+                    s += b[(bi * H * H + t) * C + c];
+                pooled[bi * C + c] = s / (float)(H * H);
+            }
+    });
+    PROF(r, P_DENSE, bhv_dense(pooled, B, C, m->head_wt, m->classes, m->head_b, logits, r->th));
+}
+
+/* ------------------------------------------------------------------ profile */
+
+/* The table BHVIT_PROFILE=1 prints at bhvit_free: per op kind, ms per run, share, calls per run. */
+static void prof_print(const bhvit_model *m, FILE *f)
+{
+    if (!m->prof_runs)
+        return;
+    const double runs = (double)m->prof_runs, tot = m->prof_total;
+    double sum = 0.0;
+    fprintf(f, "libbhvit profile: %lld runs, %lld images, %d threads, kernels %s; ms per run\n",
+            (long long)m->prof_runs, (long long)m->prof_images, m->threads, bhv_backend());
+    for (int i = 0; i < P_N; ++i) {
+        sum += m->prof_s[i];
+        if (m->prof_calls[i])
+            fprintf(f, "  %-36s %10.3f ms %5.1f %% %8.1f calls\n", PROF_NAMES[i], 1e3 * m->prof_s[i] / runs,
+                    tot > 0 ? 100.0 * m->prof_s[i] / tot : 0.0, (double)m->prof_calls[i] / runs);
+    }
+    fprintf(f, "  %-36s %10.3f ms %5.1f %%\n", "other (model.c, arena, copies)", 1e3 * (tot - sum) / runs,
+            tot > 0 ? 100.0 * (tot - sum) / tot : 0.0);
+    fprintf(f, "  %-36s %10.3f ms (%.3f ms per image)\n", "total", 1e3 * tot / runs,
+            1e3 * tot / (double)m->prof_images);
+}
+
+/* Profiling on (1) or off (0); either way the sums start again from zero. */
+EXPORT int bhv_plan_profile_enable(bhvit_model *m, int on)
+{
+    if (!m)
+        return -2;
+    m->prof_on = on != 0;
+    memset(m->prof_s, 0, sizeof(m->prof_s));
+    memset(m->prof_calls, 0, sizeof(m->prof_calls));
+    m->prof_total = 0.0;
+    m->prof_runs = m->prof_images = 0;
+    return 0;
+}
+
+/* Op kind i (0 <= i < the return value): its name, seconds and calls summed over the runs since
+ * profiling was enabled; i = -1: "total", the runs' seconds and their number; i = -2: "images",
+ * 0 and the images run.  Returns the number of op kinds, or -2 for bad arguments. */
+EXPORT int bhv_plan_profile_get(const bhvit_model *m, int i, const char **name, double *seconds, int64_t *calls)
+{
+    if (!m || !name || !seconds || !calls || i < -2 || i >= P_N)
+        return -2;
+    if (i == -1) {
+        *name = "total", *seconds = m->prof_total, *calls = m->prof_runs;
+    } else if (i == -2) {
+        *name = "images", *seconds = 0.0, *calls = m->prof_images;
+    } else {
+        *name = PROF_NAMES[i], *seconds = m->prof_s[i], *calls = m->prof_calls[i];
+    }
+    return P_N;
 }
 
 /* ------------------------------------------------------------------ API */
@@ -1550,6 +1685,8 @@ void bhvit_free(bhvit_model *m)
 {
     if (!m)
         return;
+    if (m->prof_on)
+        prof_print(m, stderr);
     for (int i = 0; i < 4; ++i) {
         if (m->blocks[i]) {
             for (int64_t j = 0; j < m->depths[i]; ++j) {
@@ -1768,6 +1905,10 @@ int bhvit_load(const char *path, int threads, bhvit_model **out)
         free(x);
         free(y);
     }
+    if (!rc) { /* after the load's own run: BHVIT_PROFILE=1 profiles the caller's runs */
+        const char *p = getenv("BHVIT_PROFILE");
+        bhv_plan_profile_enable(m, p && *p && strcmp(p, "0") != 0);
+    }
     if (rc) {
         bhvit_free(m);
         return rc;
@@ -1784,6 +1925,7 @@ int bhvit_run(bhvit_model *m, const float *x, int64_t batch, float *logits)
     if (batch < 1 || batch > (1 << 20))
         return seterr(BHVIT_E_INPUT, "bhvit_run: batch must be in 1..%d, got %lld", 1 << 20, (long long)batch);
     const int64_t n = batch * m->chans * m->img * m->img;
+    const double t0 = prof_t0(m);
     for (int64_t i = 0; i < n; ++i)
         if (!isfinite(x[i]))
             return seterr(BHVIT_E_INPUT, "input contains NaN or infinite pixels (the first at flat index %lld)",
@@ -1791,15 +1933,25 @@ int bhvit_run(bhvit_model *m, const float *x, int64_t batch, float *logits)
     if (prepare_weights(m))
         return seterr(BHVIT_E_NOMEM, "out of memory packing the weights");
     run_t r = {m, m->threads, 0};
+    prof_add(m, P_CHECK, t0);
     forward(&r, x, batch, logits);
+    const double ta = prof_t0(m);
     if (arena_settle(&m->ar) && !r.rc)
         r.rc = seterr(BHVIT_E_NOMEM, "out of memory");
+    prof_add(m, P_ARENA, ta);
     if (r.rc)
         return r.rc;
+    const double tc = prof_t0(m);
     for (int64_t i = 0; i < batch * m->classes; ++i)
         if (!isfinite(logits[i]))
             return seterr(BHVIT_E_NONFINITE, "the network's values overflowed to inf/NaN on this input; normalise "
                           "the images like the training data");
+    prof_add(m, P_CHECK, tc);
+    if (m->prof_on) {
+        m->prof_total += now_s() - t0;
+        m->prof_runs++;
+        m->prof_images += batch;
+    }
     return BHVIT_OK;
 }
 
