@@ -103,7 +103,15 @@ class QuantizationDecomposition(nn.Module):
             if self.initialized.item() == 0:
                 self._initialize(x)
             self._ready = True
-        g = self.num_heads / math.sqrt(x.numel() * self.levels)
+        n = x.numel() * self.levels
+        if isinstance(n, int) or not torch.onnx.is_in_onnx_export():
+            g = self.num_heads / math.sqrt(n)
+        else:
+            # ONNX export with a dynamic batch: n is symbolic (math.sqrt would fix the batch size),
+            # g a float64 tensor (its sqrt may differ from math.sqrt's by an ulp; g only shapes
+            # the gradient, and the value below by at most a rounding)
+            f64 = dict(dtype=torch.float64, device=x.device)
+            g = torch.scalar_tensor(self.num_heads, **f64) / torch.scalar_tensor(n, **f64).sqrt()
         step = _grad_scale(self.step, g).view(1, -1, 1, 1)
         zp = _grad_scale(self.zero_point, g).view(1, -1, 1, 1)
         q = _round_pass(x / step + zp).clamp(0, self.levels)
