@@ -83,8 +83,8 @@ def main():
             for b in args.batches:
                 rounds = sorted(got[b], key=lambda pw: pw[0]["total"][0])
                 cols[b] = rounds[len(rounds) // 2]
-            kinds = [k for k in cols[args.batches[0]][0] if k not in ("total", "images")]
-            print(f"\n{name}, {threads} thread(s): ms per image (share of the plan's time), median of {args.rounds} rounds")
+            kinds = [k for k in cols[args.batches[0]][0] if k not in ("total", "images", "workers", "tile")]
+            print(f"\n{name}, {threads} thread(s): ms per image (share of the workers' time), median of {args.rounds} rounds")
             print(f"{'op kind':<36}" + "".join(f"{'batch ' + str(b):>20}" for b in args.batches))
             for k in kinds + ["other", "total (plan)", "Python entry (wall)"]:
                 line = f"{k:<36}"
@@ -92,11 +92,11 @@ def main():
                 for b in args.batches:
                     prof, wall = cols[b]
                     imgs = prof["images"][1]
-                    tot = prof["total"][0]
+                    tot = max(prof["total"][0], prof["workers"][0])  # thread time with tiles in parallel
                     if k == "other":
                         v = tot - sum(prof[q][0] for q in kinds)
                     elif k == "total (plan)":
-                        v = tot
+                        v = prof["total"][0]
                     elif k == "Python entry (wall)":
                         v = wall
                     else:
@@ -108,6 +108,8 @@ def main():
                 if show:
                     print(line)
             med = {b: statistics.median(pw[0]["total"][0] / pw[0]["images"][1] for pw in got[b]) for b in args.batches}
+            print("tiles (images x workers): " + ", ".join(
+                f"batch {b}: {cols[b][0]['tile'][1]} x {cols[b][0]['workers'][1]}" for b in args.batches))
             print("images/s (plan, median round): " + ", ".join(f"batch {b}: {1 / med[b]:.0f}" for b in args.batches))
             del rt
 

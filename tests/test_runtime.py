@@ -377,7 +377,7 @@ def test_plan_profile_times_every_op_kind(tmp_path):
     assert np.array_equal(rt(x), ref) and np.array_equal(rt(x[:1]), ref[:1])  # profiling changes no value
     p = rt.plan.profile()
     assert p["total"][1] == 2 and p["images"][1] == 4
-    kinds = {k: v for k, v in p.items() if k not in ("total", "images")}
+    kinds = {k: v for k, v in p.items() if k not in ("total", "images", "workers", "tile")}
     for k in ("binary conv (implicit GEMM)", "binary linear + epilogue (fused)", "sign packing", "attention core (QD)"):
         assert kinds[k][1] > 0 and kinds[k][0] > 0, k
     assert sum(s for s, _ in kinds.values()) <= p["total"][0] * 1.001
@@ -389,3 +389,38 @@ def test_plan_profile_times_every_op_kind(tmp_path):
     code += "rt(np.zeros((2, 3, 32, 32), np.float32)); del rt"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     assert "libbhvit profile: 1 runs, 2 images" in out.stderr and "binary conv" in out.stderr, out.stderr
+
+
+@pytest.mark.skipif(not kernels.plan_available(), reason="needs the compiled library")
+def test_batch_tiles_and_parallel_workers_give_the_same_logits(tmp_path):
+    # the plan runs a batch in tiles of images (sized from the cache, or set), on one worker with
+    # the kernels' threads or, with several threads, one tile per worker at a time: no op mixes
+    # images, so every tiling and thread count gives the same logits, bit for bit
+    torch.manual_seed(5)
+    export_model(_trained_like("bhvit_micro_c32"), tmp_path)
+    rt = runtime.load(tmp_path, threads=1)
+    x = np.random.default_rng(1).standard_normal((13, 3, 32, 32)).astype(np.float32)
+    rt.plan.set_tile(13)
+    ref = rt(x)
+    assert np.array_equal(np.concatenate([rt(x[i : i + 1]) for i in range(13)]), ref)
+    for threads in (1, 2, 3):
+        rt.threads = threads
+        for tile in (0, 1, 2, 5, 13, 100):
+            rt.plan.set_tile(tile)
+            rt.plan.profile(enable=True)
+            assert np.array_equal(rt(x), ref), (threads, tile)
+            p = rt.plan.profile()
+            T = p["tile"][1]
+            assert 1 <= T <= 13 and (tile == 0 or T <= tile)
+            if threads > 1:  # at least one tile per thread, each tile on its own worker
+                assert T <= -(-13 // threads) and p["workers"][1] == min(threads, -(-13 // T))
+    with pytest.raises(ValueError):
+        rt.plan.set_tile(-1)
+    # a failure in one tile of a parallel run: the same error as one tile
+    rt.threads = 2
+    rt.plan.set_tile(1)
+    bad = x.copy()
+    bad[7] = 3e38 * np.sign(bad[7])  # the stem overflows to inf on this image only
+    with pytest.raises(bhvit.errors.ConfigError, match="overflowed"):
+        rt(bad)
+    assert np.array_equal(rt(x), ref)  # and the plan runs on

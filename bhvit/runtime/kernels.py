@@ -142,6 +142,7 @@ def _setup(lib):
         "bhvit_set_threads": (i32, [vp, i32]),
         "bhvit_last_error": (ctypes.c_char_p, []),
         "bhv_plan_profile_enable": (i32, [vp, i32]),
+        "bhv_plan_set_tile": (i32, [vp, i64]),
         "bhv_plan_profile_get": (
             i32,
             [vp, i32, ctypes.POINTER(ctypes.c_char_p), ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)],
@@ -1084,8 +1085,10 @@ class Plan:
         return out
 
     def profile(self, enable=None) -> dict:
-        """The per-op-kind profile of the runs so far: ``{kind: (seconds, calls)}`` plus ``"total"``
-        (seconds, runs) and ``"images"`` (0, images). ``enable=True``/``False`` first turns the
+        """The per-op-kind profile of the runs so far: ``{kind: (seconds, calls)}`` (thread seconds)
+        plus ``"total"`` (wall seconds, runs), ``"images"`` (0, images), ``"workers"`` (the seconds
+        the workers ran batch tiles, the workers of the latest run) and ``"tile"`` (0, images per
+        tile of the latest run). ``enable=True``/``False`` first turns the
         profile on or off and starts its sums again (``BHVIT_PROFILE=1`` in the environment turns it
         on at load and prints the table when the plan is freed)."""
         if enable is not None:
@@ -1093,10 +1096,16 @@ class Plan:
         name, sec, calls = ctypes.c_char_p(), ctypes.c_double(), ctypes.c_int64()
         out = {}
         n = _lib.bhv_plan_profile_get(self._h, 0, ctypes.byref(name), ctypes.byref(sec), ctypes.byref(calls))
-        for i in [-1, -2, *range(n)]:
+        for i in [-1, -2, -3, -4, *range(n)]:
             _lib.bhv_plan_profile_get(self._h, i, ctypes.byref(name), ctypes.byref(sec), ctypes.byref(calls))
             out[name.value.decode()] = (sec.value, int(calls.value))
         return out
+
+    def set_tile(self, tile: int = 0):
+        """Images per batch tile (0: sized from the L2 cache, the default); the logits do not
+        depend on it."""
+        if _lib.bhv_plan_set_tile(self._h, int(tile)):
+            raise ValueError(f"tile must be >= 0, got {tile}")
 
     def __del__(self):
         h = getattr(self, "_h", None)

@@ -29,6 +29,9 @@
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 
 #define MAX_MANIFEST_BYTES (64 << 20)
 #define MAX_HEADER_BYTES (100 << 20)
@@ -221,6 +224,20 @@ static const char *const PROF_NAMES[P_N] = {
     "input + logits checks", "arena settle",
 };
 
+/* What one thread of a run owns: its arena of temporaries and its profile sums.  A batch runs
+ * in tiles of images (tile_of); with several threads and at least two tiles, each thread runs
+ * whole tiles through the plan on its own worker (one parallel region per run), otherwise one
+ * worker runs the tiles in turn with the kernels' own threads. */
+typedef struct {
+    arena_t ar;
+    double prof_s[P_N];
+    int64_t prof_calls[P_N];
+    double busy;       /* seconds this worker ran tiles (profile) */
+    int rc;            /* the first failure of this worker's tiles, its tile and message */
+    int64_t err_tile;
+    char err[1024];
+} worker_t;
+
 struct bhvit_model {
     /* config */
     int64_t img, chans, classes, stride, pad, groups, qd_levels, grid;
@@ -247,12 +264,58 @@ struct bhvit_model {
     norm_t final_norm;
     float *head_wt;
     const float *head_b;
-    arena_t ar;
+    /* workers (grown to the threads of the largest parallel run) and batch tiles */
+    worker_t *wk;
+    int nwk;
+    int64_t tile;      /* images per tile: 0 chooses it from the cache size (bhv_plan_set_tile) */
+    size_t img_bytes;  /* the arena's peak for one image (the load's run) */
+    int64_t last_tile; /* the tile size and workers of the latest run */
+    int last_workers;
     /* profile */
     int prof_on;
-    double prof_s[P_N], prof_total;
-    int64_t prof_calls[P_N], prof_runs, prof_images;
+    double prof_total;
+    int64_t prof_runs, prof_images;
 };
+
+static int64_t cdiv64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+/* Images per tile for a batch on nt threads: the set tile, or as many images as 8 x the L2 cache
+ * holds of the plan's temporaries (at least one: the arena's peak counts every temporary of a
+ * block, an op touches a few; measured best at 4-16 images for bhvit_tiny_c32, whose peak is
+ * 2.3 MB an image, one image for bhvit_tiny at 224, 28 MB); with several threads at least one tile
+ * per thread where the batch allows. */
+static int64_t tile_of(const bhvit_model *m, int64_t batch, int nt)
+{
+    int64_t T = m->tile;
+    if (T <= 0) {
+        long l2 = -1;
+#ifdef _SC_LEVEL2_CACHE_SIZE
+        l2 = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+        const int64_t budget = 8 * (l2 > 0 ? (int64_t)l2 : (int64_t)1 << 20);
+        T = budget / (int64_t)(m->img_bytes ? m->img_bytes : 1);
+        T = T < 1 ? 1 : T;
+    }
+    if (nt > 1 && batch >= 2) {
+        const int64_t even = cdiv64(batch, nt);
+        T = T < even ? T : even;
+    }
+    return T < batch ? T : batch;
+}
+
+/* Workers [0, n) exist (zeroed when new). */
+static int ensure_workers(bhvit_model *m, int n)
+{
+    if (n <= m->nwk)
+        return 0;
+    worker_t *w = (worker_t *)realloc(m->wk, (size_t)n * sizeof(worker_t));
+    if (!w)
+        return -1;
+    memset(w + m->nwk, 0, (size_t)(n - m->nwk) * sizeof(worker_t));
+    m->wk = w;
+    m->nwk = n;
+    return 0;
+}
 
 /* ------------------------------------------------------------------ file reading */
 
@@ -1041,6 +1104,7 @@ static int prepare_weights(bhvit_model *m)
 
 typedef struct {
     bhvit_model *m;
+    worker_t *w;
     int th;
     int rc; /* first failure: BHVIT_E_NOMEM or BHVIT_E_NONFINITE */
 } run_t;
@@ -1055,19 +1119,20 @@ static double now_s(void)
 }
 
 static inline double prof_t0(const bhvit_model *m) { return m->prof_on ? now_s() : 0.0; }
-static inline void prof_add(bhvit_model *m, int kind, double t0)
+static inline void prof_add_w(const bhvit_model *m, worker_t *w, int kind, double t0)
 {
     if (m->prof_on) {
-        m->prof_s[kind] += now_s() - t0;
-        m->prof_calls[kind]++;
+        w->prof_s[kind] += now_s() - t0;
+        w->prof_calls[kind]++;
     }
 }
+#define prof_add(r, kind, t0) prof_add_w((r)->m, (r)->w, (kind), (t0))
 /* Time the statements (no return inside) as op kind KIND. */
 #define PROF(r, kind, ...)                                \
     do {                                                  \
         const double pt0_ = prof_t0((r)->m);              \
         __VA_ARGS__;                                      \
-        prof_add((r)->m, (kind), pt0_);                   \
+        prof_add((r), (kind), pt0_);                      \
     } while (0)
 
 /* Buffer sizes are products of config sizes (bounded by read_config) and the batch (at most
@@ -1075,7 +1140,7 @@ static inline void prof_add(bhvit_model *m, int kind, double t0)
 static float *fbuf(run_t *r, int64_t n)
 {
     float *p = n < 0 || (uint64_t)n > SIZE_MAX / sizeof(float) ? NULL
-                                                              : (float *)arena_alloc(&r->m->ar, (size_t)n * sizeof(float));
+                                                              : (float *)arena_alloc(&r->w->ar, (size_t)n * sizeof(float));
     if (!p && !r->rc)
         r->rc = seterr(BHVIT_E_NOMEM, "out of memory in the forward pass");
     return p;
@@ -1083,7 +1148,7 @@ static float *fbuf(run_t *r, int64_t n)
 
 static void *wbuf(run_t *r, int64_t n, size_t esize)
 {
-    void *p = n < 0 || (uint64_t)n > SIZE_MAX / esize ? NULL : arena_alloc(&r->m->ar, (size_t)n * esize);
+    void *p = n < 0 || (uint64_t)n > SIZE_MAX / esize ? NULL : arena_alloc(&r->w->ar, (size_t)n * esize);
     if (!p && !r->rc)
         r->rc = seterr(BHVIT_E_NOMEM, "out of memory in the forward pass");
     return p;
@@ -1471,7 +1536,7 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
             for (int64_t t = 0; t < nwin; ++t)
                 memcpy(tok + ((b * nwin + t) * L + nloc) * C, g + b * G * C, (size_t)(G * C) * sizeof(float));
     }
-    prof_add(r->m, P_WINDOW, pt);
+    prof_add(r, P_WINDOW, pt);
     float *t = fbuf(r, R * C), *q = fbuf(r, R * C), *kk = fbuf(r, R * C), *v = fbuf(r, R * C);
     float *ctx = fbuf(r, R * C);
     if (!t || !q || !kk || !v || !ctx)
@@ -1519,7 +1584,7 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
                         }
                 }
     }
-    prof_add(r->m, P_WINDOW, pt);
+    prof_add(r, P_WINDOW, pt);
     resid_linear(r, &k->o, o, B * H * H, &k->ls, res, out);
 }
 
@@ -1557,7 +1622,7 @@ static void block(run_t *r, const block_t *k, float *a, float *bbuf, int64_t B, 
 {
     bhvit_model *m = r->m;
     const int64_t rows = B * H * H;
-    const size_t mark = m->ar.used;
+    const size_t mark = r->w->ar.used;
     if (k->mixer == MX_MSGDC || k->mixer == MX_CONV) {
         msgdc(r, k, a, B, H, C, bbuf);
     } else {
@@ -1567,7 +1632,7 @@ static void block(run_t *r, const block_t *k, float *a, float *bbuf, int64_t B, 
         norm_apply(r, &k->norm1, a, rows, C, n);
         msmha(r, k, n, a, B, H, C, bbuf);
     }
-    m->ar.used = mark;
+    r->w->ar.used = mark;
     if (r->rc)
         return;
     float *n = fbuf(r, rows * C);
@@ -1578,7 +1643,7 @@ static void block(run_t *r, const block_t *k, float *a, float *bbuf, int64_t B, 
     if (!r->rc && m->shift_on && m->nshift)
         PROF(r, P_SHIFT,
              check_kernel(r, bhv_shift_mix(n, B, H, H, C, m->shift, m->nshift, k->shift_s, k->shift_b, a, r->th)));
-    m->ar.used = mark;
+    r->w->ar.used = mark;
 }
 
 static void forward(run_t *r, const float *x, int64_t B, float *logits)
@@ -1592,14 +1657,14 @@ static void forward(run_t *r, const float *x, int64_t B, float *logits)
     float *a = fbuf(r, B * amax), *b = fbuf(r, B * amax);
     if (!a || !b)
         return;
-    size_t mark = m->ar.used;
+    size_t mark = r->w->ar.used;
     run_stem(r, x, B, a);
-    m->ar.used = mark;
+    r->w->ar.used = mark;
     for (int i = 0; i < 4 && !r->rc; ++i) {
         const int64_t H = m->grid >> i, C = m->dims[i];
         if (i > 0) {
             downsample(r, &m->down[i], a, B, H * 2, m->dims[i - 1], C, b);
-            m->ar.used = mark;
+            r->w->ar.used = mark;
             float *t = a;
             a = b;
             b = t;
@@ -1629,23 +1694,49 @@ static void forward(run_t *r, const float *x, int64_t B, float *logits)
 /* ------------------------------------------------------------------ profile */
 
 /* The table BHVIT_PROFILE=1 prints at bhvit_free: per op kind, ms per run, share, calls per run. */
+static double prof_kind(const bhvit_model *m, int i, int64_t *calls)
+{
+    double s = 0.0;
+    *calls = 0;
+    for (int w = 0; w < m->nwk; ++w)
+        s += m->wk[w].prof_s[i], *calls += m->wk[w].prof_calls[i];
+    return s;
+}
+
+/* Seconds the workers ran (with tiles in parallel, up to threads x the runs' wall time). */
+static double prof_busy(const bhvit_model *m)
+{
+    double s = 0.0;
+    for (int w = 0; w < m->nwk; ++w)
+        s += m->wk[w].busy;
+    return s;
+}
+
+/* The table BHVIT_PROFILE=1 prints at bhvit_free: per op kind, ms per run (thread time: with
+ * tiles in parallel the kinds add up to the workers' time), share, calls per run. */
 static void prof_print(const bhvit_model *m, FILE *f)
 {
     if (!m->prof_runs)
         return;
-    const double runs = (double)m->prof_runs, tot = m->prof_total;
+    const double runs = (double)m->prof_runs, tot = m->prof_total, busy = prof_busy(m) + 0.0;
+    const double base = busy > tot ? busy : tot;
     double sum = 0.0;
-    fprintf(f, "libbhvit profile: %lld runs, %lld images, %d threads, kernels %s; ms per run\n",
-            (long long)m->prof_runs, (long long)m->prof_images, m->threads, bhv_backend());
+    fprintf(f, "libbhvit profile: %lld runs, %lld images, %d threads, kernels %s, tiles of %lld images on %d "
+            "worker(s); ms per run\n", (long long)m->prof_runs, (long long)m->prof_images, m->threads, bhv_backend(),
+            (long long)m->last_tile, m->last_workers);
     for (int i = 0; i < P_N; ++i) {
-        sum += m->prof_s[i];
-        if (m->prof_calls[i])
-            fprintf(f, "  %-36s %10.3f ms %5.1f %% %8.1f calls\n", PROF_NAMES[i], 1e3 * m->prof_s[i] / runs,
-                    tot > 0 ? 100.0 * m->prof_s[i] / tot : 0.0, (double)m->prof_calls[i] / runs);
+        int64_t calls;
+        const double s = prof_kind(m, i, &calls);
+        sum += s;
+        if (calls)
+            fprintf(f, "  %-36s %10.3f ms %5.1f %% %8.1f calls\n", PROF_NAMES[i], 1e3 * s / runs,
+                    base > 0 ? 100.0 * s / base : 0.0, (double)calls / runs);
     }
-    fprintf(f, "  %-36s %10.3f ms %5.1f %%\n", "other (model.c, arena, copies)", 1e3 * (tot - sum) / runs,
-            tot > 0 ? 100.0 * (tot - sum) / tot : 0.0);
-    fprintf(f, "  %-36s %10.3f ms (%.3f ms per image)\n", "total", 1e3 * tot / runs,
+    fprintf(f, "  %-36s %10.3f ms %5.1f %%\n", "other (model.c, arena, copies)", 1e3 * (base - sum) / runs,
+            base > 0 ? 100.0 * (base - sum) / base : 0.0);
+    if (busy > tot)
+        fprintf(f, "  %-36s %10.3f ms\n", "workers' time", 1e3 * busy / runs);
+    fprintf(f, "  %-36s %10.3f ms (%.3f ms per image)\n", "total (wall)", 1e3 * tot / runs,
             1e3 * tot / (double)m->prof_images);
 }
 
@@ -1655,28 +1746,49 @@ EXPORT int bhv_plan_profile_enable(bhvit_model *m, int on)
     if (!m)
         return -2;
     m->prof_on = on != 0;
-    memset(m->prof_s, 0, sizeof(m->prof_s));
-    memset(m->prof_calls, 0, sizeof(m->prof_calls));
+    for (int w = 0; w < m->nwk; ++w) {
+        memset(m->wk[w].prof_s, 0, sizeof(m->wk[w].prof_s));
+        memset(m->wk[w].prof_calls, 0, sizeof(m->wk[w].prof_calls));
+        m->wk[w].busy = 0.0;
+    }
     m->prof_total = 0.0;
     m->prof_runs = m->prof_images = 0;
     return 0;
 }
 
-/* Op kind i (0 <= i < the return value): its name, seconds and calls summed over the runs since
- * profiling was enabled; i = -1: "total", the runs' seconds and their number; i = -2: "images",
- * 0 and the images run.  Returns the number of op kinds, or -2 for bad arguments. */
+/* Op kind i (0 <= i < the return value): its name, seconds (thread time) and calls summed over
+ * the runs since profiling was enabled; i = -1: "total", the runs' wall seconds and their number;
+ * i = -2: "images", 0 and the images run; i = -3: "workers", the seconds the workers ran tiles
+ * (with tiles in parallel up to threads x total) and the workers of the latest run; i = -4:
+ * "tile", 0 and the images per tile of the latest run.  Returns the number of op kinds, or -2
+ * for bad arguments. */
 EXPORT int bhv_plan_profile_get(const bhvit_model *m, int i, const char **name, double *seconds, int64_t *calls)
 {
-    if (!m || !name || !seconds || !calls || i < -2 || i >= P_N)
+    if (!m || !name || !seconds || !calls || i < -4 || i >= P_N)
         return -2;
     if (i == -1) {
         *name = "total", *seconds = m->prof_total, *calls = m->prof_runs;
     } else if (i == -2) {
         *name = "images", *seconds = 0.0, *calls = m->prof_images;
+    } else if (i == -3) {
+        *name = "workers", *seconds = prof_busy(m), *calls = m->last_workers;
+    } else if (i == -4) {
+        *name = "tile", *seconds = 0.0, *calls = m->last_tile;
     } else {
-        *name = PROF_NAMES[i], *seconds = m->prof_s[i], *calls = m->prof_calls[i];
+        *name = PROF_NAMES[i];
+        *seconds = prof_kind(m, i, calls);
     }
     return P_N;
+}
+
+/* Images per batch tile: 0 (the default) sizes tiles from the L2 cache and the plan's memory per
+ * image; the results do not depend on it.  -2 for bad arguments. */
+EXPORT int bhv_plan_set_tile(bhvit_model *m, int64_t tile)
+{
+    if (!m || tile < 0)
+        return -2;
+    m->tile = tile;
+    return 0;
 }
 
 /* ------------------------------------------------------------------ API */
@@ -1718,7 +1830,9 @@ void bhvit_free(bhvit_model *m)
     free(m->stem_wt);
     free(m->head_wt);
     bhvi_json_free(&m->kinds);
-    arena_free(&m->ar);
+    for (int w = 0; w < m->nwk; ++w)
+        arena_free(&m->wk[w].ar);
+    free(m->wk);
     free(m);
 }
 
@@ -1899,6 +2013,8 @@ int bhvit_load(const char *path, int threads, bhvit_model **out)
         const int64_t n = m->chans * m->img * m->img;
         float *x = (float *)calloc((size_t)n, sizeof(float)), *y = (float *)malloc((size_t)m->classes * sizeof(float));
         rc = (x && y) ? bhvit_run(m, x, 1, y) : seterr(BHVIT_E_NOMEM, "out of memory");
+        if (!rc)
+            m->img_bytes = m->wk[0].ar.peak;
         if (rc == BHVIT_E_NONFINITE)
             rc = seterr(BHVIT_E_FORMAT, "%s: the network's values overflow to inf/NaN on a zero image; its parameters "
                         "are corrupt or out of range (export a good checkpoint again)", path);
@@ -1932,21 +2048,58 @@ int bhvit_run(bhvit_model *m, const float *x, int64_t batch, float *logits)
                           (long long)i);
     if (prepare_weights(m))
         return seterr(BHVIT_E_NOMEM, "out of memory packing the weights");
-    run_t r = {m, m->threads, 0};
-    prof_add(m, P_CHECK, t0);
-    forward(&r, x, batch, logits);
-    const double ta = prof_t0(m);
-    if (arena_settle(&m->ar) && !r.rc)
-        r.rc = seterr(BHVIT_E_NOMEM, "out of memory");
-    prof_add(m, P_ARENA, ta);
-    if (r.rc)
-        return r.rc;
+    const int nt = m->threads > 0 ? m->threads : bhv_max_threads();
+    const int64_t T = tile_of(m, batch, nt), ntile = cdiv64(batch, T);
+    const int par = nt > 1 && ntile > 1;
+    const int nw = par ? (int)(ntile < nt ? ntile : nt) : 1;
+    if (ensure_workers(m, nw))
+        return seterr(BHVIT_E_NOMEM, "out of memory");
+    m->last_tile = T;
+    m->last_workers = nw;
+    prof_add_w(m, &m->wk[0], P_CHECK, t0);
+    for (int w = 0; w < nw; ++w)
+        m->wk[w].rc = 0, m->wk[w].err_tile = INT64_MAX;
+    const int64_t per_in = m->chans * m->img * m->img;
+    /* Each tile is a whole forward pass over its images: no op mixes images, so the values do not
+     * depend on the tiles or on which worker runs them.  In parallel, each worker runs its tiles on
+     * one thread: one parallel region per run instead of one per kernel. */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nw) if (par)
+    for (int64_t t = 0; t < ntile; ++t) {
+#ifdef _OPENMP
+        worker_t *w = &m->wk[par ? omp_get_thread_num() : 0];
+#else
+        worker_t *w = &m->wk[0];
+#endif
+        if (w->rc)
+            continue;
+        const double tw = prof_t0(m);
+        run_t r = {m, w, par ? 1 : m->threads, 0};
+        const int64_t b0 = t * T, nb = batch - b0 < T ? batch - b0 : T;
+        forward(&r, x + b0 * per_in, nb, logits + b0 * m->classes);
+        const double ta = prof_t0(m);
+        if (arena_settle(&w->ar) && !r.rc)
+            r.rc = seterr(BHVIT_E_NOMEM, "out of memory");
+        prof_add_w(m, w, P_ARENA, ta);
+        if (m->prof_on)
+            w->busy += now_s() - tw;
+        if (r.rc && t < w->err_tile) {
+            w->rc = r.rc;
+            w->err_tile = t;
+            snprintf(w->err, sizeof(w->err), "%s", g_err);
+        }
+    }
+    const worker_t *bad = NULL;
+    for (int w = 0; w < nw; ++w)
+        if (m->wk[w].rc && (!bad || m->wk[w].err_tile < bad->err_tile))
+            bad = &m->wk[w];
+    if (bad)
+        return seterr(bad->rc, "%s", bad->err);
     const double tc = prof_t0(m);
     for (int64_t i = 0; i < batch * m->classes; ++i)
         if (!isfinite(logits[i]))
             return seterr(BHVIT_E_NONFINITE, "the network's values overflowed to inf/NaN on this input; normalise "
                           "the images like the training data");
-    prof_add(m, P_CHECK, tc);
+    prof_add_w(m, &m->wk[0], P_CHECK, tc);
     if (m->prof_on) {
         m->prof_total += now_s() - t0;
         m->prof_runs++;
