@@ -446,11 +446,44 @@ class BHViTRuntime:
             return x
         return K.dense(x.mean(axis=(1, 2)), self._wt("head.weight"), self.t["head.bias"], self.threads)
 
+    def _plan_input(self, x):
+        """``x`` for the plan when it is already a C-contiguous float32 (B, C, H, W) numpy array
+        (the common case), else None: libbhvit checks its values itself (bhvit_run refuses NaN and
+        inf pixels), so the plan's path skips check_input's pass over the pixels and runs it only
+        to word the error when libbhvit refuses the input."""
+        cfg = self.cfg
+        if (
+            type(x) is np.ndarray
+            and x.dtype == np.float32
+            and x.ndim == 4
+            and x.shape[0] > 0
+            and x.shape[1] == cfg["in_chans"]
+            and x.shape[2] == cfg["img_size"]
+            and x.shape[3] == cfg["img_size"]
+            and x.flags.c_contiguous
+        ):
+            return x
+        return None
+
     def _checked_run(self, x, features: bool = False) -> np.ndarray:
+        plan = self.plan is not None and not features and K.plan_available()
+        xin = self._plan_input(x) if plan else None
+        if xin is not None:
+            try:
+                return self.plan.run(xin, self.threads)  # logits checked finite by libbhvit
+            except K.PlanError as e:
+                if e.code == K.PlanError.INPUT:
+                    self.check_input(x)  # says which pixel is not finite
+                if e.code != K.PlanError.NONFINITE:
+                    raise ConfigError(str(e)) from None
+                raise ConfigError(_overflowed(x)) from None
+        return self._checked_run_slow(x, plan, features)
+
+    def _checked_run_slow(self, x, plan: bool, features: bool = False) -> np.ndarray:
         x = self.check_input(x)
         out = None
         try:
-            if self.plan is not None and not features and K.plan_available():
+            if plan:
                 out = self.plan.run(x, self.threads)
             else:
                 with np.errstate(over="ignore", invalid="ignore"):
@@ -461,10 +494,7 @@ class BHViTRuntime:
             if e.code != K.PlanError.NONFINITE:
                 raise ConfigError(str(e)) from None
         if out is None or not np.isfinite(out).all():
-            raise ConfigError(
-                f"the network's values overflowed to inf/NaN on this input (largest |x| = "
-                f"{float(np.abs(x).max()):.4g}); normalise the images like the training data."
-            )
+            raise ConfigError(_overflowed(x))
         return out
 
     def forward_features(self, x) -> np.ndarray:
@@ -492,6 +522,13 @@ class BHViTRuntime:
         if isinstance(paths, (str, Path)):
             paths = [paths]
         return np.stack([prepare_image(p, self.cfg["in_chans"], self.cfg["img_size"], self.data) for p in paths])
+
+
+def _overflowed(x: np.ndarray) -> str:
+    return (
+        f"the network's values overflowed to inf/NaN on this input (largest |x| = "
+        f"{float(np.abs(x).max()):.4g}); normalise the images like the training data."
+    )
 
 
 def _torch_to_numpy(x) -> np.ndarray:
