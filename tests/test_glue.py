@@ -340,3 +340,24 @@ def test_prepared_linear_repacks_its_panels_after_a_kernel_switch():
     for name in [BACKENDS[0], BACKENDS[-2], BACKENDS[0]]:
         assert np.array_equal(_on(name, lambda: lin(a)), want), name
     assert len(lin._panels) == 2  # one packing per variant, kept (a call on another thread may use it)
+
+
+@pytest.mark.parametrize("n,k", [(64, 8), (128, 8), (12, 8), (64, 4), (32, 3)])
+def test_channel_pool_shortcut_identical_on_every_backend(n, k):
+    # the shortcut of a down-projection (sc has k * n channels: their means of k), AVX2-transposed
+    # for k = 8: the same additions ((0 + x0) + x1) + ... as the portable loop, bit for bit (the
+    # sign of a zero included); fused into the binary linear layer as into the epilogue
+    rng = np.random.default_rng(n * 10 + k)
+    rows = 11
+    dot = rng.integers(-90, 90, (rows, n)).astype(np.int32)
+    s, t = _vec(rng, n), _vec(rng, n)
+    act = tuple(_vec(rng, n) for _ in range(3))
+    sc = rng.standard_normal((rows, n * k)).astype(np.float32)
+    sc[0, :k] = -0.0  # a group of negative zeros: a mean of +0 in the portable order
+    sc[1, k : 2 * k] = 0.0
+    dot[0, 0] = dot[1, 1] = 0
+    t[0] = t[1] = -0.0
+    outs = [_on(b, lambda: K.epilogue(dot, s, t, sc, act)) for b in BACKENDS]
+    for o in outs[1:]:
+        assert np.array_equal(o.view(np.uint32), outs[0].view(np.uint32))
+    assert np.allclose(outs[0], _epi_ref(dot, s, t, sc, act), atol=1e-4)

@@ -76,6 +76,30 @@ AVX2_ATTR BHVI int bhvi_pack_f32_avx2(const float *x, int64_t k, uint64_t *out)
     return bad;
 }
 
+/* AVX-512: the compare writes the 16 sign bits of a vector straight into a mask register. */
+__attribute__((target("avx512f,avx2,popcnt"))) BHVI int bhvi_pack_f32_avx512(const float *x, int64_t k,
+                                                                               uint64_t *out)
+{
+    const int64_t W = cdiv(k, 64);
+    const int64_t Wfull = k / 64;
+    const __m512 zero = _mm512_setzero_ps();
+    unsigned nan = 0;
+    for (int64_t wi = 0; wi < Wfull; ++wi) {
+        const float *xp = x + wi * 64;
+        uint64_t word = 0;
+        for (int q = 0; q < 4; ++q) {
+            const __m512 v = _mm512_loadu_ps(xp + 16 * q);
+            word |= (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ) << (16 * q);
+            nan |= (unsigned)_mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        out[wi] = word;
+    }
+    int bad = nan != 0;
+    if (W > Wfull)
+        bad |= pack_f32_scalar(x + Wfull * 64, k - Wfull * 64, out + Wfull);
+    return bad;
+}
+
 AVX2_ATTR BHVI void bhvi_pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out)
 {
     const int64_t W = cdiv(k, 64);
@@ -142,7 +166,7 @@ INLINE void packb_row_impl(const float *x, const float *sc, const float *sh, con
     }
     *bad |= pack(buf, k, out);
 }
-GLUE_VARIANTS(packb_row, (const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+GLUE_VARIANTS512(packb_row, (const float *x, const float *sc, const float *sh, const float *b, int64_t k,
                           float *buf, pack_f32_fn pack, uint64_t *out, int *bad),
               (x, sc, sh, b, k, buf, pack, out, bad))
 
@@ -152,7 +176,7 @@ EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, cons
 {
     const pack_f32_fn pack = bhvi_active->pack_f32;
     void (*row)(const float *, const float *, const float *, const float *, int64_t, float *, pack_f32_fn,
-                uint64_t *, int *) = glue_fast() ? packb_row_fast : packb_row_base;
+                uint64_t *, int *) = GLUE_PICK(packb_row);
     const int64_t W = cdiv(k, 64);
     const int nt = bhvi_threads(threads);
     int bad = 0, failed = 0;

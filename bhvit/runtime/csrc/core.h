@@ -58,7 +58,8 @@ typedef struct {
     pack_f32_fn pack_f32;
     pack_u8_fn pack_u8;
     int (*supported)(void);
-    int glue_avx2; /* the float glue may use its AVX2 copies */
+    int glue_avx2;   /* the float glue may use its AVX2 copies */
+    int glue_avx512; /* ... and its AVX-512 copies (GLUE_VARIANTS512) */
 } variant_t;
 
 /* The selected variant (dispatch.c). */
@@ -76,6 +77,7 @@ BHVI int bhvi_pack_f32_portable(const float *x, int64_t k, uint64_t *out);
 BHVI void bhvi_pack_u8_portable(const uint8_t *x, int64_t k, uint64_t *out);
 #if BHV_X86
 BHVI int bhvi_pack_f32_avx2(const float *x, int64_t k, uint64_t *out);
+BHVI int bhvi_pack_f32_avx512(const float *x, int64_t k, uint64_t *out);
 BHVI void bhvi_pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out);
 #endif
 
@@ -148,5 +150,21 @@ static inline int glue_fast(void) { return bhvi_active->glue_avx2; }
 #define GLUE_VARIANTS(name, params, args)                                          \
     static void name##_base params { name##_impl args; }                           \
     GLUE_FAST_ATTR static void name##_fast params { name##_impl args; }
+
+/* A third copy, compiled for AVX-512 (16 floats a vector), run with the AVX-512 VPOPCNTDQ
+ * variant: the glue of the fused epilogue and of bias + sign packing.  Element-wise code only
+ * (no reassociation: the same roundings as the other copies); name##_pick() is the copy to
+ * run. */
+#if BHV_X86
+#define GLUE_AVX512_ATTR __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,popcnt")))
+#define GLUE_VARIANTS512(name, params, args)                                                  \
+    GLUE_VARIANTS(name, params, args)                                                         \
+    GLUE_AVX512_ATTR static void name##_avx512 params { name##_impl args; }
+#define GLUE_PICK(name) \
+    (bhvi_active->glue_avx512 ? name##_avx512 : bhvi_active->glue_avx2 ? name##_fast : name##_base)
+#else
+#define GLUE_VARIANTS512(name, params, args) GLUE_VARIANTS(name, params, args)
+#define GLUE_PICK(name) (glue_fast() ? name##_fast : name##_base)
+#endif
 
 #endif

@@ -39,25 +39,26 @@ static int supported_avx512(void)
 {
     __builtin_cpu_init();
     return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vpopcntdq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("popcnt");
 }
 #endif
 
 /* Ordered from least to most preferred. */
 static const variant_t VARIANTS[] = {
     {"c-portable", BHV_SCALAR_NR, BHV_SCALAR_MR, bhvi_block_portable, bhvi_pack_f32_portable,
-     bhvi_pack_u8_portable, supported_always, 0},
+     bhvi_pack_u8_portable, supported_always, 0, 0},
 #if BHV_X86
     {"c-popcnt", BHV_SCALAR_NR, BHV_SCALAR_MR, bhvi_block_popcnt, bhvi_pack_f32_portable, bhvi_pack_u8_portable,
-     supported_popcnt, 0},
+     supported_popcnt, 0, 0},
     {"c-avx2", BHV_AVX2_NR, BHV_AVX2_MR, bhvi_block_avx2, bhvi_pack_f32_avx2, bhvi_pack_u8_avx2, supported_avx2,
-     1},
-    {"c-avx512-vpopcntdq", BHV_AVX512_NR, BHV_AVX512_MR, bhvi_block_avx512, bhvi_pack_f32_avx2,
-     bhvi_pack_u8_avx2, supported_avx512, 1},
+     1, 0},
+    {"c-avx512-vpopcntdq", BHV_AVX512_NR, BHV_AVX512_MR, bhvi_block_avx512, bhvi_pack_f32_avx512,
+     bhvi_pack_u8_avx2, supported_avx512, 1, 1},
 #endif
 #if defined(__aarch64__)
     {"c-neon", BHV_NEON_NR, BHV_NEON_MR, bhvi_block_neon, bhvi_pack_f32_portable, bhvi_pack_u8_portable,
-     supported_always, 0},
+     supported_always, 0, 0},
 #endif
 };
 #define N_VARIANTS ((int)(sizeof(VARIANTS) / sizeof(VARIANTS[0])))

@@ -8,8 +8,10 @@
 
 #if BHV_X86
 /* Means of 8 consecutive floats, n8 groups of 64 (8 means each): an 8x8 transpose,
- * then the rows summed in order t = 0..7 -- the same additions as the scalar loop. */
-GLUE_FAST_ATTR static void pool8_avx2(const float *v, int64_t n8, float inv, float *out)
+ * then the rows summed in order t = 0..7 -- the same additions as the scalar loop
+ * (zero_first: ((0 + x0) + x1) + ..., the order of the shortcut's means in epi_row_impl,
+ * which differs from x0 + x1 + ... in the sign of a zero sum). */
+GLUE_FAST_ATTR static void pool8_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
 {
     const __m256 vinv = _mm256_set1_ps(inv);
     for (int64_t g = 0; g < n8; ++g) {
@@ -34,16 +36,16 @@ GLUE_FAST_ATTR static void pool8_avx2(const float *v, int64_t n8, float inv, flo
             e[i] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x20);     /* element i of groups 0-7 */
             e[i + 4] = _mm256_permute2f128_ps(r[i], r[i + 4], 0x31); /* element i + 4 */
         }
-        __m256 acc = e[0];
+        __m256 acc = zero_first ? _mm256_add_ps(_mm256_setzero_ps(), e[0]) : e[0];
         for (int i = 1; i < 8; ++i)
             acc = _mm256_add_ps(acc, e[i]);
         _mm256_storeu_ps(out + 8 * g, _mm256_mul_ps(acc, vinv));
     }
 }
 #else
-static void pool8_avx2(const float *v, int64_t n8, float inv, float *out)
+static void pool8_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
 {
-    (void)v, (void)n8, (void)inv, (void)out; /* never called: glue_fast() is 0 */
+    (void)v, (void)n8, (void)inv, (void)out, (void)zero_first; /* never called: glue_fast() is 0 */
 }
 #endif
 
@@ -79,14 +81,6 @@ typedef struct {
     pack_f32_fn pack;
     int fast;          /* AVX2 helpers allowed (glue_fast()) */
 } epi_args;
-
-INLINE float group_mean(const float *x, int64_t k, float inv_k)
-{
-    float acc = 0.0f;
-    for (int64_t t = 0; t < k; ++t)
-        acc += x[t];
-    return acc * inv_k;
-}
 
 /* One fused pass over segments of the row (the whole row, or the repeats of a tiled
  * shortcut).  HAS is a compile-time mask (1 shortcut, 2 RPReLU, 4 LayerScale,
@@ -150,10 +144,23 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
     const float *rr = (o != NULL && a->res != NULL) ? a->res + r * n : NULL;
     const float *s = a->sc != NULL ? a->sc + r * a->sc_c : NULL;
     if (s != NULL && a->sc_c > n) {
-        /* channel-pool shortcut: the group means first, into the second half of buf */
-        float *means = buf + n;
-        for (int64_t j = 0; j < n; ++j)
-            means[j] = group_mean(s + j * a->k, a->k, a->inv_k);
+        /* channel-pool shortcut: the group means first, into the second half of buf:
+         * ((0 + x0) + x1) + ... times 1/k, 8 x 8 transposed with AVX2 for groups of 8 (the MLP down-projection of an
+         * expansion ratio 8), else looped so the j loop vectorises */
+        float *restrict means = buf + n;
+        const int64_t k = a->k;
+        if (a->fast && k == 8 && n % 8 == 0) {
+            pool8_avx2(s, n / 8, a->inv_k, means, 1);
+        } else {
+            const float *restrict sv = s;
+            for (int64_t j = 0; j < n; ++j)
+                means[j] = 0.0f + sv[j * k];
+            for (int64_t t = 1; t < k; ++t)
+                for (int64_t j = 0; j < n; ++j)
+                    means[j] += sv[j * k + t];
+            for (int64_t j = 0; j < n; ++j)
+                means[j] *= a->inv_k;
+        }
         epi_fused(d, a->scale, a->shift, means, n, n, a->m1, a->slope, a->m2, a->ps, a->pb, rr, v);
     } else if (s != NULL) {
         epi_fused(d, a->scale, a->shift, s, a->sc_c, n, a->m1, a->slope, a->m2, a->ps, a->pb, rr, v);
@@ -163,9 +170,9 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
     if (o != NULL)
         return;
     if (a->pool != NULL && a->fast && a->pool_k == 8 && (n / 8) % 8 == 0) {
-        pool8_avx2(v, n / 64, a->pool_inv, a->pool + r * (n / 8));
+        pool8_avx2(v, n / 64, a->pool_inv, a->pool + r * (n / 8), 0);
     } else if (a->pool != NULL) {
-        /* group_mean's order (t = 0, 1, ...), looped so the j loop vectorises */
+        /* x0 + x1 + ... (t = 0, 1, ...) times 1/k, looped so the j loop vectorises */
         const int64_t pc = n / a->pool_k, pk = a->pool_k;
         float *restrict pr = a->pool + r * pc;
         const float *restrict pv = v;
@@ -182,12 +189,12 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
             v[j] += a->nb[j];
     *bad |= a->pack(v, n, a->bits + r * cdiv(n, 64)); /* NaN: reported, as by bhv_pack_signs_f32 */
 }
-GLUE_VARIANTS(epi_row, (const epi_args *a, int64_t r, float *buf, int *bad), (a, r, buf, bad))
+GLUE_VARIANTS512(epi_row, (const epi_args *a, int64_t r, float *buf, int *bad), (a, r, buf, bad))
 
 static int epi_run(const epi_args *a, int64_t rows, int threads)
 {
     const int nt = bhvi_threads(threads);
-    void (*row)(const epi_args *, int64_t, float *, int *) = glue_fast() ? epi_row_fast : epi_row_base;
+    void (*row)(const epi_args *, int64_t, float *, int *) = GLUE_PICK(epi_row);
     int failed = 0, bad = 0;
     (void)nt;
 #pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= (1 << 16)) reduction(| : failed, bad)
@@ -293,7 +300,7 @@ EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const b
     if (pp->variant != (const void *)v)
         return -3;
     const uint64_t *Bp = pp->Bp;
-    void (*row)(const epi_args *, int64_t, float *, int *) = glue_fast() ? epi_row_fast : epi_row_base;
+    void (*row)(const epi_args *, int64_t, float *, int *) = GLUE_PICK(epi_row);
     int nt = bhvi_threads(threads);
     if (M * N * max64(W, 1) < BHV_PAR_MIN_WORK)
         nt = 1;
