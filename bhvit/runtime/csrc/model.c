@@ -2034,6 +2034,30 @@ int bhvit_load(const char *path, int threads, bhvit_model **out)
     return BHVIT_OK;
 }
 
+/* Tile t (images [t T, t T + T) of the batch) through the plan on worker w with th threads;
+ * the worker keeps its first failure (the tile and message). */
+static void run_tile(bhvit_model *m, worker_t *w, int th, int64_t t, int64_t T, int64_t batch, const float *x,
+                     float *logits)
+{
+    if (w->rc)
+        return;
+    const double tw = prof_t0(m);
+    run_t r = {m, w, th, 0};
+    const int64_t b0 = t * T, nb = batch - b0 < T ? batch - b0 : T;
+    forward(&r, x + b0 * m->chans * m->img * m->img, nb, logits + b0 * m->classes);
+    const double ta = prof_t0(m);
+    if (arena_settle(&w->ar) && !r.rc)
+        r.rc = seterr(BHVIT_E_NOMEM, "out of memory");
+    prof_add_w(m, w, P_ARENA, ta);
+    if (m->prof_on)
+        w->busy += now_s() - tw;
+    if (r.rc && t < w->err_tile) {
+        w->rc = r.rc;
+        w->err_tile = t;
+        snprintf(w->err, sizeof(w->err), "%s", g_err);
+    }
+}
+
 /* The index of the first NaN or inf of x[0, n), or -1: blocks of exponent-bit tests the compiler
  * vectorises, the exact index looked up only in a block that has one. */
 static int64_t first_nonfinite(const float *x, int64_t n)
@@ -2079,34 +2103,24 @@ int bhvit_run(bhvit_model *m, const float *x, int64_t batch, float *logits)
     prof_add_w(m, &m->wk[0], P_CHECK, t0);
     for (int w = 0; w < nw; ++w)
         m->wk[w].rc = 0, m->wk[w].err_tile = INT64_MAX;
-    const int64_t per_in = m->chans * m->img * m->img;
     /* Each tile is a whole forward pass over its images: no op mixes images, so the values do not
      * depend on the tiles or on which worker runs them.  In parallel, each worker runs its tiles on
-     * one thread: one parallel region per run instead of one per kernel. */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nw) if (par)
-    for (int64_t t = 0; t < ntile; ++t) {
+     * one thread: one parallel region per run instead of one per kernel.  Otherwise no enclosing
+     * region at all: a kernel's parallel region nested in one (even of one thread) would start
+     * new threads instead of reusing OpenMP's pool. */
+    if (par) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nw)
+        for (int64_t t = 0; t < ntile; ++t) {
 #ifdef _OPENMP
-        worker_t *w = &m->wk[par ? omp_get_thread_num() : 0];
+            worker_t *w = &m->wk[omp_get_thread_num()];
 #else
-        worker_t *w = &m->wk[0];
+            worker_t *w = &m->wk[0];
 #endif
-        if (w->rc)
-            continue;
-        const double tw = prof_t0(m);
-        run_t r = {m, w, par ? 1 : m->threads, 0};
-        const int64_t b0 = t * T, nb = batch - b0 < T ? batch - b0 : T;
-        forward(&r, x + b0 * per_in, nb, logits + b0 * m->classes);
-        const double ta = prof_t0(m);
-        if (arena_settle(&w->ar) && !r.rc)
-            r.rc = seterr(BHVIT_E_NOMEM, "out of memory");
-        prof_add_w(m, w, P_ARENA, ta);
-        if (m->prof_on)
-            w->busy += now_s() - tw;
-        if (r.rc && t < w->err_tile) {
-            w->rc = r.rc;
-            w->err_tile = t;
-            snprintf(w->err, sizeof(w->err), "%s", g_err);
+            run_tile(m, w, 1, t, T, batch, x, logits);
         }
+    } else {
+        for (int64_t t = 0; t < ntile; ++t)
+            run_tile(m, &m->wk[0], m->threads, t, T, batch, x, logits);
     }
     const worker_t *bad = NULL;
     for (int w = 0; w < nw; ++w)
