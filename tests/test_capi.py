@@ -263,3 +263,41 @@ def test_demo_refuses_a_partial_trailing_image_and_the_api_caps_threads(build, t
     assert lib.bhvit_load(str(tmp_path).encode(), 1, ctypes.byref(m)) == 0
     assert lib.bhvit_set_threads(m, 100000) == 3
     lib.bhvit_free(m)
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_threads_start_once_per_process_and_the_profile_prints(build, tmp_path):
+    # libbhvit reuses OpenMP's thread pool: batch 1 (kernels split) and batch 4 (tiles on
+    # workers) on 2 threads start at most one extra thread per process, whatever the runs
+    # (was: a kernel region nested in a one-thread region started new threads, 42 per run);
+    # BHVIT_PROFILE=1 prints the op-kind table at bhvit_free
+    torch.manual_seed(0)
+    export_model(bhvit.create_model("bhvit_micro_c32", num_classes=10).eval(), tmp_path)
+    x = np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32)
+    for batch in ("1", "4"):
+        out = _demo(
+            ["strace", "-f", "-c", "-e", "trace=clone,clone3", str(build / "bhvit_run")],
+            tmp_path,
+            x,
+            "--threads",
+            "2",
+            "--batch",
+            batch,
+            "--repeat",
+            "5",
+        )
+        err = out.stderr.decode()
+        calls = sum(int(f[3]) for f in (ln.split() for ln in err.splitlines()) if f[-1:] in (["clone"], ["clone3"]))
+        assert calls <= 1, err
+    import os
+
+    out = subprocess.run(
+        [str(build / "bhvit_run"), str(tmp_path), "-", "--threads", "1", "--repeat", "3"],
+        input=x[:1].tobytes(),
+        capture_output=True,
+        env=dict(os.environ, BHVIT_PROFILE="1"),
+        timeout=120,
+        check=True,
+    )
+    err = out.stderr.decode()
+    assert "libbhvit profile: 3 runs, 3 images, 1 threads" in err and "binary conv (implicit GEMM)" in err, err
