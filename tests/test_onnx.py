@@ -34,7 +34,7 @@ pytest.importorskip("onnxscript")
 from onnx.reference import ReferenceEvaluator  # noqa: E402
 from onnx.reference.op_run import OpRun  # noqa: E402
 
-from bhvit import create_model, list_models  # noqa: E402
+from bhvit import create_model  # noqa: E402
 from bhvit.errors import ConfigError  # noqa: E402
 from bhvit.onnx import INPUT_NAME, OUTPUT_NAME, check_onnx, export_onnx  # noqa: E402
 from bhvit.qd import QuantizationDecomposition  # noqa: E402
@@ -182,9 +182,13 @@ def test_export_refuses_what_it_cannot_export(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list_models())
-@pytest.mark.parametrize("binary", [True, False], ids=["binary", "fp"])
-def test_every_registered_model_exports_with_a_dynamic_batch(tmp_path, name, binary):
+@pytest.mark.parametrize(
+    "name, binary",
+    # the 224 layout (4x4 stem, 7x7 windows), the greyscale padded stem and the ReActNet
+    # baseline; the other registered models differ from these only in widths and depths
+    [("bhvit_tiny", True), ("bhvit_micro_c28", False), ("reactnet_c32", True)],
+)
+def test_registered_model_layouts_export_with_a_dynamic_batch(tmp_path, name, binary):
     torch.manual_seed(0)
     model = create_model(name, num_classes=10, binary=binary)
     if binary:
