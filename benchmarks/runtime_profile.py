@@ -71,7 +71,8 @@ def main():
             rt = runtime.load(d, threads=threads)
             c = rt.cfg
             xs = {
-                b: np.random.default_rng(b).standard_normal((b, c["in_chans"], c["img_size"], c["img_size"]))
+                b: np.random.default_rng(b)
+                .standard_normal((b, c["in_chans"], c["img_size"], c["img_size"]))
                 .astype(np.float32)
                 for b in args.batches
             }
@@ -84,7 +85,10 @@ def main():
                 rounds = sorted(got[b], key=lambda pw: pw[0]["total"][0])
                 cols[b] = rounds[len(rounds) // 2]
             kinds = [k for k in cols[args.batches[0]][0] if k not in ("total", "images", "workers", "tile")]
-            print(f"\n{name}, {threads} thread(s): ms per image (share of the workers' time), median of {args.rounds} rounds")
+            print(
+                f"\n{name}, {threads} thread(s): ms per image (share of the workers' time), "
+                f"median of {args.rounds} rounds"
+            )
             print(f"{'op kind':<36}" + "".join(f"{'batch ' + str(b):>20}" for b in args.batches))
             for k in kinds + ["other", "total (plan)", "Python entry (wall)"]:
                 line = f"{k:<36}"
@@ -108,8 +112,10 @@ def main():
                 if show:
                     print(line)
             med = {b: statistics.median(pw[0]["total"][0] / pw[0]["images"][1] for pw in got[b]) for b in args.batches}
-            print("tiles (images x workers): " + ", ".join(
-                f"batch {b}: {cols[b][0]['tile'][1]} x {cols[b][0]['workers'][1]}" for b in args.batches))
+            print(
+                "tiles (images x workers): "
+                + ", ".join(f"batch {b}: {cols[b][0]['tile'][1]} x {cols[b][0]['workers'][1]}" for b in args.batches)
+            )
             print("images/s (plan, median round): " + ", ".join(f"batch {b}: {1 / med[b]:.0f}" for b in args.batches))
             del rt
 
