@@ -6,14 +6,15 @@ Tolerances, on the logits (max |onnx - PyTorch|):
 
 - float32, ONNX Runtime: ``FP32_TOL = 1e-4`` (observed 3e-7 to 4e-6; the two programs sum
   in different orders).
-- float64, onnx.reference: ``FP64_TOL = 1e-9`` (observed 1.4e-12; float32 epsilon
-  attributes of the ONNX norms and the reference operators' own arithmetic).
+- float64, onnx.reference: ``FP64_TOL = 1e-8`` (observed 4e-10: the norms' epsilon is a
+  float32 attribute in ONNX, which moves each norm's output by about 1e-12, and the binary
+  layers amplify it; far below float32 rounding and the 1e-2 of a flipped sign).
 
 A binary model takes the sign of values that, in a random model on random images, come
 within about 1e-6 of zero: float32's rounding differences can flip one binary activation
 (seen in 2 of 200 random images of bhvit_tiny_c32, with logit differences of 0.04), so
 float32 agreement is not a property of the export there. Binary models are therefore
-checked (1) in float64, where rounding differences are about 1e-12 and no sign flips, on a
+checked (1) in float64, where the differences stay below 1e-9 and no sign flips, on a
 random model and random images, which tests every sign, QD rounding and binarized kernel
 with input-dependent values; and (2) in float32 by ONNX Runtime on a model whose sign
 thresholds are moved to +-10^4 (``_far_from_zero``) so that every value before a sign or a
@@ -41,7 +42,7 @@ from bhvit.qd import QuantizationDecomposition  # noqa: E402
 from bhvit.quantizers import SignActivation  # noqa: E402
 
 FP32_TOL = 1e-4
-FP64_TOL = 1e-9
+FP64_TOL = 1e-8
 MARGIN = 1e-3  # decision margin of the float32 binary check (float32 errors are ~1e-6)
 
 # a small BHViT (all four stages, MSGDC, MSMHA with QD, shifts, binary downsampling) that
