@@ -552,7 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--data-dir", default=None)
     ev.add_argument("--split", default="test", choices=["train", "test"], help="default test")
-    ev.add_argument("--batch-size", type=positive_int, default=256, help="default 256")
+    ev.add_argument(
+        "--batch-size", type=positive_int, default=None, help="default: sized to the CPU's caches; 256 on a GPU"
+    )
     ev.add_argument(
         "--subset",
         type=positive_int,
