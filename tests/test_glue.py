@@ -61,6 +61,20 @@ def test_pack_signs_affine_equals_float32_arithmetic(be):
         K.pack_signs(x, affine=(s, t))
 
 
+@pytest.mark.parametrize("k", [1, 7, 16, 31, 64, 70, 130])
+def test_pack_signs_bias_every_row_length(be, k):
+    # full vectors, masked tails and rows shorter than one vector, with and without a folded norm
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((5, 2, k)).astype(np.float32)
+    s, t, b = (rng.standard_normal((2, k)).astype(np.float32) for _ in range(3))
+    x[0, 1, -1] = -b[1, -1]  # x + b == 0 exactly in the last lane -> +1
+    assert np.array_equal(K.pack_signs(x, bias=b), K.pack_signs(x + b))
+    assert np.array_equal(K.pack_signs(x, bias=b, affine=(s, t)), K.pack_signs((x * s + t) + b))
+    x[3, 1, k - 1] = np.nan  # a NaN in the last lane is reported
+    with pytest.raises(ValueError, match="NaN"):
+        K.pack_signs(x, bias=b)
+
+
 def test_pack_signs_bias_errors(be):
     x = np.zeros((4, 8), np.float32)
     with pytest.raises(ValueError, match="does not fit"):

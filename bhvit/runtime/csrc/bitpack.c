@@ -153,50 +153,105 @@ EXPORT void bhv_pack_bits_u8(const uint8_t *b, int64_t rows, int64_t k, uint64_t
 /* sign bits of ((x * scale + shift) + bias) per row: a folded norm and the input bias
  * of a binary layer fused into its packing (scale/shift may be NULL: x + bias).
  * x: rows x k; scale, shift, bias: prow x k, row r uses row r % prow (channel groups
- * or heads packed separately).  Returns 1 if any NaN, -1 out of memory. */
-INLINE void packb_row_impl(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
-                           float *buf, pack_f32_fn pack, uint64_t *out, int *bad)
+ * or heads packed separately).  Returns 1 if any NaN (its bit is 0), -2 bad arguments.
+ * One row function per instruction set, each straight from the floats to the words (no
+ * staging buffer; rows shorter than a word, like MSGDC's 16-channel groups, are one
+ * masked vector), with the same float operations in the same order. */
+typedef int (*packb_fn)(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                        uint64_t *out);
+
+static int packb_row_base(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                          uint64_t *out)
 {
-    if (sc != NULL) {
-        for (int64_t j = 0; j < k; ++j)
-            buf[j] = (x[j] * sc[j] + sh[j]) + b[j];
-    } else {
-        for (int64_t j = 0; j < k; ++j)
-            buf[j] = x[j] + b[j];
+    int bad = 0;
+    for (int64_t wi = 0; wi < cdiv(k, 64); ++wi) {
+        const int64_t j0 = wi * 64, n = min64(64, k - j0);
+        uint64_t word = 0;
+        for (int64_t j = j0; j < j0 + n; ++j) {
+            const float v = sc != NULL ? (x[j] * sc[j] + sh[j]) + b[j] : x[j] + b[j];
+            word |= (uint64_t)(v >= 0.0f) << (j - j0);
+            bad |= v != v;
+        }
+        out[wi] = word;
     }
-    *bad |= pack(buf, k, out);
+    return bad;
 }
-GLUE_VARIANTS512(packb_row, (const float *x, const float *sc, const float *sh, const float *b, int64_t k,
-                          float *buf, pack_f32_fn pack, uint64_t *out, int *bad),
-              (x, sc, sh, b, k, buf, pack, out, bad))
+
+#if BHV_X86
+/* 8 lanes a vector; the tail of a row through a masked load (lanes past k give no bit). */
+AVX2_ATTR static int packb_row_avx2(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                                    uint64_t *out)
+{
+    const __m256 zero = _mm256_setzero_ps();
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    __m256 nan = _mm256_setzero_ps();
+    for (int64_t wi = 0; wi < cdiv(k, 64); ++wi) {
+        uint64_t word = 0;
+        for (int64_t q = 0; q < 8 && wi * 64 + 8 * q < k; ++q) {
+            const int64_t j = wi * 64 + 8 * q;
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)min64(k - j, 8)), lane);
+            __m256 v = _mm256_maskload_ps(x + j, m);
+            if (sc != NULL)
+                v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_maskload_ps(sc + j, m)), _mm256_maskload_ps(sh + j, m));
+            v = _mm256_add_ps(v, _mm256_maskload_ps(b + j, m)); /* 0 in the lanes past k */
+            const __m256 ge = _mm256_and_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ), _mm256_castsi256_ps(m));
+            word |= (uint64_t)(unsigned)_mm256_movemask_ps(ge) << (8 * q);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+        }
+        out[wi] = word;
+    }
+    return _mm256_movemask_ps(nan) != 0;
+}
+
+/* 16 lanes a vector: the compare writes the sign bits into a mask register. */
+__attribute__((target("avx512f,avx2,popcnt"))) static int packb_row_avx512(const float *x, const float *sc,
+                                                                           const float *sh, const float *b,
+                                                                           int64_t k, uint64_t *out)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t wi = 0; wi < cdiv(k, 64); ++wi) {
+        uint64_t word = 0;
+        for (int64_t q = 0; q < 4 && wi * 64 + 16 * q < k; ++q) {
+            const int64_t j = wi * 64 + 16 * q, n = min64(k - j, 16);
+            const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);
+            __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+            if (sc != NULL)
+                v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, sc + j)),
+                                  _mm512_maskz_loadu_ps(m, sh + j));
+            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + j));
+            word |= (uint64_t)_mm512_mask_cmp_ps_mask(m, v, zero, _CMP_GE_OQ) << (16 * q);
+            nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
+        }
+        out[wi] = word;
+    }
+    return nan != 0;
+}
+#endif
 
 EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, const float *scale,
                                    const float *shift, const float *bias, int64_t prow,
                                    uint64_t *out, int threads)
 {
-    const pack_f32_fn pack = bhvi_active->pack_f32;
-    void (*row)(const float *, const float *, const float *, const float *, int64_t, float *, pack_f32_fn,
-                uint64_t *, int *) = GLUE_PICK(packb_row);
+#if BHV_X86
+    const packb_fn row = bhvi_active->glue_avx512 ? packb_row_avx512
+                         : bhvi_active->glue_avx2 ? packb_row_avx2
+                                                  : packb_row_base;
+#else
+    const packb_fn row = packb_row_base;
+#endif
     const int64_t W = cdiv(k, 64);
     const int nt = bhvi_threads(threads);
-    int bad = 0, failed = 0;
+    int bad = 0;
     (void)nt;
     if (prow < 1 || rows % prow != 0 || (scale == NULL) != (shift == NULL))
         return -2;
-#pragma omp parallel num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18)) reduction(| : bad, failed)
-    {
-        float *buf = (float *)malloc((size_t)max64(k, 1) * sizeof(float));
-        if (buf == NULL)
-            failed = 1;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < rows; ++r) {
-            if (buf == NULL)
-                continue;
-            const int64_t o = (r % prow) * k;
-            row(x + r * k, scale != NULL ? scale + o : NULL, shift != NULL ? shift + o : NULL, bias + o, k, buf,
-                pack, out + r * W, &bad);
-        }
-        free(buf);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18)) \
+    reduction(| : bad)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = (r % prow) * k;
+        bad |= row(x + r * k, scale != NULL ? scale + o : NULL, shift != NULL ? shift + o : NULL, bias + o, k,
+                   out + r * W);
     }
-    return failed ? -1 : bad;
+    return bad;
 }
