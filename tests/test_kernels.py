@@ -264,6 +264,8 @@ def test_conv_2x2_stride2(be):
         (1, 128, 5, 5, 8, 3, 3, 1, 1, 1, 1),  # cin_per_group a multiple of 64
         (1, 200, 5, 4, 10, 3, 3, 2, 1, 3, 3),  # 100 per group: 2 words, unaligned taps
         (2, 37, 6, 5, 5, 3, 3, 1, 2, 1, 1),
+        (1, 24, 6, 6, 6, 3, 3, 3, 1, 2, 2),  # 3 groups of 8 channels
+        (1, 64, 6, 7, 32, 5, 5, 16, 1, 2, 1),  # 16 groups of 4: 25 taps in 2 words
     ],
 )
 def test_conv_odd_cases(be, case):

@@ -103,6 +103,149 @@ EXPORT int bhv_conv_prepare(bhv_conv *c, const uint64_t *w, int64_t G, int64_t W
 
 EXPORT int bhv_conv_current(const bhv_conv *c) { return c->Bp != NULL && c->variant == (const void *)bhvi_active; }
 
+/* What the gather of one chunk of output positions needs (bhv_xnor_conv2d_pp). */
+typedef struct {
+    const uint64_t *x, *zero; /* zero: G * Wg zero words, the source of a tap in the padding */
+    int64_t H, Wd, G, Wg, KH, KW, cpg, stride, pad, dil, Ho, Wo, Kw, gstride;
+    uint64_t lastmask;
+    const int64_t *off; /* KH * KW: a tap's words from its position's top-left tap */
+} gather_args;
+
+/* One position's rows when Wg == 1, for all groups at once, so the loop over the groups is
+ * straight-line vector code (G a constant in the common case).  When cpg divides 64 each
+ * word collects whole taps in registers (per group: taps t0.. of word w, shifted into place);
+ * otherwise word w of group g is built in acc[w * G + g] (a tap may straddle two words).
+ * Then the words go to the group's row (buf + g * gstride). */
+INLINE void gather_w1(const gather_args *a, const uint64_t *const *tapsrc, const int64_t G, uint64_t *acc,
+                      uint64_t *row)
+{
+    const int64_t KK = a->KH * a->KW, cpg = a->cpg, Kw = a->Kw, gs = a->gstride;
+    if (64 % cpg == 0) {
+        const int64_t per = 64 / cpg;
+        for (int64_t w = 0; w < Kw; ++w) {
+            uint64_t word[64];
+            for (int64_t g = 0; g < G; ++g)
+                word[g] = 0;
+            for (int64_t tap = w * per, sh = 0; tap < min64(KK, (w + 1) * per); ++tap, sh += cpg) {
+                const uint64_t *restrict src = tapsrc[tap];
+                for (int64_t g = 0; g < G; ++g)
+                    word[g] |= (src[g] & a->lastmask) << sh;
+            }
+            for (int64_t g = 0; g < G; ++g)
+                row[g * gs + w] = word[g];
+        }
+        return;
+    }
+    for (int64_t i = 0; i < Kw * G; ++i)
+        acc[i] = 0;
+    for (int64_t tap = 0; tap < KK; ++tap) {
+        const uint64_t *restrict src = tapsrc[tap];
+        const int64_t bit = tap * cpg, sh = bit & 63;
+        uint64_t *restrict lo = acc + (bit >> 6) * G;
+        for (int64_t g = 0; g < G; ++g)
+            lo[g] |= (src[g] & a->lastmask) << sh;
+        if (sh + cpg > 64) /* the tap straddles two words */
+            for (int64_t g = 0; g < G; ++g)
+                lo[G + g] |= (src[g] & a->lastmask) >> (64 - sh);
+    }
+    for (int64_t g = 0; g < G; ++g)
+        for (int64_t w = 0; w < Kw; ++w)
+            row[g * gs + w] = acc[w * G + g];
+}
+
+/* im2col of output positions [q0, q1): tap t of group g at bit offset t * cpg of the group's
+ * row (buf + g * gstride + (q - q0) * Kw), the taps in the padding marked in padmask and
+ * counted in npadded.  A position whose taps all lie inside the map takes its sources from
+ * the precomputed offsets; one with taps in the padding reads the zero row for them. */
+INLINE void gather_impl(const gather_args *a, int64_t q0, int64_t q1, uint64_t *buf, unsigned char *padmask,
+                        int64_t *npadded, const uint64_t **tapsrc)
+{
+    const int64_t G = a->G, Wg = a->Wg, KH = a->KH, KW = a->KW, KK = KH * KW, cpg = a->cpg, Kw = a->Kw;
+    const int64_t H = a->H, Wd = a->Wd, st = a->stride, pad = a->pad, dil = a->dil;
+    uint64_t acc[256]; /* Kw * G words when by_vector */
+    const int by_vector = Wg == 1 && Kw * G <= 256 && G <= 64;
+    if (!by_vector)
+        for (int64_t g = 0; g < G; ++g)
+            memset(buf + g * a->gstride, 0, (size_t)((q1 - q0) * Kw) * sizeof(uint64_t));
+    int64_t bi = q0 / (a->Ho * a->Wo), oh = q0 % (a->Ho * a->Wo) / a->Wo, ow = q0 % a->Wo - 1;
+    for (int64_t q = q0; q < q1; ++q) {
+        if (++ow == a->Wo) { /* the next position: (bi, oh, ow) counted along, no divisions */
+            ow = 0;
+            if (++oh == a->Ho)
+                oh = 0, ++bi;
+        }
+        const int64_t ih0 = oh * st - pad, iw0 = ow * st - pad;
+        uint64_t *row = buf + (q - q0) * Kw;
+        unsigned char *pm = padmask + (q - q0) * KK;
+        int64_t npd = 0;
+        if (ih0 >= 0 && ih0 + (KH - 1) * dil < H && iw0 >= 0 && iw0 + (KW - 1) * dil < Wd) {
+            const uint64_t *base = a->x + ((bi * H + ih0) * Wd + iw0) * G * Wg;
+            for (int64_t tap = 0; tap < KK; ++tap) {
+                tapsrc[tap] = base + a->off[tap];
+                pm[tap] = 0;
+            }
+        } else {
+            for (int64_t kh = 0; kh < KH; ++kh)
+                for (int64_t kw = 0; kw < KW; ++kw) {
+                    const int64_t ih = ih0 + kh * dil, iw = iw0 + kw * dil, tap = kh * KW + kw;
+                    const int out = ih < 0 || ih >= H || iw < 0 || iw >= Wd;
+                    pm[tap] = (unsigned char)out;
+                    tapsrc[tap] = out ? a->zero : a->x + ((bi * H + ih) * Wd + iw) * G * Wg;
+                    npd += out;
+                }
+        }
+        npadded[q - q0] = npd;
+        if (by_vector && G == 4) {
+            gather_w1(a, tapsrc, 4, acc, row);
+        } else if (by_vector) {
+            gather_w1(a, tapsrc, G, acc, row);
+        } else {
+            for (int64_t tap = 0; tap < KK; ++tap) {
+                if (pm[tap])
+                    continue;
+                const int64_t bitpos = tap * cpg;
+                if ((cpg & 63) == 0) {
+                    for (int64_t g = 0; g < G; ++g)
+                        memcpy(row + g * a->gstride + (bitpos >> 6), tapsrc[tap] + g * Wg,
+                               (size_t)Wg * sizeof(uint64_t));
+                } else {
+                    for (int64_t g = 0; g < G; ++g)
+                        bits_append(row + g * a->gstride, Kw, bitpos, tapsrc[tap] + g * Wg, cpg);
+                }
+            }
+        }
+    }
+}
+GLUE_VARIANTS512(gather, (const gather_args *a, int64_t q0, int64_t q1, uint64_t *buf, unsigned char *padmask,
+                          int64_t *npadded, const uint64_t **tapsrc),
+                 (a, q0, q1, buf, padmask, npadded, tapsrc))
+
+/* Correct the rows of positions with taps in the padding: a padded tap counted
+ * cpg - 2 popcount(0 ^ w) = cpg - 2 pw; it must add 0.  pwt: 2 pw, tap-major. */
+INLINE void correct_impl(int32_t *out, int64_t rows, int64_t Cout, int64_t KK, int64_t cpg, const int64_t *npadded,
+                         const unsigned char *padmask, const int32_t *pwt)
+{
+    for (int64_t q = 0; q < rows; ++q) {
+        if (npadded[q] == 0)
+            continue;
+        const unsigned char *pm = padmask + q * KK;
+        int32_t *restrict orow = out + q * Cout;
+        const int32_t base = (int32_t)(npadded[q] * cpg);
+        for (int64_t o = 0; o < Cout; ++o)
+            orow[o] -= base;
+        for (int64_t tap = 0; tap < KK; ++tap) {
+            if (!pm[tap])
+                continue;
+            const int32_t *restrict pt = pwt + tap * Cout;
+            for (int64_t o = 0; o < Cout; ++o)
+                orow[o] += pt[o];
+        }
+    }
+}
+GLUE_VARIANTS512(correct, (int32_t *out, int64_t rows, int64_t Cout, int64_t KK, int64_t cpg,
+                           const int64_t *npadded, const unsigned char *padmask, const int32_t *pwt),
+                 (out, rows, Cout, KK, cpg, npadded, padmask, pwt))
+
 /* x: B x H x Wd x G x Wg words; out: B x Ho x Wo x Cout int32 (see bhv_xnor_conv2d).
  * -3: prepared for another variant. */
 EXPORT int bhv_xnor_conv2d_pp(const uint64_t *x, const bhv_conv *c, int64_t B, int64_t H, int64_t Wd,
@@ -132,6 +275,22 @@ EXPORT int bhv_xnor_conv2d_pp(const uint64_t *x, const bhv_conv *c, int64_t B, i
     const int64_t kconst = KK * cpg;
     const uint64_t lastmask = (cpg & 63) ? (~(uint64_t)0) >> (64 - (cpg & 63)) : ~(uint64_t)0;
     const int64_t gstride = mc * Kw; /* words between the groups' im2col blocks */
+    uint64_t *zero = (uint64_t *)calloc((size_t)max64(1, G * Wg), sizeof(uint64_t));
+    int64_t *off = (int64_t *)malloc((size_t)KK * sizeof(int64_t));
+    if (zero == NULL || off == NULL) {
+        free(zero);
+        free(off);
+        return -1;
+    }
+    for (int64_t kh = 0; kh < KH; ++kh)
+        for (int64_t kw = 0; kw < KW; ++kw)
+            off[kh * KW + kw] = (kh * dil * Wd + kw * dil) * G * Wg;
+    const gather_args ga = {x, zero, H, Wd, G, Wg, KH, KW, cpg, stride, pad, dil, Ho, Wo, Kw, gstride, lastmask,
+                            off};
+    void (*gather)(const gather_args *, int64_t, int64_t, uint64_t *, unsigned char *, int64_t *,
+                   const uint64_t **) = GLUE_PICK(gather);
+    void (*correct)(int32_t *, int64_t, int64_t, int64_t, int64_t, const int64_t *, const unsigned char *,
+                    const int32_t *) = GLUE_PICK(correct);
     int failed = 0;
 
 #pragma omp parallel num_threads(nt) if (nt > 1 && nchunk > 1) reduction(| : failed)
@@ -147,96 +306,20 @@ EXPORT int bhv_xnor_conv2d_pp(const uint64_t *x, const bhv_conv *c, int64_t B, i
             if (failed)
                 continue;
             const int64_t q0 = c * mc, q1 = min64(P, q0 + mc);
-            if (Wg != 1)
-                for (int64_t g = 0; g < G; ++g)
-                    memset(buf + g * gstride, 0, (size_t)((q1 - q0) * Kw) * sizeof(uint64_t));
-            /* gather: tap t of group g at bit offset t * cpg of the group's row */
-            for (int64_t q = q0; q < q1; ++q) {
-                const int64_t bi = q / (Ho * Wo), rem = q % (Ho * Wo);
-                const int64_t oh = rem / Wo, ow = rem % Wo;
-                uint64_t *row = buf + (q - q0) * Kw;
-                unsigned char *pm = padmask + (q - q0) * KK;
-                int64_t npd = 0;
-                for (int64_t kh = 0; kh < KH; ++kh) {
-                    const int64_t ih = oh * stride - pad + kh * dil;
-                    for (int64_t kw = 0; kw < KW; ++kw) {
-                        const int64_t iw = ow * stride - pad + kw * dil;
-                        const int64_t tap = kh * KW + kw;
-                        if (ih < 0 || ih >= H || iw < 0 || iw >= Wd) {
-                            pm[tap] = 1;
-                            tapsrc[tap] = NULL;
-                            ++npd;
-                        } else {
-                            pm[tap] = 0;
-                            tapsrc[tap] = x + ((bi * H + ih) * Wd + iw) * G * Wg;
-                        }
-                    }
-                }
-                npadded[q - q0] = npd;
-                if (Wg == 1) {
-                    /* cpg <= 64: stream the taps' bits through one register word */
-                    for (int64_t g = 0; g < G; ++g) {
-                        uint64_t *dst = row + g * gstride;
-                        uint64_t cur = 0;
-                        int64_t fill = 0;
-                        for (int64_t tap = 0; tap < KK; ++tap) {
-                            const uint64_t vv = tapsrc[tap] ? tapsrc[tap][g] & lastmask : 0;
-                            cur |= vv << fill;
-                            fill += cpg;
-                            if (fill >= 64) {
-                                *dst++ = cur;
-                                fill -= 64;
-                                cur = fill ? vv >> (cpg - fill) : 0;
-                            }
-                        }
-                        if (fill)
-                            *dst = cur;
-                    }
-                } else {
-                    for (int64_t tap = 0; tap < KK; ++tap) {
-                        if (!tapsrc[tap])
-                            continue;
-                        const int64_t bitpos = tap * cpg;
-                        if ((cpg & 63) == 0) {
-                            for (int64_t g = 0; g < G; ++g)
-                                memcpy(row + g * gstride + (bitpos >> 6), tapsrc[tap] + g * Wg,
-                                       (size_t)Wg * sizeof(uint64_t));
-                        } else {
-                            for (int64_t g = 0; g < G; ++g)
-                                bits_append(row + g * gstride, Kw, bitpos, tapsrc[tap] + g * Wg, cpg);
-                        }
-                    }
-                }
-            }
+            gather(&ga, q0, q1, buf, padmask, npadded, tapsrc);
             /* multiply, per group */
             for (int64_t g = 0; g < G; ++g)
                 bhvi_gemm_serial(v, buf + g * gstride, Kw, q1 - q0, Bp + g * npg * Kw * nr, cpo, Kw, 0,
                             kconst, out + q0 * Cout + g * cpo, Cout);
-            /* correct rows that have taps in the padding: a padded tap counted
-             * cpg - 2 popcount(0 ^ w) = cpg - 2 pw; it must add 0 */
-            for (int64_t q = q0; q < q1; ++q) {
-                const int64_t npd = npadded[q - q0];
-                if (npd == 0)
-                    continue;
-                const unsigned char *pm = padmask + (q - q0) * KK;
-                int32_t *restrict orow = out + q * Cout;
-                const int32_t base = (int32_t)(npd * cpg);
-                for (int64_t o = 0; o < Cout; ++o)
-                    orow[o] -= base;
-                for (int64_t tap = 0; tap < KK; ++tap) {
-                    if (!pm[tap])
-                        continue;
-                    const int32_t *restrict pt = pwt + tap * Cout; /* 2 pw, tap-major */
-                    for (int64_t o = 0; o < Cout; ++o)
-                        orow[o] += pt[o];
-                }
-            }
+            correct(out + q0 * Cout, q1 - q0, Cout, KK, cpg, npadded, padmask, pwt);
         }
         free(buf);
         free(padmask);
         free(npadded);
         free(tapsrc);
     }
+    free(zero);
+    free(off);
     return failed ? -1 : 0;
 }
 
