@@ -101,6 +101,10 @@ EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const 
 EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const bhv_panels *pp,
                                 const bhv_transform *t, int threads);
 
+EXPORT void bhv_affine(const float *x, int64_t rows, int64_t C, const float *a, const float *b, float *out,
+                       int threads);
+EXPORT void bhv_add(const float *x, const float *y, int64_t n, int64_t reps, float *out);
+
 /* attention.c */
 EXPORT int bhv_attention(const uint64_t *qb, const uint64_t *kb, const uint64_t *vb, int64_t Bw, int64_t heads,
                          int64_t N, int64_t M, int64_t d, const float *step, const float *zp, int64_t levels,

@@ -1170,16 +1170,10 @@ static void check_kernel(run_t *r, int rc)
 static void norm_apply(run_t *r, const norm_t *n, const float *x, int64_t rows, int64_t C, float *out)
 {
     PROF(r, P_NORM, {
-        if (n->ln) {
+        if (n->ln)
             bhv_layer_norm(x, rows, C, n->a, n->b, n->eps, out, r->th);
-        } else {
-            for (int64_t i = 0; i < rows; ++i) {
-                const float *xr = x + i * C;
-                float *o = out + i * C;
-                for (int64_t c = 0; c < C; ++c)
-                    o[c] = xr[c] * n->a[c] + n->b[c];
-            }
-        }
+        else
+            bhv_affine(x, rows, C, n->a, n->b, out, r->th);
     });
 }
 
@@ -1295,11 +1289,7 @@ static void run_stem(run_t *r, const float *x, int64_t B, float *out)
     norm_apply(r, &m->stem_norm, y, rows, D, out);
     PROF(r, P_GELU, bhv_gelu(out, rows * D, out, r->th));
     const int64_t per = g * g * D;
-    PROF(r, P_POS, {
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t i = 0; i < per; ++i)
-                out[b * per + i] += m->stem_pos[i];
-    });
+    PROF(r, P_POS, bhv_add(out, m->stem_pos, per, B, out));
 }
 
 static void downsample(run_t *r, const down_t *d, const float *x, int64_t B, int64_t H, int64_t Cin, int64_t C,
@@ -1358,11 +1348,7 @@ static void downsample(run_t *r, const down_t *d, const float *x, int64_t B, int
         norm_apply(r, &d->norm, y, rows, C, out);
     }
     const int64_t per = Ho * Ho * C;
-    PROF(r, P_POS, {
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t i = 0; i < per; ++i)
-                out[b * per + i] += d->pos[i];
-    });
+    PROF(r, P_POS, bhv_add(out, d->pos, per, B, out));
 }
 
 /* out = x + MSGDC(norm1(x)) (engine.py's _msgdc) */

@@ -267,6 +267,51 @@ EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const 
     return epi_run(&a, rows, threads);
 }
 
+/* --- element-wise float steps of the forward pass ------------------------- */
+/* out[r, c] = x[r, c] * a[c] + b[c]: a folded BatchNorm (out may be x). */
+INLINE void affine_impl(const float *x, int64_t rows, int64_t C, const float *a, const float *b, float *out)
+{
+    for (int64_t r = 0; r < rows; ++r) {
+        const float *xr = x + r * C;
+        float *o = out + r * C;
+        for (int64_t c = 0; c < C; ++c)
+            o[c] = xr[c] * a[c] + b[c];
+    }
+}
+GLUE_VARIANTS512(affine, (const float *x, int64_t rows, int64_t C, const float *a, const float *b, float *out),
+                 (x, rows, C, a, b, out))
+
+EXPORT void bhv_affine(const float *x, int64_t rows, int64_t C, const float *a, const float *b, float *out,
+                       int threads)
+{
+    void (*run)(const float *, int64_t, int64_t, const float *, const float *, float *) = GLUE_PICK(affine);
+    const int nt = bhvi_threads(threads);
+    const int64_t per = cdiv(rows, nt);
+    (void)per;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * C >= (1 << 16))
+    for (int t = 0; t < nt; ++t)
+        if (t * per < rows)
+            run(x + t * per * C, min64(per, rows - t * per), C, a, b, out + t * per * C);
+}
+
+/* out[i] = x[i] + y[i] for i < n, repeated over reps blocks of n (y shared): a position embedding
+ * added to every image (out may be x). */
+INLINE void add_impl(const float *x, const float *y, int64_t n, int64_t reps, float *out)
+{
+    for (int64_t k = 0; k < reps; ++k) {
+        const float *xr = x + k * n;
+        float *o = out + k * n;
+        for (int64_t i = 0; i < n; ++i)
+            o[i] = xr[i] + y[i];
+    }
+}
+GLUE_VARIANTS512(add, (const float *x, const float *y, int64_t n, int64_t reps, float *out), (x, y, n, reps, out))
+
+EXPORT void bhv_add(const float *x, const float *y, int64_t n, int64_t reps, float *out)
+{
+    GLUE_PICK(add)(x, y, n, reps, out);
+}
+
 /* --- binary linear layer: XNOR GEMM fused with its epilogue ----------------- */
 /*
  * out = epilogue(K - 2 popcount(a ^ b)) for a: M x W packed inputs, b: N x W packed
