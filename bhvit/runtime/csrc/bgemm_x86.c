@@ -1,7 +1,7 @@
 /*
  * bgemm_x86.c -- the x86-64 micro-kernels of the binary GEMM (layout: bgemm.c):
  *   AVX2:              nibble-lookup popcount (vpshufb + vpsadbw), MR = 4 x NR = 4
- *   AVX-512 VPOPCNTDQ: vpopcntq on 8 columns at once,              MR = 8 x NR = 8
+ *   AVX-512 VPOPCNTDQ: vpopcntq on 8 columns at once,              MR = 8 x NR = 16
  * Each is compiled for its instruction set with a target attribute and runs only where
  * dispatch.c found it supported.
  */
@@ -97,7 +97,10 @@ AVX2_ATTR INLINE void a2_block(const uint64_t *A, int64_t lda, int64_t mrows,
 
 BHV_BLOCK_FN(bhvi_block_avx2, AVX2_ATTR, a2_block)
 
-/* --- AVX-512 VPOPCNTDQ: MR = 8 rows x NR = 8 columns --- */
+/* --- AVX-512 VPOPCNTDQ: MR = 8 rows x NR = 16 columns --- */
+/* A panel holds 16 columns: two vectors of 8 64-bit words per word of K.  The 64-bit popcount
+ * sums of a row's 16 columns are narrowed to 16 int32 with one two-source permute, so a full
+ * tile row is one 64-byte store (the output, not the popcounts, bounds the small-K shapes). */
 
 #define AVX512_ATTR __attribute__((target("avx512f,avx512vpopcntdq,avx2,popcnt")))
 #define A5_MR BHV_AVX512_MR
@@ -108,29 +111,32 @@ AVX512_ATTR INLINE __m512i a5_op(__m512i a, __m512i b, const int is_and)
     return is_and ? _mm512_and_si512(a, b) : _mm512_xor_si512(a, b);
 }
 
-AVX512_ATTR INLINE void a5_tile(const uint64_t *A, int64_t lda, const int R,
-                                const uint64_t *bp, int64_t W, const int is_and,
-                                __m512i acc[A5_MR])
+/* acc[2 r], acc[2 r + 1]: columns 0-7 and 8-15 of row r */
+AVX512_ATTR INLINE void a5_tile(const uint64_t *A, int64_t lda, const int R, const uint64_t *bp, int64_t W,
+                                const int is_and, __m512i acc[2 * A5_MR])
 {
-    for (int r = 0; r < R; ++r)
+    for (int r = 0; r < 2 * R; ++r)
         acc[r] = _mm512_setzero_si512();
     for (int64_t w = 0; w < W; ++w) {
-        const __m512i vb = _mm512_loadu_si512((const void *)(bp + w * A5_NR));
+        const __m512i b0 = _mm512_loadu_si512((const void *)(bp + w * A5_NR));
+        const __m512i b1 = _mm512_loadu_si512((const void *)(bp + w * A5_NR + 8));
         for (int r = 0; r < R; ++r) {
             const __m512i va = _mm512_set1_epi64((long long)A[r * lda + w]);
-            acc[r] = _mm512_add_epi64(acc[r], _mm512_popcnt_epi64(a5_op(va, vb, is_and)));
+            acc[2 * r] = _mm512_add_epi64(acc[2 * r], _mm512_popcnt_epi64(a5_op(va, b0, is_and)));
+            acc[2 * r + 1] = _mm512_add_epi64(acc[2 * r + 1], _mm512_popcnt_epi64(a5_op(va, b1, is_and)));
         }
     }
 }
 
-AVX512_ATTR INLINE void a5_block(const uint64_t *A, int64_t lda, int64_t mrows,
-                                 const uint64_t *Bp, int64_t p0, int64_t p1,
-                                 int64_t N, int64_t W, const int is_and,
-                                 int64_t kconst, int32_t *out, int64_t ldo)
+AVX512_ATTR INLINE void a5_block(const uint64_t *A, int64_t lda, int64_t mrows, const uint64_t *Bp, int64_t p0,
+                                 int64_t p1, int64_t N, int64_t W, const int is_and, int64_t kconst, int32_t *out,
+                                 int64_t ldo)
 {
-    __m512i acc[A5_MR];
+    __m512i acc[2 * A5_MR];
     uint64_t tmp[A5_MR * A5_NR];
-    const __m512i kv = _mm512_set1_epi64((long long)kconst);
+    const __m512i kv = _mm512_set1_epi32((int)kconst);
+    /* the low 32 bits of the 16 64-bit lanes of two vectors, in order */
+    const __m512i lo32 = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     for (int64_t i = 0; i < mrows; i += A5_MR) {
         const int mr = (int)min64(A5_MR, mrows - i);
         for (int64_t p = p0; p < p1; ++p) {
@@ -141,18 +147,20 @@ AVX512_ATTR INLINE void a5_block(const uint64_t *A, int64_t lda, int64_t mrows,
                 a5_tile(A + i * lda, lda, A5_MR, bp, W, is_and, acc);
             } else {
                 for (int r = 0; r < mr; ++r)
-                    a5_tile(A + (i + r) * lda, lda, 1, bp, W, is_and, acc + r);
+                    a5_tile(A + (i + r) * lda, lda, 1, bp, W, is_and, acc + 2 * r);
             }
             int32_t *o = out + i * ldo + c0;
             if (nv == A5_NR) {
                 for (int r = 0; r < mr; ++r) {
-                    const __m512i res = is_and ? acc[r]
-                                               : _mm512_sub_epi64(kv, _mm512_slli_epi64(acc[r], 1));
-                    _mm256_storeu_si256((__m256i *)(o + r * ldo), _mm512_cvtepi64_epi32(res));
+                    const __m512i pc = _mm512_permutex2var_epi32(acc[2 * r], lo32, acc[2 * r + 1]);
+                    const __m512i res = is_and ? pc : _mm512_sub_epi32(kv, _mm512_slli_epi32(pc, 1));
+                    _mm512_storeu_si512((void *)(o + r * ldo), res);
                 }
             } else {
-                for (int r = 0; r < mr; ++r)
-                    _mm512_storeu_si512((void *)(tmp + r * A5_NR), acc[r]);
+                for (int r = 0; r < mr; ++r) {
+                    _mm512_storeu_si512((void *)(tmp + r * A5_NR), acc[2 * r]);
+                    _mm512_storeu_si512((void *)(tmp + r * A5_NR + 8), acc[2 * r + 1]);
+                }
                 store_tile_u64(tmp, A5_NR, mr, nv, is_and, kconst, o, ldo);
             }
         }

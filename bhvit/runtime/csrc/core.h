@@ -107,7 +107,7 @@ BHVI void bhvi_block_avx512 BHV_BLOCK_PARAMS;
 #define BHV_AVX2_MR 4
 #define BHV_AVX2_NR 4
 #define BHV_AVX512_MR 8
-#define BHV_AVX512_NR 8
+#define BHV_AVX512_NR 16
 #endif
 #if defined(__aarch64__)
 BHVI void bhvi_block_neon BHV_BLOCK_PARAMS;
