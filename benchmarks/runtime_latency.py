@@ -1,6 +1,7 @@
 """Latency of the bit-packed runtime vs PyTorch, binary GEMM throughput, peak memory.
 
-For each model, batch size and thread count, times (interleaved, median of --runs):
+For each model, batch size and thread count, times (interleaved, median of --runs; each timed call
+follows an untimed one of the same entry, so every entry is measured with its own data in the caches):
   runtime  - bhvit.runtime on the exported binary model: libbhvit's prepared plan, one C call
   walker   - bhvit.runtime's Python graph walker over the same C kernels (the reference)
   capi     - the bhvit_run demo (C only, no Python), its own median of --runs (needs `make`)
@@ -138,10 +139,9 @@ def latency(args, rows):
                     fns["onnxrt"] = lambda: sess.run(None, {"x": xn})
                 res = {k: [] for k in fns}
                 with torch.no_grad():
-                    for f in fns.values():
-                        f()  # warm-up
                     for _ in range(args.runs):
                         for k, f in fns.items():
+                            f()  # untimed: the caches hold this entry's weights, not the previous entry's
                             t = time.perf_counter()
                             f()
                             res[k].append(time.perf_counter() - t)
