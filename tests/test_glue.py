@@ -294,7 +294,7 @@ def test_layer_norm_matches_torch(be):
     assert np.abs(K.layer_norm(x, w, b, 1e-5) - want).max() < 1e-5
 
 
-@pytest.mark.parametrize("n,pool", [(512, 64), (256, 32), (96, 12)])
+@pytest.mark.parametrize("n,pool", [(512, 64), (256, 32), (96, 12), (1024, 256), (2048, 512), (96, 24)])
 def test_pooled_means_identical_on_every_backend(n, pool):
     # k = n / pool consecutive channels summed in order, times 1/k (AVX2 transposes 8x8 blocks)
     rng = np.random.default_rng(n)
@@ -356,7 +356,7 @@ def test_prepared_linear_repacks_its_panels_after_a_kernel_switch():
     assert len(lin._panels) == 2  # one packing per variant, kept (a call on another thread may use it)
 
 
-@pytest.mark.parametrize("n,k", [(64, 8), (128, 8), (12, 8), (64, 4), (32, 3)])
+@pytest.mark.parametrize("n,k", [(64, 8), (128, 8), (12, 8), (64, 4), (256, 4), (12, 4), (32, 3)])
 def test_channel_pool_shortcut_identical_on_every_backend(n, k):
     # the shortcut of a down-projection (sc has k * n channels: their means of k), AVX2-transposed
     # for k = 8: the same additions ((0 + x0) + x1) + ... as the portable loop, bit for bit (the

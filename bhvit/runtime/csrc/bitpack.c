@@ -157,9 +157,6 @@ EXPORT void bhv_pack_bits_u8(const uint8_t *b, int64_t rows, int64_t k, uint64_t
  * One row function per instruction set, each straight from the floats to the words (no
  * staging buffer; rows shorter than a word, like MSGDC's 16-channel groups, are one
  * masked vector), with the same float operations in the same order. */
-typedef int (*packb_fn)(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
-                        uint64_t *out);
-
 static int packb_row_base(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
                           uint64_t *out)
 {
@@ -229,17 +226,20 @@ __attribute__((target("avx512f,avx2,popcnt"))) static int packb_row_avx512(const
 }
 #endif
 
+BHVI packb_fn bhvi_packb(void)
+{
+#if BHV_X86
+    return bhvi_active->glue_avx512 ? packb_row_avx512 : bhvi_active->glue_avx2 ? packb_row_avx2 : packb_row_base;
+#else
+    return packb_row_base;
+#endif
+}
+
 EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, const float *scale,
                                    const float *shift, const float *bias, int64_t prow,
                                    uint64_t *out, int threads)
 {
-#if BHV_X86
-    const packb_fn row = bhvi_active->glue_avx512 ? packb_row_avx512
-                         : bhvi_active->glue_avx2 ? packb_row_avx2
-                                                  : packb_row_base;
-#else
-    const packb_fn row = packb_row_base;
-#endif
+    const packb_fn row = bhvi_packb();
     const int64_t W = cdiv(k, 64);
     const int nt = bhvi_threads(threads);
     int bad = 0;

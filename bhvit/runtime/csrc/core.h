@@ -81,6 +81,12 @@ BHVI int bhvi_pack_f32_avx512(const float *x, int64_t k, uint64_t *out);
 BHVI void bhvi_pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out);
 #endif
 
+/* One row of k sign bits of ((x * sc + sh) + b), or of x + b with sc = sh = NULL: the active
+ * variant's row function (returns 1 on a NaN, whose bit is 0). */
+typedef int (*packb_fn)(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
+                        uint64_t *out);
+BHVI packb_fn bhvi_packb(void);
+
 /* --- micro-kernels (bgemm*.c) ---------------------------------------------- */
 #define BHV_BLOCK_PARAMS                                                                                    \
     (const uint64_t *A, int64_t lda, int64_t mrows, const uint64_t *Bp, int64_t p0, int64_t p1, int64_t N,   \

@@ -42,8 +42,36 @@ GLUE_FAST_ATTR static void pool8_avx2(const float *v, int64_t n8, float inv, flo
         _mm256_storeu_ps(out + 8 * g, _mm256_mul_ps(acc, vinv));
     }
 }
+
+/* Means of 4 consecutive floats, n8 groups of 32 (8 means each): 4 x 4 transposes within the
+ * 128-bit lanes (groups 0, 2, 4, 6 low, 1, 3, 5, 7 high), the rows summed in order t = 0..3
+ * (zero_first as in pool8_avx2), then the means put back in group order. */
+GLUE_FAST_ATTR static void pool4_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
+{
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (int64_t g = 0; g < n8; ++g) {
+        const float *p = v + g * 32;
+        const __m256 r0 = _mm256_loadu_ps(p), r1 = _mm256_loadu_ps(p + 8);
+        const __m256 r2 = _mm256_loadu_ps(p + 16), r3 = _mm256_loadu_ps(p + 24);
+        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+        const __m256 e0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 e1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+        const __m256 e2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+        const __m256 e3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+        __m256 acc = zero_first ? _mm256_add_ps(_mm256_setzero_ps(), e0) : e0;
+        acc = _mm256_add_ps(_mm256_add_ps(_mm256_add_ps(acc, e1), e2), e3);
+        acc = _mm256_permutevar8x32_ps(_mm256_mul_ps(acc, vinv), order);
+        _mm256_storeu_ps(out + 8 * g, acc);
+    }
+}
 #else
 static void pool8_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
+{
+    (void)v, (void)n8, (void)inv, (void)out, (void)zero_first; /* never called: glue_fast() is 0 */
+}
+static void pool4_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
 {
     (void)v, (void)n8, (void)inv, (void)out, (void)zero_first; /* never called: glue_fast() is 0 */
 }
@@ -79,6 +107,7 @@ typedef struct {
     int64_t pool_k;
     float pool_inv;
     pack_f32_fn pack;
+    packb_fn packb;    /* the signs of v + nb in one pass */
     int fast;          /* AVX2 helpers allowed (glue_fast()) */
 } epi_args;
 
@@ -151,6 +180,8 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
         const int64_t k = a->k;
         if (a->fast && k == 8 && n % 8 == 0) {
             pool8_avx2(s, n / 8, a->inv_k, means, 1);
+        } else if (a->fast && k == 4 && n % 8 == 0) {
+            pool4_avx2(s, n / 8, a->inv_k, means, 1);
         } else {
             const float *restrict sv = s;
             for (int64_t j = 0; j < n; ++j)
@@ -171,6 +202,8 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
         return;
     if (a->pool != NULL && a->fast && a->pool_k == 8 && (n / 8) % 8 == 0) {
         pool8_avx2(v, n / 64, a->pool_inv, a->pool + r * (n / 8), 0);
+    } else if (a->pool != NULL && a->fast && a->pool_k == 4 && (n / 4) % 8 == 0) {
+        pool4_avx2(v, n / 32, a->pool_inv, a->pool + r * (n / 4), 0);
     } else if (a->pool != NULL) {
         /* x0 + x1 + ... (t = 0, 1, ...) times 1/k, looped so the j loop vectorises */
         const int64_t pc = n / a->pool_k, pk = a->pool_k;
@@ -184,10 +217,11 @@ INLINE void epi_row_impl(const epi_args *a, int64_t r, float *buf, int *bad)
         for (int64_t j = 0; j < pc; ++j)
             pr[j] *= a->pool_inv;
     }
+    /* NaN: reported, as by bhv_pack_signs_f32 */
     if (a->nb != NULL)
-        for (int64_t j = 0; j < n; ++j)
-            v[j] += a->nb[j];
-    *bad |= a->pack(v, n, a->bits + r * cdiv(n, 64)); /* NaN: reported, as by bhv_pack_signs_f32 */
+        *bad |= a->packb(v, NULL, NULL, a->nb, n, a->bits + r * cdiv(n, 64));
+    else
+        *bad |= a->pack(v, n, a->bits + r * cdiv(n, 64));
 }
 GLUE_VARIANTS512(epi_row, (const epi_args *a, int64_t r, float *buf, int *bad), (a, r, buf, bad))
 
@@ -232,6 +266,7 @@ static int epi_init(epi_args *a, const int32_t *dot, int64_t n, const float *sca
     a->ps = ps;
     a->pb = pb;
     a->pack = bhvi_active->pack_f32;
+    a->packb = bhvi_packb();
     a->fast = glue_fast();
     return 0;
 }
