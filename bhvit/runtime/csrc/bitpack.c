@@ -128,7 +128,7 @@ AVX2_ATTR BHVI void bhvi_pack_u8_avx2(const uint8_t *x, int64_t k, uint64_t *out
         int bad = 0;                                                                                \
         const int nt = bhvi_threads(threads);                                                       \
         (void)nt;                                                                                   \
-        _Pragma("omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18))") \
+        _Pragma("omp parallel for schedule(static) reduction(| : bad) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= BHV_PAR_MIN_FLOATS)") \
         for (int64_t r = 0; r < rows; ++r)                                                          \
             bad |= pk(x + r * k, k, out + r * W);                                                   \
         return bad;                                                                                 \
@@ -246,7 +246,7 @@ EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, cons
     (void)nt;
     if (prow < 1 || rows % prow != 0 || (scale == NULL) != (shift == NULL))
         return -2;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= (1 << 18)) \
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= BHV_PAR_MIN_FLOATS) \
     reduction(| : bad)
     for (int64_t r = 0; r < rows; ++r) {
         const int64_t o = (r % prow) * k;

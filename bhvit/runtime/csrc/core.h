@@ -40,6 +40,9 @@
 #define BHV_COLBLOCK_BYTES (128 * 1024)
 /* Below this many word-ops (M * N * W) a GEMM runs on one thread. */
 #define BHV_PAR_MIN_WORK (1 << 15)
+/* Below this many floats an element-wise kernel (packing, epilogue, norm) runs on one thread: about
+ * 3 us of work at one thread, several times what waking a second one costs. */
+#define BHV_PAR_MIN_FLOATS (1 << 14)
 
 /* Rows [0, mrows) of A (lda words apart) against panels [p0, p1) of Bp (N columns, W words
  * per column): out = kconst - 2 popcount(a ^ b) (is_and = 0) or popcount(a & b). */

@@ -231,7 +231,7 @@ static int epi_run(const epi_args *a, int64_t rows, int threads)
     void (*row)(const epi_args *, int64_t, float *, int *) = GLUE_PICK(epi_row);
     int failed = 0, bad = 0;
     (void)nt;
-#pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= (1 << 16)) reduction(| : failed, bad)
+#pragma omp parallel num_threads(nt) if (nt > 1 && rows * a->n >= BHV_PAR_MIN_FLOATS) reduction(| : failed, bad)
     {
         float *buf = (float *)malloc((size_t)max64(2 * a->n, 1) * sizeof(float)); /* see epi_row_impl */
         if (buf == NULL)
@@ -323,7 +323,7 @@ EXPORT void bhv_affine(const float *x, int64_t rows, int64_t C, const float *a, 
     const int nt = bhvi_threads(threads);
     const int64_t per = cdiv(rows, nt);
     (void)per;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * C >= (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * C >= BHV_PAR_MIN_FLOATS)
     for (int t = 0; t < nt; ++t)
         if (t * per < rows)
             run(x + t * per * C, min64(per, rows - t * per), C, a, b, out + t * per * C);
