@@ -200,23 +200,41 @@ AVX2_ATTR static int packb_row_avx2(const float *x, const float *sc, const float
     return _mm256_movemask_ps(nan) != 0;
 }
 
-/* 16 lanes a vector: the compare writes the sign bits into a mask register. */
-__attribute__((target("avx512f,avx2,popcnt"))) static int packb_row_avx512(const float *x, const float *sc,
-                                                                           const float *sh, const float *b,
-                                                                           int64_t k, uint64_t *out)
+/* 16 lanes a vector: the compare writes the sign bits into a mask register.  Whole words take
+ * four unmasked vectors; the row's tail, and rows shorter than a word, masked ones. */
+#define AVX512_PACK_ATTR __attribute__((target("avx512f,avx2,popcnt")))
+
+AVX512_PACK_ATTR INLINE __m512 packb_vec512(const float *x, const float *sc, const float *sh, const float *b,
+                                            int64_t j, __mmask16 m)
+{
+    __m512 v = _mm512_maskz_loadu_ps(m, x + j);
+    if (sc != NULL)
+        v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, sc + j)), _mm512_maskz_loadu_ps(m, sh + j));
+    return _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + j));
+}
+
+AVX512_PACK_ATTR static int packb_row_avx512(const float *x, const float *sc, const float *sh, const float *b,
+                                             int64_t k, uint64_t *out)
 {
     const __m512 zero = _mm512_setzero_ps();
     __mmask16 nan = 0;
-    for (int64_t wi = 0; wi < cdiv(k, 64); ++wi) {
+    int64_t wi = 0;
+    for (; wi < k / 64; ++wi) {
+        const int64_t j = wi * 64;
+        const __m512 v0 = packb_vec512(x, sc, sh, b, j, 0xFFFF), v1 = packb_vec512(x, sc, sh, b, j + 16, 0xFFFF);
+        const __m512 v2 = packb_vec512(x, sc, sh, b, j + 32, 0xFFFF), v3 = packb_vec512(x, sc, sh, b, j + 48, 0xFFFF);
+        out[wi] = (uint64_t)_mm512_cmp_ps_mask(v0, zero, _CMP_GE_OQ) |
+                  (uint64_t)_mm512_cmp_ps_mask(v1, zero, _CMP_GE_OQ) << 16 |
+                  (uint64_t)_mm512_cmp_ps_mask(v2, zero, _CMP_GE_OQ) << 32 |
+                  (uint64_t)_mm512_cmp_ps_mask(v3, zero, _CMP_GE_OQ) << 48;
+        nan |= _mm512_cmp_ps_mask(v0, v1, _CMP_UNORD_Q) | _mm512_cmp_ps_mask(v2, v3, _CMP_UNORD_Q);
+    }
+    if (wi * 64 < k) {
         uint64_t word = 0;
-        for (int64_t q = 0; q < 4 && wi * 64 + 16 * q < k; ++q) {
+        for (int64_t q = 0; wi * 64 + 16 * q < k; ++q) {
             const int64_t j = wi * 64 + 16 * q, n = min64(k - j, 16);
             const __mmask16 m = (__mmask16)(n == 16 ? 0xFFFFu : (1u << n) - 1u);
-            __m512 v = _mm512_maskz_loadu_ps(m, x + j);
-            if (sc != NULL)
-                v = _mm512_add_ps(_mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, sc + j)),
-                                  _mm512_maskz_loadu_ps(m, sh + j));
-            v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + j));
+            const __m512 v = packb_vec512(x, sc, sh, b, j, m);
             word |= (uint64_t)_mm512_mask_cmp_ps_mask(m, v, zero, _CMP_GE_OQ) << (16 * q);
             nan |= _mm512_mask_cmp_ps_mask(m, v, v, _CMP_UNORD_Q);
         }
