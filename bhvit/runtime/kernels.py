@@ -595,6 +595,13 @@ def _group_mean(x, n):
     return acc * (np.float32(1.0) / np.float32(g.shape[-1]))  # 1.0f / k, as in C
 
 
+def rprelu(x, move1, slope, move2):
+    """RPReLU in float32 as the C kernels compute it: ``y = x - move1``, then ``y * slope`` where
+    ``y < 0`` else ``y`` (``F.prelu``), plus ``move2``."""
+    y = x - move1
+    return np.where(y < 0, y * slope, y) + move2
+
+
 def _epi_numpy(dot, scale, shift, sc, acts):
     n = dot.shape[-1]
     v = dot.astype(np.float32) * scale + shift
@@ -607,8 +614,7 @@ def _epi_numpy(dot, scale, shift, sc, acts):
         else:
             v += sc
     if acts is not None:
-        y = v - acts[0]
-        v = np.maximum(y, 0) + np.minimum(y, 0) * acts[1] + acts[2]
+        v = rprelu(v, *acts)
     return v
 
 

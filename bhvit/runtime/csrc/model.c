@@ -1180,8 +1180,7 @@ static void norm_apply(run_t *r, const norm_t *n, const float *x, int64_t rows, 
 static inline float rprelu(float x, const act_t *a, int64_t c)
 {
     const float y = x - a->m1[c];
-    const float pos = y < 0.0f ? 0.0f : y, neg = y < 0.0f ? y : 0.0f;
-    return pos + neg * a->slope[c] + a->m2[c];
+    return (y < 0.0f ? y * a->slope[c] : y) + a->m2[c]; /* as epi_loop */
 }
 
 /* engine.py's _channel_shortcut(sc, N)[c] for one row */

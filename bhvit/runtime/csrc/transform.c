@@ -83,8 +83,8 @@ static void pool4_avx2(const float *v, int64_t n8, float inv, float *out, int ze
  *   shortcut: sc == NULL -> none; sc_c == n -> identity; sc_c < n -> the input
  *             tiled (sc[r, j % sc_c]); sc_c > n -> mean of sc_c / n consecutive
  *             channels (sc[r, j*k .. j*k+k-1]).
- *   act:      m1 == NULL -> identity; else RPReLU: y = v - m1; y = y >= 0 ? y :
- *             y * slope; y + m2.
+ *   act:      m1 == NULL -> identity; else RPReLU: y = v - m1; y = y < 0 ? y * slope :
+ *             y; y + m2.
  *   post:     ps == NULL -> none; else a LayerScale y = pb + y * ps.
  * bhv_epilogue writes out = y, or out = res + y (res may be out itself).
  * bhv_epilogue_pack writes no floats: the packed signs of y + nb (the next binary
@@ -132,11 +132,9 @@ INLINE void epi_loop(const int HAS, const int32_t *restrict d, const float *rest
             if (HAS & 1)
                 x += s[j];
             if (HAS & 2) {
-                /* PReLU as numpy's max(y, 0) + min(y, 0) * slope (compare + blend, vectorised);
-                 * NaN stays NaN and +-inf give +-inf like numpy (0.5 (y - |y|) made inf NaN) */
+                /* PReLU as F.prelu: y * slope where y < 0, else y (a compare and a masked multiply) */
                 const float y = x - a1[j];
-                const float pos = y < 0.0f ? 0.0f : y, neg = y < 0.0f ? y : 0.0f;
-                x = pos + neg * a2[j] + a3[j];
+                x = (y < 0.0f ? y * a2[j] : y) + a3[j];
             }
             if (HAS & 4)
                 x = p2[j] + x * p1[j];
