@@ -20,7 +20,7 @@ AR       := $(CROSS)ar
 OPENMP   ?= -fopenmp
 CFLAGS   ?= -O3
 # what the library needs, kept when CFLAGS is given on the command line
-BHVCFLAGS := -std=gnu11 -fPIC -ffp-contract=off -fvisibility=hidden -Wall -Wextra $(OPENMP)
+BHVCFLAGS := -std=gnu11 -fPIC -ffp-contract=off -fno-trapping-math -fvisibility=hidden -Wall -Wextra $(OPENMP)
 LDLIBS   := -lm
 SRC      := bhvit/runtime/csrc
 # every source but the demo: the kernels (see csrc/core.h), the model, json, sha256

@@ -37,7 +37,10 @@ setup(
             "bhvit.runtime._bitops",
             sources=sorted(f for f in glob("bhvit/runtime/csrc/*.c") if not f.endswith("bhvit_run.c")),
             depends=sorted(glob("bhvit/runtime/csrc/*.h")),
-            extra_compile_args=["-O3", "-std=gnu11", "-ffp-contract=off", "-fvisibility=hidden", *OPENMP],
+            extra_compile_args=[
+                *"-O3 -std=gnu11 -ffp-contract=off -fno-trapping-math -fvisibility=hidden".split(),
+                *OPENMP,
+            ],
             extra_link_args=OPENMP,
             libraries=["m"],
             optional=True,

@@ -147,7 +147,8 @@ BHVI void bhvi_gemm_serial(const variant_t *v, const uint64_t *A, int64_t lda, i
  * Each glue kernel is an always-inline per-row worker compiled twice: for the baseline
  * target and with AVX2 (+POPCNT).  The AVX2 copy runs whenever an AVX2 or AVX-512 GEMM
  * variant is selected.  The build uses -ffp-contract=off and no fast-math, so both
- * copies round identically.
+ * copies round identically; -fno-trapping-math (no value changes) lets the compiler turn
+ * a select between a product and another value into a vector blend.
  */
 #if BHV_X86
 #define GLUE_FAST_ATTR __attribute__((target("avx2,popcnt")))

@@ -1179,8 +1179,8 @@ static void norm_apply(run_t *r, const norm_t *n, const float *x, int64_t rows, 
 
 static inline float rprelu(float x, const act_t *a, int64_t c)
 {
-    const float y = x - a->m1[c];
-    return (y < 0.0f ? y * a->slope[c] : y) + a->m2[c]; /* as epi_loop */
+    const float y = x - a->m1[c], ys = y * a->slope[c];
+    return (y < 0.0f ? ys : y) + a->m2[c]; /* as epi_loop */
 }
 
 /* engine.py's _channel_shortcut(sc, N)[c] for one row */

@@ -132,9 +132,11 @@ INLINE void epi_loop(const int HAS, const int32_t *restrict d, const float *rest
             if (HAS & 1)
                 x += s[j];
             if (HAS & 2) {
-                /* PReLU as F.prelu: y * slope where y < 0, else y (a compare and a masked multiply) */
-                const float y = x - a1[j];
-                x = (y < 0.0f ? y * a2[j] : y) + a3[j];
+                /* PReLU as F.prelu: y * slope where y < 0, else y.  The product is taken for every
+                 * lane and then selected (a blend): a multiply under the condition is not
+                 * if-converted by the compiler (it could trap), so it would stay a branch. */
+                const float y = x - a1[j], ys = y * a2[j];
+                x = (y < 0.0f ? ys : y) + a3[j];
             }
             if (HAS & 4)
                 x = p2[j] + x * p1[j];
