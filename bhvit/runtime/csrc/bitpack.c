@@ -273,3 +273,84 @@ EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, cons
     }
     return bad;
 }
+
+/* sign bits of x + bias per attention head, in the attention core's layout: x: (Bw, L, h * d)
+ * floats, bias: h * d, out: (Bw, h, L, ceil(d/64)) words -- the heads split and moved to the
+ * front while packing, with no float copy.  Returns 1 if any NaN, -2 bad arguments. */
+EXPORT int bhv_pack_heads_f32(const float *x, int64_t Bw, int64_t L, int64_t h, int64_t d, const float *bias,
+                              uint64_t *out, int threads)
+{
+    if (Bw < 0 || L < 0 || h < 1 || d < 1)
+        return -2;
+    const packb_fn row = bhvi_packb();
+    const int64_t Wd = cdiv(d, 64), rows = Bw * L * h;
+    const int nt = bhvi_threads(threads);
+    int bad = 0;
+    (void)nt;
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * d >= BHV_PAR_MIN_FLOATS) \
+    reduction(| : bad)
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t b = r / (L * h), n = r / h % L, hd = r % h; /* x row r = (b, n, hd) */
+        bad |= row(x + r * d, NULL, NULL, bias + hd * d, d, out + ((b * h + hd) * L + n) * Wd);
+    }
+    return bad;
+}
+
+/* a[i] bit j -> a[j] bit i for a 64 x 64 bit matrix: six rounds of swapping the off-diagonal
+ * halves of ever smaller blocks (Hacker's Delight, 7-3). */
+static void transpose64(uint64_t a[64])
+{
+    uint64_t m = 0x00000000FFFFFFFFull;
+    for (int j = 32; j != 0; j >>= 1, m ^= m << j)
+        for (int k = 0; k < 64; k = ((k | j) + 1) & ~j) {
+            const uint64_t t = ((a[k] >> j) ^ a[k | j]) & m;
+            a[k] ^= t << j;
+            a[k | j] ^= t;
+        }
+}
+
+/* sign bits of v + bias along the keys, per head, in the attention core's layout: v: (Bw, L, h * d)
+ * floats, bias: h * d, out: (Bw, h, d, ceil(L/64)) words.  Per window and block of 64 keys the
+ * rows are packed along the channels, then each 64 x 64 bit block is transposed.  Returns 1 if
+ * any NaN, -1 out of memory, -2 bad arguments. */
+EXPORT int bhv_pack_keys_f32(const float *v, int64_t Bw, int64_t L, int64_t h, int64_t d, const float *bias,
+                             uint64_t *out, int threads)
+{
+    if (Bw < 0 || L < 0 || h < 1 || d < 1)
+        return -2;
+    const packb_fn row = bhvi_packb();
+    const int64_t C = h * d, Wc = cdiv(C, 64), Wm = cdiv(L, 64), tasks = Bw * Wm;
+    const int nt = bhvi_threads(threads);
+    int bad = 0, failed = 0;
+    (void)nt;
+#pragma omp parallel num_threads(nt) if (nt > 1 && tasks > 1 && Bw * L * C >= BHV_PAR_MIN_FLOATS) \
+    reduction(| : bad, failed)
+    {
+        uint64_t *blk = (uint64_t *)malloc((size_t)(64 * Wc) * sizeof(uint64_t));
+        if (blk == NULL)
+            failed = 1;
+#pragma omp for schedule(static)
+        for (int64_t t = 0; t < tasks; ++t) {
+            if (blk == NULL)
+                continue;
+            const int64_t b = t / Wm, kb = t % Wm, n0 = kb * 64, nn = min64(64, L - n0);
+            for (int64_t i = 0; i < 64; ++i)
+                if (i < nn)
+                    bad |= row(v + (b * L + n0 + i) * C, NULL, NULL, bias, C, blk + i * Wc);
+                else
+                    memset(blk + i * Wc, 0, (size_t)Wc * sizeof(uint64_t));
+            for (int64_t cw = 0; cw < Wc; ++cw) {
+                uint64_t a[64];
+                for (int i = 0; i < 64; ++i)
+                    a[i] = blk[i * Wc + cw];
+                transpose64(a); /* a[i]: channel cw * 64 + i over the block's keys */
+                for (int64_t i = 0; i < 64 && cw * 64 + i < C; ++i) {
+                    const int64_t c = cw * 64 + i, hd = c / d, j = c % d;
+                    out[((b * h + hd) * d + j) * Wm + kb] = a[i];
+                }
+            }
+        }
+        free(blk);
+    }
+    return failed ? -1 : bad;
+}

@@ -67,6 +67,10 @@ EXPORT void bhv_pack_bits_u8(const uint8_t *b, int64_t rows, int64_t k, uint64_t
 EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, const float *scale,
                                    const float *shift, const float *bias, int64_t prow, uint64_t *out,
                                    int threads);
+EXPORT int bhv_pack_heads_f32(const float *x, int64_t Bw, int64_t L, int64_t h, int64_t d, const float *bias,
+                              uint64_t *out, int threads);
+EXPORT int bhv_pack_keys_f32(const float *v, int64_t Bw, int64_t L, int64_t h, int64_t d, const float *bias,
+                             uint64_t *out, int threads);
 
 /* bgemm.c: a and b are M x W and N x W words; bhv_*_pp take weights packed once */
 EXPORT int bhv_xnor_gemm(const uint64_t *a, const uint64_t *b, int64_t M, int64_t N, int64_t W, int64_t k,

@@ -1407,39 +1407,15 @@ static void attention(run_t *r, const block_t *k, const float *q, const float *k
 {
     bhvit_model *m = r->m;
     const int64_t h = k->heads, d = C / h, Wd = (d + 63) / 64, Wm = (L + 63) / 64;
-    uint64_t *tmp = (uint64_t *)wbuf(r, Bw * L * h * Wd, 8);
     uint64_t *qb = (uint64_t *)wbuf(r, Bw * h * L * Wd, 8), *kb = (uint64_t *)wbuf(r, Bw * h * L * Wd, 8);
     uint64_t *vb = (uint64_t *)wbuf(r, Bw * h * d * Wm, 8);
-    if (!tmp || !qb || !kb || !vb)
+    if (!qb || !kb || !vb)
         return;
-    const float *src[2] = {q, kk};
-    uint64_t *dst[2] = {qb, kb};
-    for (int s = 0; s < 2; ++s) {
-        PROF(r, P_PACK, check_kernel(r, bhv_pack_signs_bias_f32(src[s], Bw * L * h, d, NULL, NULL,
-                                                                k->qkv_bias + s * C, h, tmp, r->th)));
-        PROF(r, P_ATT_GLUE, {
-            for (int64_t b = 0; b < Bw; ++b) /* (Bw, L, h, Wd) -> (Bw, h, L, Wd) */
-                for (int64_t n = 0; n < L; ++n)
-                    for (int64_t hd = 0; hd < h; ++hd)
-                        memcpy(dst[s] + ((b * h + hd) * L + n) * Wd, tmp + ((b * L + n) * h + hd) * Wd,
-                               (size_t)Wd * 8);
-        });
-    }
-    const float *vbias = k->qkv_bias + 2 * C;
-    PROF(r, P_ATT_GLUE, {
-        memset(vb, 0, (size_t)(Bw * h * d * Wm) * 8);
-        for (int64_t b = 0; b < Bw; ++b) /* bits of v + bias >= 0 along the keys: (Bw, h, d, Wm) */
-            for (int64_t n = 0; n < L; ++n) {
-                const float *vr = v + (b * L + n) * C;
-                const int sh = (int)(n % 64);
-                for (int64_t hd = 0; hd < h; ++hd) {
-                    uint64_t *dst = vb + (b * h + hd) * d * Wm + n / 64;
-                    const float *vv = vr + hd * d, *bb = vbias + hd * d;
-                    for (int64_t j = 0; j < d; ++j)
-                        dst[j * Wm] |= (uint64_t)(vv[j] + bb[j] >= 0.0f) << sh;
-                }
-            }
+    PROF(r, P_PACK, {
+        check_kernel(r, bhv_pack_heads_f32(q, Bw, L, h, d, k->qkv_bias, qb, r->th));
+        check_kernel(r, bhv_pack_heads_f32(kk, Bw, L, h, d, k->qkv_bias + C, kb, r->th));
     });
+    PROF(r, P_PACK, check_kernel(r, bhv_pack_keys_f32(v, Bw, L, h, d, k->qkv_bias + 2 * C, vb, r->th)));
     if (r->rc)
         return;
     const int64_t levels = m->qd ? m->qd_levels : 1;
