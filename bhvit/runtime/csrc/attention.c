@@ -133,6 +133,51 @@ static void attn_bh_base(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
 
 #if BHV_X86
 /*
+ * attn_output for one word per V row (M <= 64) and nb <= 5, 4 rows a vector: byte popcounts by
+ * nibble lookup (vpshufb), weighted in the bytes by Horner's rule (c = 2 c + popcount of slice
+ * k, at most 8 * 31 per byte), summed by vpsadbw; the d % 8 last rows as attn_output.
+ */
+GLUE_FAST_ATTR static inline void attn_output1_avx2(const uint64_t *V, int64_t d, const uint64_t *sl, int nb,
+                                                    float st, float *o)
+{
+    const __m256i lut = _mm256_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4, 0, 1, 1, 2, 1, 2, 2, 3, 1, 2,
+                                         2, 3, 2, 3, 3, 4);
+    const __m256i low = _mm256_set1_epi8(0x0f), zero = _mm256_setzero_si256();
+    const __m256i even = _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7);
+    int64_t ones = 0;
+    __m256i slv[5];
+    for (int k = 0; k < nb; ++k) {
+        ones += (int64_t)__builtin_popcountll(sl[k]) << k;
+        slv[k] = _mm256_set1_epi64x((long long)sl[k]);
+    }
+    const __m256i onesv = _mm256_set1_epi32((int32_t)ones);
+    const __m256 stv = _mm256_set1_ps(st);
+    int64_t j = 0;
+    for (; j + 8 <= d; j += 8) {
+        __m256i h[2];
+        for (int u = 0; u < 2; ++u) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(V + j + 4 * u));
+            __m256i c = zero;
+            for (int k = nb - 1; k >= 0; --k) {
+                const __m256i x = _mm256_and_si256(v, slv[k]);
+                const __m256i xh = _mm256_and_si256(_mm256_srli_epi16(x, 4), low);
+                const __m256i pc = _mm256_add_epi8(_mm256_shuffle_epi8(lut, _mm256_and_si256(x, low)),
+                                                   _mm256_shuffle_epi8(lut, xh));
+                c = _mm256_add_epi8(_mm256_add_epi8(c, c), pc);
+            }
+            h[u] = _mm256_sad_epu8(c, zero); /* 4 sums of at most 64 * 31 */
+        }
+        /* the low dwords of h[0] then of h[1]: rows j..j+7 */
+        const __m256i h01 = _mm256_blend_epi32(h[0], _mm256_slli_epi64(h[1], 32), 0xaa);
+        const __m256i hits = _mm256_permutevar8x32_epi32(h01, even);
+        const __m256i r = _mm256_sub_epi32(_mm256_add_epi32(hits, hits), onesv);
+        _mm256_storeu_ps(o + j, _mm256_mul_ps(_mm256_cvtepi32_ps(r), stv));
+    }
+    if (j < d)
+        attn_output(V + j, d - j, 1, sl, nb, st, o + j);
+}
+
+/*
  * One window x head with AVX2 (+POPCNT), any shape: scalar popcount scores and outputs, the
  * softmax denominator (two 8-lane vectors: s_0..7 and s_8..15), levels, slices (movemask of the
  * level bit shifted to the sign) and the combine 8 floats a vector.  e has room for
@@ -188,7 +233,10 @@ GLUE_FAST_ATTR static void attn_bh_avx2(const attn_args *a, int64_t bh, float *e
         }
         const int64_t off = ((b * N + n) * heads + hd) * d;
         float *o = a->out + off;
-        attn_output(V, d, Wm, planes, nb, st, o);
+        if (Wm == 1 && nb <= 5)
+            attn_output1_avx2(V, d, planes, nb, st, o);
+        else
+            attn_output(V, d, Wm, planes, nb, st, o);
         if (a->ns != NULL) {
             const int64_t c0 = hd * d;
             int64_t j = 0;
