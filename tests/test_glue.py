@@ -253,6 +253,9 @@ def test_attention_identical_on_every_compiled_backend(d, M, combine):
     rng = np.random.default_rng(1000 * d + M)
     Bw, h, N = 3, 4, M if combine else 37
     q, k, v = (rng.standard_normal((Bw, h, n, d)).astype(np.float32) for n in (N, M, M))
+    # wide score ranges too: keys equal to queries (window 0), and keys +-query 0 (window 1)
+    k[0, :, : min(N, M)] = q[0, :, : min(N, M)]
+    k[1, :, ::2], k[1, :, 1::2] = -q[1, :, :1], q[1, :, :1]
     qb, kb = K.pack_signs(q), K.pack_signs(k)
     vb = K.pack_bits(np.ascontiguousarray((v >= 0).transpose(0, 1, 3, 2)))
     step = rng.uniform(0.01, 0.1, h).astype(np.float32)

@@ -269,20 +269,29 @@ ATTN_AVX512_ATTR static inline __m512 attn_etab16(const __m512 *t, __m512 t64, _
     return _mm512_maskz_mov_ps(keep, _mm512_mask_blend_ps(_mm512_cmpeq_epi32_mask(idx, _mm512_set1_epi32(64)), r, t64));
 }
 
+/* The clipped levels of 16 exp values e: lv = rint(e / sum * L / st + z) clipped to [0, L], NaN -> 0. */
+ATTN_AVX512_ATTR static inline __m512i attn_levels16(__m512 e, __m512 sumv, __m512 Lv, __m512 stv, __m512 zv)
+{
+    const __m512 x = _mm512_add_ps(_mm512_div_ps(_mm512_mul_ps(_mm512_div_ps(e, sumv), Lv), stv), zv);
+    const __m512 lv = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    /* min(lv, L) is lv < L ? lv : L; lanes not > 0 (NaN included) -> 0 */
+    const __mmask16 pos = _mm512_cmp_ps_mask(lv, _mm512_setzero_ps(), _CMP_GT_OQ);
+    return _mm512_maskz_cvttps_epi32(pos, _mm512_min_ps(lv, Lv));
+}
+
 /*
  * One window x head with AVX-512 VPOPCNTDQ for d <= 64 and M <= 64 (one word per q / k row and
  * per V row): per query row, scores for 8 keys a vector (xor with the broadcast query word,
  * vpopcntq), packed to 16 keys a vector; exp-table lookups, softmax and levels 16 keys a vector
  * (the partial sums s_0..15 of attn_denominator are the lanes); the level slices are the masks
  * of vector tests (16 bits per 16 keys); the output 8 V rows a vector (AND with the broadcast
- * slice + vpopcntq), 16 columns a vector for the combine.
+ * slice + vpopcntq), 16 columns a vector for the combine.  Always 4 chunks of 16 keys (those
+ * past M masked off), so that the compiler keeps them in registers; nb is a constant where the
+ * caller passes one.
  */
-ATTN_AVX512_ATTR static void attn_bh_avx512(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
-                                            uint64_t *planes)
+ATTN_AVX512_ATTR INLINE void attn_bh_avx512_impl(const attn_args *a, int64_t bh, const int nb)
 {
-    (void)e, (void)pcs, (void)planes;
     const int64_t heads = a->heads, N = a->N, M = a->M, d = a->d;
-    const int nb = attn_slices(a->levels), nc = (int)cdiv(M, 16), ng = (int)cdiv(d, 8);
     const int64_t b = bh / heads, hd = bh % heads;
     const uint64_t *Q = a->qb + bh * N, *Kp = a->kb + bh * M, *V = a->vb + bh * d;
     const float st = a->step[hd], z = a->zp[hd], L = (float)a->levels;
@@ -292,44 +301,57 @@ ATTN_AVX512_ATTR static void attn_bh_avx512(const attn_args *a, int64_t bh, floa
     const __m512 t64 = _mm512_set1_ps(a->etab[64]);
     const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
     __mmask16 keep[4]; /* the keys of each 16-key chunk */
-    __m512i kv[8];     /* the key words, 8 a vector (0 past M) */
-    __m512i vv[8];     /* the V rows, 8 a vector */
+    __mmask8 kload[8]; /* the key words of each 8-key group */
     for (int c = 0; c < 4; ++c)
         keep[c] = (__mmask16)(M >= 16 * c + 16 ? 0xffff : M > 16 * c ? (1u << (M - 16 * c)) - 1 : 0);
-    for (int g = 0; g < 8; ++g) {
-        const int64_t km = min64(8, max64(0, M - 8 * g)), vm = min64(8, max64(0, d - 8 * g));
-        kv[g] = _mm512_maskz_loadu_epi64((__mmask8)((1u << km) - 1), Kp + 8 * g);
-        vv[g] = _mm512_maskz_loadu_epi64((__mmask8)((1u << vm) - 1), V + 8 * g);
-    }
+    for (int g = 0; g < 8; ++g)
+        kload[g] = (__mmask8)((1u << min64(8, max64(0, M - 8 * g))) - 1);
     for (int64_t n = 0; n < N; ++n) {
         const __m512i qv = _mm512_set1_epi64((long long)Q[n]);
         __m512i P[4], pm = _mm512_set1_epi32(INT32_MAX);
-        for (int c = 0; c < nc; ++c) {
-            const __m512i lo = _mm512_popcnt_epi64(_mm512_xor_si512(qv, kv[2 * c]));
-            const __m512i hi = _mm512_popcnt_epi64(_mm512_xor_si512(qv, kv[2 * c + 1]));
-            P[c] = _mm512_permutex2var_epi32(lo, even, hi);
+        for (int c = 0; c < 4; ++c) {
+            const __m512i k0 = _mm512_maskz_loadu_epi64(kload[2 * c], Kp + 16 * c);
+            const __m512i k1 = _mm512_maskz_loadu_epi64(kload[2 * c + 1], Kp + 16 * c + 8);
+            P[c] = _mm512_permutex2var_epi32(_mm512_popcnt_epi64(_mm512_xor_si512(qv, k0)), even,
+                                             _mm512_popcnt_epi64(_mm512_xor_si512(qv, k1)));
             pm = _mm512_mask_min_epi32(pm, keep[c], pm, P[c]);
         }
         const __m512i pmin = _mm512_set1_epi32(_mm512_reduce_min_epi32(pm));
         __m512 E[4], acc = zero;
-        for (int c = 0; c < nc; ++c) {
-            E[c] = attn_etab16(t, t64, _mm512_sub_epi32(P[c], pmin), keep[c]);
+        __m512i I[4];
+        __mmask16 wide = 0; /* keys with pc - pc_min >= 16, >= 32 */
+        uint32_t wider = 0;
+        for (int c = 0; c < 4; ++c) {
+            I[c] = _mm512_sub_epi32(P[c], pmin);
+            E[c] = attn_etab16(t, t64, I[c], keep[c]);
             acc = _mm512_add_ps(acc, E[c]); /* + 0 past M: exact */
+            wide |= _mm512_mask_cmpge_epi32_mask(keep[c], I[c], _mm512_set1_epi32(16));
+            wider |= _mm512_mask_cmpge_epi32_mask(keep[c], I[c], _mm512_set1_epi32(32));
         }
         const __m256 r8 = _mm256_add_ps(_mm512_castps512_ps256(acc), _mm512_extractf32x8_ps(acc, 1));
         const __m128 r4 = _mm_add_ps(_mm256_castps256_ps128(r8), _mm256_extractf128_ps(r8, 1));
         const __m128 r2 = _mm_add_ps(r4, _mm_movehl_ps(r4, r4));
         const __m512 sumv = _mm512_broadcastss_ps(_mm_add_ss(r2, _mm_shuffle_ps(r2, r2, 1)));
-        uint64_t sl[7] = {0};
-        for (int c = 0; c < nc; ++c) {
-            const __m512 x = _mm512_add_ps(_mm512_div_ps(_mm512_mul_ps(_mm512_div_ps(E[c], sumv), Lv), stv), zv);
-            const __m512 lv = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-            /* min(lv, L) is lv < L ? lv : L; lanes not > 0 (NaN included) -> 0 */
-            const __mmask16 pos = _mm512_mask_cmp_ps_mask(keep[c], lv, zero, _CMP_GT_OQ);
-            const __m512i li = _mm512_maskz_cvttps_epi32(pos, _mm512_min_ps(lv, Lv));
-            for (int k = 0; k < nb; ++k)
-                sl[k] |= (uint64_t)_mm512_test_epi32_mask(li, _mm512_set1_epi32(1 << k)) << (16 * c);
+        /* The level of a key is that of its table index: the levels of the indices (etab[0..15]
+         * or etab[0..31]: 2 or 4 divisions) looked up where every index is below 16 or 32 (the
+         * same operations on the same values), else those of the keys (8 divisions). */
+        __m512i li[4];
+        if (!wide) {
+            const __m512i lt = attn_levels16(t[0], sumv, Lv, stv, zv);
+            for (int c = 0; c < 4; ++c)
+                li[c] = _mm512_maskz_permutexvar_epi32(keep[c], I[c], lt);
+        } else if (!wider) {
+            const __m512i lt0 = attn_levels16(t[0], sumv, Lv, stv, zv), lt1 = attn_levels16(t[1], sumv, Lv, stv, zv);
+            for (int c = 0; c < 4; ++c)
+                li[c] = _mm512_maskz_permutex2var_epi32(keep[c], lt0, I[c], lt1);
+        } else {
+            for (int c = 0; c < 4; ++c)
+                li[c] = _mm512_maskz_mov_epi32(keep[c], attn_levels16(E[c], sumv, Lv, stv, zv));
         }
+        uint64_t sl[7] = {0};
+        for (int c = 0; c < 4; ++c)
+            for (int k = 0; k < nb; ++k)
+                sl[k] |= (uint64_t)_mm512_test_epi32_mask(li[c], _mm512_set1_epi32(1 << k)) << (16 * c);
         int64_t ones = 0;
         __m512i slv[7];
         for (int k = 0; k < nb; ++k) {
@@ -339,19 +361,21 @@ ATTN_AVX512_ATTR static void attn_bh_avx512(const attn_args *a, int64_t bh, floa
         const __m512i onesv = _mm512_set1_epi64(ones);
         const int64_t off = ((b * N + n) * heads + hd) * d;
         float *o = a->out + off;
-        for (int g = 0; g < ng; g += 2) { /* 16 columns */
+        for (int64_t j = 0; j < d; j += 16) {
+            const int64_t cols = min64(16, d - j);
+            const __mmask16 km = (__mmask16)((1u << cols) - 1);
             __m256 f[2];
-            for (int u = 0; u < 2; ++u) {
+            for (int u = 0; u < 2; ++u) { /* rows j + 8u .. j + 8u + 7 */
+                const int64_t rows = min64(8, max64(0, cols - 8 * u));
+                const __m512i vg = _mm512_maskz_loadu_epi64((__mmask8)((1u << rows) - 1), V + j + 8 * u);
                 __m512i h = _mm512_setzero_si512();
                 for (int k = 0; k < nb; ++k)
-                    h = _mm512_add_epi64(h, _mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_and_si512(vv[g + u], slv[k])),
+                    h = _mm512_add_epi64(h, _mm512_slli_epi64(_mm512_popcnt_epi64(_mm512_and_si512(vg, slv[k])),
                                                               (unsigned)k));
                 const __m512i r = _mm512_sub_epi64(_mm512_slli_epi64(h, 1), onesv);
                 f[u] = _mm256_mul_ps(_mm512_cvtepi64_ps(r), _mm512_castps512_ps256(stv));
             }
             __m512 x = _mm512_insertf32x8(_mm512_castps256_ps512(f[0]), f[1], 1);
-            const int64_t j = 8 * g, cols = min64(16, d - j);
-            const __mmask16 km = (__mmask16)(cols == 16 ? 0xffff : (1u << cols) - 1);
             if (a->ns != NULL) {
                 const int64_t c = hd * d + j;
                 x = _mm512_mul_ps(x, _mm512_maskz_loadu_ps(km, a->ns + c));
@@ -368,6 +392,18 @@ ATTN_AVX512_ATTR static void attn_bh_avx512(const attn_args *a, int64_t bh, floa
             _mm512_mask_storeu_ps(o + j, km, x);
         }
     }
+}
+
+/* attn_bh_avx512_impl with nb = 2 (2 or 3 levels) as a constant. */
+ATTN_AVX512_ATTR static void attn_bh_avx512(const attn_args *a, int64_t bh, float *e, int32_t *pcs,
+                                            uint64_t *planes)
+{
+    (void)e, (void)pcs, (void)planes;
+    const int nb = attn_slices(a->levels);
+    if (nb == 2)
+        attn_bh_avx512_impl(a, bh, 2);
+    else
+        attn_bh_avx512_impl(a, bh, nb);
 }
 #endif
 
