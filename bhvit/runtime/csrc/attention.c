@@ -96,7 +96,7 @@ INLINE void attn_output(const uint64_t *V, int64_t d, int64_t Wm, const uint64_t
 }
 
 /*
- * One window x head, portable: the reference of the vector copies below (c-portable, c-popcnt).
+ * One window x head, portable: the reference of the vector copies below (c-portable, c-popcnt, c-neon).
  * e: M floats, pcs: M ints, planes: nb * Wm words of scratch.
  */
 static void attn_bh_base(const attn_args *a, int64_t bh, float *e, int32_t *pcs, uint64_t *planes)
@@ -286,8 +286,7 @@ ATTN_AVX512_ATTR static inline __m512i attn_levels16(__m512 e, __m512 sumv, __m5
  * (the partial sums s_0..15 of attn_denominator are the lanes); the level slices are the masks
  * of vector tests (16 bits per 16 keys); the output 8 V rows a vector (AND with the broadcast
  * slice + vpopcntq), 16 columns a vector for the combine.  Always 4 chunks of 16 keys (those
- * past M masked off), so that the compiler keeps them in registers; nb is a constant where the
- * caller passes one.
+ * past M masked off): fixed trip counts, unrolled; nb is a constant where the caller passes one.
  */
 ATTN_AVX512_ATTR INLINE void attn_bh_avx512_impl(const attn_args *a, int64_t bh, const int nb)
 {
