@@ -259,6 +259,38 @@ def test_attention_matches_float_reference(d, M):
         assert np.isclose(out, ref, atol=1e-5).mean() > 0.99, b
 
 
+@pytest.mark.parametrize("d,M", [(32, 53), (64, 50), (64, 64), (100, 130)])
+@pytest.mark.parametrize("combine", [False, True])
+def test_attention_identical_on_every_compiled_backend(d, M, combine):
+    # every C variant computes the same floats in the same order (the softmax denominator in
+    # attention.c's fixed lane order), so the outputs are equal bit for bit
+    rng = np.random.default_rng(1000 * d + M)
+    Bw, h, N = 3, 4, M if combine else 37
+    q, k, v = (rng.standard_normal((Bw, h, n, d)).astype(np.float32) for n in (N, M, M))
+    # wide score ranges too: keys equal to queries (window 0), and keys +-query 0 (window 1)
+    k[0, :, : min(N, M)] = q[0, :, : min(N, M)]
+    k[1, :, ::2], k[1, :, 1::2] = -q[1, :, :1], q[1, :, :1]
+    qb, kb = K.pack_signs(q), K.pack_signs(k)
+    vb = K.pack_bits(np.ascontiguousarray((v >= 0).transpose(0, 1, 3, 2)))
+    step = rng.uniform(0.01, 0.1, h).astype(np.float32)
+    zp = rng.uniform(-0.5, 0.5, h).astype(np.float32)
+    scale, comb = 1 / math.sqrt(d), None
+    if combine:
+        C = h * d
+        act = tuple(rng.standard_normal(C).astype(np.float32) for _ in range(3))
+        ns, nt = (rng.standard_normal(C).astype(np.float32) for _ in range(2))
+        q, k, v = (rng.standard_normal((Bw, N, C)).astype(np.float32) for _ in range(3))
+        comb = (ns, nt, q, k, v, act)
+    compiled = [b for b in K.available_backends() if b != "numpy"]
+    for levels in (3, 1, 64):
+        ref = None
+        for b in compiled:
+            for threads in (1, 2):
+                out = _on(b, lambda: K.attention(qb, kb, vb, d, step, zp, levels, scale, comb, threads=threads))
+                ref = out if ref is None else ref
+                assert np.array_equal(out, ref), (b, levels, threads)
+
+
 def test_attention_errors():
     qb = np.zeros((1, 1, 2, 1), np.uint64)
     with pytest.raises(ValueError, match="do not fit"):

@@ -1028,10 +1028,18 @@ def attention(
     dt = np.float64
     q = _unpack_bits(qb)[..., :d].astype(dt) * 2 - 1
     k = _unpack_bits(kb)[..., :d].astype(dt) * 2 - 1
-    scores = np.rint(q @ k.transpose(0, 1, 3, 2)).astype(np.float32)
-    a = scores * np.float32(scale)
-    e = np.exp(a - a.max(-1, keepdims=True))
-    attn = e / e.sum(-1, keepdims=True)
+    pc = np.rint((d - q @ k.transpose(0, 1, 3, 2)) / 2).astype(np.int64)  # popcount(q ^ k)
+    # exp(score * scale - max) = etab[pc - min pc] with etab[i] = exp(-2 i scale) in float32, as attention.c
+    etab = np.exp(np.float32(-2) * np.arange(64 * Wd + 1, dtype=np.float32) * np.float32(scale))
+    e = etab[pc - pc.min(-1, keepdims=True)]
+    # the denominator in attention.c's order: 16 partial sums over the keys m = l mod 16 in
+    # increasing m, then the tree s_l + s_{l+8}, s_l + s_{l+4}, s_l + s_{l+2}, s_0 + s_1
+    s = np.zeros(e.shape[:-1] + (16,), np.float32)
+    for m0 in range(0, M, 16):
+        s[..., : min(16, M - m0)] += e[..., m0 : m0 + 16]
+    for w in (8, 4, 2, 1):
+        s = s[..., :w] + s[..., w : 2 * w]
+    attn = e / s
     hs = (1, h, 1, 1)
     lv = np.clip(np.round(attn * np.float32(levels) / step.reshape(hs) + zp.reshape(hs)), 0, levels)
     planes = lv[None] >= np.arange(1, levels + 1, dtype=np.float32).reshape(-1, 1, 1, 1, 1)
