@@ -311,7 +311,7 @@ def test_attention_combine_equals_separate_steps(be):
     ns, nt, m1, slope, m2 = (rng.standard_normal(C).astype(np.float32) for _ in range(5))
     ctx = K.attention(qb, kb, vb, d, step, zp, 3, 0.25)
     y = (((ctx * ns + nt) + q) + k) + v - m1
-    want = np.maximum(y, 0) + np.minimum(y, 0) * slope + m2
+    want = np.where(y < 0, y * slope, y) + m2
     got = K.attention(qb, kb, vb, d, step, zp, 3, 0.25, combine=(ns, nt, q, k, v, (m1, slope, m2)))
     assert np.allclose(got, want, atol=1e-5)
     with pytest.raises(ValueError, match="shape"):

@@ -1049,8 +1049,7 @@ def attention(
     out = out.transpose(0, 2, 1, 3).reshape(Bw, N, h * d)
     if comb is not None:
         ns, nt, q, k, v, m1, slope, m2 = comb
-        y = (((out * ns + nt) + q) + k) + v - m1
-        out = np.maximum(y, 0) + np.minimum(y, 0) * slope + m2
+        out = rprelu((((out * ns + nt) + q) + k) + v, m1, slope, m2)
     return out
 
 

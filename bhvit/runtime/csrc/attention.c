@@ -58,9 +58,8 @@ INLINE float attn_denominator(const float *e, int64_t M)
 /* One element of the combine, column c: RPReLU(((x * ns + nt) + q) + k) + v), as in epi_loop. */
 INLINE float attn_combine1(const attn_args *a, int64_t c, float x, float q, float k, float v)
 {
-    const float y = ((((x * a->ns[c] + a->nt[c]) + q) + k) + v) - a->m1[c];
-    const float pos = y < 0.0f ? 0.0f : y, neg = y < 0.0f ? y : 0.0f;
-    return pos + neg * a->slope[c] + a->m2[c];
+    const float y = ((((x * a->ns[c] + a->nt[c]) + q) + k) + v) - a->m1[c], ys = y * a->slope[c];
+    return (y < 0.0f ? ys : y) + a->m2[c];
 }
 
 /* The scores of query row qr against the M keys: pcs[m] = popcount(q ^ k_m); returns their minimum. */
@@ -248,8 +247,7 @@ GLUE_FAST_ATTR static void attn_bh_avx2(const attn_args *a, int64_t bh, float *e
                 x = _mm256_add_ps(x, _mm256_loadu_ps(a->v + off + j));
                 const __m256 y = _mm256_sub_ps(x, _mm256_loadu_ps(a->m1 + c));
                 const __m256 neg = _mm256_cmp_ps(y, zero, _CMP_LT_OQ);
-                const __m256 r = _mm256_add_ps(_mm256_andnot_ps(neg, y),
-                                               _mm256_mul_ps(_mm256_and_ps(neg, y), _mm256_loadu_ps(a->slope + c)));
+                const __m256 r = _mm256_blendv_ps(y, _mm256_mul_ps(y, _mm256_loadu_ps(a->slope + c)), neg);
                 _mm256_storeu_ps(o + j, _mm256_add_ps(r, _mm256_loadu_ps(a->m2 + c)));
             }
             for (; j < d; ++j)
@@ -384,8 +382,7 @@ ATTN_AVX512_ATTR INLINE void attn_bh_avx512_impl(const attn_args *a, int64_t bh,
                 x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(km, a->v + off + j));
                 const __m512 y = _mm512_sub_ps(x, _mm512_maskz_loadu_ps(km, a->m1 + c));
                 const __mmask16 neg = _mm512_cmp_ps_mask(y, zero, _CMP_LT_OQ);
-                x = _mm512_add_ps(_mm512_maskz_mov_ps((__mmask16)~neg, y),
-                                  _mm512_mul_ps(_mm512_maskz_mov_ps(neg, y), _mm512_maskz_loadu_ps(km, a->slope + c)));
+                x = _mm512_mask_mul_ps(y, neg, y, _mm512_maskz_loadu_ps(km, a->slope + c));
                 x = _mm512_add_ps(x, _mm512_maskz_loadu_ps(km, a->m2 + c));
             }
             _mm512_mask_storeu_ps(o + j, km, x);
