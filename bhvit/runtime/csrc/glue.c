@@ -338,49 +338,88 @@ INLINE void FN(gelu_rows)(const float *x, int64_t n, float *out)
         out[i] = gelu1(x[i]);
 }
 
-/* Channels [c0, c0 + L) of one position, all branches, the sum kept in a register: lane l does
- * shift_one's operations for channel c0 + l.  part: the channel quarter of c0; whole: the vector
- * lies in that quarter. */
-INLINE void FN(shift_chunk)(const shift_args *a, const float *xc, const int64_t *tab, int64_t c0, int64_t part,
-                            int whole, float *o)
+/* Channels [c0, c0 + U L) of one position (U <= 4 vectors, a constant after inlining), all branches,
+ * the sums kept in registers: lane l does shift_one's operations for its channel.  part[u]: the
+ * channel quarter of vector u; whole: each vector lies in its quarter.  The rolled sum of a size k
+ * goes on from the one of the size before when that is not larger (the same additions, in the same
+ * order). */
+INLINE void FN(shift_chunk)(const shift_args *a, const float *xc, const int64_t *tab, int64_t c0,
+                            const int64_t *part, int whole, float *o, const int U)
 {
     const int64_t C = a->C, q = C / 4;
-    VF acc, t, u, s, b;
-    LDV(acc, o + c0);
-    for (int64_t i = 0; i < a->nk; ++i) {
+    const float *ps = a->ps + c0, *pb = a->pb + c0;
+    VF acc[4], tH[4], tW[4], x0[4], u, s, b;
+    int64_t kdone = 0; /* steps already in tH, tW */
+    _Pragma("GCC unroll 4")
+    for (int v = 0; v < U; ++v) {
+        LDV(acc[v], o + c0 + v * L);
+        LDV(x0[v], xc + c0 + v * L);
+        tH[v] = tW[v] = x0[v];
+    }
+    for (int64_t i = 0; i < a->nk; ++i, ps += 3 * C, pb += 3 * C) {
         const int64_t k = a->ks[i];
         const float inv = a->inv[i];
-        for (int axis = 0; axis < 2; ++axis) {
-            LDV(t, xc + c0);
-            for (int64_t j = 0; j < 2 * k; j += 2) {
-                LDV(u, xc + tab[j] + c0);
-                t = t + u;
-                LDV(u, xc + tab[j + 1] + c0);
-                t = t + u;
+        if (k < kdone)
+            kdone = 0;
+        if (kdone == 0)
+            _Pragma("GCC unroll 4")
+            for (int v = 0; v < U; ++v)
+                tH[v] = tW[v] = x0[v];
+        for (int64_t j = 2 * kdone; j < 2 * k; j += 2)
+            _Pragma("GCC unroll 4")
+            for (int v = 0; v < U; ++v) {
+                LDV(u, xc + tab[j] + c0 + v * L);
+                tH[v] = tH[v] + u;
+                LDV(u, xc + tab[j + 1] + c0 + v * L);
+                tH[v] = tH[v] + u;
             }
-            tab += 2 * k;
-            LDV(s, a->ps + (3 * i + axis) * C + c0);
-            LDV(b, a->pb + (3 * i + axis) * C + c0);
-            acc = acc + (b + (t * inv) * s);
+        _Pragma("GCC unroll 4")
+        for (int v = 0; v < U; ++v) {
+            LDV(s, ps + v * L);
+            LDV(b, pb + v * L);
+            acc[v] = acc[v] + (b + (tH[v] * inv) * s);
         }
-        if (whole) {
-            LDV(u, xc + tab[part] + c0);
-        } else { /* the vector spans two or more channel quarters (C / 4 not a multiple of L) */
-            float tmp[L];
-            for (int l = 0; l < L; ++l)
-                tmp[l] = xc[tab[(c0 + l) / q] + c0 + l];
-            LDV(u, tmp);
+        tab += 2 * k;
+        for (int64_t j = 2 * kdone; j < 2 * k; j += 2)
+            _Pragma("GCC unroll 4")
+            for (int v = 0; v < U; ++v) {
+                LDV(u, xc + tab[j] + c0 + v * L);
+                tW[v] = tW[v] + u;
+                LDV(u, xc + tab[j + 1] + c0 + v * L);
+                tW[v] = tW[v] + u;
+            }
+        _Pragma("GCC unroll 4")
+        for (int v = 0; v < U; ++v) {
+            LDV(s, ps + C + v * L);
+            LDV(b, pb + C + v * L);
+            acc[v] = acc[v] + (b + (tW[v] * inv) * s);
+        }
+        tab += 2 * k;
+        kdone = k;
+        _Pragma("GCC unroll 4")
+        for (int v = 0; v < U; ++v) {
+            if (whole) {
+                LDV(u, xc + tab[part[v]] + c0 + v * L);
+            } else { /* the vector spans two or more channel quarters (C / 4 not a multiple of L) */
+                float tmp[L];
+                for (int l = 0; l < L; ++l)
+                    tmp[l] = xc[tab[(c0 + v * L + l) / q] + c0 + v * L + l];
+                LDV(u, tmp);
+            }
+            LDV(s, ps + 2 * C + v * L);
+            LDV(b, pb + 2 * C + v * L);
+            acc[v] = acc[v] + (b + u * s);
         }
         tab += 4;
-        LDV(s, a->ps + (3 * i + 2) * C + c0);
-        LDV(b, a->pb + (3 * i + 2) * C + c0);
-        acc = acc + (b + u * s);
     }
-    STV(o + c0, acc);
+    _Pragma("GCC unroll 4")
+    for (int v = 0; v < U; ++v)
+        STV(o + c0 + v * L, acc[v]);
 }
 
-/* Row bh = b * H + h of out, channels L at a time.  tab: two source tables (shift_fill), the
- * row's for the inner positions and one for a position near the left or right edge. */
+/* Row bh = b * H + h of out: 4 vectors of channels at a time when the quarters are whole vectors,
+ * then one, then single channels.  tab: two source tables (shift_fill), the row's for the inner
+ * positions and one for a position near the left or right edge. */
 INLINE void FN(shift_row)(const shift_args *a, int64_t bh, int64_t *tab)
 {
     const int64_t H = a->H, Wd = a->W, C = a->C, q = C / 4, len = shift_table_len(a->ks, a->nk);
@@ -397,11 +436,20 @@ INLINE void FN(shift_row)(const shift_args *a, int64_t bh, int64_t *tab)
             shift_fill(a, h, w, 1, tab + len);
             tw = tab + len;
         }
-        int64_t c = 0, part = 0;
+        int64_t c = 0, p = 0, part[4]; /* p: the quarter of channel c (no division) */
+        if (q % L == 0)
+            for (; c + 4 * L <= C; c += 4 * L)
+                for (int v = 0; v < 4; ++v) {
+                    p += c + v * L >= (p + 1) * q;
+                    part[v] = p;
+                    if (v == 3)
+                        FN(shift_chunk)(a, xc, tw, c, part, 1, o, 4);
+                }
         for (; c + L <= C; c += L) {
-            while (c >= (part + 1) * q)
-                ++part;
-            FN(shift_chunk)(a, xc, tw, c, part, c + L <= (part + 1) * q, o);
+            while (c >= (p + 1) * q)
+                ++p;
+            part[0] = p;
+            FN(shift_chunk)(a, xc, tw, c, part, c + L <= (p + 1) * q, o, 1);
         }
         for (; c < C; ++c)
             shift_one(a, xc, tw, c, o);
