@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from bhvit.blocks import ShiftBranches
 from bhvit.runtime import kernels as K
 
-# every compiled variant (portable/popcnt use the baseline glue, avx2/avx512 the AVX2 copy)
+# every compiled variant (portable/popcnt use the baseline glue, avx2 its AVX2 copy, avx512 its AVX-512 copy)
 BACKENDS = [b for b in K.available_backends() if b != "numpy"] + ["numpy"]
 
 
@@ -33,6 +33,9 @@ def _on(backend, fn):
 
 def _vec(rng, n):
     return rng.standard_normal(n).astype(np.float32)
+
+
+C_BACKENDS = BACKENDS[:-1]
 
 
 # --------------------------------------------------------------------------- packing with bias
@@ -183,6 +186,36 @@ def test_gelu_matches_torch(be):
     assert np.abs(K.gelu(x) - want).max() < 2e-6
 
 
+def _gelu_inputs():
+    rng = np.random.default_rng(3)
+    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e30, -1e30, 3.4e38, -3.4e38, 1e-40, -1e-40, 1e-45, -1e-45,
+               1.2e-38, -1.2e-38, 5.65, -5.65, 8.0, -8.0, 10.0, -10.0, 30.0, -30.0]
+    x = np.concatenate([np.array(special, np.float32), rng.standard_normal(3000).astype(np.float32) * 4,
+                        np.linspace(-12, 12, 1001, dtype=np.float32)])
+    return x
+
+
+def test_gelu_identical_on_every_backend_and_limits():
+    # one float32 operation sequence (rational erf, no libm): every C copy and numpy give the same bits
+    x = _gelu_inputs()
+    outs = [_on(b, lambda: K.gelu(x)) for b in BACKENDS]
+    for o in outs[1:]:
+        assert np.array_equal(o.view(np.int32), outs[0].view(np.int32))
+    y = outs[0]
+    finite = np.isfinite(x) & (np.abs(x) <= 8)
+    want = F.gelu(torch.from_numpy(x[finite])).numpy()
+    assert np.abs(y[finite] - want).max() < 2e-6
+    big = np.isfinite(x) & (np.abs(x) > 8)
+    assert np.array_equal(y[big], np.where(x[big] > 0, x[big], 0))
+    assert y[2] == np.inf and y[3] == 0 and np.isnan(y[4])
+    assert np.all(np.isnan(y) == np.isnan(x))
+    # odd sizes (the vector bodies' scalar tails) and several threads
+    for n in (1, 5, 17, 33, 1999):
+        for b in C_BACKENDS:
+            z = _on(b, lambda: K.gelu(x[n:].copy()[:n], threads=2))
+            assert np.array_equal(z.view(np.int32), y[n : 2 * n].view(np.int32))
+
+
 @pytest.mark.parametrize("shape,sizes", [((2, 6, 5, 8), (1, 2)), ((1, 3, 3, 16), (1, 2)), ((1, 7, 7, 4), (3,))])
 def test_shift_mix_matches_training_module(be, shape, sizes):
     torch.manual_seed(0)
@@ -212,6 +245,29 @@ def test_shift_mix_backends_identical_and_errors():
         K.shift_mix(x[..., :6], (1,), sc[:3, :6], bi[:3, :6], np.zeros_like(x[..., :6]))
     with pytest.raises(ValueError, match="scale and bias rows"):
         K.shift_mix(x, (1, 2), sc[:3], bi[:3], np.zeros_like(x))
+
+
+@pytest.mark.parametrize(
+    "shape,sizes",
+    [
+        ((1, 9, 11, 64), (1, 2)),  # whole vectors of 16 (AVX-512), 4 at a time
+        ((2, 5, 6, 128), (2, 1)),  # a smaller size after a larger one: the rolled sums restart
+        ((1, 4, 7, 40), (1, 3)),  # quarters of 10 channels: vectors across quarters, scalar tail
+        ((1, 3, 2, 100), (4,)),  # rolls longer than the map (wrapping more than once)
+        ((1, 6, 6, 20), (0, 1)),  # k = 0: the input itself
+        ((1, 1, 1, 8), (1, 2)),
+    ],
+)
+def test_shift_mix_identical_on_every_backend(shape, sizes):
+    rng = np.random.default_rng(sum(shape))
+    C = shape[-1]
+    x = rng.standard_normal(shape).astype(np.float32)
+    sc = rng.standard_normal((3 * len(sizes), C)).astype(np.float32)
+    bi = rng.standard_normal((3 * len(sizes), C)).astype(np.float32)
+    base = rng.standard_normal(shape).astype(np.float32)
+    outs = [_on(b, lambda: K.shift_mix(x, sizes, sc, bi, base.copy(), threads=t)) for b in BACKENDS for t in (1, 2)]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
 
 
 # --------------------------------------------------------------------------- attention core
@@ -326,6 +382,19 @@ def test_layer_norm_matches_torch(be):
     assert np.abs(K.layer_norm(x, w, b, 1e-5) - want).max() < 1e-5
 
 
+@pytest.mark.parametrize("C", [1, 5, 16, 24, 64, 96, 100, 512])
+def test_layer_norm_identical_on_every_c_backend(C):
+    # double sums in 16 lanes (j mod 16) with one reduction order: the same bits in every C copy
+    rng = np.random.default_rng(C)
+    x = (rng.standard_normal((37, C)) * 3 + 2).astype(np.float32)
+    w, b = rng.standard_normal(C).astype(np.float32), rng.standard_normal(C).astype(np.float32)
+    outs = [_on(be, lambda: K.layer_norm(x, w, b, 1e-5, threads=2)) for be in C_BACKENDS]
+    for o in outs[1:]:
+        assert np.array_equal(o, outs[0])
+    want = F.layer_norm(torch.from_numpy(x), (C,), torch.from_numpy(w), torch.from_numpy(b), 1e-5).numpy()
+    assert np.abs(outs[0] - want).max() < 1e-5
+
+
 @pytest.mark.parametrize("n,pool", [(512, 64), (256, 32), (96, 12), (1024, 256), (2048, 512), (96, 24)])
 def test_pooled_means_identical_on_every_backend(n, pool):
     # k = n / pool consecutive channels summed in order, times 1/k (AVX2 transposes 8x8 blocks)
@@ -350,6 +419,24 @@ def test_dense_matches_matmul(be):
     assert np.abs(K.dense(x, w, None, threads=2) - (want - b)).max() < 1e-4
     with pytest.raises(ValueError, match="does not fit"):
         K.dense(x, w.T)
+
+
+@pytest.mark.parametrize("rows,k,n", [(9, 48, 64), (7, 13, 70), (1, 512, 1000), (5, 3, 5), (4, 20, 130), (17, 1, 16)])
+def test_dense_every_backend_adds_in_order(rows, k, n):
+    # o = bias, then o = o + x[t] * w[t] for t = 0..k-1 in float32 (one multiply, one add): exactly,
+    # on every C backend and for every register tile and tail
+    rng = np.random.default_rng(rows * k + n)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    want = np.broadcast_to(b, (rows, n)).copy()
+    want0 = np.zeros((rows, n), np.float32)
+    for t in range(k):
+        want = want + x[:, t : t + 1] * w[t]
+        want0 = want0 + x[:, t : t + 1] * w[t]
+    for be in C_BACKENDS:
+        assert np.array_equal(_on(be, lambda: K.dense(x, w, b, threads=2)), want)
+        assert np.array_equal(_on(be, lambda: K.dense(x, w, None)), want0)
 
 
 def test_prepared_linear_equals_binary_linear(be):

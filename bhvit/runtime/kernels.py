@@ -848,22 +848,39 @@ class PreparedLinear:
 # --------------------------------------------------------------------------- float glue
 
 
-def _erf(x: np.ndarray) -> np.ndarray:
-    # Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7), evaluated in float64.
-    x = x.astype(np.float64)
-    a = np.abs(x)
-    t = 1.0 / (1.0 + 0.3275911 * a)
-    y = 1.0 - (
-        ((((1.061405429 * t - 1.453152027) * t) + 1.421413741) * t - 0.284496736) * t + 0.254829592
-    ) * t * np.exp(-a * a)
-    return np.sign(x) * y
+# erf(z) ~ z P(z^2) / Q(z^2) on [-4, 4] (glue.c's gelu1), highest power first
+_ERF_P = tuple(map(np.float32, (-2.72614225801306e-10, 2.77068142495902e-08, -2.10102402082508e-06,
+                                -5.69250639462346e-05, -7.34990630326855e-04, -2.95459980854025e-03,
+                                -1.60960333262415e-02)))
+_ERF_Q = tuple(map(np.float32, (-1.45660718464996e-05, -2.13374055278905e-04, -1.68282697438203e-03,
+                                -7.37332916720468e-03, -1.42647390514189e-02)))
+
+
+def _gelu_numpy(x: np.ndarray) -> np.ndarray:
+    # the float32 operations of glue.c's gelu1, in its order (numpy rounds each one the same way)
+    f = np.float32
+    z = x * f(0.70710678118654752)
+    z = np.where(z > f(4), f(4), z)
+    z = np.where(z < f(-4), f(-4), z)
+    z2 = z * z
+    p, q = _ERF_P[0], _ERF_Q[0]
+    for c in _ERF_P[1:]:
+        p = p * z2 + c
+    for c in _ERF_Q[1:]:
+        q = q * z2 + c
+    e = (z * p) / q
+    e = np.where(e > f(1), f(1), e)
+    e = np.where(e < f(-1), f(-1), e)
+    h = f(0.5) * (f(1) + e)
+    with np.errstate(invalid="ignore"):
+        return np.where(h == f(0), f(-0.0), x * h).astype(np.float32)
 
 
 def gelu(x, threads: int = 0) -> np.ndarray:
     """Exact (erf) GELU in float32: ``0.5 x (1 + erf(x / sqrt 2))``."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if not _use_c:
-        return (0.5 * x * (1.0 + _erf(x / math.sqrt(2.0)))).astype(np.float32)
+        return _gelu_numpy(x)
     out = np.empty_like(x)
     if x.size:
         _lib.bhv_gelu(_ptr(x), x.size, _ptr(out), _threads(threads))
@@ -871,12 +888,13 @@ def gelu(x, threads: int = 0) -> np.ndarray:
 
 
 def _roll_mean(x, k, axis):
-    # the training model's order: ((x + roll(x, 1)) + roll(x, -1)) + roll(x, 2) ...
+    # the training model's order: ((x + roll(x, 1)) + roll(x, -1)) + roll(x, 2) ..., then times
+    # (float32)(1 / (2k + 1)) -- glue.c's float operations, so every backend gives the same bits
     out = x.copy()
     for s in range(1, k + 1):
         out = out + np.roll(x, s, axis=axis)
         out = out + np.roll(x, -s, axis=axis)
-    return out / np.float32(2 * k + 1)
+    return out * np.float32(1.0 / (2 * k + 1))
 
 
 def _channel_mix(x, k):
