@@ -212,7 +212,7 @@ EXPORT void bhv_gelu(const float *x, int64_t n, float *out, int threads)
     void (*fn)(const float *, int64_t, float *) = GLUE_PICK(gelu_rows);
     const int nt = bhvi_threads(threads);
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n >= (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && n >= BHV_PAR_MIN_FLOATS)
     for (int64_t i = 0; i < n; i += GELU_BLOCK)
         fn(x + i, min64(GELU_BLOCK, n - i), out + i);
 }
@@ -237,7 +237,7 @@ EXPORT int bhv_shift_mix(const float *x, int64_t B, int64_t H, int64_t Wd, int64
     const int nt = bhvi_threads(threads);
     int failed = 0;
     (void)nt;
-#pragma omp parallel num_threads(nt) if (nt > 1 && B * H * Wd * C >= (1 << 15)) reduction(| : failed)
+#pragma omp parallel num_threads(nt) if (nt > 1 && H > 1 && B * H * Wd * C >= BHV_PAR_MIN_FLOATS) reduction(| : failed)
     {
         int64_t *tab = (int64_t *)malloc((size_t)tlen * sizeof(*tab));
         if (tab == NULL)
@@ -262,7 +262,7 @@ EXPORT void bhv_layer_norm(const float *x, int64_t rows, int64_t C, const float 
     void (*row)(const float *, int64_t, const float *, const float *, float, float *) = GLUE_PICK(ln_row);
     const int nt = bhvi_threads(threads);
     (void)nt;
-#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows * C >= (1 << 16))
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * C >= BHV_PAR_MIN_FLOATS)
     for (int64_t r = 0; r < rows; ++r)
         row(x + r * C, C, w, b, eps, out + r * C);
 }

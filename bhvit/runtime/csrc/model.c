@@ -1135,6 +1135,9 @@ static inline void prof_add_w(const bhvit_model *m, worker_t *w, int kind, doubl
         prof_add((r), (kind), pt0_);                      \
     } while (0)
 
+/* The threads of this run's kernels (its own loops below use them too). */
+static int run_threads(const run_t *r) { return r->th > 0 ? r->th : bhv_max_threads(); }
+
 /* Buffer sizes are products of config sizes (bounded by read_config) and the batch (at most
  * 2^20), so they fit int64; a negative or oversized count is refused here all the same. */
 static float *fbuf(run_t *r, int64_t n)
@@ -1269,21 +1272,24 @@ static void run_stem(run_t *r, const float *x, int64_t B, float *out)
     float *patches = fbuf(r, rows * kk), *y = fbuf(r, rows * D);
     if (!patches || !y)
         return;
-    PROF(r, P_STEM_PATCH, {
-        for (int64_t b = 0; b < B; ++b)
-            for (int64_t i = 0; i < g; ++i)
-                for (int64_t j = 0; j < g; ++j) {
-                    float *pr = patches + ((b * g + i) * g + j) * kk;
-                    for (int64_t kh = 0; kh < k; ++kh)
-                        for (int64_t kw = 0; kw < k; ++kw)
-                            for (int64_t c = 0; c < C; ++c) {
-                                const int64_t h = i * k + kh - pad, w = j * k + kw - pad;
-                                pr[(kh * k + kw) * C + c] = (h >= 0 && h < img && w >= 0 && w < img)
-                                                                ? x[((b * C + c) * img + h) * img + w]
-                                                                : 0.0f;
-                            }
-                }
-    });
+    const int nt = run_threads(r);
+    (void)nt;
+    const double pt = prof_t0(m);
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (nt > 1)
+    for (int64_t b = 0; b < B; ++b)
+        for (int64_t i = 0; i < g; ++i)
+            for (int64_t j = 0; j < g; ++j) {
+                float *pr = patches + ((b * g + i) * g + j) * kk;
+                for (int64_t kh = 0; kh < k; ++kh)
+                    for (int64_t kw = 0; kw < k; ++kw)
+                        for (int64_t c = 0; c < C; ++c) {
+                            const int64_t h = i * k + kh - pad, w = j * k + kw - pad;
+                            pr[(kh * k + kw) * C + c] = (h >= 0 && h < img && w >= 0 && w < img)
+                                                            ? x[((b * C + c) * img + h) * img + w]
+                                                            : 0.0f;
+                        }
+            }
+    prof_add(r, P_STEM_PATCH, pt);
     PROF(r, P_DENSE, bhv_dense(patches, rows, kk, m->stem_wt, D, m->stem_b, y, r->th));
     norm_apply(r, &m->stem_norm, y, rows, D, out);
     PROF(r, P_GELU, bhv_gelu(out, rows * D, out, r->th));
@@ -1459,6 +1465,9 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
         float *g = fbuf(r, B * G * C);
         if (!g)
             return;
+        const int nt = run_threads(r);
+        (void)nt;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t b = 0; b < B; ++b) /* window partition */
             for (int64_t wi = 0; wi < nb; ++wi)
                 for (int64_t wj = 0; wj < nb; ++wj)
@@ -1466,12 +1475,18 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
                         memcpy(tok + (((b * nwin + wi * nb + wj) * L) + i * w) * C,
                                n + ((b * H + wi * w + i) * H + wj * w) * C, (size_t)(w * C) * sizeof(float));
         const float inv = (float)(w * w);
-        float *mx = fbuf(r, C);
-        if (!mx)
+        float *mxs = fbuf(r, nt * C); /* one row of maxima per thread */
+        if (!mxs)
             return;
+#pragma omp parallel for collapse(3) schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t b = 0; b < B; ++b) /* pooled global tokens: max and mean over padded w x w blocks */
             for (int64_t bi = 0; bi < nb; ++bi)
                 for (int64_t bj = 0; bj < nb; ++bj) {
+#ifdef _OPENMP
+                    float *mx = mxs + omp_get_thread_num() * C;
+#else
+                    float *mx = mxs;
+#endif
                     float *gr = g + ((b * G) + bi * nb + bj) * C; /* the sums first, then the mix */
                     for (int64_t c = 0; c < C; ++c)
                         mx[c] = -INFINITY, gr[c] = 0.0f;
@@ -1531,6 +1546,9 @@ static void msmha(run_t *r, const block_t *k, const float *n, const float *res, 
                 }
         for (int64_t i = 0; i < B * G * C; ++i)
             glob[i] /= (float)nwin;
+        const int nt = run_threads(r);
+        (void)nt;
+#pragma omp parallel for collapse(2) schedule(static) num_threads(nt) if (nt > 1)
         for (int64_t b = 0; b < B; ++b) /* mix and window reverse */
             for (int64_t wi = 0; wi < nb; ++wi)
                 for (int64_t wj = 0; wj < nb; ++wj) {
