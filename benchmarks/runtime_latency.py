@@ -1,7 +1,8 @@
 """Latency of the bit-packed runtime vs PyTorch, binary GEMM throughput, peak memory.
 
 For each model, batch size and thread count, times (interleaved, median of --runs; each timed call
-follows an untimed one of the same entry, so every entry is measured with its own data in the caches):
+follows at least 50 ms of untimed calls of the same entry, so that no entry pays for the previous
+one's cache footprint or clock):
   runtime  - bhvit.runtime on the exported binary model: libbhvit's prepared plan, one C call
   walker   - bhvit.runtime's Python graph walker over the same C kernels (the reference)
   capi     - the bhvit_run demo (C only, no Python), its own median of --runs (needs `make`)
@@ -119,6 +120,16 @@ def _capi_ms(export, x, threads, runs):
     return float(out.stderr.decode().split("median ")[1].split(" ms")[0])
 
 
+def _warm(f, seconds: float = 0.05):
+    """Untimed calls of f for at least ``seconds`` (at least one): the caches then hold this
+    entry's data and the core runs at this entry's clock, not the previous entry's (a core
+    slows down after heavy vector work and takes milliseconds to return)."""
+    end = time.perf_counter() + seconds
+    f()
+    while time.perf_counter() < end:
+        f()
+
+
 def latency(args, rows):
     for name in args.models:
         binm = _binary_model(name, **args.overrides)
@@ -141,7 +152,7 @@ def latency(args, rows):
                 with torch.no_grad():
                     for _ in range(args.runs):
                         for k, f in fns.items():
-                            f()  # untimed: the caches hold this entry's weights, not the previous entry's
+                            _warm(f)
                             t = time.perf_counter()
                             f()
                             res[k].append(time.perf_counter() - t)
