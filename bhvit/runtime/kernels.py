@@ -603,8 +603,9 @@ def rprelu(x, move1, slope, move2):
 
 
 def _epi_numpy(dot, scale, shift, sc, acts):
+    # as the C epilogue: RPReLU's move1 is taken into the shift, (dot * scale + (shift - move1)) + sc
     n = dot.shape[-1]
-    v = dot.astype(np.float32) * scale + shift
+    v = dot.astype(np.float32) * scale + (shift if acts is None else shift - acts[0])
     if sc is not None:
         c = sc.shape[-1]
         if c < n:
@@ -614,7 +615,7 @@ def _epi_numpy(dot, scale, shift, sc, acts):
         else:
             v += sc
     if acts is not None:
-        v = rprelu(v, *acts)
+        v = rprelu(v, np.float32(0), acts[1], acts[2])
     return v
 
 

@@ -137,7 +137,9 @@ static void pool8(const float *v, int64_t n8, float inv, float *out, int zero_fi
  *             tiled (sc[r, j % sc_c]); sc_c > n -> mean of sc_c / n consecutive
  *             channels (sc[r, j*k .. j*k+k-1]).
  *   act:      m1 == NULL -> identity; else RPReLU: y = v - m1; y = y < 0 ? y * slope :
- *             y; y + m2.
+ *             y; y + m2.  The move m1 is taken into the shift once per call, so v - m1 is
+ *             computed as dot * scale + (shift - m1) + shortcut (one operation less per
+ *             value; the numpy reference rounds the same way).
  *   post:     ps == NULL -> none; else a LayerScale y = pb + y * ps.
  * bhv_epilogue writes out = y, or out = res + y (res may be out itself).
  * bhv_epilogue_pack writes no floats: the packed signs of y + nb (the next binary
@@ -153,6 +155,7 @@ typedef struct {
     int64_t sc_c, k;
     float inv_k;
     const float *m1, *slope, *m2, *ps, *pb, *res;
+    float *shift_m1; /* shift - m1 (owned), the shift when there is an act */
     float *out;
     const float *nb;   /* epilogue_pack: next layer's input bias (or NULL) */
     uint64_t *bits;    /* epilogue_pack: rows x ceil(n/64) words */
@@ -172,10 +175,11 @@ INLINE void epi_loop(const int HAS, const int32_t *restrict d, const float *rest
                      const float *restrict m1, const float *restrict slope, const float *restrict m2,
                      const float *restrict ps, const float *restrict pb, const float *rr, float *v)
 {
+    (void)m1; /* in shift (epi_init) */
     for (int64_t rep = 0; rep < n; rep += seg) {
         const int32_t *restrict dd = d + rep;
         const float *restrict sc = scale + rep, *restrict sh = shift + rep;
-        const float *restrict a1 = m1 + ((HAS & 2) ? rep : 0), *restrict a2 = slope + ((HAS & 2) ? rep : 0);
+        const float *restrict a2 = slope + ((HAS & 2) ? rep : 0);
         const float *restrict a3 = m2 + ((HAS & 2) ? rep : 0);
         const float *restrict p1 = ps + ((HAS & 4) ? rep : 0), *restrict p2 = pb + ((HAS & 4) ? rep : 0);
         const float *r0 = rr + ((HAS & 8) ? rep : 0);
@@ -185,11 +189,11 @@ INLINE void epi_loop(const int HAS, const int32_t *restrict d, const float *rest
             if (HAS & 1)
                 x += s[j];
             if (HAS & 2) {
-                /* PReLU as F.prelu: y * slope where y < 0, else y.  The product is taken for every
-                 * lane and then selected (a blend): a multiply under the condition is not
-                 * if-converted by the compiler (it could trap), so it would stay a branch. */
-                const float y = x - a1[j], ys = y * a2[j];
-                x = (y < 0.0f ? ys : y) + a3[j];
+                /* PReLU as F.prelu: y * slope where y < 0, else y (y = x: sh holds shift - m1).
+                 * The product is taken for every lane and then selected (a blend): a multiply
+                 * under the condition is not if-converted by the compiler (it could trap). */
+                const float ys = x * a2[j];
+                x = (x < 0.0f ? ys : x) + a3[j];
             }
             if (HAS & 4)
                 x = p2[j] + x * p1[j];
@@ -302,13 +306,21 @@ static int epi_init(epi_args *a, const int32_t *dot, int64_t n, const float *sca
                     const float *sc, int64_t sc_c, const float *m1, const float *slope,
                     const float *m2, const float *ps, const float *pb)
 {
+    memset(a, 0, sizeof(*a));
     if (sc != NULL && !(sc_c == n || (sc_c < n && n % sc_c == 0) || (sc_c > n && sc_c % n == 0)))
         return -2;
-    memset(a, 0, sizeof(*a));
     a->dot = dot;
     a->n = n;
     a->scale = scale;
     a->shift = shift;
+    if (m1 != NULL) {
+        a->shift_m1 = (float *)malloc((size_t)max64(n, 1) * sizeof(float));
+        if (a->shift_m1 == NULL)
+            return -1;
+        for (int64_t j = 0; j < n; ++j)
+            a->shift_m1[j] = shift[j] - m1[j];
+        a->shift = a->shift_m1;
+    }
     a->sc = sc;
     a->sc_c = sc_c;
     a->k = (sc != NULL && sc_c > n) ? sc_c / n : 1;
@@ -330,11 +342,14 @@ EXPORT int bhv_epilogue(const int32_t *dot, int64_t rows, int64_t n, const float
                         const float *res, float *out, int threads)
 {
     epi_args a;
-    if (epi_init(&a, dot, n, scale, shift, sc, sc_c, m1, slope, m2, ps, pb))
-        return -2;
+    const int rc = epi_init(&a, dot, n, scale, shift, sc, sc_c, m1, slope, m2, ps, pb);
+    if (rc)
+        return rc;
     a.res = res;
     a.out = out;
-    return epi_run(&a, rows, threads);
+    const int rr = epi_run(&a, rows, threads);
+    free(a.shift_m1);
+    return rr;
 }
 
 EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const float *scale,
@@ -343,16 +358,19 @@ EXPORT int bhv_epilogue_pack(const int32_t *dot, int64_t rows, int64_t n, const 
                              int64_t pool_k, float *pool, int threads)
 {
     epi_args a;
-    if (epi_init(&a, dot, n, scale, shift, sc, sc_c, m1, slope, m2, NULL, NULL))
-        return -2;
     if (pool != NULL && (pool_k < 1 || n % pool_k != 0))
         return -2;
+    const int rc = epi_init(&a, dot, n, scale, shift, sc, sc_c, m1, slope, m2, NULL, NULL);
+    if (rc)
+        return rc;
     a.nb = nb;
     a.bits = bits;
     a.pool = pool;
     a.pool_k = pool_k;
     a.pool_inv = 1.0f / (float)max64(pool_k, 1);
-    return epi_run(&a, rows, threads);
+    const int rr = epi_run(&a, rows, threads);
+    free(a.shift_m1);
+    return rr;
 }
 
 /* --- element-wise float steps of the forward pass ------------------------- */
@@ -413,13 +431,18 @@ EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const b
                                 const bhv_transform *t, int threads)
 {
     const int64_t N = pp->N, W = pp->W;
-    epi_args base;
-    if (epi_init(&base, NULL, N, t->scale, t->shift, t->sc, t->sc_c, t->m1, t->slope, t->m2, t->ps, t->pb))
-        return -2;
     if ((t->out == NULL) == (t->bits == NULL))
         return -2;
     if (t->pool != NULL && (t->bits == NULL || t->pool_k < 1 || N % t->pool_k != 0))
         return -2;
+    epi_args base;
+    const int rc = epi_init(&base, NULL, N, t->scale, t->shift, t->sc, t->sc_c, t->m1, t->slope, t->m2, t->ps,
+                            t->pb);
+    const variant_t *v = bhvi_active;
+    if (rc || M <= 0 || N <= 0 || pp->variant != (const void *)v) {
+        free(base.shift_m1);
+        return rc ? rc : (M <= 0 || N <= 0) ? 0 : -3;
+    }
     base.res = t->res;
     base.out = t->out;
     base.nb = t->nb;
@@ -427,11 +450,6 @@ EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const b
     base.pool = t->pool;
     base.pool_k = t->pool_k;
     base.pool_inv = 1.0f / (float)max64(t->pool_k, 1);
-    if (M <= 0 || N <= 0)
-        return 0;
-    const variant_t *v = bhvi_active;
-    if (pp->variant != (const void *)v)
-        return -3;
     const uint64_t *Bp = pp->Bp;
     void (*row)(const epi_args *, int64_t, float *, int *) = GLUE_PICK(epi_row);
     int nt = bhvi_threads(threads);
@@ -471,5 +489,6 @@ EXPORT int bhv_binary_linear_pp(const uint64_t *a, int64_t M, int64_t k, const b
         free(dot);
         free(buf);
     }
+    free(base.shift_m1);
     return failed ? -1 : bad; /* 1: a packed value was NaN (bits != NULL) */
 }
