@@ -18,6 +18,13 @@ memory of a fresh process that loads and runs each variant once.
 ``--set KEY=VALUE`` changes the binary model of the latency table (e.g. ``fp_downsample=true``);
 models named ``*_c28``/``*_c32`` get 10 classes, the others 1000.
 Build the C demo first (``make``) for the capi column and its memory.
+
+Another kernel variant than the CPU's best runs everywhere with ``BHVIT_KERNELS`` (the C demo
+gets the same ``--kernels``). An AVX2-only machine, approximately, on an AVX-512 one:
+
+    BHVIT_KERNELS=c-avx2 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 python benchmarks/runtime_latency.py ...
+
+(PyTorch's own kernels and oneDNN then use AVX2 at most; ONNX Runtime still picks its own.)
 """
 
 from __future__ import annotations
@@ -112,7 +119,8 @@ def _capi_ms(export, x, threads, runs):
     if not demo.exists():
         return float("nan")
     out = subprocess.run(
-        [str(demo), str(export), "-", "--batch", str(x.shape[0]), "--threads", str(threads), "--repeat", str(runs)],
+        [str(demo), str(export), "-", "--batch", str(x.shape[0]), "--threads", str(threads), "--repeat", str(runs)]
+        + ["--kernels", kernels.backend()],  # the variant the Python entry runs (BHVIT_KERNELS)
         input=x.tobytes(),
         capture_output=True,
         check=True,
