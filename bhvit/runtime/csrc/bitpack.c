@@ -175,16 +175,38 @@ static int packb_row_base(const float *x, const float *sc, const float *sh, cons
 }
 
 #if BHV_X86
-/* 8 lanes a vector; the tail of a row through a masked load (lanes past k give no bit). */
+/* 8 lanes a vector: whole words from eight unmasked vectors, the row's tail (and rows shorter
+ * than a word) through masked loads (lanes past k give no bit). */
+AVX2_ATTR INLINE __m256 packb_vec256(const float *x, const float *sc, const float *sh, const float *b, int64_t j)
+{
+    __m256 v = _mm256_loadu_ps(x + j);
+    if (sc != NULL)
+        v = _mm256_add_ps(_mm256_mul_ps(v, _mm256_loadu_ps(sc + j)), _mm256_loadu_ps(sh + j));
+    return _mm256_add_ps(v, _mm256_loadu_ps(b + j));
+}
+
 AVX2_ATTR static int packb_row_avx2(const float *x, const float *sc, const float *sh, const float *b, int64_t k,
                                     uint64_t *out)
 {
     const __m256 zero = _mm256_setzero_ps();
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     __m256 nan = _mm256_setzero_ps();
-    for (int64_t wi = 0; wi < cdiv(k, 64); ++wi) {
+    int64_t wi = 0;
+    for (; wi < k / 64; ++wi) {
         uint64_t word = 0;
-        for (int64_t q = 0; q < 8 && wi * 64 + 8 * q < k; ++q) {
+        for (int q = 0; q < 8; q += 2) {
+            const __m256 v0 = packb_vec256(x, sc, sh, b, wi * 64 + 8 * q);
+            const __m256 v1 = packb_vec256(x, sc, sh, b, wi * 64 + 8 * q + 8);
+            const unsigned m0 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v0, zero, _CMP_GE_OQ));
+            const unsigned m1 = (unsigned)_mm256_movemask_ps(_mm256_cmp_ps(v1, zero, _CMP_GE_OQ));
+            word |= (uint64_t)(m0 | m1 << 8) << (8 * q);
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps(v0, v1, _CMP_UNORD_Q));
+        }
+        out[wi] = word;
+    }
+    if (wi * 64 < k) {
+        uint64_t word = 0;
+        for (int64_t q = 0; wi * 64 + 8 * q < k; ++q) {
             const int64_t j = wi * 64 + 8 * q;
             const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)min64(k - j, 8)), lane);
             __m256 v = _mm256_maskload_ps(x + j, m);
