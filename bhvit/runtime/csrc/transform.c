@@ -116,10 +116,6 @@ GLUE_FAST_ATTR static void pool4_avx2(const float *v, int64_t n8, float inv, flo
     }
 }
 #else
-static void pool8_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
-{
-    (void)v, (void)n8, (void)inv, (void)out, (void)zero_first; /* never called: glue_fast() is 0 */
-}
 static void pool4_avx2(const float *v, int64_t n8, float inv, float *out, int zero_first)
 {
     (void)v, (void)n8, (void)inv, (void)out, (void)zero_first; /* never called: glue_fast() is 0 */
