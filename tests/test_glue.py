@@ -188,10 +188,38 @@ def test_gelu_matches_torch(be):
 
 def _gelu_inputs():
     rng = np.random.default_rng(3)
-    special = [0.0, -0.0, np.inf, -np.inf, np.nan, 1e30, -1e30, 3.4e38, -3.4e38, 1e-40, -1e-40, 1e-45, -1e-45,
-               1.2e-38, -1.2e-38, 5.65, -5.65, 8.0, -8.0, 10.0, -10.0, 30.0, -30.0]
-    x = np.concatenate([np.array(special, np.float32), rng.standard_normal(3000).astype(np.float32) * 4,
-                        np.linspace(-12, 12, 1001, dtype=np.float32)])
+    special = [
+        0.0,
+        -0.0,
+        np.inf,
+        -np.inf,
+        np.nan,
+        1e30,
+        -1e30,
+        3.4e38,
+        -3.4e38,
+        1e-40,
+        -1e-40,
+        1e-45,
+        -1e-45,
+        1.2e-38,
+        -1.2e-38,
+        5.65,
+        -5.65,
+        8.0,
+        -8.0,
+        10.0,
+        -10.0,
+        30.0,
+        -30.0,
+    ]
+    x = np.concatenate(
+        [
+            np.array(special, np.float32),
+            rng.standard_normal(3000).astype(np.float32) * 4,
+            np.linspace(-12, 12, 1001, dtype=np.float32),
+        ]
+    )
     return x
 
 

@@ -346,6 +346,33 @@ def test_runtime_import_needs_no_torch():
 
 
 @pytest.mark.skipif(not kernels.plan_available(), reason="needs the compiled library")
+@pytest.mark.parametrize(
+    "over", [{}, {"hybrid": "msmha"}, {"norm": "ln"}, {"msmha": False}], ids=["default", "msmha", "ln", "nomsmha"]
+)
+def test_plan_identical_on_every_compiled_variant(over, tmp_path):
+    # every fused path of the plan (packing into the attention core's layout, the conv's im2col,
+    # the epilogues, glue) has a baseline, AVX2 and AVX-512 copy: all give the same logits, bit
+    # for bit, at one and two threads (msmha: 68 attention keys, more than one word)
+    torch.manual_seed(3)
+    m = _trained_like("bhvit_micro_c32", **over)
+    export_model(m, tmp_path)
+    x = np.random.default_rng(3).standard_normal((3, 3, 32, 32)).astype(np.float32)
+    prev = kernels.backend()
+    outs = {}
+    try:
+        for b in [b for b in kernels.available_backends() if b != "numpy"]:
+            kernels.set_backend(b)
+            for threads in (1, 2):
+                outs[b, threads] = runtime.load(tmp_path, threads=threads)(x)
+    finally:
+        kernels.set_backend(prev)
+    first = next(iter(outs.values()))
+    assert len(outs) >= 4
+    for key, out in outs.items():
+        assert np.array_equal(out, first), key
+
+
+@pytest.mark.skipif(not kernels.plan_available(), reason="needs the compiled library")
 @pytest.mark.parametrize("name,over", VARIANTS[:10], ids=[f"{n}-{o}" for n, o in VARIANTS[:10]])
 def test_prepared_plan_equals_the_graph_walker(name, over, tmp_path):
     # libbhvit's plan (one C call per forward) computes what engine.py's walker computes, op

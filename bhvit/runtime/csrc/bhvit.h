@@ -49,7 +49,7 @@ extern "C" {
  * header older than it needs with #if BHVIT_API_VERSION != 1 || BHVIT_VERSION_MINOR < 1. */
 #define BHVIT_API_VERSION 1
 #define BHVIT_VERSION_MINOR 1
-#define BHVIT_VERSION_PATCH 0
+#define BHVIT_VERSION_PATCH 1
 #define BHVIT_MAX_THREADS 4096 /* threads a model may use (bhvit_load, bhvit_set_threads) */
 
 #if defined(__GNUC__)

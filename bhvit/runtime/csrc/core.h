@@ -144,11 +144,13 @@ BHVI void bhvi_gemm_serial(const variant_t *v, const uint64_t *A, int64_t lda, i
 
 /* --- float glue -------------------------------------------------------------- */
 /*
- * Each glue kernel is an always-inline per-row worker compiled twice: for the baseline
- * target and with AVX2 (+POPCNT).  The AVX2 copy runs whenever an AVX2 or AVX-512 GEMM
- * variant is selected.  The build uses -ffp-contract=off and no fast-math, so both
- * copies round identically; -fno-trapping-math (no value changes) lets the compiler turn
- * a select between a product and another value into a vector blend.
+ * Each glue kernel is an always-inline worker compiled once per instruction set: for the
+ * baseline target, with AVX2 (+POPCNT), and with AVX-512 (GLUE_VARIANTS512; GLUE_PICK runs
+ * the copy of the selected GEMM variant).  Kernels with hand-written vector code (the
+ * attention core, glue.c's vector bodies) keep the same rule: the same operations in the
+ * same order in every copy.  The build uses -ffp-contract=off and no fast-math, so the
+ * copies round identically; -fno-trapping-math (no value changes) lets the compiler turn a
+ * select between a product and another value into a vector blend.
  */
 #if BHV_X86
 #define GLUE_FAST_ATTR __attribute__((target("avx2,popcnt")))
@@ -161,10 +163,9 @@ static inline int glue_fast(void) { return bhvi_active->glue_avx2; }
     static void name##_base params { name##_impl args; }                           \
     GLUE_FAST_ATTR static void name##_fast params { name##_impl args; }
 
-/* A third copy, compiled for AVX-512 (16 floats a vector), run with the AVX-512 VPOPCNTDQ
- * variant: the glue of the fused epilogue and of bias + sign packing.  Element-wise code only
- * (no reassociation: the same roundings as the other copies); name##_pick() is the copy to
- * run. */
+/* The third copy, compiled for AVX-512 (16 floats a vector), run with the AVX-512 VPOPCNTDQ
+ * variant.  Element-wise code only (no reassociation: the same roundings as the other
+ * copies); GLUE_PICK(name) is the copy to run. */
 #if BHV_X86
 #define GLUE_AVX512_ATTR __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,popcnt")))
 #define GLUE_VARIANTS512(name, params, args)                                                  \
