@@ -111,6 +111,40 @@ typedef struct {
     const int64_t *off; /* KH * KW: a tap's words from its position's top-left tap */
 } gather_args;
 
+#if BHV_X86
+/* gather_w1 for 4 groups of whole-word taps (G == 4, 64 % cpg == 0, Kw <= 4) with AVX2: a tap's
+ * four group words are one vector, shifted into place and ORed into its word's vector, and the
+ * Kw x 4 words are transposed to the four groups' rows, each stored as 4 words (words past Kw
+ * are 0 and land where the next row, written later, or the block's slack begins). */
+GLUE_FAST_ATTR static void gather4_avx2(const gather_args *a, const uint64_t *base, const uint64_t *const *tapsrc,
+                                        uint64_t *row)
+{
+    const int64_t KK = a->KH * a->KW, cpg = a->cpg, per = 64 / cpg, gs = a->gstride;
+    const __m256i mask = _mm256_set1_epi64x((long long)a->lastmask);
+    __m256i w[4];
+    for (int64_t i = 0; i < 4; ++i) {
+        __m256i acc = _mm256_setzero_si256();
+        for (int64_t tap = i * per, sh = 0; tap < min64(KK, (i + 1) * per); ++tap, sh += cpg) {
+            const uint64_t *src = base != NULL ? base + a->off[tap] : tapsrc[tap];
+            const __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)src), mask);
+            acc = _mm256_or_si256(acc, _mm256_sll_epi64(v, _mm_cvtsi64_si128(sh)));
+        }
+        w[i] = acc;
+    }
+    const __m256i t0 = _mm256_unpacklo_epi64(w[0], w[1]), t1 = _mm256_unpackhi_epi64(w[0], w[1]);
+    const __m256i t2 = _mm256_unpacklo_epi64(w[2], w[3]), t3 = _mm256_unpackhi_epi64(w[2], w[3]);
+    _mm256_storeu_si256((__m256i *)row, _mm256_permute2x128_si256(t0, t2, 0x20));
+    _mm256_storeu_si256((__m256i *)(row + gs), _mm256_permute2x128_si256(t1, t3, 0x20));
+    _mm256_storeu_si256((__m256i *)(row + 2 * gs), _mm256_permute2x128_si256(t0, t2, 0x31));
+    _mm256_storeu_si256((__m256i *)(row + 3 * gs), _mm256_permute2x128_si256(t1, t3, 0x31));
+}
+#else
+static void gather4_avx2(const gather_args *a, const uint64_t *base, const uint64_t *const *tapsrc, uint64_t *row)
+{
+    (void)a, (void)base, (void)tapsrc, (void)row; /* never called: glue_fast() is 0 */
+}
+#endif
+
 /* One position's rows when Wg == 1, for all groups at once, so the loop over the groups is
  * straight-line vector code (G a constant in the common case).  When cpg divides 64 each
  * word collects whole taps in registers (per group: taps t0.. of word w, shifted into place);
@@ -164,6 +198,7 @@ INLINE void gather_impl(const gather_args *a, int64_t q0, int64_t q1, uint64_t *
     const int64_t H = a->H, Wd = a->Wd, st = a->stride, pad = a->pad, dil = a->dil;
     uint64_t acc[256]; /* Kw * G words when by_vector */
     const int by_vector = Wg == 1 && Kw * G <= 256 && G <= 64;
+    const int by_avx2 = glue_fast() && Wg == 1 && G == 4 && 64 % cpg == 0 && Kw <= 4;
     if (!by_vector)
         for (int64_t g = 0; g < G; ++g)
             memset(buf + g * a->gstride, 0, (size_t)((q1 - q0) * Kw) * sizeof(uint64_t));
@@ -180,6 +215,11 @@ INLINE void gather_impl(const gather_args *a, int64_t q0, int64_t q1, uint64_t *
         int64_t npd = 0;
         if (ih0 >= 0 && ih0 + (KH - 1) * dil < H && iw0 >= 0 && iw0 + (KW - 1) * dil < Wd) {
             const uint64_t *base = a->x + ((bi * H + ih0) * Wd + iw0) * G * Wg;
+            if (by_avx2) { /* inside the map: no padded taps (padmask is read only where npadded > 0) */
+                npadded[q - q0] = 0;
+                gather4_avx2(a, base, NULL, row);
+                continue;
+            }
             for (int64_t tap = 0; tap < KK; ++tap) {
                 tapsrc[tap] = base + a->off[tap];
                 pm[tap] = 0;
@@ -195,7 +235,9 @@ INLINE void gather_impl(const gather_args *a, int64_t q0, int64_t q1, uint64_t *
                 }
         }
         npadded[q - q0] = npd;
-        if (by_vector && G == 4) {
+        if (by_avx2) {
+            gather4_avx2(a, NULL, tapsrc, row);
+        } else if (by_vector && G == 4) {
             gather_w1(a, tapsrc, 4, acc, row);
         } else if (by_vector) {
             gather_w1(a, tapsrc, G, acc, row);
@@ -274,7 +316,9 @@ EXPORT int bhv_xnor_conv2d_pp(const uint64_t *x, const bhv_conv *c, int64_t B, i
     const int64_t nchunk = cdiv(P, mc);
     const int64_t kconst = KK * cpg;
     const uint64_t lastmask = (cpg & 63) ? (~(uint64_t)0) >> (64 - (cpg & 63)) : ~(uint64_t)0;
-    const int64_t gstride = mc * Kw; /* words between the groups' im2col blocks */
+    /* words between the groups' im2col blocks; 4 more so that gather4_avx2's 4-word row stores
+     * never reach the next block */
+    const int64_t gstride = mc * Kw + 4;
     uint64_t *zero = (uint64_t *)calloc((size_t)max64(1, G * Wg), sizeof(uint64_t));
     int64_t *off = (int64_t *)malloc((size_t)KK * sizeof(int64_t));
     if (zero == NULL || off == NULL) {
