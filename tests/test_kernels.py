@@ -266,6 +266,7 @@ def test_conv_2x2_stride2(be):
         (2, 37, 6, 5, 5, 3, 3, 1, 2, 1, 1),
         (1, 24, 6, 6, 6, 3, 3, 3, 1, 2, 2),  # 3 groups of 8 channels
         (1, 64, 6, 7, 32, 5, 5, 16, 1, 2, 1),  # 16 groups of 4: 25 taps in 2 words
+        (2, 128, 7, 6, 16, 3, 3, 4, 1, 3, 3),  # 4 groups of 32: 9 taps in 5 words (two blocks of 4)
     ],
 )
 def test_conv_odd_cases(be, case):

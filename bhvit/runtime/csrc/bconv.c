@@ -112,31 +112,33 @@ typedef struct {
 } gather_args;
 
 #if BHV_X86
-/* gather_w1 for 4 groups of whole-word taps (G == 4, 64 % cpg == 0, Kw <= 4) with AVX2: a tap's
- * four group words are one vector, shifted into place and ORed into its word's vector, and the
- * Kw x 4 words are transposed to the four groups' rows, each stored as 4 words (words past Kw
- * are 0 and land where the next row, written later, or the block's slack begins). */
+/* gather_w1 for 4 groups of whole-word taps (G == 4, 64 % cpg == 0, Kw <= 8) with AVX2: a tap's
+ * four group words are one vector, shifted into place and ORed into its word's vector, and each
+ * block of 4 x 4 words is transposed to the four groups' rows, stored 4 words at a time (words
+ * past Kw are 0 and land where the next row, written later, or the block's slack begins). */
 GLUE_FAST_ATTR static void gather4_avx2(const gather_args *a, const uint64_t *base, const uint64_t *const *tapsrc,
                                         uint64_t *row)
 {
     const int64_t KK = a->KH * a->KW, cpg = a->cpg, per = 64 / cpg, gs = a->gstride;
     const __m256i mask = _mm256_set1_epi64x((long long)a->lastmask);
-    __m256i w[4];
-    for (int64_t i = 0; i < 4; ++i) {
-        __m256i acc = _mm256_setzero_si256();
-        for (int64_t tap = i * per, sh = 0; tap < min64(KK, (i + 1) * per); ++tap, sh += cpg) {
-            const uint64_t *src = base != NULL ? base + a->off[tap] : tapsrc[tap];
-            const __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)src), mask);
-            acc = _mm256_or_si256(acc, _mm256_sll_epi64(v, _mm_cvtsi64_si128(sh)));
+    for (int64_t w0 = 0; w0 < a->Kw; w0 += 4) {
+        __m256i w[4];
+        for (int64_t i = 0; i < 4; ++i) {
+            __m256i acc = _mm256_setzero_si256();
+            for (int64_t tap = (w0 + i) * per, sh = 0; tap < min64(KK, (w0 + i + 1) * per); ++tap, sh += cpg) {
+                const uint64_t *src = base != NULL ? base + a->off[tap] : tapsrc[tap];
+                const __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)src), mask);
+                acc = _mm256_or_si256(acc, _mm256_sll_epi64(v, _mm_cvtsi64_si128(sh)));
+            }
+            w[i] = acc;
         }
-        w[i] = acc;
+        const __m256i t0 = _mm256_unpacklo_epi64(w[0], w[1]), t1 = _mm256_unpackhi_epi64(w[0], w[1]);
+        const __m256i t2 = _mm256_unpacklo_epi64(w[2], w[3]), t3 = _mm256_unpackhi_epi64(w[2], w[3]);
+        _mm256_storeu_si256((__m256i *)(row + w0), _mm256_permute2x128_si256(t0, t2, 0x20));
+        _mm256_storeu_si256((__m256i *)(row + gs + w0), _mm256_permute2x128_si256(t1, t3, 0x20));
+        _mm256_storeu_si256((__m256i *)(row + 2 * gs + w0), _mm256_permute2x128_si256(t0, t2, 0x31));
+        _mm256_storeu_si256((__m256i *)(row + 3 * gs + w0), _mm256_permute2x128_si256(t1, t3, 0x31));
     }
-    const __m256i t0 = _mm256_unpacklo_epi64(w[0], w[1]), t1 = _mm256_unpackhi_epi64(w[0], w[1]);
-    const __m256i t2 = _mm256_unpacklo_epi64(w[2], w[3]), t3 = _mm256_unpackhi_epi64(w[2], w[3]);
-    _mm256_storeu_si256((__m256i *)row, _mm256_permute2x128_si256(t0, t2, 0x20));
-    _mm256_storeu_si256((__m256i *)(row + gs), _mm256_permute2x128_si256(t1, t3, 0x20));
-    _mm256_storeu_si256((__m256i *)(row + 2 * gs), _mm256_permute2x128_si256(t0, t2, 0x31));
-    _mm256_storeu_si256((__m256i *)(row + 3 * gs), _mm256_permute2x128_si256(t1, t3, 0x31));
 }
 #else
 static void gather4_avx2(const gather_args *a, const uint64_t *base, const uint64_t *const *tapsrc, uint64_t *row)
@@ -198,7 +200,7 @@ INLINE void gather_impl(const gather_args *a, int64_t q0, int64_t q1, uint64_t *
     const int64_t H = a->H, Wd = a->Wd, st = a->stride, pad = a->pad, dil = a->dil;
     uint64_t acc[256]; /* Kw * G words when by_vector */
     const int by_vector = Wg == 1 && Kw * G <= 256 && G <= 64;
-    const int by_avx2 = glue_fast() && Wg == 1 && G == 4 && 64 % cpg == 0 && Kw <= 4;
+    const int by_avx2 = glue_fast() && Wg == 1 && G == 4 && 64 % cpg == 0 && Kw <= 8;
     if (!by_vector)
         for (int64_t g = 0; g < G; ++g)
             memset(buf + g * a->gstride, 0, (size_t)((q1 - q0) * Kw) * sizeof(uint64_t));
