@@ -64,7 +64,7 @@ def test_pack_signs_affine_equals_float32_arithmetic(be):
         K.pack_signs(x, affine=(s, t))
 
 
-@pytest.mark.parametrize("k", [1, 7, 16, 31, 64, 70, 130])
+@pytest.mark.parametrize("k", [1, 7, 16, 31, 32, 48, 64, 70, 130])
 def test_pack_signs_bias_every_row_length(be, k):
     # full vectors, masked tails and rows shorter than one vector, with and without a folded norm
     rng = np.random.default_rng(k)

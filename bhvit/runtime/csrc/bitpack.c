@@ -266,6 +266,30 @@ AVX512_PACK_ATTR static int packb_row_avx512(const float *x, const float *sc, co
 }
 #endif
 
+#if BHV_X86
+/* Rows shorter than a word, of whole vectors (k = 16, 32 or 48: MSGDC's channel groups), on
+ * AVX-512: one loop over the rows instead of a call per row; the operations of packb_row_avx512. */
+AVX512_PACK_ATTR static int packb_short_avx512(const float *x, int64_t rows, int64_t k, const float *scale,
+                                               const float *shift, const float *bias, int64_t prow, uint64_t *out)
+{
+    const __m512 zero = _mm512_setzero_ps();
+    __mmask16 nan = 0;
+    for (int64_t r = 0; r < rows; ++r) {
+        const int64_t o = (r % prow) * k;
+        const float *xr = x + r * k;
+        uint64_t word = 0;
+        for (int64_t j = 0; j < k; j += 16) {
+            const __m512 v = packb_vec512(xr, scale != NULL ? scale + o : NULL, shift != NULL ? shift + o : NULL,
+                                          bias + o, j, 0xFFFF);
+            word |= (uint64_t)_mm512_cmp_ps_mask(v, zero, _CMP_GE_OQ) << j;
+            nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+        }
+        out[r] = word;
+    }
+    return nan != 0;
+}
+#endif
+
 BHVI packb_fn bhvi_packb(void)
 {
 #if BHV_X86
@@ -286,6 +310,20 @@ EXPORT int bhv_pack_signs_bias_f32(const float *x, int64_t rows, int64_t k, cons
     (void)nt;
     if (prow < 1 || rows % prow != 0 || (scale == NULL) != (shift == NULL))
         return -2;
+#if BHV_X86
+    if (bhvi_active->glue_avx512 && k < 64 && k % 16 == 0) {
+        /* whole blocks of prow rows per thread, so each starts at parameter row 0 */
+        const int64_t blocks = rows / prow, per = cdiv(blocks, nt);
+#pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && blocks > 1 && rows * k >= BHV_PAR_MIN_FLOATS) \
+    reduction(| : bad)
+        for (int t = 0; t < nt; ++t) {
+            const int64_t b0 = t * per, nb = min64(per, blocks - b0);
+            if (nb > 0)
+                bad |= packb_short_avx512(x + b0 * prow * k, nb * prow, k, scale, shift, bias, prow, out + b0 * prow);
+        }
+        return bad;
+    }
+#endif
 #pragma omp parallel for schedule(static) num_threads(nt) if (nt > 1 && rows > 1 && rows * k >= BHV_PAR_MIN_FLOATS) \
     reduction(| : bad)
     for (int64_t r = 0; r < rows; ++r) {
