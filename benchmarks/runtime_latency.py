@@ -1,7 +1,7 @@
 """Latency of the bit-packed runtime vs PyTorch, binary GEMM throughput, peak memory.
 
 For each model, batch size and thread count, times (interleaved, median of --runs; each timed call
-follows at least 50 ms of untimed calls of the same entry, so that no entry pays for the previous
+follows at least 0.5 s of untimed calls of the same entry, so that no entry pays for the previous
 one's cache footprint or clock):
   runtime  - bhvit.runtime on the exported binary model: libbhvit's prepared plan, one C call
   walker   - bhvit.runtime's Python graph walker over the same C kernels (the reference)
@@ -128,10 +128,10 @@ def _capi_ms(export, x, threads, runs):
     return float(out.stderr.decode().split("median ")[1].split(" ms")[0])
 
 
-def _warm(f, seconds: float = 0.05):
+def _warm(f, seconds: float = 0.5):
     """Untimed calls of f for at least ``seconds`` (at least one): the caches then hold this
-    entry's data and the core runs at this entry's clock, not the previous entry's (a core
-    slows down after heavy vector work and takes milliseconds to return)."""
+    entry's data and the core runs at this entry's clock, not the previous entry's (after
+    PyTorch's float work the runtime's next calls run 2-4 % slower for a few hundred ms)."""
     end = time.perf_counter() + seconds
     f()
     while time.perf_counter() < end:
