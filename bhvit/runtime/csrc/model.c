@@ -219,7 +219,7 @@ enum {
 static const char *const PROF_NAMES[P_N] = {
     "stem patches (im2col)", "dense fp32 (stem, head, fp down)", "norm (LayerNorm, affine)", "GELU",
     "sign packing", "xnor GEMM (unfused)", "binary linear + epilogue (fused)", "binary conv (implicit GEMM)",
-    "epilogue (conv, LN form)", "residual / LN-tail loops", "attention core (QD)", "attention glue (q/k/v bits, ctx)",
+    "epilogue (conv, LN form)", "residual / LN-tail loops", "attention core (QD)", "attention glue (ctx, LN form)",
     "window partition / pool / mix", "downsample 2x2 pool / patches", "shift branches", "pos embed / final pool",
     "input + logits checks", "arena settle",
 };
